@@ -1,0 +1,25 @@
+{
+  "targets": [
+    {
+      "target_name": "blossom_native",
+      "sources": [
+        "native/src/addon.cc",
+        "native/src/cpu_features.cc",
+        "native/src/thread_pool.cc",
+        "native/src/memory.cc",
+        "native/src/matmul.cc",
+        "native/src/norm.cc",
+        "native/src/attention.cc",
+        "native/src/convert.cc"
+      ],
+      "include_dirs": ["<!@(node -p \"require('node-addon-api').include\")"],
+      "dependencies": ["<!(node -p \"require('node-addon-api').targets\"):node_addon_api_except"],
+      "cflags!": ["-fno-exceptions", "-O2"],
+      "cflags_cc!": ["-fno-exceptions", "-fno-rtti", "-O2", "-std=gnu++17"],
+      "cflags": ["-O3", "-fno-math-errno", "-fno-trapping-math"],
+      "cflags_cc": ["-std=c++17", "-O3", "-fno-math-errno", "-fno-trapping-math", "-fexceptions", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+      "defines": ["NAPI_VERSION=8"],
+      "libraries": ["-lpthread"]
+    }
+  ]
+}

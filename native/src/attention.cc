@@ -1,0 +1,155 @@
+// Ragged-batch causal attention with ALiBi over a paged fp32 KV cache.
+//
+// For each sequence, the new tokens' k and v are first written into the cache at positions
+// past_len .. past_len+num_new-1, then every new query attends to keys 0 .. its own position:
+//   score_j = slope_h * j + (q . k_j) / sqrt(head_dim)      (HF: alibi.baddbmm(q, k, alpha=inv_norm))
+//   out     = sum_j softmax(score)_j * v_j                   (softmax in fp32)
+// ALiBi uses the key's position only; softmax is shift-invariant, so this equals -slope*(i-j).
+// Positions are those of the sequence's real tokens: padding never reaches the engine.
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <vector>
+
+#include "kernels.h"
+#include "simd.h"
+
+namespace blossom {
+
+namespace {
+
+struct Seq {
+  int64_t token_start, num_new, past_len, table_offset;
+};
+
+inline Seq seq_at(const AttentionArgs& a, int s) {
+  const int32_t* d = a.seqs + 4 * s;
+  return Seq{d[0], d[1], d[2], d[3]};
+}
+
+// Offset (in floats) of position `pos` of head `h` in a cache laid out (blocks, heads, block_size, head_dim).
+inline int64_t cache_offset(const AttentionArgs& a, const Seq& s, int64_t pos, int h) {
+  const int64_t block = a.block_table[s.table_offset + pos / a.block_size];
+  return ((block * a.num_heads + h) * a.block_size + pos % a.block_size) * a.head_dim;
+}
+
+float dot_scalar(const float* a, const float* b, int n) {
+  float s = 0.f;
+  for (int i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+void axpy_scalar(float* y, float alpha, const float* x, int n) {
+  for (int i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+#if defined(__x86_64__)
+BLOSSOM_AVX2 float dot_avx2(const float* a, const float* b, int n) {
+  __m256 acc = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = simd::hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+BLOSSOM_AVX2 void axpy_avx2(float* y, float alpha, const float* x, int n) {
+  const __m256 va = _mm256_set1_ps(alpha);
+  int i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+#endif
+
+template <bool Fast>
+void attend_head(const AttentionArgs& a, const Seq& s, int h, std::vector<float>& scores) {
+  const int d = a.head_dim;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const float slope = a.slopes[h];
+  const int64_t stride = static_cast<int64_t>(a.num_heads) * 3 * d;
+  for (int64_t i = 0; i < s.num_new; ++i) {
+    const int64_t t = s.token_start + i;
+    const int64_t pos = s.past_len + i;
+    const float* q = a.qkv + t * stride + static_cast<int64_t>(h) * 3 * d;
+    if (static_cast<int64_t>(scores.size()) < pos + 1) scores.resize(pos + 1);
+    float mx = -INFINITY;
+    for (int64_t j = 0; j <= pos; ++j) {
+      const float* k = a.k_cache + cache_offset(a, s, j, h);
+#if defined(__x86_64__)
+      const float qk = Fast ? dot_avx2(q, k, d) : dot_scalar(q, k, d);
+#else
+      const float qk = dot_scalar(q, k, d);
+#endif
+      const float sc = slope * static_cast<float>(j) + qk * scale;
+      scores[j] = sc;
+      mx = std::max(mx, sc);
+    }
+    float sum = 0.f;
+    for (int64_t j = 0; j <= pos; ++j) {
+      const float e = std::exp(scores[j] - mx);
+      scores[j] = e;
+      sum += e;
+    }
+    float* o = a.out + t * static_cast<int64_t>(a.num_heads) * d + static_cast<int64_t>(h) * d;
+    std::fill(o, o + d, 0.f);
+    const float inv = 1.0f / sum;
+    for (int64_t j = 0; j <= pos; ++j) {
+      const float* v = a.v_cache + cache_offset(a, s, j, h);
+#if defined(__x86_64__)
+      if (Fast) axpy_avx2(o, scores[j] * inv, v, d);
+      else axpy_scalar(o, scores[j] * inv, v, d);
+#else
+      axpy_scalar(o, scores[j] * inv, v, d);
+#endif
+    }
+  }
+}
+
+}  // namespace
+
+void attention(ThreadPool& pool, const AttentionArgs& a) {
+  const int d = a.head_dim;
+  const int64_t stride = static_cast<int64_t>(a.num_heads) * 3 * d;
+  // Validate the ragged batch description against the cache and token count before touching memory.
+  for (int s = 0; s < a.num_seqs; ++s) {
+    const Seq q = seq_at(a, s);
+    if (q.token_start < 0 || q.num_new < 0 || q.token_start + q.num_new > a.num_tokens || q.past_len < 0)
+      throw std::range_error("attention: sequence " + std::to_string(s) + " describes tokens outside the batch");
+    const int64_t blocks_needed = (q.past_len + q.num_new + a.block_size - 1) / a.block_size;
+    if (q.table_offset < 0 || q.table_offset + blocks_needed > a.block_table_len)
+      throw std::range_error("attention: sequence " + std::to_string(s) + " block table is shorter than its length");
+    for (int64_t b = 0; b < blocks_needed; ++b) {
+      const int32_t blk = a.block_table[q.table_offset + b];
+      if (blk < 0 || blk >= a.num_blocks)
+        throw std::range_error("attention: sequence " + std::to_string(s) + " refers to cache block " +
+                               std::to_string(blk) + " outside the pool of " + std::to_string(a.num_blocks));
+    }
+  }
+  // 1. Append the new keys and values.
+  pool.parallel_for(a.num_seqs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t si = begin; si < end; ++si) {
+      const Seq s = seq_at(a, static_cast<int>(si));
+      for (int64_t i = 0; i < s.num_new; ++i) {
+        const float* row = a.qkv + (s.token_start + i) * stride;
+        for (int h = 0; h < a.num_heads; ++h) {
+          const int64_t off = cache_offset(a, s, s.past_len + i, h);
+          std::memcpy(a.k_cache + off, row + static_cast<int64_t>(h) * 3 * d + d, sizeof(float) * d);
+          std::memcpy(a.v_cache + off, row + static_cast<int64_t>(h) * 3 * d + 2 * d, sizeof(float) * d);
+        }
+      }
+    }
+  });
+  // 2. Attend, one task per (sequence, head).
+  const bool fast = active_variant() == Variant::Avx2;
+  pool.parallel_for(static_cast<int64_t>(a.num_seqs) * a.num_heads, 1, [&](int64_t begin, int64_t end) {
+    static thread_local std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const Seq s = seq_at(a, static_cast<int>(task / a.num_heads));
+      const int h = static_cast<int>(task % a.num_heads);
+      if (fast) attend_head<true>(a, s, h, scores);
+      else attend_head<false>(a, s, h, scores);
+    }
+  });
+}
+
+}  // namespace blossom

@@ -1,0 +1,78 @@
+// Kernel entry points. Each has a scalar reference version (kept beside the fast one,
+// and selectable at run time for tests) and, where it matters, an AVX2+FMA+F16C version.
+#pragma once
+#include <cstdint>
+
+#include "common.h"
+#include "thread_pool.h"
+
+namespace blossom {
+
+struct CpuFeatures {
+  bool avx2 = false, fma = false, f16c = false, avx512f = false;
+  int logical_cores = 1, physical_cores = 1;
+  char model[64] = {0};
+};
+const CpuFeatures& cpu_features();
+
+// 0 = scalar reference, 1 = AVX2/FMA/F16C. Chosen at start-up from cpuid, overridable.
+enum class Variant : int { Scalar = 0, Avx2 = 1 };
+Variant active_variant();
+bool set_variant(Variant v);  // false if the CPU lacks it
+
+// Weight matrix W (out, in) stored row-major in `dtype`, as nn.Linear keeps it.
+struct WeightMatrix {
+  const void* data;
+  DType dtype;
+  int64_t out_features;
+  int64_t in_features;
+};
+
+enum Epilogue : int { kNone = 0, kGelu = 1 };
+
+// y (rows, out) = epilogue(x (rows, in) @ W^T + bias) + residual
+// bias (out) and residual (rows, out) may be null. y may alias residual.
+void linear(ThreadPool& pool, float* y, const float* x, int64_t rows, const WeightMatrix& w,
+            const float* bias, int epilogue, const float* residual);
+void linear_scalar(ThreadPool& pool, float* y, const float* x, int64_t rows, const WeightMatrix& w,
+                   const float* bias, int epilogue, const float* residual);
+void linear_avx2(ThreadPool& pool, float* y, const float* x, int64_t rows, const WeightMatrix& w,
+                 const float* bias, int epilogue, const float* residual);
+
+// y (rows, cols) = (x - mean) / sqrt(var + eps) * gamma + beta, per row, in fp32.
+void layer_norm(ThreadPool& pool, float* y, const float* x, int64_t rows, int64_t cols, const float* gamma,
+                const float* beta, float eps);
+
+// y (n, hidden) = table[ids[i]] converted to fp32.
+void embedding(ThreadPool& pool, float* y, const int32_t* ids, int64_t n, const void* table, DType dtype,
+               int64_t hidden);
+
+// Converts n elements between dtypes (F32/F16/BF16), rounding to nearest even.
+void convert(ThreadPool& pool, void* dst, DType dst_dtype, const void* src, DType src_dtype, int64_t n);
+
+// Ragged-batch attention with a paged KV cache.
+//   qkv (tokens, heads, 3, head_dim): fused projection output, BLOOM's per-head layout.
+//   k_cache/v_cache (blocks, heads, block_size, head_dim) fp32.
+//   seqs: for each of num_seqs sequences, 4 ints: token_start, num_new, past_len, block_table_offset.
+//   block_table: block indices; a sequence's entries start at its offset.
+// Writes the new tokens' k,v into the cache, then out (tokens, heads*head_dim) =
+//   softmax_j(slope_h * j + q.k_j / sqrt(head_dim)) v_j over keys j <= the query's position.
+struct AttentionArgs {
+  float* out;
+  const float* qkv;
+  int64_t num_tokens;
+  int num_heads;
+  int head_dim;
+  float* k_cache;
+  float* v_cache;
+  int block_size;
+  int64_t num_blocks;
+  const int32_t* seqs;
+  int num_seqs;
+  const int32_t* block_table;
+  int64_t block_table_len;
+  const float* slopes;
+};
+void attention(ThreadPool& pool, const AttentionArgs& a);
+
+}  // namespace blossom

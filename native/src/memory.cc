@@ -1,0 +1,84 @@
+#include "memory.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <stdexcept>
+
+namespace blossom {
+
+namespace {
+size_t page_size() {
+  static size_t p = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  return p;
+}
+uintptr_t page_floor(uintptr_t p) { return p & ~(page_size() - 1); }
+}  // namespace
+
+Region map_file(const std::string& path) {
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw std::runtime_error(path + ": cannot open (" + std::strerror(errno) + ")");
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    int e = errno;
+    close(fd);
+    throw std::runtime_error(path + ": cannot stat (" + std::strerror(e) + ")");
+  }
+  Region r;
+  r.size = static_cast<size_t>(st.st_size);
+  if (r.size == 0) {
+    close(fd);
+    return r;
+  }
+  void* p = mmap(nullptr, r.size, PROT_READ, MAP_SHARED, fd, 0);
+  int e = errno;
+  close(fd);
+  if (p == MAP_FAILED) throw std::runtime_error(path + ": mmap failed (" + std::strerror(e) + ")");
+  r.data = p;
+  return r;
+}
+
+Region allocate_pages(size_t bytes) {
+  Region r;
+  r.size = bytes;
+  if (bytes == 0) return r;
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) throw std::runtime_error("cannot allocate " + std::to_string(bytes) + " bytes (" + std::strerror(errno) + ")");
+#ifdef MADV_HUGEPAGE
+  if (bytes >= (2u << 20)) madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+  r.data = p;
+  return r;
+}
+
+void release_region(const Region& r) {
+  if (r.data && r.size) munmap(r.data, r.size);
+}
+
+void advise_willneed(void* data, size_t size) {
+  if (!data || !size) return;
+  uintptr_t start = page_floor(reinterpret_cast<uintptr_t>(data));
+  madvise(reinterpret_cast<void*>(start), size + (reinterpret_cast<uintptr_t>(data) - start), MADV_WILLNEED);
+}
+
+void advise_dontneed(void* data, size_t size) {
+  if (!data || !size) return;
+  uintptr_t start = page_floor(reinterpret_cast<uintptr_t>(data));
+  madvise(reinterpret_cast<void*>(start), size + (reinterpret_cast<uintptr_t>(data) - start), MADV_DONTNEED);
+}
+
+size_t resident_bytes() {
+  FILE* f = std::fopen("/proc/self/statm", "r");
+  if (!f) return 0;
+  unsigned long size = 0, resident = 0;
+  int n = std::fscanf(f, "%lu %lu", &size, &resident);
+  std::fclose(f);
+  return n == 2 ? resident * page_size() : 0;
+}
+
+}  // namespace blossom

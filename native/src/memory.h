@@ -1,0 +1,24 @@
+// Memory-mapped files and page-aligned anonymous allocations.
+#pragma once
+#include <cstddef>
+#include <string>
+
+namespace blossom {
+
+struct Region {
+  void* data = nullptr;
+  size_t size = 0;
+};
+
+// Maps a whole file read-only. Throws std::runtime_error naming the file on failure.
+Region map_file(const std::string& path);
+// Anonymous, zero-filled, page-aligned memory; transparent huge pages requested.
+Region allocate_pages(size_t bytes);
+void release_region(const Region& r);
+// Hints to the kernel: bring pages in ahead of use, or drop them (file-backed pages are re-read on demand).
+void advise_willneed(void* data, size_t size);
+void advise_dontneed(void* data, size_t size);
+// Resident set size of this process in bytes (from /proc/self/statm), 0 if unknown.
+size_t resident_bytes();
+
+}  // namespace blossom

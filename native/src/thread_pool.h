@@ -1,0 +1,45 @@
+// A persistent pool of worker threads. The calling thread takes part in every job,
+// so a pool of N threads starts N-1 workers. Workers spin briefly between jobs
+// (decode issues hundreds of short jobs per token) and then sleep.
+#pragma once
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace blossom {
+
+class ThreadPool {
+ public:
+  explicit ThreadPool(int threads);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int size() const { return threads_; }
+
+  // Runs fn(thread_index, thread_count) once on each thread, caller included; returns when all are done.
+  void run(const std::function<void(int, int)>& fn);
+
+  // Splits [0, n) into chunks of `grain` handed out dynamically, so threads finish together
+  // even when one core is slower (another process, frequency).
+  void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
+
+ private:
+  void worker_main(int index);
+
+  int threads_;
+  std::vector<std::thread> workers_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> remaining_{0};
+  std::atomic<bool> stop_{false};
+  std::atomic<int> sleepers_{0};
+  const std::function<void(int, int)>* job_ = nullptr;
+};
+
+}  // namespace blossom
