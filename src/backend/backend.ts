@@ -1,0 +1,81 @@
+/**
+ * The op interface the model is written against. Buffers and matrices are opaque handles owned
+ * by a backend, so a GPU backend can slot in beside the CPU one without touching src/models/.
+ * All activations are fp32; weights keep their storage dtype and are converted inside kernels.
+ */
+import type { StorageDType } from "./native.js";
+import type { TensorView } from "../checkpoint/safetensors.js";
+
+/** An fp32 activation buffer on the backend's device. */
+export interface DeviceBuffer {
+  readonly length: number;
+}
+
+/** A weight matrix (out, in), nn.Linear layout, in some storage dtype. */
+export interface DeviceMatrix {
+  readonly dtype: StorageDType | "int8";
+  readonly outFeatures: number;
+  readonly inFeatures: number;
+  /** Bytes this matrix occupies (weights and any scales). */
+  readonly bytes: number;
+}
+
+export interface LinearOptions {
+  gelu?: boolean;
+  residual?: DeviceBuffer;
+}
+
+/** One layer's paged KV cache: (blocks, heads, blockSize, headDim) fp32 for keys and for values. */
+export interface KVLayer {
+  k: DeviceBuffer;
+  v: DeviceBuffer;
+}
+
+/**
+ * A ragged batch as the attention op sees it. For sequence s, seqs[4s..4s+3] =
+ * (first row of its new tokens in the batch, number of new tokens, tokens already cached,
+ * offset of its block list in blockTable).
+ */
+export interface AttentionBatch {
+  seqs: Int32Array;
+  blockTable: Int32Array;
+}
+
+export interface AttentionShape {
+  numHeads: number;
+  headDim: number;
+  blockSize: number;
+}
+
+export interface Backend {
+  readonly name: string;
+
+  alloc(length: number): DeviceBuffer;
+  free(buffer: DeviceBuffer): void;
+  upload(data: Float32Array): DeviceBuffer;
+  /**
+   * `length` floats starting at `offset`, on the host. The result may be a view that stays valid
+   * only until the buffer is next written; copy it to keep it.
+   */
+  download(buffer: DeviceBuffer, offset: number, length: number): Float32Array;
+
+  /** A weight matrix, converted to `dtype` if that differs from how it is stored (an explicit, measured choice). */
+  matrix(view: TensorView, dtype: StorageDType): DeviceMatrix;
+  /** A small parameter vector (bias, layer-norm gain), converted to fp32. */
+  vector(view: TensorView): DeviceBuffer;
+  /** Frees what matrix() allocated (a no-op for matrices used in place). */
+  freeMatrix(matrix: DeviceMatrix): void;
+
+  /** out (n, hidden) = table[ids]. */
+  embedding(out: DeviceBuffer, ids: Int32Array, table: DeviceMatrix): void;
+  /** out (rows, cols) = layer_norm(x) * gamma + beta. */
+  layerNorm(out: DeviceBuffer, x: DeviceBuffer, rows: number, cols: number, gamma: DeviceBuffer, beta: DeviceBuffer, eps: number): void;
+  /** out (rows, out) = act(x (rows, in) @ W^T + bias) + residual. */
+  linear(out: DeviceBuffer, x: DeviceBuffer, rows: number, weight: DeviceMatrix, bias: DeviceBuffer | null, options?: LinearOptions): void;
+  /** Appends the batch's new keys/values to the cache, then out (tokens, heads*headDim) = ALiBi causal attention. */
+  attention(out: DeviceBuffer, qkv: DeviceBuffer, numTokens: number, cache: KVLayer, batch: AttentionBatch, slopes: DeviceBuffer, shape: AttentionShape): void;
+  /** out (rows.length, cols) = x[rows]. */
+  gatherRows(out: DeviceBuffer, x: DeviceBuffer, rows: Int32Array, cols: number): void;
+
+  dispose(): void;
+}

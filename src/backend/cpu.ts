@@ -1,0 +1,133 @@
+/** The CPU backend: buffers are Float32Arrays, kernels run in the native addon's thread pool. */
+import { BlossomError } from "../errors.js";
+import type { TensorView } from "../checkpoint/safetensors.js";
+import type { AttentionBatch, AttentionShape, Backend, DeviceBuffer, DeviceMatrix, KVLayer, LinearOptions } from "./backend.js";
+import { DTypeCode, Epilogue, native, type NativeRegion, type StorageDType } from "./native.js";
+
+export interface CpuMatrix extends DeviceMatrix {
+  readonly dtype: StorageDType;
+  readonly region: NativeRegion;
+  readonly byteOffset: number;
+  /** Set when the matrix lives in memory this backend allocated (a conversion). */
+  readonly owned: boolean;
+}
+
+const bytesPerElement: Record<StorageDType, number> = { f32: 4, f16: 2, bf16: 2, i8: 1 };
+
+function f32(buffer: DeviceBuffer): Float32Array {
+  return buffer as Float32Array;
+}
+
+export class CpuBackend implements Backend {
+  readonly name = "cpu";
+
+  constructor(options: { threads?: number } = {}) {
+    if (options.threads !== undefined) native().setThreads(options.threads);
+  }
+
+  get threads(): number {
+    return native().getThreads();
+  }
+
+  alloc(length: number): DeviceBuffer {
+    return new Float32Array(length);
+  }
+  free(): void {
+    // Garbage-collected.
+  }
+  upload(data: Float32Array): DeviceBuffer {
+    return Float32Array.from(data);
+  }
+  download(buffer: DeviceBuffer, offset: number, length: number): Float32Array {
+    // Host memory already: a view, valid until the buffer is next written.
+    return f32(buffer).subarray(offset, offset + length);
+  }
+
+  matrix(view: TensorView, dtype: StorageDType): CpuMatrix {
+    if (view.shape.length !== 2) throw new BlossomError("checkpoint", `${view.file}: tensor "${view.name}" must be 2-D to be used as a matrix`);
+    const [outFeatures, inFeatures] = view.shape as [number, number];
+    if (dtype === view.dtype) {
+      return { dtype, outFeatures, inFeatures, bytes: view.byteLength, region: view.region, byteOffset: view.byteOffset, owned: false };
+    }
+    if (dtype === "i8" || view.dtype === "i8") throw new BlossomError("internal", "int8 matrices are built by the quantizer");
+    const n = outFeatures * inFeatures;
+    const bytes = n * bytesPerElement[dtype];
+    const region = native().allocate(bytes);
+    native().convert(region, 0, DTypeCode[dtype], view.region, view.byteOffset, DTypeCode[view.dtype], n);
+    return { dtype, outFeatures, inFeatures, bytes, region, byteOffset: 0, owned: true };
+  }
+
+  vector(view: TensorView): DeviceBuffer {
+    const n = view.shape.reduce((a, b) => a * b, 1);
+    const out = new Float32Array(n);
+    if (n === 0) return out;
+    const dst = native().allocate(n * 4);
+    try {
+      native().convert(dst, 0, DTypeCode.f32, view.region, view.byteOffset, DTypeCode[view.dtype], n);
+      out.set(new Float32Array(native().view(dst, 0, n * 4)));
+    } finally {
+      native().release(dst);
+    }
+    return out;
+  }
+
+  freeMatrix(matrix: DeviceMatrix): void {
+    const m = matrix as CpuMatrix;
+    if (m.owned) native().release(m.region);
+  }
+
+  embedding(out: DeviceBuffer, ids: Int32Array, table: DeviceMatrix): void {
+    const t = table as CpuMatrix;
+    native().embedding(f32(out), ids, t.region, t.byteOffset, DTypeCode[t.dtype], t.outFeatures, t.inFeatures);
+  }
+
+  layerNorm(out: DeviceBuffer, x: DeviceBuffer, rows: number, cols: number, gamma: DeviceBuffer, beta: DeviceBuffer, eps: number): void {
+    native().layerNorm(f32(out), f32(x), rows, cols, f32(gamma), f32(beta), eps);
+  }
+
+  linear(out: DeviceBuffer, x: DeviceBuffer, rows: number, weight: DeviceMatrix, bias: DeviceBuffer | null, options: LinearOptions = {}): void {
+    const w = weight as CpuMatrix;
+    native().linear(
+      f32(out),
+      f32(x),
+      rows,
+      w.region,
+      w.byteOffset,
+      DTypeCode[w.dtype],
+      w.outFeatures,
+      w.inFeatures,
+      bias ? f32(bias) : null,
+      options.gelu ? Epilogue.gelu : Epilogue.none,
+      options.residual ? f32(options.residual) : null,
+    );
+  }
+
+  attention(out: DeviceBuffer, qkv: DeviceBuffer, numTokens: number, cache: KVLayer, batch: AttentionBatch, slopes: DeviceBuffer, shape: AttentionShape): void {
+    native().attention(
+      f32(out),
+      f32(qkv),
+      numTokens,
+      shape.numHeads,
+      shape.headDim,
+      f32(cache.k),
+      f32(cache.v),
+      shape.blockSize,
+      batch.seqs,
+      batch.blockTable,
+      f32(slopes),
+    );
+  }
+
+  gatherRows(out: DeviceBuffer, x: DeviceBuffer, rows: Int32Array, cols: number): void {
+    const src = f32(x);
+    const dst = f32(out);
+    for (let i = 0; i < rows.length; i++) {
+      const r = rows[i]!;
+      dst.set(src.subarray(r * cols, (r + 1) * cols), i * cols);
+    }
+  }
+
+  dispose(): void {
+    // Matrices are freed by their owner (the weight store); nothing else is held.
+  }
+}

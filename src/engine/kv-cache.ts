@@ -1,0 +1,81 @@
+/**
+ * The KV cache: a preallocated pool of fixed-size blocks per layer, handed out to sequences, so
+ * its use can be counted and capped and sequences of any length can come and go (continuous
+ * batching) without fragmentation. Layout per layer: (blocks, heads, blockSize, headDim) fp32 for
+ * keys and the same for values. The pool's memory is reserved up front but only touched pages
+ * become resident.
+ */
+import type { Backend, KVLayer } from "../backend/backend.js";
+import { BlossomError } from "../errors.js";
+import type { KVCacheLayers } from "../models/bloom.js";
+
+export interface KVCacheShape {
+  numLayers: number;
+  numHeads: number;
+  headDim: number;
+  blockSize: number;
+  numBlocks: number;
+}
+
+/** Bytes one cached token takes across all layers (keys and values, fp32). */
+export function kvBytesPerToken(shape: Pick<KVCacheShape, "numLayers" | "numHeads" | "headDim">): number {
+  return 2 * shape.numLayers * shape.numHeads * shape.headDim * 4;
+}
+
+export class KVCachePool implements KVCacheLayers {
+  readonly blockSize: number;
+  readonly numBlocks: number;
+  readonly shape: KVCacheShape;
+  private readonly layers: KVLayer[];
+  private readonly freeBlocks: number[];
+  private readonly backend: Backend;
+
+  constructor(backend: Backend, shape: KVCacheShape) {
+    if (shape.numBlocks < 1) throw new BlossomError("memory", "the KV cache needs at least one block");
+    this.backend = backend;
+    this.shape = shape;
+    this.blockSize = shape.blockSize;
+    this.numBlocks = shape.numBlocks;
+    const floats = shape.numBlocks * shape.numHeads * shape.blockSize * shape.headDim;
+    this.layers = [];
+    for (let i = 0; i < shape.numLayers; i++) this.layers.push({ k: backend.alloc(floats), v: backend.alloc(floats) });
+    // Popped from the end: low block numbers first, and recently freed (still resident) blocks reused first.
+    this.freeBlocks = Array.from({ length: shape.numBlocks }, (_, i) => shape.numBlocks - 1 - i);
+  }
+
+  layer(i: number): KVLayer {
+    return this.layers[i]!;
+  }
+
+  get freeBlockCount(): number {
+    return this.freeBlocks.length;
+  }
+  get capacityTokens(): number {
+    return this.numBlocks * this.blockSize;
+  }
+  blocksFor(tokens: number): number {
+    return Math.ceil(tokens / this.blockSize);
+  }
+
+  /** Grows `blocks` so it holds `tokens` positions. Returns false (and takes nothing) if the pool is short. */
+  reserve(blocks: number[], tokens: number): boolean {
+    const needed = this.blocksFor(tokens) - blocks.length;
+    if (needed <= 0) return true;
+    if (needed > this.freeBlocks.length) return false;
+    for (let i = 0; i < needed; i++) blocks.push(this.freeBlocks.pop()!);
+    return true;
+  }
+
+  release(blocks: number[]): void {
+    for (const b of blocks) this.freeBlocks.push(b);
+    blocks.length = 0;
+  }
+
+  dispose(): void {
+    for (const l of this.layers) {
+      this.backend.free(l.k);
+      this.backend.free(l.v);
+    }
+    this.layers.length = 0;
+  }
+}

@@ -1,0 +1,165 @@
+/**
+ * BLOOM (BigScience, 2022), the forward pass over a ragged batch of sequences.
+ *
+ *   x = LayerNorm(E[ids])                                   word_embeddings + word_embeddings_layernorm
+ *   for each block:
+ *     ln  = LayerNorm(x)                                    input_layernorm
+ *     qkv = ln W_qkv^T + b                                  fused, viewed per head as [q | k | v]
+ *     a   = softmax(alibi + q k^T / sqrt(d)) v              causal, ALiBi, fp32 softmax
+ *     x2  = a W_o^T + b + (post-LN residual ? ln : x)       self_attention.dense
+ *     ln2 = LayerNorm(x2)                                   post_attention_layernorm
+ *     x   = gelu(ln2 W_1^T + b1) W_2^T + b2 + (post-LN residual ? ln2 : x2)
+ *   logits = LayerNorm(x) E^T                               ln_f, LM head tied to the embeddings
+ *
+ * Reference: transformers/models/bloom/modeling_bloom.py. Ops come from a Backend; weights from
+ * a WeightStore; keys and values live in a paged KV cache. This file knows BLOOM, never threads
+ * or SIMD.
+ */
+import type { AttentionBatch, Backend, DeviceBuffer, KVLayer } from "../backend/backend.js";
+import type { BloomConfig } from "../checkpoint/config.js";
+import type { WeightStore } from "../engine/weights.js";
+import { alibiSlopes } from "../layers/alibi.js";
+
+/** What one forward step computes: the new tokens of every sequence in the batch. */
+export interface ForwardStep {
+  /** New token ids of all sequences, concatenated (T tokens). */
+  tokenIds: Int32Array;
+  /** Where each sequence's tokens sit in tokenIds and in the KV cache. */
+  batch: AttentionBatch;
+  /** Rows of the batch (0..T-1) whose next-token logits are wanted. */
+  logitRows: Int32Array;
+}
+
+export interface KVCacheLayers {
+  readonly blockSize: number;
+  layer(i: number): KVLayer;
+}
+
+/** Receives named intermediates when debugging: (name, layer or -1, rows x cols fp32 values). */
+export type IntermediateHook = (name: string, layer: number, values: Float32Array, rows: number, cols: number) => void;
+
+/** Activation buffers for up to `capacity` tokens, reused across steps. */
+class Workspace {
+  capacity = 0;
+  hidden!: DeviceBuffer; // x
+  hidden2!: DeviceBuffer; // x2 (after attention)
+  normed!: DeviceBuffer; // ln / ln2
+  qkv!: DeviceBuffer;
+  attention!: DeviceBuffer;
+  mlp!: DeviceBuffer; // gelu(ln2 W_1^T + b1)
+  private logits: DeviceBuffer | undefined;
+
+  constructor(private readonly backend: Backend, private readonly hiddenSize: number) {}
+
+  ensure(tokens: number): void {
+    if (tokens <= this.capacity) return;
+    const cap = Math.max(tokens, Math.ceil(this.capacity * 1.5));
+    const H = this.hiddenSize, b = this.backend;
+    this.release();
+    this.hidden = b.alloc(cap * H);
+    this.hidden2 = b.alloc(cap * H);
+    this.normed = b.alloc(cap * H);
+    this.qkv = b.alloc(cap * 3 * H);
+    this.attention = b.alloc(cap * H);
+    this.mlp = b.alloc(cap * 4 * H);
+    this.capacity = cap;
+  }
+
+  /** The logits buffer, grown to hold at least `length` floats. */
+  logitsFor(length: number): DeviceBuffer {
+    if (!this.logits || this.logits.length < length) {
+      if (this.logits) this.backend.free(this.logits);
+      this.logits = this.backend.alloc(length);
+    }
+    return this.logits;
+  }
+
+  release(): void {
+    if (this.logits) this.backend.free(this.logits);
+    this.logits = undefined;
+    if (this.capacity === 0) return;
+    for (const buf of [this.hidden, this.hidden2, this.normed, this.qkv, this.attention, this.mlp]) this.backend.free(buf);
+    this.capacity = 0;
+  }
+}
+
+export class BloomModel {
+  readonly config: BloomConfig;
+  private readonly backend: Backend;
+  private readonly weights: WeightStore;
+  private readonly slopes: DeviceBuffer;
+  private readonly workspace: Workspace;
+  /** Set to receive named intermediates (slow: copies every activation to the host). */
+  onIntermediate: IntermediateHook | undefined;
+
+  constructor(config: BloomConfig, weights: WeightStore, backend: Backend) {
+    this.config = config;
+    this.backend = backend;
+    this.weights = weights;
+    this.slopes = backend.upload(alibiSlopes(config.numHeads));
+    this.workspace = new Workspace(backend, config.hiddenSize);
+  }
+
+  /**
+   * Runs one step; returns logits (logitRows.length x vocab) on the host. The array may be a view
+   * of a reused buffer: it is valid until the next forward().
+   */
+  forward(step: ForwardStep, kvCache: KVCacheLayers): Float32Array {
+    const { backend: ops, weights, config } = this;
+    const H = config.hiddenSize, T = step.tokenIds.length, eps = config.layerNormEpsilon;
+    const postLN = config.applyResidualConnectionPostLayernorm;
+    const shape = { numHeads: config.numHeads, headDim: config.headDim, blockSize: kvCache.blockSize };
+    const ws = this.workspace;
+    ws.ensure(Math.max(T, step.logitRows.length));
+
+    ops.embedding(ws.normed, step.tokenIds, weights.wordEmbeddings);
+    this.trace("word_embeddings", -1, ws.normed, T, H);
+    const emb = weights.wordEmbeddingsLayernorm;
+    ops.layerNorm(ws.hidden, ws.normed, T, H, emb.weight, emb.bias, eps);
+    this.trace("word_embeddings_layernorm", -1, ws.hidden, T, H);
+
+    for (let i = 0; i < config.numLayers; i++) {
+      const layer = weights.layer(i);
+      // Attention block.
+      ops.layerNorm(ws.normed, ws.hidden, T, H, layer.inputLayernorm.weight, layer.inputLayernorm.bias, eps);
+      this.trace("attn_norm", i, ws.normed, T, H);
+      ops.linear(ws.qkv, ws.normed, T, layer.queryKeyValue.weight, layer.queryKeyValue.bias);
+      this.trace("qkv", i, ws.qkv, T, 3 * H);
+      ops.attention(ws.attention, ws.qkv, T, kvCache.layer(i), step.batch, this.slopes, shape);
+      this.trace("attn", i, ws.attention, T, H);
+      ops.linear(ws.hidden2, ws.attention, T, layer.dense.weight, layer.dense.bias, {
+        residual: postLN ? ws.normed : ws.hidden,
+      });
+      this.trace("attn_out", i, ws.hidden2, T, H);
+      // MLP block.
+      ops.layerNorm(ws.normed, ws.hidden2, T, H, layer.postAttentionLayernorm.weight, layer.postAttentionLayernorm.bias, eps);
+      this.trace("ffn_norm", i, ws.normed, T, H);
+      ops.linear(ws.mlp, ws.normed, T, layer.denseHTo4h.weight, layer.denseHTo4h.bias, { gelu: true });
+      this.trace("ffn_gelu", i, ws.mlp, T, 4 * H);
+      ops.linear(ws.hidden, ws.mlp, T, layer.dense4hToH.weight, layer.dense4hToH.bias, {
+        residual: postLN ? ws.normed : ws.hidden2,
+      });
+      this.trace("block_out", i, ws.hidden, T, H);
+      weights.releaseLayer(i);
+    }
+
+    // Final norm and LM head, only for the rows whose logits are wanted.
+    const rows = step.logitRows.length;
+    if (rows === 0) return new Float32Array(0);
+    ops.gatherRows(ws.hidden2, ws.hidden, step.logitRows, H);
+    ops.layerNorm(ws.normed, ws.hidden2, rows, H, weights.lnF.weight, weights.lnF.bias, eps);
+    this.trace("ln_f", -1, ws.normed, rows, H);
+    const logits = ws.logitsFor(rows * config.vocabSize);
+    ops.linear(logits, ws.normed, rows, weights.lmHead, null);
+    return ops.download(logits, 0, rows * config.vocabSize);
+  }
+
+  private trace(name: string, layer: number, buffer: DeviceBuffer, rows: number, cols: number): void {
+    if (this.onIntermediate) this.onIntermediate(name, layer, this.backend.download(buffer, 0, rows * cols), rows, cols);
+  }
+
+  dispose(): void {
+    this.workspace.release();
+    this.backend.free(this.slopes);
+  }
+}
