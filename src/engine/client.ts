@@ -1,0 +1,176 @@
+/**
+ * The main-thread side of an engine worker: starts it, sends requests, routes replies and token
+ * streams. Every front end (library, CLI, server, bench) goes through this.
+ */
+import { Worker } from "node:worker_threads";
+import { BlossomError } from "../errors.js";
+import type { GenerationParams } from "../generate/params.js";
+import type { FinishReason } from "../generate/stopping.js";
+import type { EngineInfo, EngineStats, LogitsWanted, Request, Response, SerializedError, TokenUpdate, WorkerData } from "./protocol.js";
+
+type Pending = { resolve: (v: unknown) => void; reject: (e: Error) => void };
+
+export interface GenerationHandlers {
+  onToken(update: TokenUpdate): void;
+  /** Called once when the sequence ends without a final token update (cancelled or failed). */
+  onEnded(finish: FinishReason | "cancelled", error?: BlossomError): void;
+}
+
+// A distributive Omit, so each request variant keeps its own fields.
+type WithoutId<T> = T extends unknown ? Omit<T, "id"> : never;
+
+function toError(e: SerializedError): BlossomError {
+  return new BlossomError(e.code, e.message);
+}
+
+export class EngineClient {
+  readonly info: EngineInfo;
+  private readonly worker: Worker;
+  private nextId = 1;
+  private readonly pending = new Map<number, Pending>();
+  private readonly generations = new Map<number, GenerationHandlers>();
+  private exited = false;
+  private exitError: BlossomError | undefined;
+
+  private constructor(worker: Worker, info: EngineInfo) {
+    this.worker = worker;
+    this.info = info;
+    worker.on("message", (m: Response) => this.onMessage(m));
+    worker.on("error", (err) => this.fail(new BlossomError("internal", `engine worker failed: ${err.message}`)));
+    worker.on("exit", (code) => {
+      this.exited = true;
+      this.fail(this.exitError ?? new BlossomError("internal", `engine worker exited (code ${code})`));
+    });
+  }
+
+  /** Starts a worker and waits until the model is loaded. */
+  static start(data: WorkerData): Promise<EngineClient> {
+    const worker = new Worker(new URL("./worker.js", import.meta.url), { workerData: data });
+    return new Promise((resolve, reject) => {
+      const onMessage = (m: Response) => {
+        if (m.type === "ready") {
+          cleanup();
+          resolve(new EngineClient(worker, m.info));
+        } else if (m.type === "fatal") {
+          cleanup();
+          void worker.terminate();
+          reject(toError(m.error));
+        }
+      };
+      const onError = (err: Error) => {
+        cleanup();
+        reject(new BlossomError("internal", `engine worker failed to start: ${err.message}`, { cause: err }));
+      };
+      const onExit = (code: number) => {
+        cleanup();
+        reject(new BlossomError("internal", `engine worker exited during load (code ${code})`));
+      };
+      const cleanup = () => {
+        worker.off("message", onMessage);
+        worker.off("error", onError);
+        worker.off("exit", onExit);
+      };
+      worker.on("message", onMessage);
+      worker.on("error", onError);
+      worker.on("exit", onExit);
+    });
+  }
+
+  private onMessage(m: Response): void {
+    switch (m.type) {
+      case "reply": {
+        const p = this.pending.get(m.id);
+        this.pending.delete(m.id);
+        p?.resolve(m.result);
+        break;
+      }
+      case "error": {
+        const p = this.pending.get(m.id);
+        this.pending.delete(m.id);
+        p?.reject(toError(m.error));
+        break;
+      }
+      case "step":
+        for (const u of m.updates) {
+          const h = this.generations.get(u.id);
+          if (!h) continue;
+          if (u.finish) this.generations.delete(u.id);
+          h.onToken(u);
+        }
+        break;
+      case "ended": {
+        const h = this.generations.get(m.id);
+        this.generations.delete(m.id);
+        h?.onEnded(m.finish, m.error ? toError(m.error) : undefined);
+        break;
+      }
+      default:
+        break;
+    }
+  }
+
+  private fail(err: BlossomError): void {
+    for (const p of this.pending.values()) p.reject(err);
+    this.pending.clear();
+    for (const h of this.generations.values()) h.onEnded("cancelled", err);
+    this.generations.clear();
+  }
+
+  private request<T>(message: WithoutId<Request>): Promise<T> {
+    if (this.exited) return Promise.reject(this.exitError ?? new BlossomError("internal", "the engine has been disposed"));
+    const id = this.nextId++;
+    return new Promise<T>((resolve, reject) => {
+      this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject });
+      this.worker.postMessage({ ...message, id } as Request);
+    });
+  }
+
+  /** Logits (tokens x vocab) for every position of each sequence. */
+  forward(sequences: number[][]): Promise<Float32Array[]> {
+    return this.request({ type: "forward", sequences });
+  }
+  /** log p(tokens[i] | tokens[<i]) for i >= from. */
+  score(sequences: { tokens: number[]; from: number }[]): Promise<Float64Array[]> {
+    return this.request({ type: "score", sequences });
+  }
+  openSession(): Promise<number> {
+    return this.request({ type: "open" });
+  }
+  feed(entries: { session: number; tokens: number[]; logits: LogitsWanted }[]): Promise<Float32Array[]> {
+    return this.request({ type: "feed", entries });
+  }
+  closeSession(session: number): Promise<boolean> {
+    return this.request({ type: "close", session });
+  }
+  stats(): Promise<EngineStats> {
+    return this.request({ type: "stats" });
+  }
+
+  /** Starts a generation; tokens arrive through `handlers`. Returns a function that cancels it. */
+  async submit(promptIds: number[], params: GenerationParams, eosTokenIds: number[], handlers: GenerationHandlers): Promise<() => void> {
+    const id = this.nextId++;
+    this.generations.set(id, handlers);
+    const reply = new Promise<unknown>((resolve, reject) => this.pending.set(id, { resolve, reject }));
+    this.worker.postMessage({ type: "submit", id, promptIds, params, eosTokenIds } satisfies Request);
+    try {
+      await reply;
+    } catch (err) {
+      this.generations.delete(id);
+      throw err;
+    }
+    return () => {
+      if (this.generations.has(id) && !this.exited) this.worker.postMessage({ type: "cancel", id } satisfies Request);
+    };
+  }
+
+  async dispose(): Promise<void> {
+    if (this.exited) return;
+    this.exitError = new BlossomError("aborted", "the model was disposed");
+    try {
+      await this.request({ type: "dispose" });
+    } catch {
+      // Already gone.
+    }
+    await this.worker.terminate();
+  }
+}

@@ -1,0 +1,189 @@
+/**
+ * Continuous batching. Waiting requests are admitted into the running batch at token boundaries,
+ * finished sequences retire at once, and every step is one forward pass over a ragged batch that
+ * mixes new prompts (prefill) with one token of each running sequence (decode). A short request
+ * never waits for a long one to finish.
+ *
+ * Memory: a request is admitted only when the KV cache can hold its prompt plus its
+ * max_new_tokens, counting what running sequences may still grow into, so a running sequence
+ * never meets a full cache.
+ */
+import { BlossomError } from "../errors.js";
+import type { FinishReason } from "../generate/stopping.js";
+import type { Engine, Sequence, StepEntry } from "./engine.js";
+import type { TokenUpdate } from "./protocol.js";
+
+/** Chooses the next token from logits (src/generate/chooser.ts implements it). */
+export interface NextTokenChooser {
+  next(logits: Float32Array, tokens: readonly number[], numGenerated: number): { tokenId: number; logprob: number };
+}
+
+export interface GenerationRequest {
+  id: number;
+  promptIds: number[];
+  maxNewTokens: number;
+  /** Decides when a token ends the sequence (eos, length). */
+  finishAfter(tokenId: number, numGenerated: number): FinishReason | undefined;
+  chooser: NextTokenChooser;
+}
+
+interface Running {
+  request: GenerationRequest;
+  sequence: Sequence;
+  tokens: number[]; // prompt + generated
+  generated: number;
+  /** Blocks this sequence may still need to reach prompt + maxNewTokens. */
+  reservedBlocks: number;
+  cancelled: boolean;
+}
+
+export interface SchedulerOptions {
+  maxBatchSize: number;
+  /** Cap on prompt + max_new_tokens summed over running sequences (TGI's max_batch_total_tokens). */
+  maxBatchTotalTokens: number;
+  /** Most prompt tokens one step prefills; longer prompts still run, alone. */
+  maxPrefillTokens: number;
+}
+
+export class Scheduler {
+  private readonly waiting: GenerationRequest[] = [];
+  private readonly running: Running[] = [];
+  steps = 0;
+  generatedTokens = 0;
+
+  constructor(
+    private readonly engine: Engine,
+    private readonly options: SchedulerOptions,
+  ) {}
+
+  get waitingCount(): number {
+    return this.waiting.length;
+  }
+  get runningCount(): number {
+    return this.running.length;
+  }
+  hasWork(): boolean {
+    return this.waiting.length > 0 || this.running.length > 0;
+  }
+
+  /** Rejects at once what could never be admitted; otherwise queues. */
+  submit(request: GenerationRequest): void {
+    if (request.promptIds.length === 0) throw new BlossomError("input", "the prompt is empty: BLOOM needs at least one token to condition on");
+    const need = request.promptIds.length + request.maxNewTokens;
+    const kv = this.engine.kvCache;
+    if (kv.blocksFor(need) > kv.numBlocks || need > this.options.maxBatchTotalTokens) {
+      throw new BlossomError(
+        "memory",
+        `prompt (${request.promptIds.length} tokens) + max_new_tokens (${request.maxNewTokens}) = ${need} tokens exceeds the KV-cache capacity of ${Math.min(kv.capacityTokens, this.options.maxBatchTotalTokens)} tokens`,
+      );
+    }
+    this.waiting.push(request);
+  }
+
+  /** Cancels a waiting or running request. Returns true if it was waiting (so no update will follow). */
+  cancel(id: number): "waiting" | "running" | undefined {
+    const w = this.waiting.findIndex((r) => r.id === id);
+    if (w >= 0) {
+      this.waiting.splice(w, 1);
+      return "waiting";
+    }
+    const r = this.running.find((x) => x.request.id === id);
+    if (r) {
+      r.cancelled = true;
+      return "running";
+    }
+    return undefined;
+  }
+
+  private reservedTotal(): number {
+    return this.running.reduce((a, r) => a + r.reservedBlocks, 0);
+  }
+
+  private totalTokens(): number {
+    return this.running.reduce((a, r) => a + r.request.promptIds.length + r.request.maxNewTokens, 0);
+  }
+
+  /** Admits waiting requests that fit, in arrival order (no overtaking, so none starves). */
+  private admit(): Running[] {
+    const admitted: Running[] = [];
+    const kv = this.engine.kvCache;
+    let reserved = this.reservedTotal();
+    let totalTokens = this.totalTokens();
+    let prefill = 0;
+    while (this.waiting.length > 0 && this.running.length + admitted.length < this.options.maxBatchSize) {
+      const req = this.waiting[0]!;
+      const need = req.promptIds.length + req.maxNewTokens;
+      const blocks = kv.blocksFor(need);
+      if (reserved + blocks > kv.freeBlockCount) break;
+      if (totalTokens + need > this.options.maxBatchTotalTokens) break;
+      if (admitted.length > 0 && prefill + req.promptIds.length > this.options.maxPrefillTokens) break;
+      this.waiting.shift();
+      reserved += blocks;
+      totalTokens += need;
+      prefill += req.promptIds.length;
+      admitted.push({ request: req, sequence: this.engine.createSequence(), tokens: [...req.promptIds], generated: 0, reservedBlocks: blocks, cancelled: false });
+    }
+    return admitted;
+  }
+
+  /**
+   * One forward step over the running batch plus newly admitted requests. Returns the token
+   * updates, and the ids of cancelled sequences that were retired.
+   */
+  step(): { updates: TokenUpdate[]; retiredCancelled: number[] } {
+    const retiredCancelled: number[] = [];
+    for (let i = this.running.length - 1; i >= 0; i--) {
+      const r = this.running[i]!;
+      if (r.cancelled) {
+        this.retire(i);
+        retiredCancelled.push(r.request.id);
+      }
+    }
+    const admitted = this.admit();
+    const batch = [...this.running, ...admitted];
+    if (batch.length === 0) return { updates: [], retiredCancelled };
+    const entries: StepEntry[] = batch.map((r) => ({
+      sequence: r.sequence,
+      tokens: r.generated === 0 ? r.tokens : [r.tokens[r.tokens.length - 1]!],
+      logits: "last",
+    }));
+    let logits: Float32Array[];
+    try {
+      logits = this.engine.step(entries);
+    } catch (err) {
+      for (const r of admitted) this.engine.freeSequence(r.sequence);
+      this.waiting.unshift(...admitted.map((r) => r.request));
+      throw err;
+    }
+    this.running.push(...admitted);
+    this.steps++;
+    const updates: TokenUpdate[] = [];
+    const finished = new Set<Running>();
+    for (let i = 0; i < batch.length; i++) {
+      const r = batch[i]!;
+      const { tokenId, logprob } = r.request.chooser.next(logits[i]!, r.tokens, r.generated);
+      r.tokens.push(tokenId);
+      r.generated++;
+      this.generatedTokens++;
+      r.reservedBlocks = Math.max(0, this.engine.kvCache.blocksFor(r.request.promptIds.length + r.request.maxNewTokens) - r.sequence.blocks.length);
+      const finish = r.request.finishAfter(tokenId, r.generated);
+      if (finish) finished.add(r);
+      updates.push(finish ? { id: r.request.id, token: tokenId, logprob, finish } : { id: r.request.id, token: tokenId, logprob });
+    }
+    for (let i = this.running.length - 1; i >= 0; i--) if (finished.has(this.running[i]!)) this.retire(i);
+    return { updates, retiredCancelled };
+  }
+
+  private retire(index: number): void {
+    const [r] = this.running.splice(index, 1);
+    this.engine.freeSequence(r!.sequence);
+  }
+
+  /** Drops everything (dispose); returns the ids that were waiting or running. */
+  clear(): number[] {
+    const ids = [...this.waiting.map((r) => r.id), ...this.running.map((r) => r.request.id)];
+    this.waiting.length = 0;
+    for (let i = this.running.length - 1; i >= 0; i--) this.retire(i);
+    return ids;
+  }
+}

@@ -1,0 +1,229 @@
+/**
+ * The engine worker thread: owns the model, the KV cache and the scheduler; answers the protocol
+ * in src/engine/protocol.ts. Heavy compute never runs on the main event loop.
+ *
+ * Loop: handle one queued request, or run one scheduler step, then yield to the event loop so new
+ * messages (submit, cancel) land between steps.
+ */
+import { parentPort, workerData } from "node:worker_threads";
+import { native } from "../backend/native.js";
+import { BlossomError } from "../errors.js";
+import { TokenChooser } from "../generate/chooser.js";
+import { finishReasonAfter } from "../generate/stopping.js";
+import type { Sequence } from "./engine.js";
+import { kvBytesPerToken } from "./kv-cache.js";
+import { loadEngine, type LoadedEngine } from "./load.js";
+import type { EngineInfo, EngineStats, Request, Response, SerializedError, WorkerData } from "./protocol.js";
+import { Scheduler } from "./scheduler.js";
+import { logSoftmaxAt } from "./logprobs.js";
+
+const port = parentPort!;
+const data = workerData as WorkerData;
+
+function send(message: Response, transfer: ArrayBuffer[] = []): void {
+  port.postMessage(message, transfer);
+}
+
+export function serializeError(err: unknown): SerializedError {
+  if (err instanceof BlossomError) return { code: err.code, message: err.message };
+  const e = err as Error;
+  return { code: "internal", message: e?.stack ?? String(err) };
+}
+
+class Worker {
+  private readonly queue: Request[] = [];
+  private readonly sessions = new Map<number, Sequence>();
+  private nextSession = 1;
+  private readonly scheduler: Scheduler;
+  private wake: (() => void) | undefined;
+  private disposed = false;
+
+  constructor(private readonly loaded: LoadedEngine) {
+    const kv = loaded.engine.kvCache;
+    this.scheduler = new Scheduler(loaded.engine, {
+      maxBatchSize: data.maxBatchSize ?? 1024,
+      maxBatchTotalTokens: data.maxBatchTotalTokens ?? kv.capacityTokens,
+      maxPrefillTokens: 4096,
+    });
+    port.on("message", (m: Request) => {
+      if (m.type === "cancel") this.cancel(m.id);
+      else this.queue.push(m);
+      this.wake?.();
+    });
+  }
+
+  info(): EngineInfo {
+    const { checkpoint, weights, engine, dtype, loadSeconds } = this.loaded;
+    const c = checkpoint.config;
+    return {
+      dir: checkpoint.dir,
+      modelType: c.modelType,
+      dtype,
+      storedDtypes: [...new Set([...checkpoint.tensors.values()].map((t) => t.dtype))],
+      threads: native().getThreads(),
+      kernels: native().getKernelVariant(),
+      vocabSize: c.vocabSize,
+      hiddenSize: c.hiddenSize,
+      numLayers: c.numLayers,
+      numHeads: c.numHeads,
+      weightBytes: weights.weightBytes,
+      kvCacheTokens: engine.kvCache.capacityTokens,
+      kvBytesPerToken: kvBytesPerToken(c),
+      loadSeconds,
+    };
+  }
+
+  stats(): EngineStats {
+    const kv = this.loaded.engine.kvCache;
+    return {
+      waiting: this.scheduler.waitingCount,
+      running: this.scheduler.runningCount,
+      kvBlocksFree: kv.freeBlockCount,
+      kvBlocksTotal: kv.numBlocks,
+      kvBlockSize: kv.blockSize,
+      steps: this.scheduler.steps,
+      generatedTokens: this.scheduler.generatedTokens,
+      residentBytes: native().residentBytes(),
+    };
+  }
+
+  private cancel(id: number): void {
+    const where = this.scheduler.cancel(id);
+    if (where === "waiting") send({ type: "ended", id, finish: "cancelled" });
+    // A running one retires at the next step and is reported then.
+  }
+
+  async run(): Promise<void> {
+    while (!this.disposed) {
+      const request = this.queue.shift();
+      if (request) {
+        this.handle(request);
+      } else if (this.scheduler.hasWork()) {
+        this.generationStep();
+      } else {
+        await new Promise<void>((resolve) => (this.wake = resolve));
+        this.wake = undefined;
+        continue;
+      }
+      // Let messages in between units of work.
+      await new Promise<void>((resolve) => setImmediate(resolve));
+    }
+  }
+
+  private generationStep(): void {
+    try {
+      const { updates, retiredCancelled } = this.scheduler.step();
+      if (updates.length) send({ type: "step", updates });
+      for (const id of retiredCancelled) send({ type: "ended", id, finish: "cancelled" });
+    } catch (err) {
+      // A failed step fails every sequence in it; the worker keeps serving.
+      const error = serializeError(err);
+      for (const id of this.scheduler.clear()) send({ type: "ended", id, finish: "cancelled", error });
+    }
+  }
+
+  private handle(request: Request): void {
+    try {
+      const result = this.execute(request);
+      if (result instanceof Promise) throw new Error("unexpected async result");
+      const transfer = collectTransfers(result);
+      send({ type: "reply", id: request.id, result }, transfer);
+    } catch (err) {
+      send({ type: "error", id: request.id, error: serializeError(err) });
+    }
+  }
+
+  private execute(request: Request): unknown {
+    const { engine } = this.loaded;
+    switch (request.type) {
+      case "forward": {
+        // One step over fresh sequences; every position's logits, copied out of the reused buffer.
+        const seqs = request.sequences.map(() => engine.createSequence());
+        try {
+          const logits = engine.step(request.sequences.map((tokens, i) => ({ sequence: seqs[i]!, tokens, logits: "all" as const })));
+          return logits.map((l) => l.slice());
+        } finally {
+          seqs.forEach((s) => engine.freeSequence(s));
+        }
+      }
+      case "score": {
+        const vocab = this.loaded.model.config.vocabSize;
+        const seqs = request.sequences.map(() => engine.createSequence());
+        try {
+          const logits = engine.step(request.sequences.map((s, i) => ({ sequence: seqs[i]!, tokens: s.tokens, logits: "all" as const })));
+          return request.sequences.map((s, i) => {
+            const out = new Float64Array(Math.max(0, s.tokens.length - s.from));
+            for (let p = s.from; p < s.tokens.length; p++) {
+              if (p === 0) throw new BlossomError("input", "score: the first token has no context to be predicted from (from must be >= 1)");
+              out[p - s.from] = logSoftmaxAt(logits[i]!.subarray((p - 1) * vocab, p * vocab), s.tokens[p]!);
+            }
+            return out;
+          });
+        } finally {
+          seqs.forEach((s) => engine.freeSequence(s));
+        }
+      }
+      case "open": {
+        const id = this.nextSession++;
+        this.sessions.set(id, engine.createSequence());
+        return id;
+      }
+      case "feed": {
+        const entries = request.entries.map((e) => {
+          const sequence = this.sessions.get(e.session);
+          if (!sequence) throw new BlossomError("input", `feed: no open session ${e.session}`);
+          return { sequence, tokens: e.tokens, logits: e.logits };
+        });
+        return engine.step(entries).map((l) => l.slice());
+      }
+      case "close": {
+        const s = this.sessions.get(request.session);
+        if (s) engine.freeSequence(s);
+        this.sessions.delete(request.session);
+        return true;
+      }
+      case "submit": {
+        const { params, eosTokenIds } = request;
+        this.scheduler.submit({
+          id: request.id,
+          promptIds: request.promptIds,
+          maxNewTokens: params.maxNewTokens,
+          chooser: new TokenChooser(params, { vocabSize: this.loaded.model.config.vocabSize, eosTokenIds }),
+          finishAfter: (tokenId, numGenerated) => finishReasonAfter(tokenId, numGenerated, params, eosTokenIds),
+        });
+        return true;
+      }
+      case "stats":
+        return this.stats();
+      case "dispose": {
+        this.disposed = true;
+        for (const id of this.scheduler.clear()) send({ type: "ended", id, finish: "cancelled" });
+        for (const s of this.sessions.values()) engine.freeSequence(s);
+        this.loaded.dispose();
+        return true;
+      }
+      case "cancel":
+        return true;
+    }
+  }
+}
+
+function collectTransfers(result: unknown): ArrayBuffer[] {
+  const out: ArrayBuffer[] = [];
+  const visit = (v: unknown) => {
+    if (ArrayBuffer.isView(v) && v.buffer instanceof ArrayBuffer && v.byteOffset === 0 && v.byteLength === v.buffer.byteLength) out.push(v.buffer);
+    else if (Array.isArray(v)) v.forEach(visit);
+  };
+  visit(result);
+  return out;
+}
+
+try {
+  const loaded = loadEngine(data.dir, data.options);
+  const worker = new Worker(loaded);
+  send({ type: "ready", info: worker.info() });
+  await worker.run();
+  port.close();
+} catch (err) {
+  send({ type: "fatal", error: serializeError(err) });
+}

@@ -1,0 +1,407 @@
+/**
+ * The library API: loadModel(ref, options) -> Model with forward, generate, stream, perplexity.
+ * The model runs in an engine worker; this side tokenizes, detokenizes, applies stop strings and
+ * shapes results.
+ */
+import { statSync } from "node:fs";
+import { BlossomError } from "./errors.js";
+import { EngineClient } from "./engine/client.js";
+import type { EngineInfo, EngineStats, TokenUpdate } from "./engine/protocol.js";
+import type { WeightDType } from "./engine/weights.js";
+import { resolveGenerationParams, type GenerationParams, type GenerationParamsInput } from "./generate/params.js";
+import { IncrementalDecoder, StopStringMatcher, type FinishReason } from "./generate/stopping.js";
+import { BloomTokenizer } from "./tokenizer/tokenizer.js";
+import { readBloomConfig, type BloomConfig } from "./checkpoint/config.js";
+
+export type ModelDType = WeightDType;
+
+export interface LoadModelOptions {
+  /** In-memory weight format: "auto" (as stored), "fp32", "bf16", "fp16". */
+  dtype?: ModelDType;
+  /** Compute threads (default: physical cores). */
+  threads?: number;
+  /** KV-cache capacity in tokens, across all sequences. */
+  kvCacheTokens?: number;
+  /** Most sequences decoded together. */
+  maxBatchSize?: number;
+  /** Cap on prompt + max_new_tokens over running sequences. */
+  maxBatchTotalTokens?: number;
+}
+
+export interface GenerateResult {
+  /** Generated text per prompt (without the prompt). */
+  texts: string[];
+  /** New token ids per prompt. */
+  tokenIds: number[][];
+  numGeneratedTokens: number[];
+  finishReasons: (FinishReason | "cancelled")[];
+}
+
+export interface StreamEvent {
+  /** The token just generated (absent only on a final event after cancellation). */
+  token?: { id: number; logprob: number; special: boolean };
+  /** New text to show (may be empty while a multi-byte character or a possible stop string is pending). */
+  text: string;
+  /** Set on the last event. */
+  finishReason?: FinishReason | "cancelled";
+}
+
+export interface PerplexityResult {
+  perplexity: number;
+  /** Mean negative log-likelihood per predicted token, in nats. */
+  meanNll: number;
+  tokens: number;
+  predicted: number;
+}
+
+export interface ForwardResult {
+  /** Logits, row-major [batch, seq, vocab]; positions where attentionMask is 0 are zeros. */
+  data: Float32Array;
+  dims: [number, number, number];
+}
+
+type Prompt = string | number[];
+
+export class Model {
+  readonly tokenizer: BloomTokenizer;
+  readonly config: BloomConfig;
+  readonly info: EngineInfo;
+  readonly dir: string;
+  private readonly client: EngineClient;
+  private disposed = false;
+
+  private constructor(dir: string, client: EngineClient, tokenizer: BloomTokenizer, config: BloomConfig) {
+    this.dir = dir;
+    this.client = client;
+    this.tokenizer = tokenizer;
+    this.config = config;
+    this.info = client.info;
+  }
+
+  /** See loadModel(). */
+  static async load(dir: string, options: LoadModelOptions = {}): Promise<Model> {
+    const config = readBloomConfig(dir);
+    const tokenizer = BloomTokenizer.fromDir(dir);
+    if (tokenizer.vocabSize > config.vocabSize) {
+      throw new BlossomError("checkpoint", `${tokenizer.file}: the tokenizer has ${tokenizer.vocabSize} tokens but config.json's vocab_size is ${config.vocabSize}`);
+    }
+    const { maxBatchSize, maxBatchTotalTokens, ...engineOptions } = options;
+    const client = await EngineClient.start({
+      dir,
+      options: engineOptions,
+      ...(maxBatchSize !== undefined ? { maxBatchSize } : {}),
+      ...(maxBatchTotalTokens !== undefined ? { maxBatchTotalTokens } : {}),
+    });
+    return new Model(dir, client, tokenizer, config);
+  }
+
+  private get eosTokenIds(): number[] {
+    const ids = new Set(this.config.eosTokenIds);
+    if (this.tokenizer.eosTokenId !== undefined && ids.size === 0) ids.add(this.tokenizer.eosTokenId);
+    return [...ids];
+  }
+
+  private checkOpen(): void {
+    if (this.disposed) throw new BlossomError("aborted", "the model was disposed");
+  }
+
+  private checkIds(ids: unknown, where: string): number[] {
+    if (!Array.isArray(ids)) throw new BlossomError("input", `${where}: expected an array of token ids`);
+    for (const [i, id] of ids.entries()) {
+      if (!Number.isInteger(id) || id < 0 || id >= this.config.vocabSize) {
+        throw new BlossomError("input", `${where}[${i}]: token id ${JSON.stringify(id)} is outside the vocabulary [0, ${this.config.vocabSize})`);
+      }
+    }
+    return ids as number[];
+  }
+
+  /**
+   * Logits for every position. With an attention mask (1 = real token, 0 = padding or a hole),
+   * each row is computed on its real tokens only, which is what Hugging Face's BLOOM computes
+   * (ALiBi positions = cumsum(mask) - 1); masked positions get zeros.
+   */
+  async forward(inputIds: number[][], attentionMask?: number[][]): Promise<ForwardResult> {
+    this.checkOpen();
+    if (!Array.isArray(inputIds) || inputIds.length === 0) throw new BlossomError("input", "inputIds: expected a non-empty array of rows");
+    const width = inputIds[0]?.length ?? 0;
+    const rows = inputIds.map((row, b) => {
+      const ids = this.checkIds(row, `inputIds[${b}]`);
+      if (ids.length !== width) throw new BlossomError("input", `inputIds[${b}]: has ${ids.length} tokens, row 0 has ${width}; rows must be padded to one length`);
+      return ids;
+    });
+    if (width === 0) throw new BlossomError("input", "inputIds: rows are empty");
+    if (attentionMask !== undefined) {
+      if (!Array.isArray(attentionMask) || attentionMask.length !== rows.length) {
+        throw new BlossomError("input", `attentionMask: expected ${rows.length} rows like inputIds`);
+      }
+      attentionMask.forEach((m, b) => {
+        if (!Array.isArray(m) || m.length !== width || m.some((v) => v !== 0 && v !== 1)) {
+          throw new BlossomError("input", `attentionMask[${b}]: expected ${width} values, each 0 or 1`);
+        }
+      });
+    }
+    const keep = rows.map((row, b) => row.map((_, t) => (attentionMask ? attentionMask[b]![t] === 1 : true)));
+    const compact = rows.map((row, b) => row.filter((_, t) => keep[b]![t]));
+    const nonEmpty = compact.map((c, b) => [c, b] as const).filter(([c]) => c.length > 0);
+    const logits = nonEmpty.length ? await this.client.forward(nonEmpty.map(([c]) => c)) : [];
+    const V = this.config.vocabSize;
+    const data = new Float32Array(rows.length * width * V);
+    nonEmpty.forEach(([, b], i) => {
+      const l = logits[i]!;
+      let k = 0;
+      for (let t = 0; t < width; t++) {
+        if (!keep[b]![t]) continue;
+        data.set(l.subarray(k * V, (k + 1) * V), (b * width + t) * V);
+        k++;
+      }
+    });
+    return { data, dims: [rows.length, width, V] };
+  }
+
+  private async promptIds(prompt: Prompt, index: number): Promise<number[]> {
+    if (typeof prompt === "string") return this.tokenizer.encode(prompt);
+    return this.checkIds(prompt, `prompts[${index}]`);
+  }
+
+  /**
+   * Generates a continuation for each prompt; prompts run together as one batch and each stops on
+   * its own (eos, stop string, max_new_tokens). On abort, returns what was generated so far.
+   */
+  async generate(prompts: Prompt[], params: GenerationParamsInput = {}): Promise<GenerateResult> {
+    this.checkOpen();
+    if (!Array.isArray(prompts) || prompts.length === 0) throw new BlossomError("input", "prompts: expected a non-empty array of strings or token-id arrays");
+    const { signal, ...rest } = params;
+    const resolved = resolveGenerationParams(rest);
+    const ids = await Promise.all(prompts.map((p, i) => this.promptIds(p, i)));
+    const runs = ids.map((promptIds) => this.run(promptIds, resolved, signal));
+    const results = await Promise.all(runs.map((r) => r.done));
+    return {
+      texts: results.map((r) => r.text),
+      tokenIds: results.map((r) => r.tokenIds),
+      numGeneratedTokens: results.map((r) => r.tokenIds.length),
+      finishReasons: results.map((r) => r.finishReason),
+    };
+  }
+
+  /** Streams one prompt's continuation token by token. Breaking out of the loop cancels it. */
+  async *stream(prompt: Prompt, params: GenerationParamsInput = {}): AsyncGenerator<StreamEvent, void, undefined> {
+    this.checkOpen();
+    const { signal, ...rest } = params;
+    const resolved = resolveGenerationParams(rest);
+    const run = this.run(await this.promptIds(prompt, 0), resolved, signal);
+    try {
+      for (;;) {
+        const event = await run.nextEvent();
+        if (!event) return;
+        yield event;
+        if (event.finishReason) return;
+      }
+    } finally {
+      run.cancel();
+      await run.done.catch(() => undefined);
+    }
+  }
+
+  private run(promptIds: number[], params: GenerationParams, signal: AbortSignal | undefined): GenerationRun {
+    return new GenerationRun(this.client, this.tokenizer, promptIds, params, this.eosTokenIds, signal);
+  }
+
+  /**
+   * Token-level perplexity of `text`: exp of the mean next-token NLL over sliding windows of up to
+   * `context`+1 tokens starting every `stride` tokens (each token but the first predicted once,
+   * from at most `context` previous tokens; no BOS added).
+   */
+  async perplexity(text: string | number[], options: { context?: number; stride?: number; signal?: AbortSignal } = {}): Promise<PerplexityResult> {
+    this.checkOpen();
+    const context = options.context ?? 1024;
+    const stride = options.stride ?? context;
+    if (!Number.isInteger(context) || context < 1) throw new BlossomError("parameter", `context: expected an integer >= 1, got ${context}`);
+    if (!Number.isInteger(stride) || stride < 1 || stride > context) {
+      throw new BlossomError("parameter", `stride: expected an integer from 1 to context (${context}), got ${stride}`);
+    }
+    const ids = typeof text === "string" ? await this.tokenizer.encode(text) : this.checkIds(text, "text");
+    if (ids.length < 2) throw new BlossomError("input", `perplexity needs at least 2 tokens, the text has ${ids.length}`);
+    // Windows start every `stride` tokens and hold up to context+1 tokens; each predicts the tokens
+    // no earlier window predicted (as the Hugging Face perplexity guide and the fixtures do).
+    const windows: { tokens: number[]; from: number }[] = [];
+    let predictedUpTo = 1; // token 0 is never predicted
+    for (let begin = 0; predictedUpTo < ids.length; begin += stride) {
+      const end = Math.min(ids.length, begin + context + 1);
+      windows.push({ tokens: ids.slice(begin, end), from: predictedUpTo - begin });
+      predictedUpTo = end;
+    }
+    let nll = 0, predicted = 0;
+    const perBatch = 8;
+    for (let i = 0; i < windows.length; i += perBatch) {
+      if (options.signal?.aborted) throw new BlossomError("aborted", "perplexity was aborted");
+      const scores = await this.client.score(windows.slice(i, i + perBatch));
+      for (const s of scores) for (const lp of s) {
+        nll -= lp;
+        predicted++;
+      }
+    }
+    const meanNll = nll / predicted;
+    return { perplexity: Math.exp(meanNll), meanNll, tokens: ids.length, predicted };
+  }
+
+  /** Teacher-forced decoding with the KV cache: open a session, feed tokens, read logits. */
+  async openSession(): Promise<Session> {
+    this.checkOpen();
+    return new Session(this.client, await this.client.openSession(), this.config.vocabSize);
+  }
+
+  /** Feeds several sessions in one batched step; returns each one's logits. */
+  async feed(entries: { session: Session; tokens: number[]; logits?: "all" | "last" }[]): Promise<Float32Array[]> {
+    this.checkOpen();
+    entries.forEach((e, i) => this.checkIds(e.tokens, `entries[${i}].tokens`));
+    return this.client.feed(entries.map((e) => ({ session: e.session.id, tokens: e.tokens, logits: e.logits ?? "all" })));
+  }
+
+  stats(): Promise<EngineStats> {
+    return this.client.stats();
+  }
+
+  async dispose(): Promise<void> {
+    if (this.disposed) return;
+    this.disposed = true;
+    await this.client.dispose();
+  }
+}
+
+export class Session {
+  constructor(
+    private readonly client: EngineClient,
+    readonly id: number,
+    readonly vocabSize: number,
+  ) {}
+  /** Appends tokens to the cached sequence; returns logits (tokens x vocab, or 1 x vocab for "last"). */
+  async append(tokens: number[], logits: "all" | "last" = "all"): Promise<Float32Array> {
+    const [l] = await this.client.feed([{ session: this.id, tokens, logits }]);
+    return l!;
+  }
+  async close(): Promise<void> {
+    await this.client.closeSession(this.id);
+  }
+}
+
+/** One sequence's generation as seen from the main thread: tokens in, text out. */
+class GenerationRun {
+  readonly done: Promise<{ text: string; tokenIds: number[]; finishReason: FinishReason | "cancelled" }>;
+  private readonly tokenIds: number[] = [];
+  private text = "";
+  private readonly decoder: IncrementalDecoder;
+  private readonly stops: StopStringMatcher;
+  private readonly events: StreamEvent[] = [];
+  private waiter: (() => void) | undefined;
+  private finished = false;
+  private cancelFn: (() => void) | undefined;
+  private cancelRequested = false;
+
+  constructor(
+    client: EngineClient,
+    tokenizer: BloomTokenizer,
+    promptIds: number[],
+    params: GenerationParams,
+    eosTokenIds: number[],
+    signal: AbortSignal | undefined,
+  ) {
+    this.decoder = new IncrementalDecoder((ids) => tokenizer.decode(ids));
+    this.stops = new StopStringMatcher(params.stop);
+    this.done = new Promise((resolve, reject) => {
+      const onAbort = () => this.cancel();
+      const end = (reason: FinishReason | "cancelled", event: StreamEvent | undefined) => {
+        this.finished = true;
+        signal?.removeEventListener("abort", onAbort);
+        if (event) this.events.push(event);
+        this.wakeUp();
+        resolve({ text: this.text, tokenIds: this.tokenIds, finishReason: reason });
+      };
+      /** Text still held back (partial characters, possible stop-string prefixes), released at the end. */
+      const tail = () => {
+        const { emit } = this.stops.push(this.decoder.flush());
+        return emit + this.stops.flush();
+      };
+      const onToken = (u: TokenUpdate) => {
+        if (this.finished) return;
+        this.tokenIds.push(u.token);
+        const { emit, stopped } = this.stops.push(this.decoder.push(u.token));
+        let text = emit;
+        const token = { id: u.token, logprob: u.logprob, special: tokenizer.specialTokenIds.has(u.token) };
+        const reason: FinishReason | undefined = stopped ? "stop_sequence" : u.finish;
+        if (reason && !stopped) text += tail();
+        this.text += text;
+        if (stopped) this.cancel();
+        if (reason) end(reason, { token, text, finishReason: reason });
+        else {
+          this.events.push({ token, text });
+          this.wakeUp();
+        }
+      };
+      const onEnded = (reason: FinishReason | "cancelled", error?: BlossomError) => {
+        if (this.finished) return;
+        if (error && this.tokenIds.length === 0) {
+          this.finished = true;
+          reject(error);
+          this.wakeUp();
+          return;
+        }
+        const text = tail();
+        this.text += text;
+        end(reason, { text, finishReason: reason });
+      };
+      client.submit(promptIds, params, eosTokenIds, { onToken, onEnded }).then(
+        (cancel) => {
+          this.cancelFn = cancel;
+          if (this.cancelRequested) cancel();
+        },
+        (err: unknown) => {
+          this.finished = true;
+          reject(err);
+          this.wakeUp();
+        },
+      );
+      if (signal?.aborted) this.cancel();
+      else signal?.addEventListener("abort", onAbort, { once: true });
+    });
+  }
+
+  private wakeUp(): void {
+    const w = this.waiter;
+    this.waiter = undefined;
+    w?.();
+  }
+
+  /** The next stream event; undefined once the run has ended and every event was delivered. */
+  async nextEvent(): Promise<StreamEvent | undefined> {
+    for (;;) {
+      const e = this.events.shift();
+      if (e) return e;
+      if (this.finished) {
+        await this.done;
+        return undefined;
+      }
+      await new Promise<void>((resolve) => (this.waiter = resolve));
+    }
+  }
+
+  cancel(): void {
+    if (this.cancelRequested) return;
+    this.cancelRequested = true;
+    this.cancelFn?.();
+  }
+}
+
+/** Resolves a model reference (a folder, or a Hub id once the hub client resolves it) to a folder. */
+export async function resolveModelDir(ref: string): Promise<string> {
+  try {
+    if (statSync(ref).isDirectory()) return ref;
+  } catch {
+    // Not a local path.
+  }
+  throw new BlossomError("input", `model "${ref}": no such folder`);
+}
+
+/** Loads a BLOOM checkpoint from a folder (or Hub id) and starts its engine worker. */
+export async function loadModel(ref: string, options: LoadModelOptions = {}): Promise<Model> {
+  return Model.load(await resolveModelDir(ref), options);
+}

@@ -1,0 +1,149 @@
+/**
+ * BLOOM's tokenizer, through Hugging Face's own `tokenizers` library (the Rust implementation,
+ * npm `tokenizers`): tokenizer.json's Split(regex, Isolated) + ByteLevel pre-tokenizer and BPE
+ * model are run by the same code that defines them, Oniguruma regex semantics included.
+ *
+ * Added here: BLOOM's left padding with attention masks, a synchronous decode (the library's is
+ * async) for the streaming path, and special-token bookkeeping.
+ */
+import { existsSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { Tokenizer } from "tokenizers";
+import { BlossomError } from "../errors.js";
+
+export interface BatchEncoding {
+  inputIds: number[][];
+  attentionMask: number[][];
+}
+
+export interface TokenizerSpecials {
+  padTokenId: number | undefined;
+  eosTokenId: number | undefined;
+  bosTokenId: number | undefined;
+}
+
+interface AddedTokenJson {
+  id: number;
+  content: string;
+  special?: boolean;
+}
+
+export class BloomTokenizer {
+  readonly file: string;
+  /** Tokens the tokenizer knows (config.json's vocab_size may be larger: BLOOM pads its embedding). */
+  readonly vocabSize: number;
+  readonly padTokenId: number | undefined;
+  readonly eosTokenId: number | undefined;
+  readonly bosTokenId: number | undefined;
+  readonly specialTokenIds: ReadonlySet<number>;
+  private readonly tokenizer: Tokenizer;
+  private readonly decoder: { decode(tokens: string[]): string } | null;
+  /** id -> token string, filled lazily (idToToken crosses into native code). */
+  private readonly tokenCache = new Map<number, string | null>();
+
+  private constructor(file: string, tokenizer: Tokenizer, added: AddedTokenJson[], config: Record<string, unknown>) {
+    this.file = file;
+    this.tokenizer = tokenizer;
+    this.decoder = tokenizer.getDecoder();
+    this.vocabSize = tokenizer.getVocabSize(true);
+    this.specialTokenIds = new Set(added.filter((t) => t.special).map((t) => t.id));
+    const idOf = (key: string): number | undefined => {
+      const v = config[key];
+      const content = typeof v === "string" ? v : typeof v === "object" && v !== null ? (v as { content?: unknown }).content : undefined;
+      return typeof content === "string" ? (tokenizer.tokenToId(content) ?? undefined) : undefined;
+    };
+    this.padTokenId = idOf("pad_token") ?? tokenizer.tokenToId("<pad>") ?? undefined;
+    this.eosTokenId = idOf("eos_token") ?? tokenizer.tokenToId("</s>") ?? undefined;
+    this.bosTokenId = idOf("bos_token") ?? tokenizer.tokenToId("<s>") ?? undefined;
+  }
+
+  /** Loads DIR/tokenizer.json (and tokenizer_config.json for the special tokens' names). */
+  static fromDir(dir: string): BloomTokenizer {
+    const file = join(dir, "tokenizer.json");
+    if (!existsSync(file)) throw new BlossomError("tokenizer", `${file}: missing; a checkpoint folder needs tokenizer.json`);
+    let json: { added_tokens?: AddedTokenJson[] };
+    try {
+      json = JSON.parse(readFileSync(file, "utf8")) as typeof json;
+    } catch (err) {
+      throw new BlossomError("tokenizer", `${file}: invalid JSON (${(err as Error).message})`);
+    }
+    let tokenizer: Tokenizer;
+    try {
+      tokenizer = Tokenizer.fromFile(file);
+    } catch (err) {
+      throw new BlossomError("tokenizer", `${file}: the tokenizers library cannot load it (${(err as Error).message})`);
+    }
+    let config: Record<string, unknown> = {};
+    const configFile = join(dir, "tokenizer_config.json");
+    if (existsSync(configFile)) {
+      try {
+        config = JSON.parse(readFileSync(configFile, "utf8")) as Record<string, unknown>;
+      } catch (err) {
+        throw new BlossomError("tokenizer", `${configFile}: invalid JSON (${(err as Error).message})`);
+      }
+    }
+    return new BloomTokenizer(file, tokenizer, json.added_tokens ?? [], config);
+  }
+
+  /** Token ids of `text`. BLOOM adds no BOS or EOS. */
+  async encode(text: string): Promise<number[]> {
+    return (await this.tokenizer.encode(text)).getIds();
+  }
+
+  /** Token ids with the [start, end) character offsets of each token in `text`. */
+  async encodeWithOffsets(text: string): Promise<{ ids: number[]; offsets: [number, number][] }> {
+    const e = await this.tokenizer.encode(text);
+    return { ids: e.getIds(), offsets: e.getOffsets().map((o) => [o[0]!, o[1]!] as [number, number]) };
+  }
+
+  /** Encodes a batch, padded on the left to the longest with the pad token, as BLOOM expects. */
+  async encodeBatch(texts: string[]): Promise<BatchEncoding> {
+    const ids = await Promise.all(texts.map((t) => this.encode(t)));
+    return padLeft(ids, this.padTokenId ?? 0);
+  }
+
+  /** The token string of an id (null outside the tokenizer's vocabulary). */
+  idToToken(id: number): string | null {
+    let t = this.tokenCache.get(id);
+    if (t === undefined) {
+      t = this.tokenizer.idToToken(id);
+      this.tokenCache.set(id, t);
+    }
+    return t;
+  }
+
+  /**
+   * Decodes ids to text, synchronously: token strings through the tokenizer's decoder (ByteLevel
+   * for BLOOM), which is what the library's async decode does. Incomplete UTF-8 at the end becomes
+   * U+FFFD, as in the Rust library. Ids outside the vocabulary are skipped.
+   */
+  decode(ids: readonly number[], options: { skipSpecialTokens?: boolean } = {}): string {
+    const skip = options.skipSpecialTokens ?? true;
+    const tokens: string[] = [];
+    for (const id of ids) {
+      if (skip && this.specialTokenIds.has(id)) continue;
+      const t = this.idToToken(id);
+      if (t !== null) tokens.push(t);
+    }
+    if (tokens.length === 0) return "";
+    return this.decoder ? this.decoder.decode(tokens) : tokens.join("");
+  }
+
+  /** The library's own (async) decode, for cross-checking. */
+  decodeAsync(ids: number[], skipSpecialTokens = true): Promise<string> {
+    return this.tokenizer.decode(ids, skipSpecialTokens);
+  }
+}
+
+/** Left-pads id lists to a common length; the mask is 0 on padding. */
+export function padLeft(sequences: readonly (readonly number[])[], padTokenId: number): BatchEncoding {
+  const width = Math.max(0, ...sequences.map((s) => s.length));
+  const inputIds: number[][] = [];
+  const attentionMask: number[][] = [];
+  for (const s of sequences) {
+    const pad = width - s.length;
+    inputIds.push([...new Array<number>(pad).fill(padTokenId), ...s]);
+    attentionMask.push([...new Array<number>(pad).fill(0), ...new Array<number>(s.length).fill(1)]);
+  }
+  return { inputIds, attentionMask };
+}
