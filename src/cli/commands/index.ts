@@ -1,6 +1,9 @@
 import type { Command } from "commander";
+import { registerGenerateCommand } from "./generate.js";
+import { registerPerplexityCommand } from "./perplexity.js";
 
 /** Each command module adds itself here. */
 export function registerCommands(program: Command): void {
-  void program;
+  registerGenerateCommand(program);
+  registerPerplexityCommand(program);
 }
