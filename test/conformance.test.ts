@@ -147,16 +147,17 @@ for (const threads of [undefined, 1]) {
         }
       });
 
-      test("streaming yields the same text as generate", async () => {
-        const p = golden.manifest.cases.greedy.prompts[0]!;
-        let text = "";
-        const ids: number[] = [];
-        for await (const e of model.stream(p.prompt_ids, { maxNewTokens: 20 })) {
-          text += e.text;
-          if (e.token) ids.push(e.token.id);
+      test("streaming yields the same tokens and text as generate, U+FFFD cases included", async () => {
+        for (const p of golden.manifest.cases.greedy.prompts) {
+          let text = "";
+          const ids: number[] = [];
+          for await (const e of model.stream(p.prompt_ids, { maxNewTokens: 20 })) {
+            text += e.text;
+            if (e.token) ids.push(e.token.id);
+          }
+          assert.deepEqual(ids, p.new_ids);
+          assert.equal(text, p.new_text);
         }
-        assert.deepEqual(ids, p.new_ids);
-        assert.equal(text, p.new_text);
       });
 
       if (name === "trained-bloom-small") {
