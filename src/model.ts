@@ -35,6 +35,8 @@ export interface GenerateResult {
   tokenIds: number[][];
   numGeneratedTokens: number[];
   finishReasons: (FinishReason | "cancelled")[];
+  /** Seconds from the call to each prompt's first generated token (NaN if none came). */
+  timeToFirstToken: number[];
 }
 
 export interface StreamEvent {
@@ -172,6 +174,7 @@ export class Model {
     if (!Array.isArray(prompts) || prompts.length === 0) throw new BlossomError("input", "prompts: expected a non-empty array of strings or token-id arrays");
     const { signal, ...rest } = params;
     const resolved = resolveGenerationParams(rest);
+    const started = performance.now();
     const ids = await Promise.all(prompts.map((p, i) => this.promptIds(p, i)));
     const runs = ids.map((promptIds) => this.run(promptIds, resolved, signal));
     const results = await Promise.all(runs.map((r) => r.done));
@@ -180,6 +183,7 @@ export class Model {
       tokenIds: results.map((r) => r.tokenIds),
       numGeneratedTokens: results.map((r) => r.tokenIds.length),
       finishReasons: results.map((r) => r.finishReason),
+      timeToFirstToken: runs.map((r) => (r.firstTokenAt === undefined ? NaN : (r.firstTokenAt - started) / 1000)),
     };
   }
 
@@ -296,6 +300,8 @@ class GenerationRun {
   private finished = false;
   private cancelFn: (() => void) | undefined;
   private cancelRequested = false;
+  /** performance.now() when the first token arrived. */
+  firstTokenAt: number | undefined;
 
   constructor(
     client: EngineClient,
@@ -323,6 +329,7 @@ class GenerationRun {
       };
       const onToken = (u: TokenUpdate) => {
         if (this.finished) return;
+        this.firstTokenAt ??= performance.now();
         this.tokenIds.push(u.token);
         const { emit, stopped } = this.stops.push(this.decoder.push(u.token));
         let text = emit;

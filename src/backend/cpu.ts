@@ -12,6 +12,8 @@ export interface CpuMatrix extends DeviceMatrix {
   readonly owned: boolean;
 }
 
+const largeAllocation = 64 * 2 ** 20;
+
 const bytesPerElement: Record<StorageDType, number> = { f32: 4, f16: 2, bf16: 2, i8: 1 };
 
 function f32(buffer: DeviceBuffer): Float32Array {
@@ -29,11 +31,29 @@ export class CpuBackend implements Backend {
     return native().getThreads();
   }
 
+  /** Large buffers (the KV cache) come from the addon: page-aligned, huge pages, resident only once touched, freed at once. */
+  private readonly regions = new WeakMap<Float32Array, NativeRegion>();
+
   alloc(length: number): DeviceBuffer {
-    return new Float32Array(length);
+    const bytes = length * 4;
+    if (bytes < largeAllocation) return new Float32Array(length);
+    if (bytes >= 2 ** 32) throw new BlossomError("memory", `a single buffer of ${bytes} bytes exceeds the 4 GiB limit of one view`);
+    let region: NativeRegion;
+    try {
+      region = native().allocate(bytes);
+    } catch (err) {
+      throw new BlossomError("memory", `cannot allocate ${bytes} bytes: ${(err as Error).message}`);
+    }
+    const buffer = new Float32Array(native().view(region, 0, bytes));
+    this.regions.set(buffer, region);
+    return buffer;
   }
-  free(): void {
-    // Garbage-collected.
+  free(buffer: DeviceBuffer): void {
+    const region = this.regions.get(f32(buffer));
+    if (region) {
+      this.regions.delete(f32(buffer));
+      native().release(region);
+    }
   }
   upload(data: Float32Array): DeviceBuffer {
     return Float32Array.from(data);

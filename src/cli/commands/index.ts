@@ -1,4 +1,5 @@
 import type { Command } from "commander";
+import { registerBenchCommand } from "./bench.js";
 import { registerGenerateCommand } from "./generate.js";
 import { registerPerplexityCommand } from "./perplexity.js";
 
@@ -6,4 +7,5 @@ import { registerPerplexityCommand } from "./perplexity.js";
 export function registerCommands(program: Command): void {
   registerGenerateCommand(program);
   registerPerplexityCommand(program);
+  registerBenchCommand(program);
 }

@@ -1,0 +1,71 @@
+/**
+ * The memory budget: what a batch will need (weights + KV cache + activations), predicted before
+ * running it, and what the machine has. The one place that owns these numbers.
+ */
+import { readFileSync } from "node:fs";
+import { freemem } from "node:os";
+import { BlossomError } from "../errors.js";
+
+export interface ModelShape {
+  vocabSize: number;
+  hiddenSize: number;
+  numLayers: number;
+  numHeads: number;
+  /** Bytes of weights resident while computing (all of them for a resident store). */
+  weightBytes: number;
+  kvBytesPerToken: number;
+}
+
+export interface BatchMemory {
+  weights: number;
+  kvCache: number;
+  activations: number;
+  /** Node, the addon and the tokenizer before any model (measured: ~100 MB). */
+  runtime: number;
+  total: number;
+}
+
+const runtimeBytes = 120 * 2 ** 20;
+
+/**
+ * Memory one generation batch needs: every sequence caches prompt + new tokens; the largest step is
+ * the prefill of all prompts (11 fp32 activations of width hidden per token: hidden x2, norm, qkv x3,
+ * attention, mlp x4) plus the logits of every sequence, and the samplers' scratch.
+ */
+export function predictBatchMemory(shape: ModelShape, batchSize: number, promptTokens: number, newTokens: number): BatchMemory {
+  const tokens = batchSize * (promptTokens + newTokens);
+  const kvCache = tokens * shape.kvBytesPerToken;
+  const prefillTokens = batchSize * promptTokens;
+  const activations = 4 * (11 * prefillTokens * shape.hiddenSize + batchSize * shape.vocabSize) + 24 * shape.vocabSize;
+  const total = shape.weightBytes + kvCache + activations + runtimeBytes;
+  return { weights: shape.weightBytes, kvCache, activations, runtime: runtimeBytes, total };
+}
+
+/** MemAvailable from /proc/meminfo (falls back to os.freemem()). */
+export function availableMemory(): number {
+  try {
+    const m = /MemAvailable:\s+(\d+) kB/.exec(readFileSync("/proc/meminfo", "utf8"));
+    if (m) return Number(m[1]) * 1024;
+  } catch {
+    // Not Linux.
+  }
+  return freemem();
+}
+
+const units: Record<string, number> = { "": 1, b: 1, k: 2 ** 10, kb: 1e3, kib: 2 ** 10, m: 2 ** 20, mb: 1e6, mib: 2 ** 20, g: 2 ** 30, gb: 1e9, gib: 2 ** 30, t: 2 ** 40, tb: 1e12, tib: 2 ** 40 };
+
+/** Parses "24GiB", "512MB", "1.5g", "1073741824" into bytes. */
+export function parseSize(text: string, name = "size"): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$/.exec(text);
+  const unit = m?.[2]?.toLowerCase() ?? "";
+  if (!m || !(unit in units)) throw new BlossomError("parameter", `${name}: expected a size like 24GiB, 512MB or 1073741824, got "${text}"`);
+  return Math.round(Number(m[1]) * units[unit]!);
+}
+
+export function formatBytes(bytes: number): string {
+  const abs = Math.abs(bytes);
+  if (abs >= 2 ** 30) return `${(bytes / 2 ** 30).toFixed(2)} GiB`;
+  if (abs >= 2 ** 20) return `${(bytes / 2 ** 20).toFixed(1)} MiB`;
+  if (abs >= 2 ** 10) return `${(bytes / 2 ** 10).toFixed(1)} KiB`;
+  return `${bytes} B`;
+}

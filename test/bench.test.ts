@@ -1,0 +1,111 @@
+/**
+ * The benchmark end to end on a fixture model: the table's shape, the JSON record's fields, the
+ * SVG chart, and OOM cells (not a crash) when the memory budget cannot be met.
+ */
+import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { promisify } from "node:util";
+import { after, describe, test } from "node:test";
+import { fileURLToPath } from "node:url";
+import type { BenchReport } from "../src/bench/types.js";
+import { fixtureDir } from "./helpers/fixtures.js";
+
+const run = promisify(execFile);
+const cli = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
+
+describe("blossom bench", () => {
+  const dir = mkdtempSync(join(tmpdir(), "blossom-bench-"));
+  after(() => rmSync(dir, { recursive: true, force: true }));
+
+  test("table, JSON and chart for two dtypes and three batch sizes", async () => {
+    const json = join(dir, "bench.json");
+    const chart = join(dir, "bench.svg");
+    const { stdout } = await run(process.execPath, [
+      cli, "bench", "-m", fixtureDir("tiny-bloom-b"), "--dtype", "auto,fp32", "--batch-sizes", "1,2,4",
+      "--new-tokens", "4", "--cycles", "1", "--no-probe", "--json", json, "--chart", chart,
+    ]);
+    const lines = stdout.split("\n");
+    const header = lines.find((l) => l.startsWith("| project \\ bs"));
+    assert.ok(header, stdout);
+    assert.deepEqual(header.split("|").slice(2, -1).map((s) => s.trim()), ["1", "2", "4"]);
+    for (const label of ["blossom auto", "blossom fp32"]) {
+      const row = lines.find((l) => l.startsWith(`| ${label}`));
+      assert.ok(row, `row ${label} missing:\n${stdout}`);
+      const cells = row.split("|").slice(2, -1).map((s) => s.trim());
+      assert.equal(cells.length, 3);
+      for (const c of cells) assert.ok(Number(c) > 0, `cell "${c}" should be a positive ms/token`);
+    }
+    const report = JSON.parse(readFileSync(json, "utf8")) as BenchReport;
+    assert.equal(report.results.length, 2);
+    assert.ok(report.machine.cpuModel.length > 0);
+    assert.ok(report.machine.physicalCores >= 1);
+    assert.equal(report.settings.newTokens, 4);
+    for (const r of report.results) {
+      assert.ok(r.loadSeconds! > 0);
+      assert.ok(r.engine!.weightBytes > 0);
+      for (const c of r.cells) {
+        assert.equal(c.status, "ok");
+        if (c.status !== "ok") continue;
+        assert.equal(c.newTokensGenerated, c.batchSize * 4);
+        assert.ok(c.msPerToken > 0 && c.tokensPerSecond > 0 && c.latencyPerBatchMs > 0 && c.timeToFirstTokenMs > 0);
+        assert.ok(Math.abs(c.tokensPerSecond * c.msPerToken - 1000) < 1e-6 * 1000);
+        assert.ok(c.peakRssBytes > 10 * 2 ** 20);
+        assert.ok(c.predicted.total > c.predicted.weights);
+      }
+    }
+    const svg = readFileSync(chart, "utf8");
+    assert.match(svg, /^<svg /);
+    assert.match(svg, /blossom fp32/);
+    assert.equal((svg.match(/<polyline /g) ?? []).length, 2);
+  });
+
+  test("an impossible --max-memory gives OOM cells, not a crash", async () => {
+    const json = join(dir, "oom.json");
+    const { stdout } = await run(process.execPath, [
+      cli, "bench", "-m", fixtureDir("tiny-bloom-a"), "--batch-sizes", "1,8", "--new-tokens", "2", "--cycles", "1",
+      "--max-memory", "1MiB", "--no-probe", "--json", json,
+    ]);
+    const row = stdout.split("\n").find((l) => l.startsWith("| blossom auto"));
+    assert.ok(row, stdout);
+    assert.deepEqual(row.split("|").slice(2, -1).map((s) => s.trim()), ["oom", "oom"]);
+    const report = JSON.parse(readFileSync(json, "utf8")) as BenchReport;
+    for (const c of report.results[0]!.cells) {
+      assert.equal(c.status, "oom");
+      if (c.status === "oom") assert.match(c.reason, /budget 1\.0 MiB/);
+    }
+  });
+
+  test("a budget between two batch sizes: the small one runs, the large one is OOM", async () => {
+    // trained-bloom-small: 8 MiB of weights, 8 KiB of KV cache per token; 512 x 105 tokens ~ 420 MiB.
+    const { stdout } = await run(process.execPath, [
+      cli, "bench", "-m", fixtureDir("trained-bloom-small"), "--batch-sizes", "1,512", "--new-tokens", "2", "--cycles", "1",
+      "--max-memory", "200MiB", "--no-probe",
+    ]);
+    const row = stdout.split("\n").find((l) => l.startsWith("| blossom auto"))!;
+    const cells = row.split("|").slice(2, -1).map((s) => s.trim());
+    assert.ok(Number(cells[0]) > 0, row);
+    assert.equal(cells[1], "oom");
+  });
+
+  test("an allocation that fails at run time is an OOM cell, and the next batch size still runs", async () => {
+    // A 32-token KV cache cannot hold one sequence of its prompt + 40 new tokens: the engine refuses
+    // the request when it is submitted, the cell says OOM, and the benchmark goes on.
+    const { stdout } = await run(
+      process.execPath,
+      [cli, "bench", "-m", fixtureDir("tiny-bloom-a"), "--batch-sizes", "1,2", "--new-tokens", "40", "--cycles", "1", "--no-probe"],
+      { env: { ...process.env, BLOSSOM_BENCH_KV_TOKENS: "32" } },
+    );
+    const row = stdout.split("\n").find((l) => l.startsWith("| blossom auto"))!;
+    assert.deepEqual(row.split("|").slice(2, -1).map((s) => s.trim()), ["oom", "oom"]);
+    assert.match(stdout, /allocation failed at run time: .*KV-cache capacity/);
+  });
+
+  test("bad options are refused with the option's name", async () => {
+    await assert.rejects(run(process.execPath, [cli, "bench", "-m", fixtureDir("tiny-bloom-a"), "--batch-sizes", "1,x"]), /--batch-sizes/);
+    await assert.rejects(run(process.execPath, [cli, "bench", "-m", fixtureDir("tiny-bloom-a"), "--dtype", "fp8"]), /--dtype/);
+    await assert.rejects(run(process.execPath, [cli, "bench", "-m", fixtureDir("tiny-bloom-a"), "--max-memory", "lots"]), /--max-memory/);
+  });
+});
