@@ -15,7 +15,10 @@ registerCommands(program);
 
 program.parseAsync(process.argv).catch((err: unknown) => {
   if (err instanceof BlossomError) {
-    process.stderr.write(`blossom: ${err.message}\n`);
+    // Library parameter names (maxNewTokens) become the options a CLI user typed (--max-new-tokens).
+    const message =
+      err.code === "parameter" ? err.message.replace(/^([a-z][A-Za-z0-9]*):/, (_, name: string) => `--${name.replace(/[A-Z]/g, (c) => "-" + c.toLowerCase())}:`) : err.message;
+    process.stderr.write(`blossom: ${message}\n`);
   } else {
     process.stderr.write(`blossom: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
   }
