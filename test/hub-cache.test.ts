@@ -81,7 +81,7 @@ describe("blossom download / cache", () => {
     const denied = await blossom(["download", GATED_REPO, "--cache-dir", t.cacheDir], { HF_ENDPOINT: t.hub.url });
     assert.equal(denied.code, 1);
     assert.equal(denied.stdout, "");
-    assert.match(denied.stderr, /^blossom: blossom-test\/gated-bloom\/\S+: access denied .* set HF_TOKEN \(or pass --token\)/);
+    assert.match(denied.stderr, /^blossom: blossom-test\/gated-bloom: access denied .* set HF_TOKEN \(or pass --token\)/);
     const allowed = await blossom(["download", GATED_REPO, "--cache-dir", t.cacheDir, "--token", "hf_fake_valid_token"], {
       HF_ENDPOINT: t.hub.url,
     });

@@ -205,9 +205,10 @@ export class HubClient {
       ? "the token sent was not accepted for it"
       : "no token was sent: set HF_TOKEN (or pass --token) to a token with access";
     if (code === "GatedRepo" || ((response.status === 401 || response.status === 403) && code !== "RepoNotFound")) {
+      // Access is granted per repo, so name the repo rather than whichever file was asked for first.
       return new BlossomError(
         "hub",
-        `${target}: access denied by ${this.endpoint}: the repo is gated or private; accept its conditions at ` +
+        `${about.repoId}: access denied by ${this.endpoint}: the repo is gated or private; accept its conditions at ` +
           `${this.endpoint}/${about.repoId} and use a token with access — ${tokenAdvice}${suffix}`,
       );
     }

@@ -62,51 +62,55 @@ export async function downloadBlob(
   blobPath: string,
   options: TransferOptions,
 ): Promise<void> {
+  const hasher = await fillIncomplete(client, meta, label, incompletePath, options);
+  await verify(meta, label, incompletePath, hasher);
+  await rename(incompletePath, blobPath);
+}
+
+/** Gets all of the file into `incompletePath`, resuming after each failure; returns its content hash. */
+async function fillIncomplete(
+  client: HubClient,
+  meta: FileMetadata,
+  label: string,
+  incompletePath: string,
+  options: TransferOptions,
+): Promise<Hash | undefined> {
   const { signal } = options;
-  let hasher: Hash | undefined;
+  const attempts = Math.max(1, options.attempts);
   let lastError: unknown;
-  for (let attempt = 1; attempt <= options.attempts; attempt++) {
-    if (signal?.aborted) throw abortedError(label);
-    if (attempt > 1) {
-      try {
-        await sleep(options.retryDelayMs * 2 ** (attempt - 2), undefined, { signal });
-      } catch {
-        throw abortedError(label);
-      }
-    }
-    let onDisk = (await stat(incompletePath).catch(() => undefined))?.size ?? 0;
-    if (meta.size !== undefined && onDisk > meta.size) {
-      await rm(incompletePath, { force: true });
-      onDisk = 0;
-    }
-    hasher = contentHasher(meta.etag, meta.size);
-    if (meta.size !== undefined && onDisk === meta.size) {
-      await hashExisting(incompletePath, hasher, onDisk, signal);
-      options.onBytes?.(onDisk, true);
-      lastError = undefined;
-      break;
-    }
+  for (let attempt = 1; attempt <= attempts; attempt++) {
     try {
-      await transferOnce(client, meta, label, incompletePath, onDisk, hasher, options);
-      lastError = undefined;
-      break;
-    } catch (err) {
+      if (attempt > 1) await sleep(options.retryDelayMs * 2 ** (attempt - 2), undefined, { signal });
       if (signal?.aborted) throw abortedError(label);
+      let onDisk = (await stat(incompletePath).catch(() => undefined))?.size ?? 0;
+      if (meta.size !== undefined && onDisk > meta.size) {
+        await rm(incompletePath, { force: true });
+        onDisk = 0;
+      }
+      const hasher = contentHasher(meta.etag, meta.size);
+      if (meta.size !== undefined && onDisk === meta.size) {
+        // A previous run got every byte but stopped before the check.
+        await hashExisting(incompletePath, hasher, onDisk, signal);
+        options.onBytes?.(onDisk, true);
+        return hasher;
+      }
+      await transferOnce(client, meta, label, incompletePath, onDisk, hasher, options);
+      return hasher;
+    } catch (err) {
+      if (signal?.aborted) {
+        throw new BlossomError("aborted", `${label}: aborted (the partial file is kept and the next run resumes it)`);
+      }
       if (!isRetryable(err)) throw err;
       lastError = err;
     }
   }
-  if (lastError !== undefined) {
-    const reason = lastError instanceof Error ? lastError.message : String(lastError);
-    throw new BlossomError(
-      "hub",
-      `${label}: download failed after ${options.attempts} attempts (${reason}); the partial file ${incompletePath} ` +
-        "is kept and the next run resumes it",
-      { cause: lastError },
-    );
-  }
-  await verify(meta, label, incompletePath, hasher);
-  await rename(incompletePath, blobPath);
+  const reason = lastError instanceof Error ? lastError.message : String(lastError);
+  throw new BlossomError(
+    "hub",
+    `${label}: download failed after ${attempts} attempts (${reason}); the partial file ${incompletePath} ` +
+      "is kept and the next run resumes it",
+    { cause: lastError },
+  );
 }
 
 async function transferOnce(
@@ -163,16 +167,26 @@ async function transferOnce(
       batch = [];
       batchBytes = 0;
     };
-    try {
-      for await (const chunk of response.body as AsyncIterable<Uint8Array>) {
-        batch.push(Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength));
-        batchBytes += chunk.byteLength;
-        if (batchBytes >= WRITE_BATCH_BYTES) await flush();
+    const chunks = (response.body as AsyncIterable<Uint8Array>)[Symbol.asyncIterator]();
+    for (;;) {
+      let next: IteratorResult<Uint8Array>;
+      try {
+        next = await chunks.next();
+      } catch (err) {
+        // What arrived before the connection dropped is a valid prefix: keep it for the resume.
+        await flush();
+        if (options.signal?.aborted) throw err;
+        const cause = (err as { cause?: { message?: string } }).cause?.message ?? (err as Error).message;
+        const of = meta.size === undefined ? "" : ` of ${meta.size}`;
+        throw new PrematureEndError(`connection lost at byte ${start + received}${of}: ${cause}`);
       }
-    } finally {
-      // What arrived before a dropped connection is a valid prefix: keep it for the resume.
-      await flush();
+      if (next.done === true) break;
+      const chunk = next.value;
+      batch.push(Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength));
+      batchBytes += chunk.byteLength;
+      if (batchBytes >= WRITE_BATCH_BYTES) await flush();
     }
+    await flush();
   } finally {
     await file.close();
   }
