@@ -107,16 +107,19 @@ export async function markNoExist(paths: RepoCachePaths, commit: string, filenam
 
 /**
  * Points snapshots/<commit>/<filename> at its blob with a relative link, as huggingface_hub does (so a
- * moved cache keeps working); copies where the file system has no symlinks.
+ * moved cache keeps working); copies where the file system has no symlinks. The link is made beside
+ * the pointer and renamed over it, so two processes linking the same file never see a missing or
+ * half-made pointer (and a copy never writes through an existing link into the blob).
  */
 export async function linkPointer(blobPath: string, pointerPath: string): Promise<void> {
   await mkdir(dirname(pointerPath), { recursive: true });
-  await rm(pointerPath, { force: true });
+  const temporary = `${pointerPath}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`;
   try {
-    await symlink(relative(dirname(pointerPath), blobPath), pointerPath);
+    await symlink(relative(dirname(pointerPath), blobPath), temporary);
   } catch {
-    await copyFile(blobPath, pointerPath, fsConstants.COPYFILE_FICLONE);
+    await copyFile(blobPath, temporary, fsConstants.COPYFILE_FICLONE);
   }
+  await rename(temporary, pointerPath);
 }
 
 /** A write that readers never see half done. */
