@@ -2,6 +2,7 @@
 export { loadModel, Model, Session } from "./model.js";
 export type { LoadModelOptions, GenerateResult, StreamEvent, PerplexityResult, ForwardResult, ModelDType } from "./model.js";
 export { BlossomError } from "./errors.js";
+export { resolveModel } from "./hub/resolve.js";
 export type { ErrorCode } from "./errors.js";
 export { BloomTokenizer } from "./tokenizer/tokenizer.js";
 export type { BloomConfig } from "./checkpoint/config.js";

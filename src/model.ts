@@ -3,13 +3,13 @@
  * The model runs in an engine worker; this side tokenizes, detokenizes, applies stop strings and
  * shapes results.
  */
-import { statSync } from "node:fs";
 import { BlossomError } from "./errors.js";
 import { EngineClient } from "./engine/client.js";
 import type { EngineInfo, EngineStats, TokenUpdate } from "./engine/protocol.js";
 import type { WeightDType } from "./engine/weights.js";
 import { resolveGenerationParams, type GenerationParams, type GenerationParamsInput } from "./generate/params.js";
 import { IncrementalDecoder, StopStringMatcher, type FinishReason } from "./generate/stopping.js";
+import { resolveModel } from "./hub/resolve.js";
 import { BloomTokenizer } from "./tokenizer/tokenizer.js";
 import { readBloomConfig, type BloomConfig } from "./checkpoint/config.js";
 
@@ -398,17 +398,16 @@ class GenerationRun {
   }
 }
 
-/** Resolves a model reference (a folder, or a Hub id once the hub client resolves it) to a folder. */
-export async function resolveModelDir(ref: string): Promise<string> {
-  try {
-    if (statSync(ref).isDirectory()) return ref;
-  } catch {
-    // Not a local path.
-  }
-  throw new BlossomError("input", `model "${ref}": no such folder`);
+/** Resolves a model reference (a folder, or a Hub id org/name[@revision]) to a local folder, downloading if needed. */
+export async function resolveModelDir(ref: string, options: { signal?: AbortSignal; progress?: boolean } = {}): Promise<string> {
+  if (typeof ref !== "string" || ref.length === 0) throw new BlossomError("input", "model: expected a folder or a Hub id org/name[@revision]");
+  return (await resolveModel(ref, options)).dir;
 }
 
-/** Loads a BLOOM checkpoint from a folder (or Hub id) and starts its engine worker. */
+/**
+ * Loads a BLOOM checkpoint from a folder or the Hugging Face Hub (org/name[@revision], into the
+ * standard HF cache) and starts its engine worker.
+ */
 export async function loadModel(ref: string, options: LoadModelOptions = {}): Promise<Model> {
-  return Model.load(await resolveModelDir(ref), options);
+  return Model.load(await resolveModelDir(ref, { progress: process.stderr.isTTY === true }), options);
 }

@@ -1,5 +1,6 @@
 import type { Command } from "commander";
 import { registerBenchCommand } from "./bench.js";
+import { registerHubCommands } from "./hub.js";
 import { registerGenerateCommand } from "./generate.js";
 import { registerPerplexityCommand } from "./perplexity.js";
 
@@ -8,4 +9,5 @@ export function registerCommands(program: Command): void {
   registerGenerateCommand(program);
   registerPerplexityCommand(program);
   registerBenchCommand(program);
+  registerHubCommands(program);
 }
