@@ -238,6 +238,8 @@ class WorkerPool {
       const worker = new Worker(new URL("./random-worker.js", import.meta.url));
       worker.on("message", (result: RandomJobResult) => this.settle(result));
       worker.on("error", (err) => this.failAll(err));
+      // A worker that dies without an error event must not leave its jobs pending forever.
+      worker.on("exit", (code) => this.failAll(new Error(`worker exited with code ${code}`)));
       this.workers.push(worker);
       this.busy.push(0);
     }
