@@ -83,18 +83,25 @@ export class Model {
   /** See loadModel(). */
   static async load(dir: string, options: LoadModelOptions = {}): Promise<Model> {
     const config = readBloomConfig(dir);
-    const tokenizer = BloomTokenizer.fromDir(dir);
-    if (tokenizer.vocabSize > config.vocabSize) {
-      throw new BlossomError("checkpoint", `${tokenizer.file}: the tokenizer has ${tokenizer.vocabSize} tokens but config.json's vocab_size is ${config.vocabSize}`);
-    }
     const { maxBatchSize, maxBatchTotalTokens, ...engineOptions } = options;
-    const client = await EngineClient.start({
+    // The worker maps the weights while this thread loads the tokenizer (about a second for BLOOM's).
+    const starting = EngineClient.start({
       dir,
       options: engineOptions,
       ...(maxBatchSize !== undefined ? { maxBatchSize } : {}),
       ...(maxBatchTotalTokens !== undefined ? { maxBatchTotalTokens } : {}),
     });
-    return new Model(dir, client, tokenizer, config);
+    let tokenizer: BloomTokenizer;
+    try {
+      tokenizer = BloomTokenizer.fromDir(dir);
+      if (tokenizer.vocabSize > config.vocabSize) {
+        throw new BlossomError("checkpoint", `${tokenizer.file}: the tokenizer has ${tokenizer.vocabSize} tokens but config.json's vocab_size is ${config.vocabSize}`);
+      }
+    } catch (err) {
+      await starting.then((c) => c.dispose(), () => undefined);
+      throw err;
+    }
+    return new Model(dir, await starting, tokenizer, config);
   }
 
   private get eosTokenIds(): number[] {

@@ -61,12 +61,6 @@ export class BloomTokenizer {
   static fromDir(dir: string): BloomTokenizer {
     const file = join(dir, "tokenizer.json");
     if (!existsSync(file)) throw new BlossomError("tokenizer", `${file}: missing; a checkpoint folder needs tokenizer.json`);
-    let json: { added_tokens?: AddedTokenJson[] };
-    try {
-      json = JSON.parse(readFileSync(file, "utf8")) as typeof json;
-    } catch (err) {
-      throw new BlossomError("tokenizer", `${file}: invalid JSON (${(err as Error).message})`);
-    }
     let tokenizer: Tokenizer;
     try {
       tokenizer = Tokenizer.fromFile(file);
@@ -82,7 +76,7 @@ export class BloomTokenizer {
         throw new BlossomError("tokenizer", `${configFile}: invalid JSON (${(err as Error).message})`);
       }
     }
-    return new BloomTokenizer(file, tokenizer, json.added_tokens ?? [], config);
+    return new BloomTokenizer(file, tokenizer, readAddedTokens(file), config);
   }
 
   /** Token ids of `text`. BLOOM adds no BOS or EOS. */
@@ -133,6 +127,34 @@ export class BloomTokenizer {
   decodeAsync(ids: number[], skipSpecialTokens = true): Promise<string> {
     return this.tokenizer.decode(ids, skipSpecialTokens);
   }
+}
+
+/**
+ * The "added_tokens" array of a tokenizer.json, without parsing the whole file (BLOOM's is 14 MB
+ * of vocabulary and merges; the library has already validated it).
+ */
+export function readAddedTokens(file: string): AddedTokenJson[] {
+  const text = readFileSync(file, "utf8");
+  const key = text.indexOf('"added_tokens"');
+  if (key < 0) return [];
+  const start = text.indexOf("[", key);
+  let depth = 0, inString = false;
+  for (let i = start; i < text.length; i++) {
+    const c = text[i];
+    if (inString) {
+      if (c === "\\") i++;
+      else if (c === '"') inString = false;
+    } else if (c === '"') inString = true;
+    else if (c === "[") depth++;
+    else if (c === "]" && --depth === 0) {
+      try {
+        return JSON.parse(text.slice(start, i + 1)) as AddedTokenJson[];
+      } catch (err) {
+        throw new BlossomError("tokenizer", `${file}: "added_tokens" is not valid JSON (${(err as Error).message})`);
+      }
+    }
+  }
+  throw new BlossomError("tokenizer", `${file}: "added_tokens" is not a closed JSON array`);
 }
 
 /** Left-pads id lists to a common length; the mask is 0 on padding. */

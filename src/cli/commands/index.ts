@@ -1,6 +1,8 @@
 import type { Command } from "commander";
 import { registerBenchCommand } from "./bench.js";
 import { registerHubCommands } from "./hub.js";
+import { registerCreateRandomCommand } from "./create-random.js";
+import { registerDemoCommand } from "./demo.js";
 import { registerGenerateCommand } from "./generate.js";
 import { registerPerplexityCommand } from "./perplexity.js";
 
@@ -10,4 +12,6 @@ export function registerCommands(program: Command): void {
   registerPerplexityCommand(program);
   registerBenchCommand(program);
   registerHubCommands(program);
+  registerCreateRandomCommand(program);
+  registerDemoCommand(program);
 }
