@@ -7,6 +7,7 @@
         "native/src/cpu_features.cc",
         "native/src/thread_pool.cc",
         "native/src/memory.cc",
+        "native/src/io.cc",
         "native/src/matmul.cc",
         "native/src/norm.cc",
         "native/src/attention.cc",

@@ -9,6 +9,7 @@
 #include <string>
 #include <unordered_map>
 
+#include "io.h"
 #include "kernels.h"
 #include "memory.h"
 #include "probes.h"
@@ -19,6 +20,7 @@ namespace {
 // Per-environment state: each worker thread that loads the addon gets its own pool.
 struct Instance {
   std::unique_ptr<ThreadPool> pool;
+  std::unique_ptr<FileReader> reader;  // started on first use (disk offload)
 };
 
 Instance& instance(const Napi::Env& env) { return *env.GetInstanceData<Instance>(); }
@@ -397,6 +399,39 @@ Napi::Value FillRandom(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// readFile(path, fileOffset, byteLength, dstRegion, dstOffset, evictAfter) -> ticket: a background pread.
+Napi::Value ReadFile(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  if (!info[0].IsString()) type_error(env, "readFile: expected a path");
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  int64_t offset = integer(info, 1, "readFile: fileOffset");
+  int64_t length = integer(info, 2, "readFile: byteLength");
+  Tracked* dst = region_arg(info, 3, "readFile: dst");
+  int64_t dst_offset = integer(info, 4, "readFile: dstOffset");
+  bool evict = info[5].ToBoolean().Value();
+  uint8_t* p = region_bytes(info, dst, dst_offset, length, "readFile: dst");
+  auto& inst = instance(env);
+  if (!inst.reader) inst.reader = std::make_unique<FileReader>();
+  return Napi::Number::New(env, static_cast<double>(inst.reader->enqueue(path, offset, length, p, evict)));
+}
+
+// waitRead(ticket) -> [seconds spent waiting (0 if the read had finished), seconds the read took].
+Napi::Value WaitRead(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  int64_t ticket = integer(info, 0, "waitRead: ticket", 1);
+  auto& inst = instance(env);
+  if (!inst.reader) range_error(env, "waitRead: no reads were queued");
+  try {
+    auto [waited, read] = inst.reader->wait(ticket);
+    auto out = Napi::Array::New(env, 2);
+    out.Set(0u, Napi::Number::New(env, waited));
+    out.Set(1u, Napi::Number::New(env, read));
+    return out;
+  } catch (const std::exception& e) {
+    throw Napi::Error::New(env, e.what());
+  }
+}
+
 }  // namespace
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
@@ -411,6 +446,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("view", Napi::Function::New(env, View_));
   exports.Set("advise", Napi::Function::New(env, Advise));
   exports.Set("residentBytes", Napi::Function::New(env, ResidentBytes));
+  exports.Set("readFile", Napi::Function::New(env, ReadFile));
+  exports.Set("waitRead", Napi::Function::New(env, WaitRead));
   exports.Set("cpuInfo", Napi::Function::New(env, CpuInfo));
   exports.Set("setThreads", Napi::Function::New(env, SetThreads));
   exports.Set("getThreads", Napi::Function::New(env, GetThreads));

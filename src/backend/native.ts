@@ -35,6 +35,14 @@ export interface NativeAddon {
   view(region: NativeRegion, byteOffset: number, byteLength: number): ArrayBuffer;
   advise(region: NativeRegion, byteOffset: number, byteLength: number, how: "willneed" | "dontneed"): void;
   residentBytes(): number;
+  /**
+   * Queues a background read of [fileOffset, fileOffset+byteLength) of `path` into the region at
+   * dstOffset (disk offload); with evictAfter the pages are then dropped from the page cache.
+   * Returns a ticket for waitRead.
+   */
+  readFile(path: string, fileOffset: number, byteLength: number, dst: NativeRegion, dstOffset: number, evictAfter: boolean): number;
+  /** Blocks until the read is done; returns [seconds spent waiting, seconds the read took]. Throws on a read error. */
+  waitRead(ticket: number): [number, number];
   // machine and threads
   cpuInfo(): CpuInfo;
   setThreads(threads: number): void;

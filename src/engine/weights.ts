@@ -36,6 +36,8 @@ export interface WeightStore {
   layer(i: number): BloomLayerWeights;
   /** Called when the forward pass has finished with layer i (offloading stores drop it). */
   releaseLayer(i: number): void;
+  /** Called at the end of each forward step (after the head). */
+  endStep?(): void;
   /** Bytes of weight data the store holds or maps (matrices in their in-memory dtype, plus fp32 vectors). */
   readonly weightBytes: number;
   dispose(): void;

@@ -145,12 +145,16 @@ export class BloomModel {
 
     // Final norm and LM head, only for the rows whose logits are wanted.
     const rows = step.logitRows.length;
-    if (rows === 0) return new Float32Array(0);
+    if (rows === 0) {
+      weights.endStep?.();
+      return new Float32Array(0);
+    }
     ops.gatherRows(ws.hidden2, ws.hidden, step.logitRows, H);
     ops.layerNorm(ws.normed, ws.hidden2, rows, H, weights.lnF.weight, weights.lnF.bias, eps);
     this.trace("ln_f", -1, ws.normed, rows, H);
     const logits = ws.logitsFor(rows * config.vocabSize);
     ops.linear(logits, ws.normed, rows, weights.lmHead, null);
+    weights.endStep?.();
     return ops.download(logits, 0, rows * config.vocabSize);
   }
 

@@ -1,0 +1,261 @@
+/**
+ * The pipeline weight store: layers placed on compute devices or "cpu" stay resident; layers
+ * placed on "disk" are not kept: each is read into one of two staging buffers while the layer
+ * before it computes (double buffering on a background I/O thread) and its buffer is reused
+ * after. An offloaded embedding/head (too big to stage) is used from its memory mapping and
+ * dropped from memory after each step.
+ *
+ * Offloaded weights are read from the checkpoint itself when they are used as stored; when the
+ * in-memory dtype differs they are converted once, at load, into --offload-folder (as Accelerate
+ * writes its offload folder).
+ */
+import { closeSync, mkdirSync, openSync, writeSync } from "node:fs";
+import { join } from "node:path";
+import type { Backend, DeviceMatrix } from "../backend/backend.js";
+import type { CpuMatrix } from "../backend/cpu.js";
+import { native, type NativeRegion, type StorageDType } from "../backend/native.js";
+import type { TensorView } from "../checkpoint/safetensors.js";
+import { BlossomError } from "../errors.js";
+import type { BloomTensors } from "../models/bloom-weights.js";
+import type { BloomLayerWeights, DeviceLinear, DeviceNorm, WeightBuilder, WeightStore } from "../engine/weights.js";
+import type { Plan } from "./planner.js";
+
+export interface OffloadOptions {
+  /** Where converted offloaded weights are written (needed when the in-memory dtype differs from the stored one). */
+  offloadFolder?: string;
+  /** Read each offloaded layer ahead, while the previous one computes (default true; false is for measuring). */
+  prefetch?: boolean;
+  /** Drop offloaded pages from the page cache after each read, so every pass reads the disk (a model larger than RAM). */
+  evictPageCache?: boolean;
+}
+
+export interface OffloadStats {
+  diskLayers: number;
+  bytesRead: number;
+  reads: number;
+  /** Seconds the background reads took. */
+  readSeconds: number;
+  /** Seconds the forward pass waited for a read: the I/O prefetch did not hide. */
+  waitSeconds: number;
+  stagingBytes: number;
+}
+
+/** Where an offloaded matrix's bytes are: a file range. */
+interface MatrixSource {
+  path: string;
+  offset: number;
+  bytes: number;
+  dtype: StorageDType;
+  outFeatures: number;
+  inFeatures: number;
+}
+
+const linearNames = ["queryKeyValue", "dense", "denseHTo4h", "dense4hToH"] as const;
+type LinearName = (typeof linearNames)[number];
+
+interface DiskLayer {
+  index: number;
+  norms: { inputLayernorm: DeviceNorm; postAttentionLayernorm: DeviceNorm };
+  biases: Record<LinearName, DeviceLinear["bias"]>;
+  sources: Record<LinearName, MatrixSource>;
+  bytes: number;
+}
+
+const align = (n: number) => Math.ceil(n / 64) * 64;
+
+export class PipelineWeightStore implements WeightStore {
+  readonly wordEmbeddings: DeviceMatrix;
+  readonly wordEmbeddingsLayernorm: DeviceNorm;
+  readonly lnF: DeviceNorm;
+  readonly lmHead: DeviceMatrix;
+  readonly numLayers: number;
+  readonly plan: Plan;
+  private readonly resident = new Map<number, BloomLayerWeights>();
+  private readonly disk = new Map<number, DiskLayer>();
+  /** Disk layers in execution order. */
+  private readonly diskOrder: number[];
+  private readonly slots: NativeRegion[] = [];
+  private readonly slotBytes: number;
+  /** Disk layer -> [slot, ticket] of its pending or finished read. */
+  private readonly inFlight = new Map<number, [number, number]>();
+  private readonly headOnDisk: boolean;
+  private readonly headView: TensorView;
+  private readonly prefetch: boolean;
+  private readonly evict: boolean;
+  private readonly stats: OffloadStats;
+
+  constructor(
+    tensors: BloomTensors,
+    private readonly builder: WeightBuilder,
+    private readonly backend: Backend,
+    plan: Plan,
+    dtypeOf: (view: TensorView) => StorageDType,
+    options: OffloadOptions = {},
+  ) {
+    this.plan = plan;
+    this.prefetch = options.prefetch ?? true;
+    this.evict = options.evictPageCache ?? false;
+    this.numLayers = tensors.layers.length;
+    const device = (name: string) => plan.placement.get(name);
+
+    // Embeddings and head: resident, or used from the mapping and dropped after each step.
+    this.headOnDisk = device("word_embeddings") === "disk";
+    this.headView = tensors.wordEmbeddings;
+    if (this.headOnDisk && dtypeOf(tensors.wordEmbeddings) !== tensors.wordEmbeddings.dtype) {
+      throw new BlossomError("parameter", "an offloaded embedding is used as stored; choose --dtype auto, or give the embeddings a device budget");
+    }
+    this.wordEmbeddings = builder.matrix(tensors.wordEmbeddings, "embedding");
+    this.wordEmbeddingsLayernorm = builder.norm(tensors.wordEmbeddingsLayernorm);
+    this.lnF = builder.norm(tensors.lnF);
+    this.lmHead = tensors.lmHeadTied ? this.wordEmbeddings : builder.matrix(tensors.lmHead, "lm_head");
+
+    this.diskOrder = [];
+    let converted: string | undefined;
+    tensors.layers.forEach((layer, i) => {
+      if (device(`h.${i}`) !== "disk") {
+        this.resident.set(i, builder.layer(layer));
+        return;
+      }
+      const sources = {} as Record<LinearName, MatrixSource>;
+      const biases = {} as DiskLayer["biases"];
+      let bytes = 0;
+      for (const name of linearNames) {
+        const t = layer[name];
+        biases[name] = builder.vector(t.bias);
+        const dtype = dtypeOf(t.weight);
+        const [outFeatures, inFeatures] = t.weight.shape as [number, number];
+        if (dtype === t.weight.dtype) {
+          sources[name] = { path: t.weight.file, offset: t.weight.byteOffset, bytes: t.weight.byteLength, dtype, outFeatures, inFeatures };
+        } else {
+          if (!options.offloadFolder) {
+            throw new BlossomError(
+              "parameter",
+              `offloading h.${i} as ${dtype} (stored as ${t.weight.dtype}) needs --offload-folder, where the converted weights are written`,
+            );
+          }
+          converted ??= options.offloadFolder;
+          sources[name] = writeConverted(backend, t.weight, dtype, join(options.offloadFolder, `h.${i}.${name}.bin`));
+        }
+        bytes += align(sources[name].bytes);
+      }
+      this.disk.set(i, {
+        index: i,
+        norms: { inputLayernorm: builder.norm(layer.inputLayernorm), postAttentionLayernorm: builder.norm(layer.postAttentionLayernorm) },
+        biases,
+        sources,
+        bytes,
+      });
+      this.diskOrder.push(i);
+    });
+    if (converted) mkdirSync(converted, { recursive: true });
+    this.slotBytes = Math.max(0, ...[...this.disk.values()].map((d) => d.bytes));
+    const slotCount = this.diskOrder.length === 0 ? 0 : this.diskOrder.length === 1 ? 1 : 2;
+    for (let s = 0; s < slotCount; s++) this.slots.push(native().allocate(this.slotBytes));
+    this.stats = { diskLayers: this.diskOrder.length, bytesRead: 0, reads: 0, readSeconds: 0, waitSeconds: 0, stagingBytes: slotCount * this.slotBytes };
+    if (this.prefetch) for (let k = 0; k < slotCount; k++) this.queueRead(this.diskOrder[k]!, k);
+  }
+
+  get weightBytes(): number {
+    return this.builder.bytes + this.stats.stagingBytes;
+  }
+
+  offloadStats(): OffloadStats {
+    return { ...this.stats };
+  }
+
+  private slotOf(layer: number): number {
+    return this.diskOrder.indexOf(layer) % Math.max(1, this.slots.length);
+  }
+
+  private queueRead(layer: number, slot: number): void {
+    const d = this.disk.get(layer)!;
+    let offset = 0;
+    let ticket = 0;
+    for (const name of linearNames) {
+      const src = d.sources[name];
+      ticket = native().readFile(src.path, src.offset, src.bytes, this.slots[slot]!, offset, this.evict);
+      offset += align(src.bytes);
+    }
+    this.inFlight.set(layer, [slot, ticket]); // tickets complete in order: the last one means all
+    this.stats.bytesRead += d.bytes;
+    this.stats.reads++;
+  }
+
+  layer(i: number): BloomLayerWeights {
+    const resident = this.resident.get(i);
+    if (resident) return resident;
+    const d = this.disk.get(i);
+    if (!d) throw new BlossomError("internal", `layer ${i} is neither resident nor offloaded`);
+    if (!this.inFlight.has(i)) this.queueRead(i, this.slotOf(i));
+    const [slot, ticket] = this.inFlight.get(i)!;
+    const [waited, read] = native().waitRead(ticket);
+    this.stats.waitSeconds += waited;
+    this.stats.readSeconds += read;
+    const region = this.slots[slot]!;
+    let offset = 0;
+    const matrix = (name: LinearName): CpuMatrix => {
+      const s = d.sources[name];
+      const m: CpuMatrix = { dtype: s.dtype, outFeatures: s.outFeatures, inFeatures: s.inFeatures, bytes: s.bytes, region, byteOffset: offset, owned: false };
+      offset += align(s.bytes);
+      return m;
+    };
+    const linear = (name: LinearName): DeviceLinear => ({ weight: matrix(name), bias: d.biases[name] });
+    return {
+      inputLayernorm: d.norms.inputLayernorm,
+      queryKeyValue: linear("queryKeyValue"),
+      dense: linear("dense"),
+      postAttentionLayernorm: d.norms.postAttentionLayernorm,
+      denseHTo4h: linear("denseHTo4h"),
+      dense4hToH: linear("dense4hToH"),
+    };
+  }
+
+  releaseLayer(i: number): void {
+    if (!this.disk.has(i)) return;
+    const slot = this.inFlight.get(i)![0];
+    this.inFlight.delete(i);
+    if (!this.prefetch) return;
+    // The slot is free: start reading the disk layer that will use it next (wrapping to the next step).
+    const k = this.diskOrder.indexOf(i);
+    const next = this.diskOrder[(k + this.slots.length) % this.diskOrder.length]!;
+    if (!this.inFlight.has(next)) this.queueRead(next, slot);
+  }
+
+  endStep(): void {
+    if (!this.headOnDisk) return;
+    // Drop the embedding/head pages this step touched: they are read again, from the page cache or the disk.
+    const v = this.headView;
+    native().advise(v.region, v.byteOffset, v.byteLength, "dontneed");
+  }
+
+  dispose(): void {
+    for (const [, [, ticket]] of this.inFlight) {
+      try {
+        native().waitRead(ticket);
+      } catch {
+        // The read failed; nothing to wait for.
+      }
+    }
+    this.inFlight.clear();
+    for (const s of this.slots) native().release(s);
+    this.slots.length = 0;
+    this.builder.freeAll();
+  }
+}
+
+/** Converts a matrix to `dtype` and writes it to `file` (the offload folder). */
+function writeConverted(backend: Backend, view: TensorView, dtype: StorageDType, file: string): MatrixSource {
+  const m = backend.matrix(view, dtype) as CpuMatrix;
+  const fd = openSync(file, "w");
+  try {
+    const chunk = 1 << 30;
+    for (let off = 0; off < m.bytes; off += chunk) {
+      const n = Math.min(chunk, m.bytes - off);
+      writeSync(fd, new Uint8Array(native().view(m.region, m.byteOffset + off, n)));
+    }
+  } finally {
+    closeSync(fd);
+    backend.freeMatrix(m);
+  }
+  return { path: file, offset: 0, bytes: m.bytes, dtype, outFeatures: m.outFeatures, inFeatures: m.inFeatures };
+}
