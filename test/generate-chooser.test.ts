@@ -112,9 +112,8 @@ test("min new tokens suppresses every EOS id until enough tokens were generated"
 });
 
 test("processors run in transformers' order: penalty, n-gram ban, EOS suppression, then temperature", () => {
-  const c = chooser({ repetitionPenalty: 2, noRepeatNgramSize: 2, minNewTokens: 5, doSample: true, temperature: 0.5 }, 6, [
-    5,
-  ]);
+  const params = { repetitionPenalty: 2, noRepeatNgramSize: 2, minNewTokens: 5, doSample: true, temperature: 0.5 };
+  const c = chooser(params, 6, [5]);
   const logits = Float32Array.of(1, -1, 2, 0.5, 3, 4);
   // tokens: 3 and 2 seen -> penalised; bigram (2,3) seen and the last token is 2 -> 3 banned; EOS 5 suppressed.
   const { tokenIds, probs } = c.distribution(logits, [2, 3, 1, 2], 1);

@@ -731,7 +731,8 @@ function swap(ids: Int32Array, weights: Float64Array, keys: Float64Array, a: num
 /**
  * Gives every line of the sampling code type feedback before the first real call (see warmUpFeedback in
  * fastexp.ts): without this, V8's first optimised code for warp() deoptimised on every call, and top-p sampling
- * over a 250k vocabulary took 4-8 ms instead of 2.6. Tiny inputs; under 10 ms once per thread, mostly in the interpreter.
+ * over a 250k vocabulary took 4-8 ms instead of 2.6. Tiny inputs: under 10 ms once per thread, mostly spent
+ * in the interpreter.
  */
 function warmUpSampling(): void {
   const vocabSize = 48;
