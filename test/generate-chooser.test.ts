@@ -36,8 +36,11 @@ test("repetition penalty divides positive and multiplies negative logits of ever
 test("repetition penalty stores float32 results, as torch does on float32 scores", () => {
   const logits = Float32Array.of(1, -1);
   applyRepetitionPenalty(logits, 2, [0, 1], 1.3);
-  assert.equal(logits[0], Math.fround(Math.fround(1) / 1.3));
-  assert.equal(logits[1], Math.fround(-1 * 1.3));
+  // torch: float32(1) / float32(1.3) and float32(-1) * float32(1.3), each rounded to float32
+  assert.equal(logits[0], Math.fround(1 / Math.fround(1.3)));
+  assert.equal(logits[1], Math.fround(-Math.fround(1.3)));
+  assert.equal(logits[0], 0.7692307829856873); // float32 bits 0x3F44EC4F
+  assert.equal(logits[1], -1.2999999523162842);
 });
 
 test("repetition penalty changes the greedy choice", () => {
@@ -109,9 +112,8 @@ test("min new tokens suppresses every EOS id until enough tokens were generated"
 });
 
 test("processors run in transformers' order: penalty, n-gram ban, EOS suppression, then temperature", () => {
-  const c = chooser({ repetitionPenalty: 2, noRepeatNgramSize: 2, minNewTokens: 5, doSample: true, temperature: 0.5 }, 6, [
-    5,
-  ]);
+  const params = { repetitionPenalty: 2, noRepeatNgramSize: 2, minNewTokens: 5, doSample: true, temperature: 0.5 };
+  const c = chooser(params, 6, [5]);
   const logits = Float32Array.of(1, -1, 2, 0.5, 3, 4);
   // tokens: 3 and 2 seen -> penalised; bigram (2,3) seen and the last token is 2 -> 3 banned; EOS 5 suppressed.
   const { tokenIds, probs } = c.distribution(logits, [2, 3, 1, 2], 1);

@@ -101,14 +101,14 @@ test("top-k, top-p, typical and temperature keep the same tokens as transformers
     const logits = gaussianLogits(rng, n, pick([0.5, 2, 6]));
     if (n > 3 && rng.nextFloat() < 0.3) logits[Math.floor(rng.nextFloat() * n)] = -Infinity;
     const topK = pick([0, 1, 2, 5, 50, n - 1, n, n + 7]);
-    const params = { temperature: pick(temperatures), topK: Math.max(0, topK), topP: pick(topPs), typicalP: pick(typicalPs) };
+    const params = { temperature: pick(temperatures), topK, topP: pick(topPs), typicalP: pick(typicalPs) };
     assertMatchesReference(logits, n, params, `seed ${seed} n=${n} ${JSON.stringify(params)}`);
     cases++;
   }
   assert.equal(cases, 300);
 });
 
-test("each warper alone matches the reference on a 50k vocabulary (quickselect paths)", () => {
+test("each warper alone matches the reference on a 50k vocabulary (bucketed selection paths)", () => {
   const rng = new Rng(2024);
   const n = 50000;
   const logits = gaussianLogits(rng, n, 3);
@@ -118,6 +118,21 @@ test("each warper alone matches the reference on a 50k vocabulary (quickselect p
   assertMatchesReference(logits, n, { topK: 40 }, "top-k heap");
   assertMatchesReference(logits, n, { topK: 20000 }, "top-k selection");
   assertMatchesReference(logits, n, {}, "plain softmax");
+
+  for (let seed = 1; seed <= 12; seed++) {
+    const rng = new Rng(1000 + seed);
+    const pick = <T>(values: T[]): T => values[Math.floor(rng.nextFloat() * values.length)]!;
+    const size = pick([5000, 9000]);
+    // Sharp and flat distributions, some on a coarse grid (many equal keys within one bucket).
+    const values = gaussianLogits(rng, size, pick([0.3, 1, 4, 12]), pick([0, 0, 0.5]));
+    const params = {
+      temperature: pick([1, 0.6, 1.5]),
+      topK: pick([0, 0, 4500]),
+      topP: pick([1, 0.5, 0.95]),
+      typicalP: pick([1, 0.3, 0.95]),
+    };
+    assertMatchesReference(values, size, params, `seed ${seed} n=${size} ${JSON.stringify(params)}`);
+  }
 });
 
 test("top-k keeps every token tied with the k-th largest logit (heap and selection paths)", () => {
@@ -125,7 +140,8 @@ test("top-k keeps every token tied with the k-th largest logit (heap and selecti
   assert.deepEqual(Array.from(c.distribution(Float32Array.of(1, 3, 3, 3, 2), [], 0).tokenIds), [1, 2, 3]);
   assert.deepEqual(Array.from(c.distribution(Float32Array.of(3, 2, 2, 1, 2), [], 0).tokenIds), [0, 1, 2, 4]);
   // A tie evicted from the heap early: 5 enters, then 6 evicts one of the 5s.
-  assert.deepEqual(Array.from(chooser({ topK: 2 }, 3).distribution(Float32Array.of(5, 5, 6), [], 0).tokenIds), [0, 1, 2]);
+  const evicted = chooser({ topK: 2 }, 3).distribution(Float32Array.of(5, 5, 6), [], 0);
+  assert.deepEqual(Array.from(evicted.tokenIds), [0, 1, 2]);
 
   for (let seed = 1; seed <= 20; seed++) {
     const rng = new Rng(seed);

@@ -73,6 +73,18 @@ test("incremental decoding emits a character as soon as its last byte arrives", 
   assert.equal(decoder.flush(), "");
 });
 
+test("incremental decoding with prompt context emits only the generated text", () => {
+  const tokens = new ByteTokens();
+  const rng = new Rng(3);
+  const prompt = tokens.encode("Prompt: 日本", rng, 4);
+  const generated = tokens.encode("語 and 😀!", rng, 3);
+  const decoder = new IncrementalDecoder(tokens.decode, prompt.slice(-5));
+  const pieces = generated.map((id) => decoder.push(id));
+  pieces.push(decoder.flush());
+  for (const piece of pieces) assert.ok(!piece.includes("\uFFFD"), JSON.stringify(piece));
+  assert.equal(pieces.join(""), "語 and 😀!");
+});
+
 test("incremental decoding hands over an unfinished character at flush", () => {
   const tokens = new ByteTokens();
   const decoder = new IncrementalDecoder(tokens.decode);
@@ -85,7 +97,8 @@ test("incremental decoding hands over an unfinished character at flush", () => {
 
 const noFixture = existsSync(fixtureTokenizer) ? false : `no fixture at ${fixtureTokenizer}`;
 
-test("incremental decoding with the fixture's byte-level BPE tokenizer matches a full decode", { skip: noFixture }, async () => {
+const realTokenizerTest = "incremental decoding with the fixture's byte-level BPE tokenizer matches a full decode";
+test(realTokenizerTest, { skip: noFixture }, async () => {
   const tokenizer = Tokenizer.fromFile(fixtureTokenizer);
   const byteLevel = tokenizer.getDecoder()!;
   const decode = (ids: number[]) =>

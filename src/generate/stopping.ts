@@ -43,8 +43,19 @@ export class IncrementalDecoder {
   private readOffset = 0;
   private prefixText = "";
 
-  constructor(decode: (ids: number[]) => string) {
+  /**
+   * `context`: optionally the last few prompt ids (text-generation-inference uses 5), decoded as left context
+   * but never emitted, so the first generated tokens come out as they would after the prompt. That matters for
+   * decoders that treat the start of a sequence specially (SentencePiece's leading space); BLOOM's byte-level
+   * BPE does not need it. With context, the emitted text is decode(context + ids) minus decode(context).
+   */
+  constructor(decode: (ids: number[]) => string, context: readonly number[] = []) {
     this.decode = decode;
+    if (context.length > 0) {
+      this.window = [...context];
+      this.readOffset = context.length;
+      this.prefixText = decode(this.window);
+    }
   }
 
   /** Adds one token; returns the text that is now certain (possibly ""). */
