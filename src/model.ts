@@ -5,7 +5,8 @@
  */
 import { BlossomError } from "./errors.js";
 import { EngineClient } from "./engine/client.js";
-import type { EngineInfo, EngineStats, TokenUpdate } from "./engine/protocol.js";
+import type { EngineInfo, EngineStats, TokenUpdate, WorkerData } from "./engine/protocol.js";
+import type { PlacementMode } from "./parallel/planner.js";
 import type { WeightDType } from "./engine/weights.js";
 import { resolveGenerationParams, type GenerationParams, type GenerationParamsInput } from "./generate/params.js";
 import { IncrementalDecoder, StopStringMatcher, type FinishReason } from "./generate/stopping.js";
@@ -26,6 +27,46 @@ export interface LoadModelOptions {
   maxBatchSize?: number;
   /** Cap on prompt + max_new_tokens over running sequences. */
   maxBatchTotalTokens?: number;
+  /** How the model is spread over the machine (see src/parallel/): "single" (default) or "pipeline". */
+  strategy?: Strategy;
+  /** Pipeline: per-device budgets, "0:2GiB,1:2GiB,cpu:4GiB,disk". */
+  maxMemory?: string;
+  /** Pipeline: how layers are spread, as Accelerate's device_map ("auto" = "balanced"). */
+  placement?: PlacementMode;
+  /** Pipeline: where offloaded weights converted to another dtype are written. */
+  offloadFolder?: string;
+  /** Pipeline: read offloaded layers ahead (default true). */
+  offloadPrefetch?: boolean;
+  /** Pipeline: drop offloaded pages from the page cache after each read (every pass reads the disk). */
+  evictPageCache?: boolean;
+}
+
+export type Strategy = "single" | "pipeline";
+export const strategies: readonly Strategy[] = ["single", "pipeline"];
+
+/** Splits loadModel's options into what the engine worker needs. */
+export function engineOptionsFrom(options: LoadModelOptions): WorkerData["options"] {
+  const { strategy = "single", maxMemory, placement, offloadFolder, offloadPrefetch, evictPageCache, maxBatchSize: _b, maxBatchTotalTokens: _t, ...rest } = options;
+  if (!strategies.includes(strategy)) {
+    throw new BlossomError("parameter", `strategy: expected one of ${strategies.join(", ")}, got ${JSON.stringify(strategy)}`);
+  }
+  if (strategy !== "pipeline") {
+    for (const [name, value] of Object.entries({ maxMemory, placement, offloadFolder })) {
+      if (value !== undefined) throw new BlossomError("parameter", `${name}: only applies to strategy "pipeline"`);
+    }
+    return rest;
+  }
+  if (maxMemory === undefined) throw new BlossomError("parameter", `maxMemory: strategy "pipeline" needs per-device budgets, e.g. "0:2GiB,1:2GiB,cpu:4GiB,disk"`);
+  return {
+    ...rest,
+    pipeline: {
+      maxMemory,
+      ...(placement !== undefined ? { placement } : {}),
+      ...(offloadFolder !== undefined ? { offloadFolder } : {}),
+      ...(offloadPrefetch !== undefined ? { prefetch: offloadPrefetch } : {}),
+      ...(evictPageCache !== undefined ? { evictPageCache } : {}),
+    },
+  };
 }
 
 export interface GenerateResult {
@@ -83,7 +124,8 @@ export class Model {
   /** See loadModel(). */
   static async load(dir: string, options: LoadModelOptions = {}): Promise<Model> {
     const config = readBloomConfig(dir);
-    const { maxBatchSize, maxBatchTotalTokens, ...engineOptions } = options;
+    const { maxBatchSize, maxBatchTotalTokens } = options;
+    const engineOptions = engineOptionsFrom(options);
     // The worker maps the weights while this thread loads the tokenizer (about a second for BLOOM's).
     const starting = EngineClient.start({
       dir,

@@ -1,6 +1,7 @@
 /** Options shared by commands, and strict parsers that name the option at fault. */
 import { InvalidArgumentError, Option, type Command } from "commander";
-import type { ModelDType } from "../model.js";
+import { strategies, type LoadModelOptions, type ModelDType, type Strategy } from "../model.js";
+import { placementModes, type PlacementMode } from "../parallel/planner.js";
 
 export function parseInteger(name: string, min: number, max = Number.MAX_SAFE_INTEGER) {
   return (value: string): number => {
@@ -26,16 +27,36 @@ export interface ModelCliOptions {
   model: string;
   dtype: ModelDType;
   threads?: number;
+  strategy: Strategy;
+  maxMemory?: string;
+  placement?: PlacementMode;
+  offloadFolder?: string;
 }
 
-/** --model, --dtype, --threads. */
+/** --model, --dtype, --threads, and the deployment strategy's options. */
 export function addModelOptions(command: Command, options: { modelRequired?: boolean } = {}): Command {
   const model = new Option("-m, --model <ref>", "checkpoint folder (or Hugging Face id org/name[@revision])");
   if (options.modelRequired ?? true) model.makeOptionMandatory();
   return command
     .addOption(model)
     .addOption(new Option("--dtype <dtype>", "in-memory weight format").choices(dtypeChoices).default("auto"))
-    .option("--threads <n>", "compute threads (default: physical cores)", parseInteger("--threads", 1, 1024));
+    .option("--threads <n>", "compute threads (default: physical cores)", parseInteger("--threads", 1, 1024))
+    .addOption(new Option("--strategy <name>", "deployment strategy").choices([...strategies]).default("single"))
+    .option("--max-memory <budgets>", "pipeline: per-device budgets, e.g. 0:2GiB,1:2GiB,cpu:4GiB,disk")
+    .addOption(new Option("--placement <mode>", "pipeline: how layers are spread (Accelerate's device_map modes)").choices([...placementModes]))
+    .option("--offload-folder <dir>", "pipeline: where offloaded weights converted to --dtype are written");
+}
+
+/** loadModel options from the shared CLI options. */
+export function modelOptionsFromCli(o: ModelCliOptions): LoadModelOptions {
+  return {
+    dtype: o.dtype,
+    strategy: o.strategy,
+    ...(o.threads !== undefined ? { threads: o.threads } : {}),
+    ...(o.maxMemory !== undefined ? { maxMemory: o.maxMemory } : {}),
+    ...(o.placement !== undefined ? { placement: o.placement } : {}),
+    ...(o.offloadFolder !== undefined ? { offloadFolder: o.offloadFolder } : {}),
+  };
 }
 
 export function collect(value: string, previous: string[] = []): string[] {

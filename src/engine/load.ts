@@ -11,6 +11,10 @@ import { BloomModel } from "../models/bloom.js";
 import { bloomTensors } from "../models/bloom-weights.js";
 import { Engine } from "./engine.js";
 import { KVCachePool, kvBytesPerToken } from "./kv-cache.js";
+import type { TensorView } from "../checkpoint/safetensors.js";
+import { bloomModules, matrixBytesAs } from "../parallel/modules.js";
+import { PipelineWeightStore, type OffloadOptions } from "../parallel/offload.js";
+import { parseMaxMemory, planPlacement, type PlacementMode } from "../parallel/planner.js";
 import { matrixDtype, ResidentWeightStore, WeightBuilder, type WeightDType, type WeightStore } from "./weights.js";
 
 export interface EngineOptions {
@@ -20,6 +24,14 @@ export interface EngineOptions {
   /** KV-cache capacity in tokens across all sequences (default: fits in a quarter of free memory, at most 1M tokens). */
   kvCacheTokens?: number;
   kvBlockSize?: number;
+  /** Pipeline placement with offload (strategy "pipeline"); absent: every layer resident. */
+  pipeline?: PipelineOptions;
+}
+
+export interface PipelineOptions extends OffloadOptions {
+  /** Per-device budgets, "0:2GiB,1:2GiB,cpu:4GiB,disk". */
+  maxMemory: string;
+  placement?: PlacementMode;
 }
 
 export interface LoadedEngine {
@@ -49,8 +61,15 @@ export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngi
   let weights: WeightStore | undefined;
   try {
     const tensors = bloomTensors(checkpoint);
-    const builder = new WeightBuilder(backend, (view) => backend.matrix(view, matrixDtype(view.dtype, dtype)));
-    weights = new ResidentWeightStore(tensors, builder);
+    const dtypeOf = (view: TensorView) => matrixDtype(view.dtype, dtype);
+    const builder = new WeightBuilder(backend, (view) => backend.matrix(view, dtypeOf(view)));
+    if (options.pipeline) {
+      const { maxMemory, placement, ...offload } = options.pipeline;
+      const plan = planPlacement(bloomModules(tensors, matrixBytesAs(dtypeOf)), parseMaxMemory(maxMemory), placement ?? "auto");
+      weights = new PipelineWeightStore(tensors, builder, backend, plan, dtypeOf, offload);
+    } else {
+      weights = new ResidentWeightStore(tensors, builder);
+    }
     const { config } = checkpoint;
     const model = new BloomModel(config, weights, backend);
     const blockSize = options.kvBlockSize ?? 16;

@@ -7,6 +7,7 @@ import type { ErrorCode } from "../errors.js";
 import type { GenerationParams } from "../generate/params.js";
 import type { FinishReason } from "../generate/stopping.js";
 import type { EngineOptions } from "./load.js";
+import type { OffloadStats } from "../parallel/offload.js";
 
 export interface EngineInfo {
   dir: string;
@@ -34,6 +35,8 @@ export interface EngineStats {
   steps: number;
   generatedTokens: number;
   residentBytes: number;
+  /** Present when layers are offloaded to disk (strategy "pipeline"). */
+  offload?: OffloadStats;
 }
 
 export type LogitsWanted = "last" | "all" | "none";

@@ -8,6 +8,7 @@ import type { Backend, DeviceBuffer, DeviceMatrix } from "../backend/backend.js"
 import type { StorageDType } from "../backend/native.js";
 import type { BloomLayerTensors, BloomTensors, LinearTensors, NormTensors } from "../models/bloom-weights.js";
 import type { TensorView } from "../checkpoint/safetensors.js";
+import type { OffloadStats } from "../parallel/offload.js";
 
 export interface DeviceNorm {
   weight: DeviceBuffer;
@@ -38,6 +39,8 @@ export interface WeightStore {
   releaseLayer(i: number): void;
   /** Called at the end of each forward step (after the head). */
   endStep?(): void;
+  /** Disk-offload figures, for stores that offload. */
+  offloadStats?(): OffloadStats;
   /** Bytes of weight data the store holds or maps (matrices in their in-memory dtype, plus fp32 vectors). */
   readonly weightBytes: number;
   dispose(): void;

@@ -84,6 +84,7 @@ class Worker {
       steps: this.scheduler.steps,
       generatedTokens: this.scheduler.generatedTokens,
       residentBytes: native().residentBytes(),
+      ...(this.loaded.weights.offloadStats ? { offload: this.loaded.weights.offloadStats() } : {}),
     };
   }
 

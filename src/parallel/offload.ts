@@ -76,10 +76,11 @@ export class PipelineWeightStore implements WeightStore {
   private readonly diskOrder: number[];
   private readonly slots: NativeRegion[] = [];
   private readonly slotBytes: number;
-  /** Disk layer -> [slot, ticket] of its pending or finished read. */
-  private readonly inFlight = new Map<number, [number, number]>();
+  /** Disk layer -> [slot, tickets] of its pending or finished reads. */
+  private readonly inFlight = new Map<number, [number, number[]]>();
   private readonly headOnDisk: boolean;
-  private readonly headView: TensorView;
+  private readonly headRange: { region: NativeRegion; byteOffset: number; byteLength: number } | undefined;
+  private readonly ownedMapping: NativeRegion | undefined;
   private readonly prefetch: boolean;
   private readonly evict: boolean;
   private readonly stats: OffloadStats;
@@ -98,19 +99,32 @@ export class PipelineWeightStore implements WeightStore {
     this.numLayers = tensors.layers.length;
     const device = (name: string) => plan.placement.get(name);
 
-    // Embeddings and head: resident, or used from the mapping and dropped after each step.
+    // Embeddings and head: resident, or used from a mapping (the checkpoint's, or a converted copy in the
+    // offload folder) whose pages are dropped after each step.
     this.headOnDisk = device("word_embeddings") === "disk";
-    this.headView = tensors.wordEmbeddings;
-    if (this.headOnDisk && dtypeOf(tensors.wordEmbeddings) !== tensors.wordEmbeddings.dtype) {
-      throw new BlossomError("parameter", "an offloaded embedding is used as stored; choose --dtype auto, or give the embeddings a device budget");
+    const emb = tensors.wordEmbeddings;
+    if (this.headOnDisk) {
+      const dtype = dtypeOf(emb);
+      let region = emb.region, byteOffset = emb.byteOffset, bytes = emb.byteLength;
+      if (dtype !== emb.dtype) {
+        const folder = requireFolder(options, `offloading word_embeddings as ${dtype} (stored as ${emb.dtype})`);
+        const src = writeConverted(backend, emb, dtype, join(folder, "word_embeddings.bin"));
+        this.ownedMapping = region = native().mapFile(src.path);
+        byteOffset = 0;
+        bytes = src.bytes;
+      }
+      this.headRange = { region, byteOffset, byteLength: bytes };
+      const [outFeatures, inFeatures] = emb.shape as [number, number];
+      const m: CpuMatrix = { dtype, outFeatures, inFeatures, bytes, region, byteOffset, owned: false };
+      this.wordEmbeddings = m;
+    } else {
+      this.wordEmbeddings = builder.matrix(emb, "embedding");
     }
-    this.wordEmbeddings = builder.matrix(tensors.wordEmbeddings, "embedding");
     this.wordEmbeddingsLayernorm = builder.norm(tensors.wordEmbeddingsLayernorm);
     this.lnF = builder.norm(tensors.lnF);
     this.lmHead = tensors.lmHeadTied ? this.wordEmbeddings : builder.matrix(tensors.lmHead, "lm_head");
 
     this.diskOrder = [];
-    let converted: string | undefined;
     tensors.layers.forEach((layer, i) => {
       if (device(`h.${i}`) !== "disk") {
         this.resident.set(i, builder.layer(layer));
@@ -127,14 +141,8 @@ export class PipelineWeightStore implements WeightStore {
         if (dtype === t.weight.dtype) {
           sources[name] = { path: t.weight.file, offset: t.weight.byteOffset, bytes: t.weight.byteLength, dtype, outFeatures, inFeatures };
         } else {
-          if (!options.offloadFolder) {
-            throw new BlossomError(
-              "parameter",
-              `offloading h.${i} as ${dtype} (stored as ${t.weight.dtype}) needs --offload-folder, where the converted weights are written`,
-            );
-          }
-          converted ??= options.offloadFolder;
-          sources[name] = writeConverted(backend, t.weight, dtype, join(options.offloadFolder, `h.${i}.${name}.bin`));
+          const folder = requireFolder(options, `offloading h.${i} as ${dtype} (stored as ${t.weight.dtype})`);
+          sources[name] = writeConverted(backend, t.weight, dtype, join(folder, `h.${i}.${name}.bin`));
         }
         bytes += align(sources[name].bytes);
       }
@@ -147,7 +155,6 @@ export class PipelineWeightStore implements WeightStore {
       });
       this.diskOrder.push(i);
     });
-    if (converted) mkdirSync(converted, { recursive: true });
     this.slotBytes = Math.max(0, ...[...this.disk.values()].map((d) => d.bytes));
     const slotCount = this.diskOrder.length === 0 ? 0 : this.diskOrder.length === 1 ? 1 : 2;
     for (let s = 0; s < slotCount; s++) this.slots.push(native().allocate(this.slotBytes));
@@ -170,13 +177,13 @@ export class PipelineWeightStore implements WeightStore {
   private queueRead(layer: number, slot: number): void {
     const d = this.disk.get(layer)!;
     let offset = 0;
-    let ticket = 0;
+    const tickets: number[] = [];
     for (const name of linearNames) {
       const src = d.sources[name];
-      ticket = native().readFile(src.path, src.offset, src.bytes, this.slots[slot]!, offset, this.evict);
+      tickets.push(native().readFile(src.path, src.offset, src.bytes, this.slots[slot]!, offset, this.evict));
       offset += align(src.bytes);
     }
-    this.inFlight.set(layer, [slot, ticket]); // tickets complete in order: the last one means all
+    this.inFlight.set(layer, [slot, tickets]);
     this.stats.bytesRead += d.bytes;
     this.stats.reads++;
   }
@@ -187,10 +194,12 @@ export class PipelineWeightStore implements WeightStore {
     const d = this.disk.get(i);
     if (!d) throw new BlossomError("internal", `layer ${i} is neither resident nor offloaded`);
     if (!this.inFlight.has(i)) this.queueRead(i, this.slotOf(i));
-    const [slot, ticket] = this.inFlight.get(i)!;
-    const [waited, read] = native().waitRead(ticket);
-    this.stats.waitSeconds += waited;
-    this.stats.readSeconds += read;
+    const [slot, tickets] = this.inFlight.get(i)!;
+    for (const ticket of tickets) {
+      const [waited, read] = native().waitRead(ticket);
+      this.stats.waitSeconds += waited;
+      this.stats.readSeconds += read;
+    }
     const region = this.slots[slot]!;
     let offset = 0;
     const matrix = (name: LinearName): CpuMatrix => {
@@ -222,25 +231,34 @@ export class PipelineWeightStore implements WeightStore {
   }
 
   endStep(): void {
-    if (!this.headOnDisk) return;
+    if (!this.headRange) return;
     // Drop the embedding/head pages this step touched: they are read again, from the page cache or the disk.
-    const v = this.headView;
-    native().advise(v.region, v.byteOffset, v.byteLength, "dontneed");
+    const r = this.headRange;
+    native().advise(r.region, r.byteOffset, r.byteLength, "dontneed");
   }
 
   dispose(): void {
-    for (const [, [, ticket]] of this.inFlight) {
-      try {
-        native().waitRead(ticket);
-      } catch {
-        // The read failed; nothing to wait for.
+    for (const [, [, tickets]] of this.inFlight) {
+      for (const ticket of tickets) {
+        try {
+          native().waitRead(ticket);
+        } catch {
+          // The read failed; nothing to wait for.
+        }
       }
     }
     this.inFlight.clear();
     for (const s of this.slots) native().release(s);
     this.slots.length = 0;
+    if (this.ownedMapping) native().release(this.ownedMapping);
     this.builder.freeAll();
   }
+}
+
+function requireFolder(options: OffloadOptions, what: string): string {
+  if (!options.offloadFolder) throw new BlossomError("parameter", `${what} needs --offload-folder, where the converted weights are written`);
+  mkdirSync(options.offloadFolder, { recursive: true });
+  return options.offloadFolder;
 }
 
 /** Converts a matrix to `dtype` and writes it to `file` (the offload folder). */

@@ -111,7 +111,7 @@ export function planPlacement(modules: PlannedModule[], maxMemory: Map<DeviceId,
         const tried = devices.map((d) => `${d}: ${formatBytes(budgets.get(d)!)}`).join(", ");
         throw new BlossomError(
           "memory",
-          `cannot place ${module.name} (${formatBytes(module.bytes)}): the budgets (${tried}) are full; raise --max-memory or offload to disk ("disk" in --max-memory, or --offload-folder)`,
+          `cannot place ${module.name} (${formatBytes(module.bytes)}): the budgets (${tried}) are full; raise --max-memory or add "disk" to it to offload the rest`,
         );
       }
       const kept = mainDevices.has(device) ? reserve : 0;

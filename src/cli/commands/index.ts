@@ -3,6 +3,7 @@ import { registerBenchCommand } from "./bench.js";
 import { registerHubCommands } from "./hub.js";
 import { registerCreateRandomCommand } from "./create-random.js";
 import { registerDemoCommand } from "./demo.js";
+import { registerPlanCommand } from "./plan.js";
 import { registerGenerateCommand } from "./generate.js";
 import { registerPerplexityCommand } from "./perplexity.js";
 
@@ -14,4 +15,5 @@ export function registerCommands(program: Command): void {
   registerHubCommands(program);
   registerCreateRandomCommand(program);
   registerDemoCommand(program);
+  registerPlanCommand(program);
 }

@@ -1,0 +1,72 @@
+/** `blossom plan`: prints the pipeline placement and the bytes on each device, before loading anything. */
+import { InvalidArgumentError, Option, type Command } from "commander";
+import { openCheckpoint } from "../../checkpoint/checkpoint.js";
+import { formatBytes } from "../../engine/memory.js";
+import { matrixDtype, type WeightDType } from "../../engine/weights.js";
+import { bloomTensors } from "../../models/bloom-weights.js";
+import { resolveModelDir } from "../../model.js";
+import { bloomModules, matrixBytesAs } from "../../parallel/modules.js";
+import { orderedDevices, parseMaxMemory, placementModes, planPlacement, type Plan } from "../../parallel/planner.js";
+import { dtypeChoices } from "../options.js";
+
+/** "h.0, h.1, h.2, h.5" -> "h.0-h.2, h.5". */
+function compact(names: string[]): string {
+  const out: string[] = [];
+  let run: number[] = [];
+  const flush = () => {
+    if (run.length === 1) out.push(`h.${run[0]}`);
+    else if (run.length > 1) out.push(`h.${run[0]}-h.${run[run.length - 1]}`);
+    run = [];
+  };
+  for (const n of names) {
+    const m = /^h\.(\d+)$/.exec(n);
+    if (m && (run.length === 0 || Number(m[1]) === run[run.length - 1]! + 1)) run.push(Number(m[1]));
+    else {
+      flush();
+      if (m) run.push(Number(m[1]));
+      else out.push(n);
+    }
+  }
+  flush();
+  return out.join(", ");
+}
+
+export function formatPlan(plan: Plan): string {
+  const rows = orderedDevices(plan.budgets).map((d) => {
+    const names = [...plan.placement.entries()].filter(([, dev]) => dev === d).map(([n]) => n);
+    const budget = plan.budgets.get(d)!;
+    return [String(d), budget === Infinity ? "-" : formatBytes(budget), formatBytes(plan.bytesPerDevice.get(d) ?? 0), names.length ? compact(names) : "(nothing)"];
+  });
+  const header = ["device", "budget", "placed", "modules"];
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
+  const line = (r: string[]) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]!))).join("  ");
+  return [line(header), ...rows.map(line)].join("\n");
+}
+
+export function registerPlanCommand(program: Command): void {
+  program
+    .command("plan")
+    .description("print the pipeline placement (--strategy pipeline) and the bytes on each device, without loading the model")
+    .requiredOption("-m, --model <ref>", "checkpoint folder (or Hugging Face id)")
+    .requiredOption("--max-memory <budgets>", "per-device budgets, e.g. 0:2GiB,1:2GiB,cpu:4GiB,disk")
+    .addOption(new Option("--placement <mode>", "how layers are spread (as Accelerate's device_map)").choices([...placementModes]).default("auto"))
+    .addOption(new Option("--dtype <dtype>", "in-memory weight format").choices(dtypeChoices).default("auto"))
+    .action(async (o: { model: string; maxMemory: string; placement: (typeof placementModes)[number]; dtype: WeightDType }) => {
+      const dir = await resolveModelDir(o.model);
+      const checkpoint = openCheckpoint(dir);
+      try {
+        const tensors = bloomTensors(checkpoint);
+        const modules = bloomModules(tensors, matrixBytesAs((v) => matrixDtype(v.dtype, o.dtype)));
+        let budgets;
+        try {
+          budgets = parseMaxMemory(o.maxMemory);
+        } catch (err) {
+          throw new InvalidArgumentError((err as Error).message);
+        }
+        const plan = planPlacement(modules, budgets, o.placement);
+        process.stdout.write(`${dir}: ${formatBytes(plan.totalBytes)} of weights (${o.dtype}), placement ${o.placement}\n\n${formatPlan(plan)}\n`);
+      } finally {
+        checkpoint.dispose();
+      }
+    });
+}
