@@ -4,7 +4,9 @@
  * shapes results.
  */
 import { BlossomError } from "./errors.js";
-import { EngineClient } from "./engine/client.js";
+import { EngineClient, type EngineHandle } from "./engine/client.js";
+import { ReplicaSet } from "./parallel/replicas.js";
+import { native } from "./backend/native.js";
 import type { EngineInfo, EngineStats, TokenUpdate, WorkerData } from "./engine/protocol.js";
 import type { PlacementMode } from "./parallel/planner.js";
 import type { WeightDType } from "./engine/weights.js";
@@ -39,17 +41,20 @@ export interface LoadModelOptions {
   offloadPrefetch?: boolean;
   /** Pipeline: drop offloaded pages from the page cache after each read (every pass reads the disk). */
   evictPageCache?: boolean;
+  /** Replicas: how many engine workers (default 2); threads are shared out among them. */
+  replicas?: number;
 }
 
-export type Strategy = "single" | "pipeline";
-export const strategies: readonly Strategy[] = ["single", "pipeline"];
+export type Strategy = "single" | "pipeline" | "replicas";
+export const strategies: readonly Strategy[] = ["single", "pipeline", "replicas"];
 
 /** Splits loadModel's options into what the engine worker needs. */
 export function engineOptionsFrom(options: LoadModelOptions): WorkerData["options"] {
-  const { strategy = "single", maxMemory, placement, offloadFolder, offloadPrefetch, evictPageCache, maxBatchSize: _b, maxBatchTotalTokens: _t, ...rest } = options;
+  const { strategy = "single", maxMemory, placement, offloadFolder, offloadPrefetch, evictPageCache, replicas, maxBatchSize: _b, maxBatchTotalTokens: _t, ...rest } = options;
   if (!strategies.includes(strategy)) {
     throw new BlossomError("parameter", `strategy: expected one of ${strategies.join(", ")}, got ${JSON.stringify(strategy)}`);
   }
+  if (replicas !== undefined && strategy !== "replicas") throw new BlossomError("parameter", `replicas: only applies to strategy "replicas"`);
   if (strategy !== "pipeline") {
     for (const [name, value] of Object.entries({ maxMemory, placement, offloadFolder })) {
       if (value !== undefined) throw new BlossomError("parameter", `${name}: only applies to strategy "pipeline"`);
@@ -110,10 +115,10 @@ export class Model {
   readonly config: BloomConfig;
   readonly info: EngineInfo;
   readonly dir: string;
-  private readonly client: EngineClient;
+  private readonly client: EngineHandle;
   private disposed = false;
 
-  private constructor(dir: string, client: EngineClient, tokenizer: BloomTokenizer, config: BloomConfig) {
+  private constructor(dir: string, client: EngineHandle, tokenizer: BloomTokenizer, config: BloomConfig) {
     this.dir = dir;
     this.client = client;
     this.tokenizer = tokenizer;
@@ -127,12 +132,16 @@ export class Model {
     const { maxBatchSize, maxBatchTotalTokens } = options;
     const engineOptions = engineOptionsFrom(options);
     // The worker maps the weights while this thread loads the tokenizer (about a second for BLOOM's).
-    const starting = EngineClient.start({
+    const data = {
       dir,
       options: engineOptions,
       ...(maxBatchSize !== undefined ? { maxBatchSize } : {}),
       ...(maxBatchTotalTokens !== undefined ? { maxBatchTotalTokens } : {}),
-    });
+    };
+    const starting: Promise<EngineHandle> =
+      options.strategy === "replicas"
+        ? ReplicaSet.start(data, options.replicas ?? 2, options.threads ?? native().cpuInfo().physicalCores)
+        : EngineClient.start(data);
     let tokenizer: BloomTokenizer;
     try {
       tokenizer = BloomTokenizer.fromDir(dir);
@@ -323,7 +332,7 @@ export class Model {
 
 export class Session {
   constructor(
-    private readonly client: EngineClient,
+    private readonly client: EngineHandle,
     readonly id: number,
     readonly vocabSize: number,
   ) {}
@@ -353,7 +362,7 @@ class GenerationRun {
   firstTokenAt: number | undefined;
 
   constructor(
-    client: EngineClient,
+    client: EngineHandle,
     tokenizer: BloomTokenizer,
     promptIds: number[],
     params: GenerationParams,

@@ -31,20 +31,27 @@ Instance& instance(const Napi::Env& env) { return *env.GetInstanceData<Instance>
 // region) keep the region alive; release() frees it at once and detaches every live view.
 struct Tracked {
   Region region;
+  std::shared_ptr<Region> shared;  // file mappings, shared by every thread that maps the same file
   int refs = 1;  // the External itself, plus one per live view
   bool released = false;
   std::vector<Napi::Reference<Napi::ArrayBuffer>> views;
 };
 
+void free_memory(Tracked* t) {
+  if (t->shared) t->shared.reset();  // unmapped when no other thread holds it
+  else release_region(t->region);
+}
+
 void unref(Tracked* t) {
   if (--t->refs > 0) return;
-  if (!t->released) release_region(t->region);
+  if (!t->released) free_memory(t);
   delete t;
 }
 
-Napi::Value wrap_region(Napi::Env env, const Region& r) {
+Napi::Value wrap_region(Napi::Env env, const Region& r, std::shared_ptr<Region> shared = nullptr) {
   auto* t = new Tracked();
   t->region = r;
+  t->shared = std::move(shared);
   return Napi::External<Tracked>::New(env, t, [](Napi::Env, Tracked* tr) { unref(tr); });
 }
 
@@ -115,7 +122,8 @@ bool overlaps(const A* a, size_t an, const B* b, size_t bn) {
 Napi::Value MapFile(const Napi::CallbackInfo& info) {
   if (!info[0].IsString()) type_error(info.Env(), "mapFile: expected a path");
   try {
-    return wrap_region(info.Env(), map_file(info[0].As<Napi::String>().Utf8Value()));
+    auto shared = map_file_shared(info[0].As<Napi::String>().Utf8Value());
+    return wrap_region(info.Env(), *shared, shared);
   } catch (const std::exception& e) {
     throw Napi::Error::New(info.Env(), e.what());
   }
@@ -172,7 +180,7 @@ Napi::Value Release(const Napi::CallbackInfo& info) {
     if (!ab.IsEmpty() && !ab.IsDetached()) ab.Detach();
   }
   t->views.clear();
-  release_region(t->region);
+  free_memory(t);
   t->released = true;
   return Napi::Boolean::New(info.Env(), true);
 }

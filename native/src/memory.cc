@@ -8,7 +8,10 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <stdexcept>
+#include <tuple>
 
 namespace blossom {
 
@@ -41,6 +44,23 @@ Region map_file(const std::string& path) {
   if (p == MAP_FAILED) throw std::runtime_error(path + ": mmap failed (" + std::strerror(e) + ")");
   r.data = p;
   return r;
+}
+
+std::shared_ptr<Region> map_file_shared(const std::string& path) {
+  static std::mutex mutex;
+  static std::map<std::tuple<dev_t, ino_t, off_t, time_t, long>, std::weak_ptr<Region>> cache;
+  struct stat st;
+  if (stat(path.c_str(), &st) != 0) throw std::runtime_error(path + ": cannot stat (" + std::strerror(errno) + ")");
+  auto key = std::make_tuple(st.st_dev, st.st_ino, st.st_size, st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
+  std::lock_guard<std::mutex> lock(mutex);
+  for (auto it = cache.begin(); it != cache.end();) it = it->second.expired() ? cache.erase(it) : std::next(it);
+  if (auto existing = cache[key].lock()) return existing;
+  auto mapping = std::shared_ptr<Region>(new Region(map_file(path)), [](Region* r) {
+    release_region(*r);
+    delete r;
+  });
+  cache[key] = mapping;
+  return mapping;
 }
 
 Region allocate_pages(size_t bytes) {

@@ -1,6 +1,7 @@
 // Memory-mapped files and page-aligned anonymous allocations.
 #pragma once
 #include <cstddef>
+#include <memory>
 #include <string>
 
 namespace blossom {
@@ -12,6 +13,9 @@ struct Region {
 
 // Maps a whole file read-only. Throws std::runtime_error naming the file on failure.
 Region map_file(const std::string& path);
+// The same, but one mapping per file per process: engine workers (replicas) that map the same
+// checkpoint share its pages instead of each counting them. Unmapped when the last owner drops it.
+std::shared_ptr<Region> map_file_shared(const std::string& path);
 // Anonymous, zero-filled, page-aligned memory; transparent huge pages requested.
 Region allocate_pages(size_t bytes);
 void release_region(const Region& r);

@@ -31,6 +31,7 @@ export interface ModelCliOptions {
   maxMemory?: string;
   placement?: PlacementMode;
   offloadFolder?: string;
+  replicas?: number;
 }
 
 /** --model, --dtype, --threads, and the deployment strategy's options. */
@@ -44,7 +45,8 @@ export function addModelOptions(command: Command, options: { modelRequired?: boo
     .addOption(new Option("--strategy <name>", "deployment strategy").choices([...strategies]).default("single"))
     .option("--max-memory <budgets>", "pipeline: per-device budgets, e.g. 0:2GiB,1:2GiB,cpu:4GiB,disk")
     .addOption(new Option("--placement <mode>", "pipeline: how layers are spread (Accelerate's device_map modes)").choices([...placementModes]))
-    .option("--offload-folder <dir>", "pipeline: where offloaded weights converted to --dtype are written");
+    .option("--offload-folder <dir>", "pipeline: where offloaded weights converted to --dtype are written")
+    .option("--replicas <n>", "replicas: engine workers sharing one copy of the weights (default 2)", parseInteger("--replicas", 1, 64));
 }
 
 /** loadModel options from the shared CLI options. */
@@ -56,6 +58,7 @@ export function modelOptionsFromCli(o: ModelCliOptions): LoadModelOptions {
     ...(o.maxMemory !== undefined ? { maxMemory: o.maxMemory } : {}),
     ...(o.placement !== undefined ? { placement: o.placement } : {}),
     ...(o.offloadFolder !== undefined ? { offloadFolder: o.offloadFolder } : {}),
+    ...(o.replicas !== undefined ? { replicas: o.replicas } : {}),
   };
 }
 

@@ -23,7 +23,20 @@ function toError(e: SerializedError): BlossomError {
   return new BlossomError(e.code, e.message);
 }
 
-export class EngineClient {
+/** What front ends need from an engine: one worker (EngineClient) or several (ReplicaSet). */
+export interface EngineHandle {
+  readonly info: EngineInfo;
+  forward(sequences: number[][]): Promise<Float32Array[]>;
+  score(sequences: { tokens: number[]; from: number }[]): Promise<Float64Array[]>;
+  openSession(): Promise<number>;
+  feed(entries: { session: number; tokens: number[]; logits: LogitsWanted }[]): Promise<Float32Array[]>;
+  closeSession(session: number): Promise<boolean>;
+  stats(): Promise<EngineStats>;
+  submit(promptIds: number[], params: GenerationParams, eosTokenIds: number[], handlers: GenerationHandlers): Promise<() => void>;
+  dispose(): Promise<void>;
+}
+
+export class EngineClient implements EngineHandle {
   readonly info: EngineInfo;
   private readonly worker: Worker;
   private nextId = 1;

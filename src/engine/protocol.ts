@@ -24,6 +24,8 @@ export interface EngineInfo {
   kvCacheTokens: number;
   kvBytesPerToken: number;
   loadSeconds: number;
+  /** Engine workers serving this model (strategy "replicas"); absent for one. */
+  replicas?: number;
 }
 
 export interface EngineStats {

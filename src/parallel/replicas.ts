@@ -1,0 +1,146 @@
+/**
+ * Data-parallel streams (DeepSpeed-ZeRO inference's way of using several devices): N engine
+ * workers, each decoding its own batch stream with its own threads and KV cache, over one shared
+ * memory mapping of the weights (the addon maps each file once per process, so resident memory
+ * does not grow N-fold). Requests go to the replica with the fewest running generations.
+ */
+import { BlossomError } from "../errors.js";
+import { EngineClient, type EngineHandle, type GenerationHandlers } from "../engine/client.js";
+import type { EngineInfo, EngineStats, LogitsWanted, WorkerData } from "../engine/protocol.js";
+import type { GenerationParams } from "../generate/params.js";
+
+export class ReplicaSet implements EngineHandle {
+  readonly info: EngineInfo;
+  private readonly active: number[];
+  private nextForward = 0;
+  private nextSession = 1;
+  private readonly sessions = new Map<number, { replica: number; local: number }>();
+
+  private constructor(private readonly clients: EngineClient[]) {
+    this.active = clients.map(() => 0);
+    const first = clients[0]!.info;
+    this.info = { ...first, replicas: clients.length, threads: clients.reduce((a, c) => a + c.info.threads, 0), kvCacheTokens: clients.reduce((a, c) => a + c.info.kvCacheTokens, 0) };
+  }
+
+  /** Starts `replicas` workers; each gets threads/replicas compute threads (at least 1). */
+  static async start(data: WorkerData, replicas: number, totalThreads: number): Promise<ReplicaSet> {
+    if (!Number.isInteger(replicas) || replicas < 1 || replicas > 64) {
+      throw new BlossomError("parameter", `replicas: expected an integer from 1 to 64, got ${replicas}`);
+    }
+    const threads = Math.max(1, Math.floor(totalThreads / replicas));
+    const started = await Promise.allSettled(
+      Array.from({ length: replicas }, () => EngineClient.start({ ...data, options: { ...data.options, threads } })),
+    );
+    const clients = started.flatMap((r) => (r.status === "fulfilled" ? [r.value] : []));
+    const failed = started.find((r) => r.status === "rejected");
+    if (failed) {
+      await Promise.all(clients.map((c) => c.dispose()));
+      throw (failed as PromiseRejectedResult).reason;
+    }
+    return new ReplicaSet(clients);
+  }
+
+  private leastLoaded(): number {
+    let best = 0;
+    for (let i = 1; i < this.active.length; i++) if (this.active[i]! < this.active[best]!) best = i;
+    return best;
+  }
+
+  /** Spreads the sequences over the replicas, runs them concurrently, and returns results in order. */
+  private async spread<I, O>(items: I[], run: (client: EngineClient, part: I[]) => Promise<O[]>): Promise<O[]> {
+    const parts = this.clients.map(() => [] as { index: number; item: I }[]);
+    items.forEach((item, index) => parts[(this.nextForward + index) % this.clients.length]!.push({ index, item }));
+    this.nextForward = (this.nextForward + items.length) % this.clients.length;
+    const results = await Promise.all(parts.map((p, r) => (p.length ? run(this.clients[r]!, p.map((x) => x.item)) : Promise.resolve([]))));
+    const out = new Array<O>(items.length);
+    parts.forEach((p, r) => p.forEach((x, k) => (out[x.index] = results[r]![k]!)));
+    return out;
+  }
+
+  forward(sequences: number[][]): Promise<Float32Array[]> {
+    return this.spread(sequences, (c, part) => c.forward(part));
+  }
+
+  score(sequences: { tokens: number[]; from: number }[]): Promise<Float64Array[]> {
+    return this.spread(sequences, (c, part) => c.score(part));
+  }
+
+  async openSession(): Promise<number> {
+    const replica = this.leastLoaded();
+    const local = await this.clients[replica]!.openSession();
+    const id = this.nextSession++;
+    this.sessions.set(id, { replica, local });
+    return id;
+  }
+
+  async feed(entries: { session: number; tokens: number[]; logits: LogitsWanted }[]): Promise<Float32Array[]> {
+    const located = entries.map((e) => {
+      const s = this.sessions.get(e.session);
+      if (!s) throw new BlossomError("input", `feed: no open session ${e.session}`);
+      return { ...e, ...s };
+    });
+    const out = new Array<Float32Array>(entries.length);
+    await Promise.all(
+      this.clients.map(async (client, r) => {
+        const mine = located.map((e, i) => ({ e, i })).filter((x) => x.e.replica === r);
+        if (mine.length === 0) return;
+        const logits = await client.feed(mine.map(({ e }) => ({ session: e.local, tokens: e.tokens, logits: e.logits })));
+        mine.forEach(({ i }, k) => (out[i] = logits[k]!));
+      }),
+    );
+    return out;
+  }
+
+  async closeSession(session: number): Promise<boolean> {
+    const s = this.sessions.get(session);
+    if (!s) return false;
+    this.sessions.delete(session);
+    return this.clients[s.replica]!.closeSession(s.local);
+  }
+
+  async stats(): Promise<EngineStats> {
+    const all = await Promise.all(this.clients.map((c) => c.stats()));
+    const sum = (k: keyof Omit<EngineStats, "offload" | "kvBlockSize" | "residentBytes">) => all.reduce((a, s) => a + s[k], 0);
+    return {
+      waiting: sum("waiting"),
+      running: sum("running"),
+      kvBlocksFree: sum("kvBlocksFree"),
+      kvBlocksTotal: sum("kvBlocksTotal"),
+      kvBlockSize: all[0]!.kvBlockSize,
+      steps: sum("steps"),
+      generatedTokens: sum("generatedTokens"),
+      residentBytes: all[0]!.residentBytes, // one process: every replica reports the same figure
+    };
+  }
+
+  async submit(promptIds: number[], params: GenerationParams, eosTokenIds: number[], handlers: GenerationHandlers): Promise<() => void> {
+    const r = this.leastLoaded();
+    this.active[r]!++;
+    let done = false;
+    const finish = () => {
+      if (!done) {
+        done = true;
+        this.active[r]!--;
+      }
+    };
+    try {
+      return await this.clients[r]!.submit(promptIds, params, eosTokenIds, {
+        onToken: (u) => {
+          if (u.finish) finish();
+          handlers.onToken(u);
+        },
+        onEnded: (reason, error) => {
+          finish();
+          handlers.onEnded(reason, error);
+        },
+      });
+    } catch (err) {
+      finish();
+      throw err;
+    }
+  }
+
+  async dispose(): Promise<void> {
+    await Promise.all(this.clients.map((c) => c.dispose()));
+  }
+}
