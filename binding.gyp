@@ -1,4 +1,7 @@
 {
+  "variables": {
+    "has_mpi": "<!(sh -c 'command -v mpicxx >/dev/null 2>&1 && echo 1 || echo 0')"
+  },
   "targets": [
     {
       "target_name": "blossom_native",
@@ -8,6 +11,7 @@
         "native/src/thread_pool.cc",
         "native/src/memory.cc",
         "native/src/io.cc",
+        "native/src/mpi.cc",
         "native/src/matmul.cc",
         "native/src/norm.cc",
         "native/src/attention.cc",
@@ -21,7 +25,14 @@
       "cflags": ["-O3", "-fno-math-errno", "-fno-trapping-math"],
       "cflags_cc": ["-std=c++17", "-O3", "-fno-math-errno", "-fno-trapping-math", "-fexceptions", "-Wall", "-Wextra", "-Wno-unused-parameter"],
       "defines": ["NAPI_VERSION=8"],
-      "libraries": ["-lpthread"]
+      "libraries": ["-lpthread", "-ldl"],
+      "conditions": [
+        ["has_mpi==1", {
+          "defines": ["BLOSSOM_MPI"],
+          "cflags_cc": ["<!@(mpicxx --showme:compile)"],
+          "libraries": ["<!@(mpicxx --showme:link)"]
+        }]
+      ]
     }
   ]
 }

@@ -45,8 +45,14 @@ export interface LoadModelOptions {
   replicas?: number;
 }
 
-export type Strategy = "single" | "pipeline" | "replicas";
-export const strategies: readonly Strategy[] = ["single", "pipeline", "replicas"];
+export type Strategy = "single" | "pipeline" | "tensor" | "replicas";
+export const strategies: readonly Strategy[] = ["single", "pipeline", "tensor", "replicas"];
+
+/** This process's MPI rank when launched by mpirun (Open MPI, MPICH/PMI, PMIx), else 0. */
+export function mpiRank(): number {
+  const v = process.env.OMPI_COMM_WORLD_RANK ?? process.env.PMIX_RANK ?? process.env.PMI_RANK;
+  return v === undefined ? 0 : Number(v);
+}
 
 /** Splits loadModel's options into what the engine worker needs. */
 export function engineOptionsFrom(options: LoadModelOptions): WorkerData["options"] {
@@ -59,7 +65,7 @@ export function engineOptionsFrom(options: LoadModelOptions): WorkerData["option
     for (const [name, value] of Object.entries({ maxMemory, placement, offloadFolder })) {
       if (value !== undefined) throw new BlossomError("parameter", `${name}: only applies to strategy "pipeline"`);
     }
-    return rest;
+    return strategy === "tensor" ? { ...rest, tensorParallel: true } : rest;
   }
   if (maxMemory === undefined) throw new BlossomError("parameter", `maxMemory: strategy "pipeline" needs per-device budgets, e.g. "0:2GiB,1:2GiB,cpu:4GiB,disk"`);
   return {
@@ -138,6 +144,11 @@ export class Model {
       ...(maxBatchSize !== undefined ? { maxBatchSize } : {}),
       ...(maxBatchTotalTokens !== undefined ? { maxBatchTotalTokens } : {}),
     };
+    if (options.strategy === "tensor" && mpiRank() !== 0) {
+      // Only rank 0 talks to the user: the others compute their slice of every step, then exit.
+      await EngineClient.follow(data);
+      process.exit(0);
+    }
     const starting: Promise<EngineHandle> =
       options.strategy === "replicas"
         ? ReplicaSet.start(data, options.replicas ?? 2, options.threads ?? native().cpuInfo().physicalCores)

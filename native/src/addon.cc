@@ -10,6 +10,7 @@
 #include <unordered_map>
 
 #include "io.h"
+#include "mpi_bindings.h"
 #include "kernels.h"
 #include "memory.h"
 #include "probes.h"
@@ -440,6 +441,117 @@ Napi::Value WaitRead(const Napi::CallbackInfo& info) {
   }
 }
 
+// sliceColumns(dstRegion, dstOffset, dstDtype, srcRegion, srcOffset, srcDtype, rows, cols, first, count)
+Napi::Value SliceColumns(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  Tracked* dr = region_arg(info, 0, "sliceColumns: dst");
+  int64_t doff = integer(info, 1, "sliceColumns: dst offset");
+  DType dd = dtype_arg(info, 2, "sliceColumns: dst dtype");
+  Tracked* sr = region_arg(info, 3, "sliceColumns: src");
+  int64_t soff = integer(info, 4, "sliceColumns: src offset");
+  DType sd = dtype_arg(info, 5, "sliceColumns: src dtype");
+  int64_t rows = integer(info, 6, "sliceColumns: rows");
+  int64_t cols = integer(info, 7, "sliceColumns: cols", 1);
+  int64_t first = integer(info, 8, "sliceColumns: first");
+  int64_t count = integer(info, 9, "sliceColumns: count");
+  need(env, dd != DType::I8 && sd != DType::I8, "sliceColumns: int8 is not supported");
+  need(env, first + count <= cols, "sliceColumns: column range past the matrix");
+  uint8_t* dst = region_bytes(info, dr, doff, rows * count * static_cast<int64_t>(dtype_size(dd)), "sliceColumns: dst");
+  const uint8_t* src = region_bytes(info, sr, soff, rows * cols * static_cast<int64_t>(dtype_size(sd)), "sliceColumns: src");
+  slice_columns(*instance(env).pool, dst, dd, src, sd, rows, cols, first, count);
+  return env.Undefined();
+}
+
+// embeddingShard(y, ids, tableRegion, tableOffset, dtype, vocab, hidden, firstId)
+Napi::Value EmbeddingShard(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  auto y = f32(info, 0, "embeddingShard: y");
+  auto ids = i32(info, 1, "embeddingShard: ids");
+  Tracked* tr = region_arg(info, 2, "embeddingShard: table");
+  int64_t toff = integer(info, 3, "embeddingShard: table offset");
+  DType dt = dtype_arg(info, 4, "embeddingShard: dtype");
+  int64_t vocab = integer(info, 5, "embeddingShard: vocab", 1);
+  int64_t hidden = integer(info, 6, "embeddingShard: hidden", 1);
+  int64_t first = integer(info, 7, "embeddingShard: firstId");
+  need(env, dt != DType::I8, "embeddingShard: int8 tables are not supported");
+  const uint8_t* table = region_bytes(info, tr, toff, vocab * hidden * static_cast<int64_t>(dtype_size(dt)), "embeddingShard: table");
+  need(env, y.length >= ids.length * static_cast<size_t>(hidden), "embeddingShard: y is shorter than ids*hidden");
+  embedding_shard(*instance(env).pool, y.data, ids.data, static_cast<int64_t>(ids.length), table, dt, hidden, first, vocab);
+  return env.Undefined();
+}
+
+// ---- MPI (tensor parallelism) --------------------------------------------------------------------
+
+template <typename F>
+Napi::Value mpi_call(const Napi::Env& env, F&& f) {
+  try {
+    return f();
+  } catch (const std::exception& e) {
+    throw Napi::Error::New(env, e.what());
+  }
+}
+
+Napi::Value MpiAvailable(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), mpi::available()); }
+
+Napi::Value MpiInit(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  return mpi_call(env, [&]() -> Napi::Value {
+    mpi::World w = mpi::init();
+    auto o = Napi::Object::New(env);
+    o.Set("rank", w.rank);
+    o.Set("size", w.size);
+    o.Set("localRank", w.local_rank);
+    o.Set("localSize", w.local_size);
+    return o;
+  });
+}
+
+// mpiAllReduceSum(data: Float32Array, count)
+Napi::Value MpiAllReduceSum(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  auto d = f32(info, 0, "mpiAllReduceSum: data");
+  int64_t count = integer(info, 1, "mpiAllReduceSum: count");
+  need(env, static_cast<size_t>(count) <= d.length, "mpiAllReduceSum: count exceeds the array");
+  return mpi_call(env, [&]() -> Napi::Value {
+    mpi::all_reduce_sum(d.data, count);
+    return env.Undefined();
+  });
+}
+
+// mpiBroadcast(data: any typed array, root): the array's bytes, in place.
+Napi::Value MpiBroadcast(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  if (!info[0].IsTypedArray()) type_error(env, "mpiBroadcast: expected a typed array");
+  auto a = info[0].As<Napi::TypedArray>();
+  int64_t root = integer(info, 1, "mpiBroadcast: root");
+  auto* p = static_cast<uint8_t*>(a.ArrayBuffer().Data()) + a.ByteOffset();
+  return mpi_call(env, [&]() -> Napi::Value {
+    mpi::broadcast(p, static_cast<int64_t>(a.ByteLength()), static_cast<int>(root));
+    return env.Undefined();
+  });
+}
+
+// mpiGather(send: Float32Array, count, recv: Float32Array | null, counts: Int32Array, displs: Int32Array, root)
+Napi::Value MpiGather(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  auto send = f32(info, 0, "mpiGather: send");
+  int64_t count = integer(info, 1, "mpiGather: count");
+  auto recv = f32(info, 2, "mpiGather: recv", true);
+  auto counts = i32(info, 3, "mpiGather: counts");
+  auto displs = i32(info, 4, "mpiGather: displs");
+  int64_t root = integer(info, 5, "mpiGather: root");
+  need(env, static_cast<size_t>(count) <= send.length, "mpiGather: count exceeds the send array");
+  return mpi_call(env, [&]() -> Napi::Value {
+    mpi::gather(send.data, count, recv.data, counts.data, displs.data, static_cast<int>(root));
+    return env.Undefined();
+  });
+}
+
+Napi::Value MpiFinalize(const Napi::CallbackInfo& info) {
+  mpi::finalize();
+  return info.Env().Undefined();
+}
+
 }  // namespace
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
@@ -455,6 +567,14 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("advise", Napi::Function::New(env, Advise));
   exports.Set("residentBytes", Napi::Function::New(env, ResidentBytes));
   exports.Set("readFile", Napi::Function::New(env, ReadFile));
+  exports.Set("sliceColumns", Napi::Function::New(env, SliceColumns));
+  exports.Set("embeddingShard", Napi::Function::New(env, EmbeddingShard));
+  exports.Set("mpiAvailable", Napi::Function::New(env, MpiAvailable));
+  exports.Set("mpiInit", Napi::Function::New(env, MpiInit));
+  exports.Set("mpiAllReduceSum", Napi::Function::New(env, MpiAllReduceSum));
+  exports.Set("mpiBroadcast", Napi::Function::New(env, MpiBroadcast));
+  exports.Set("mpiGather", Napi::Function::New(env, MpiGather));
+  exports.Set("mpiFinalize", Napi::Function::New(env, MpiFinalize));
   exports.Set("waitRead", Napi::Function::New(env, WaitRead));
   exports.Set("cpuInfo", Napi::Function::New(env, CpuInfo));
   exports.Set("setThreads", Napi::Function::New(env, SetThreads));

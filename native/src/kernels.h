@@ -50,6 +50,14 @@ void embedding(ThreadPool& pool, float* y, const int32_t* ids, int64_t n, const 
 // Converts n elements between dtypes (F32/F16/BF16), rounding to nearest even.
 void convert(ThreadPool& pool, void* dst, DType dst_dtype, const void* src, DType src_dtype, int64_t n);
 
+// dst (rows, count) = src (rows, cols)[:, first : first+count], converted (a tensor-parallel row-split shard).
+void slice_columns(ThreadPool& pool, void* dst, DType dst_dtype, const void* src, DType src_dtype, int64_t rows, int64_t cols,
+                   int64_t first, int64_t count);
+
+// Like embedding(), for a vocabulary shard: table holds ids [first_id, first_id + vocab); other ids give zero rows.
+void embedding_shard(ThreadPool& pool, float* y, const int32_t* ids, int64_t n, const void* table, DType dtype, int64_t hidden,
+                     int64_t first_id, int64_t vocab);
+
 // Ragged-batch attention with a paged KV cache.
 //   qkv (tokens, heads, 3, head_dim): fused projection output, BLOOM's per-head layout.
 //   k_cache/v_cache (blocks, heads, block_size, head_dim) fp32.

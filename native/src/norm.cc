@@ -1,5 +1,6 @@
 // layer_norm and embedding lookup. Both are cheap next to the matmuls; they are written to be
 // exact (two-pass variance, as torch.layer_norm) and vectorised where it is free.
+#include <algorithm>
 #include <cmath>
 
 #include "kernels.h"
@@ -74,6 +75,21 @@ void embedding(ThreadPool& pool, float* y, const int32_t* ids, int64_t n, const 
     for (int64_t t = begin; t < end; ++t) {
       const int64_t row = ids[t];
       for (int64_t i = 0; i < hidden; ++i) y[t * hidden + i] = load_as_f32(table, dtype, row * hidden + i);
+    }
+  });
+}
+
+void embedding_shard(ThreadPool& pool, float* y, const int32_t* ids, int64_t n, const void* table, DType dtype, int64_t hidden,
+                     int64_t first_id, int64_t vocab) {
+  pool.parallel_for(n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t row = static_cast<int64_t>(ids[t]) - first_id;
+      float* out = y + t * hidden;
+      if (row < 0 || row >= vocab) {
+        std::fill(out, out + hidden, 0.f);
+        continue;
+      }
+      for (int64_t i = 0; i < hidden; ++i) out[i] = load_as_f32(table, dtype, row * hidden + i);
     }
   });
 }

@@ -66,8 +66,11 @@ export interface Backend {
   /** Frees what matrix() allocated (a no-op for matrices used in place). */
   freeMatrix(matrix: DeviceMatrix): void;
 
-  /** out (n, hidden) = table[ids]. */
-  embedding(out: DeviceBuffer, ids: Int32Array, table: DeviceMatrix): void;
+  /**
+   * out (n, hidden) = table[ids]. With firstId, the table is a vocabulary shard holding ids
+   * [firstId, firstId + rows) and other ids give zero rows (tensor parallelism).
+   */
+  embedding(out: DeviceBuffer, ids: Int32Array, table: DeviceMatrix, firstId?: number): void;
   /** out (rows, cols) = layer_norm(x) * gamma + beta. */
   layerNorm(out: DeviceBuffer, x: DeviceBuffer, rows: number, cols: number, gamma: DeviceBuffer, beta: DeviceBuffer, eps: number): void;
   /** out (rows, out) = act(x (rows, in) @ W^T + bias) + residual. */

@@ -96,9 +96,10 @@ export class CpuBackend implements Backend {
     if (m.owned) native().release(m.region);
   }
 
-  embedding(out: DeviceBuffer, ids: Int32Array, table: DeviceMatrix): void {
+  embedding(out: DeviceBuffer, ids: Int32Array, table: DeviceMatrix, firstId?: number): void {
     const t = table as CpuMatrix;
-    native().embedding(f32(out), ids, t.region, t.byteOffset, DTypeCode[t.dtype], t.outFeatures, t.inFeatures);
+    if (firstId === undefined) native().embedding(f32(out), ids, t.region, t.byteOffset, DTypeCode[t.dtype], t.outFeatures, t.inFeatures);
+    else native().embeddingShard(f32(out), ids, t.region, t.byteOffset, DTypeCode[t.dtype], t.outFeatures, t.inFeatures, firstId);
   }
 
   layerNorm(out: DeviceBuffer, x: DeviceBuffer, rows: number, cols: number, gamma: DeviceBuffer, beta: DeviceBuffer, eps: number): void {

@@ -69,6 +69,20 @@ export interface NativeAddon {
   /** y (n, hidden) = table[ids] as fp32; table (vocab, hidden) at (region, offset). */
   embedding(y: Float32Array, ids: Int32Array, table: NativeRegion, tableOffset: number, dtype: number, vocab: number, hidden: number): void;
   convert(dst: NativeRegion, dstOffset: number, dstDtype: number, src: NativeRegion, srcOffset: number, srcDtype: number, n: number): void;
+  /** dst (rows, count) = src (rows, cols)[:, first : first+count], converted: a row-split tensor-parallel shard. */
+  sliceColumns(dst: NativeRegion, dstOffset: number, dstDtype: number, src: NativeRegion, srcOffset: number, srcDtype: number, rows: number, cols: number, first: number, count: number): void;
+  /** Embedding lookup in a vocabulary shard holding ids [firstId, firstId+vocab); other ids give zero rows. */
+  embeddingShard(y: Float32Array, ids: Int32Array, table: NativeRegion, tableOffset: number, dtype: number, vocab: number, hidden: number, firstId: number): void;
+  // MPI (tensor parallelism); every call but mpiAvailable throws when the addon was built without MPI.
+  mpiAvailable(): boolean;
+  /** MPI_Init_thread (FUNNELED) from the calling thread, once; the world and this node's share of it. */
+  mpiInit(): { rank: number; size: number; localRank: number; localSize: number };
+  mpiAllReduceSum(data: Float32Array, count: number): void;
+  /** Broadcasts the array's bytes from `root`, in place. */
+  mpiBroadcast(data: ArrayBufferView, root: number): void;
+  /** Rank `root` receives counts[r] floats from rank r at displs[r] into recv (null elsewhere). */
+  mpiGather(send: Float32Array, count: number, recv: Float32Array | null, counts: Int32Array, displs: Int32Array, root: number): void;
+  mpiFinalize(): void;
   /**
    * Ragged-batch ALiBi attention over a paged KV cache (see native/src/attention.cc).
    * seqs holds (tokenStart, numNew, pastLen, blockTableOffset) per sequence.

@@ -85,12 +85,16 @@ export class ReferenceBackend implements Backend {
   }
   freeMatrix(): void {}
 
-  embedding(out: DeviceBuffer, ids: Int32Array, table: DeviceMatrix): void {
+  embedding(out: DeviceBuffer, ids: Int32Array, table: DeviceMatrix, firstId?: number): void {
     const t = table as RefMatrix;
     const h = t.inFeatures;
     for (let i = 0; i < ids.length; i++) {
-      const id = ids[i]!;
-      if (id < 0 || id >= t.outFeatures) throw new BlossomError("input", `token id ${id} is outside the vocabulary [0, ${t.outFeatures})`);
+      const id = ids[i]! - (firstId ?? 0);
+      if (id < 0 || id >= t.outFeatures) {
+        if (firstId === undefined) throw new BlossomError("input", `token id ${ids[i]} is outside the vocabulary [0, ${t.outFeatures})`);
+        f32(out).fill(0, i * h, (i + 1) * h);
+        continue;
+      }
       f32(out).set(t.data.subarray(id * h, (id + 1) * h), i * h);
     }
   }

@@ -56,6 +56,21 @@ export class EngineClient implements EngineHandle {
     });
   }
 
+  /**
+   * A tensor-parallel follower rank: starts the worker, which computes what rank 0 broadcasts, and
+   * resolves when it has finished.
+   */
+  static follow(data: WorkerData): Promise<void> {
+    const worker = new Worker(new URL("./worker.js", import.meta.url), { workerData: data });
+    return new Promise((resolve, reject) => {
+      worker.on("message", (m: Response) => {
+        if (m.type === "fatal") reject(toError(m.error));
+      });
+      worker.on("error", reject);
+      worker.on("exit", () => resolve());
+    });
+  }
+
   /** Starts a worker and waits until the model is loaded. */
   static start(data: WorkerData): Promise<EngineClient> {
     const worker = new Worker(new URL("./worker.js", import.meta.url), { workerData: data });

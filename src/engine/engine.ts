@@ -5,7 +5,7 @@
  * boundary (continuous batching).
  */
 import { BlossomError } from "../errors.js";
-import type { BloomModel } from "../models/bloom.js";
+import type { BloomModel, ForwardStep } from "../models/bloom.js";
 import type { KVCachePool } from "./kv-cache.js";
 
 export class Sequence {
@@ -30,6 +30,8 @@ export class Engine {
   constructor(
     readonly model: BloomModel,
     readonly kvCache: KVCachePool,
+    /** Called with each step before it is computed (tensor parallelism: rank 0 broadcasts it). */
+    private readonly beforeForward?: (step: ForwardStep) => void,
   ) {}
 
   createSequence(): Sequence {
@@ -98,7 +100,9 @@ export class Engine {
       table += e.sequence.blocks.length;
     });
 
-    const logits = this.model.forward({ tokenIds, batch: { seqs, blockTable }, logitRows: Int32Array.from(logitRows) }, this.kvCache);
+    const step: ForwardStep = { tokenIds, batch: { seqs, blockTable }, logitRows: Int32Array.from(logitRows) };
+    this.beforeForward?.(step);
+    const logits = this.model.forward(step, this.kvCache);
     for (const e of entries) e.sequence.length += e.tokens.length;
 
     const out: Float32Array[] = [];

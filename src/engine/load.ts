@@ -5,6 +5,9 @@
 import { freemem } from "node:os";
 import type { Backend } from "../backend/backend.js";
 import { CpuBackend } from "../backend/cpu.js";
+import { native } from "../backend/native.js";
+import { MpiCollectives, TensorParallelWeightStore, tensorShard } from "../parallel/tensor.js";
+import type { ModelShard } from "../models/bloom.js";
 import { openCheckpoint, type Checkpoint } from "../checkpoint/checkpoint.js";
 import { BlossomError } from "../errors.js";
 import { BloomModel } from "../models/bloom.js";
@@ -26,6 +29,8 @@ export interface EngineOptions {
   kvBlockSize?: number;
   /** Pipeline placement with offload (strategy "pipeline"); absent: every layer resident. */
   pipeline?: PipelineOptions;
+  /** Tensor parallelism over MPI (strategy "tensor"): initialises MPI in this thread and loads this rank's slice. */
+  tensorParallel?: boolean;
 }
 
 export interface PipelineOptions extends OffloadOptions {
@@ -42,6 +47,8 @@ export interface LoadedEngine {
   backend: Backend;
   dtype: WeightDType;
   loadSeconds: number;
+  /** Tensor parallelism: this rank's collectives (rank 0 leads, the others follow). */
+  comm?: MpiCollectives;
   dispose(): void;
 }
 
@@ -56,33 +63,46 @@ export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngi
   if (options.threads !== undefined && (!Number.isInteger(options.threads) || options.threads < 1 || options.threads > 1024)) {
     throw new BlossomError("parameter", `threads: expected an integer from 1 to 1024, got ${options.threads}`);
   }
-  const backend = options.backend ?? new CpuBackend(options.threads === undefined ? {} : { threads: options.threads });
+  let world: { rank: number; size: number; localSize: number } | undefined;
+  if (options.tensorParallel) world = native().mpiInit();
+  // Ranks sharing a machine share its cores.
+  const threads = options.threads ?? (world ? Math.max(1, Math.floor(native().cpuInfo().physicalCores / world.localSize)) : undefined);
+  const backend = options.backend ?? new CpuBackend(threads === undefined ? {} : { threads });
   const checkpoint = openCheckpoint(dir);
   let weights: WeightStore | undefined;
   try {
     const tensors = bloomTensors(checkpoint);
     const dtypeOf = (view: TensorView) => matrixDtype(view.dtype, dtype);
     const builder = new WeightBuilder(backend, (view) => backend.matrix(view, dtypeOf(view)));
-    if (options.pipeline) {
+    const { config } = checkpoint;
+    let comm: MpiCollectives | undefined;
+    let shard: ModelShard | undefined;
+    if (world) {
+      if (options.pipeline) throw new BlossomError("parameter", "strategy tensor cannot be combined with pipeline placement");
+      shard = tensorShard(config, world.rank, world.size);
+      comm = new MpiCollectives(world, config);
+      weights = new TensorParallelWeightStore(tensors, builder, backend, shard, config, dtypeOf);
+    } else if (options.pipeline) {
       const { maxMemory, placement, ...offload } = options.pipeline;
       const plan = planPlacement(bloomModules(tensors, matrixBytesAs(dtypeOf)), parseMaxMemory(maxMemory), placement ?? "auto");
       weights = new PipelineWeightStore(tensors, builder, backend, plan, dtypeOf, offload);
     } else {
       weights = new ResidentWeightStore(tensors, builder);
     }
-    const { config } = checkpoint;
-    const model = new BloomModel(config, weights, backend);
+    const model = new BloomModel(config, weights, backend, comm && shard ? { shard, comm } : undefined);
     const blockSize = options.kvBlockSize ?? 16;
-    const perToken = kvBytesPerToken({ numLayers: config.numLayers, numHeads: config.numHeads, headDim: config.headDim });
+    const numHeads = shard?.numHeads ?? config.numHeads;
+    const perToken = kvBytesPerToken({ numLayers: config.numLayers, numHeads, headDim: config.headDim });
     const tokens = options.kvCacheTokens ?? Math.min(1 << 20, Math.max(4096, Math.floor(freemem() / 4 / perToken)));
     const kvCache = new KVCachePool(backend, {
       numLayers: config.numLayers,
-      numHeads: config.numHeads,
+      numHeads,
       headDim: config.headDim,
       blockSize,
       numBlocks: Math.max(1, Math.ceil(tokens / blockSize)),
     });
-    const engine = new Engine(model, kvCache);
+    const leader = comm && comm.rank === 0 ? comm : undefined;
+    const engine = new Engine(model, kvCache, leader ? (step) => leader.broadcastStep(step) : undefined);
     const w = weights;
     return {
       checkpoint,
@@ -92,6 +112,7 @@ export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngi
       backend,
       dtype,
       loadSeconds: (performance.now() - started) / 1000,
+      ...(comm ? { comm } : {}),
       dispose() {
         model.dispose();
         kvCache.dispose();

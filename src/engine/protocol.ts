@@ -26,6 +26,8 @@ export interface EngineInfo {
   loadSeconds: number;
   /** Engine workers serving this model (strategy "replicas"); absent for one. */
   replicas?: number;
+  /** Tensor parallelism: this process's rank and the number of ranks. */
+  tensorParallel?: { rank: number; size: number };
 }
 
 export interface EngineStats {

@@ -16,6 +16,7 @@ import { loadEngine, type LoadedEngine } from "./load.js";
 import type { EngineInfo, EngineStats, Request, Response, SerializedError, WorkerData } from "./protocol.js";
 import { Scheduler } from "./scheduler.js";
 import { logSoftmaxAt } from "./logprobs.js";
+import { followSteps } from "../parallel/tensor.js";
 
 const port = parentPort!;
 const data = workerData as WorkerData;
@@ -70,6 +71,7 @@ class Worker {
       kvCacheTokens: engine.kvCache.capacityTokens,
       kvBytesPerToken: kvBytesPerToken(c),
       loadSeconds,
+      ...(this.loaded.comm ? { tensorParallel: { rank: this.loaded.comm.rank, size: this.loaded.comm.size } } : {}),
     };
   }
 
@@ -200,7 +202,9 @@ class Worker {
         this.disposed = true;
         for (const id of this.scheduler.clear()) send({ type: "ended", id, finish: "cancelled" });
         for (const s of this.sessions.values()) engine.freeSequence(s);
+        this.loaded.comm?.broadcastExit();
         this.loaded.dispose();
+        if (this.loaded.comm) native().mpiFinalize();
         return true;
       }
       case "cancel":
@@ -223,7 +227,15 @@ try {
   const loaded = loadEngine(data.dir, data.options);
   const worker = new Worker(loaded);
   send({ type: "ready", info: worker.info() });
-  await worker.run();
+  const comm = loaded.comm;
+  if (comm && comm.rank !== 0) {
+    // A tensor-parallel follower: compute what rank 0 broadcasts until it says stop.
+    followSteps(loaded.model, loaded.engine.kvCache, comm);
+    loaded.dispose();
+    native().mpiFinalize();
+  } else {
+    await worker.run();
+  }
   port.close();
 } catch (err) {
   send({ type: "fatal", error: serializeError(err) });

@@ -38,6 +38,32 @@ export interface KVCacheLayers {
 /** Receives named intermediates when debugging: (name, layer or -1, rows x cols fp32 values). */
 export type IntermediateHook = (name: string, layer: number, values: Float32Array, rows: number, cols: number) => void;
 
+/**
+ * The slice of the model this process computes. One process holds everything; a tensor-parallel
+ * rank holds a range of attention heads, of MLP columns and of the vocabulary.
+ */
+export interface ModelShard {
+  headStart: number;
+  numHeads: number;
+  ffnStart: number;
+  ffnSize: number;
+  vocabStart: number;
+  vocabSize: number;
+}
+
+/** Collectives between tensor-parallel ranks; absent on a single process. */
+export interface Collectives {
+  readonly rank: number;
+  /** Sums a buffer over all ranks, in place. */
+  allReduceSum(buffer: DeviceBuffer, length: number): void;
+  /** Gathers each rank's logits (rows x its vocabulary shard) into rank 0's rows x vocab; undefined elsewhere. */
+  gatherVocab(local: DeviceBuffer, rows: number): Float32Array | undefined;
+}
+
+export function fullShard(config: BloomConfig): ModelShard {
+  return { headStart: 0, numHeads: config.numHeads, ffnStart: 0, ffnSize: 4 * config.hiddenSize, vocabStart: 0, vocabSize: config.vocabSize };
+}
+
 /** Activation buffers for up to `capacity` tokens, reused across steps. */
 class Workspace {
   capacity = 0;
@@ -49,7 +75,12 @@ class Workspace {
   mlp!: DeviceBuffer; // gelu(ln2 W_1^T + b1)
   private logits: DeviceBuffer | undefined;
 
-  constructor(private readonly backend: Backend, private readonly hiddenSize: number) {}
+  constructor(
+    private readonly backend: Backend,
+    private readonly hiddenSize: number,
+    private readonly attentionWidth: number, // local heads x head_dim
+    private readonly ffnSize: number,
+  ) {}
 
   ensure(tokens: number): void {
     if (tokens <= this.capacity) return;
@@ -59,9 +90,9 @@ class Workspace {
     this.hidden = b.alloc(cap * H);
     this.hidden2 = b.alloc(cap * H);
     this.normed = b.alloc(cap * H);
-    this.qkv = b.alloc(cap * 3 * H);
-    this.attention = b.alloc(cap * H);
-    this.mlp = b.alloc(cap * 4 * H);
+    this.qkv = b.alloc(cap * 3 * this.attentionWidth);
+    this.attention = b.alloc(cap * this.attentionWidth);
+    this.mlp = b.alloc(cap * this.ffnSize);
     this.capacity = cap;
   }
 
@@ -85,19 +116,24 @@ class Workspace {
 
 export class BloomModel {
   readonly config: BloomConfig;
+  readonly shard: ModelShard;
   private readonly backend: Backend;
   private readonly weights: WeightStore;
   private readonly slopes: DeviceBuffer;
   private readonly workspace: Workspace;
+  private readonly comm: Collectives | undefined;
   /** Set to receive named intermediates (slow: copies every activation to the host). */
   onIntermediate: IntermediateHook | undefined;
 
-  constructor(config: BloomConfig, weights: WeightStore, backend: Backend) {
+  constructor(config: BloomConfig, weights: WeightStore, backend: Backend, parallel?: { shard: ModelShard; comm: Collectives }) {
     this.config = config;
     this.backend = backend;
     this.weights = weights;
-    this.slopes = backend.upload(alibiSlopes(config.numHeads));
-    this.workspace = new Workspace(backend, config.hiddenSize);
+    this.shard = parallel?.shard ?? fullShard(config);
+    this.comm = parallel?.comm;
+    const { headStart, numHeads, ffnSize } = this.shard;
+    this.slopes = backend.upload(alibiSlopes(config.numHeads).slice(headStart, headStart + numHeads));
+    this.workspace = new Workspace(backend, config.hiddenSize, numHeads * config.headDim, ffnSize);
   }
 
   /**
@@ -108,11 +144,16 @@ export class BloomModel {
     const { backend: ops, weights, config } = this;
     const H = config.hiddenSize, T = step.tokenIds.length, eps = config.layerNormEpsilon;
     const postLN = config.applyResidualConnectionPostLayernorm;
-    const shape = { numHeads: config.numHeads, headDim: config.headDim, blockSize: kvCache.blockSize };
+    const { shard, comm } = this;
+    const A = shard.numHeads * config.headDim; // this rank's attention width
+    const shape = { numHeads: shard.numHeads, headDim: config.headDim, blockSize: kvCache.blockSize };
+    // Bias and residual join a row-parallel linear's partial sums on one rank only, before the all-reduce.
+    const first = !comm || comm.rank === 0;
     const ws = this.workspace;
     ws.ensure(Math.max(T, step.logitRows.length));
 
-    ops.embedding(ws.normed, step.tokenIds, weights.wordEmbeddings);
+    ops.embedding(ws.normed, step.tokenIds, weights.wordEmbeddings, comm ? shard.vocabStart : undefined);
+    comm?.allReduceSum(ws.normed, T * H); // each rank looked up the ids of its vocabulary shard
     this.trace("word_embeddings", -1, ws.normed, T, H);
     const emb = weights.wordEmbeddingsLayernorm;
     ops.layerNorm(ws.hidden, ws.normed, T, H, emb.weight, emb.bias, eps);
@@ -124,21 +165,23 @@ export class BloomModel {
       ops.layerNorm(ws.normed, ws.hidden, T, H, layer.inputLayernorm.weight, layer.inputLayernorm.bias, eps);
       this.trace("attn_norm", i, ws.normed, T, H);
       ops.linear(ws.qkv, ws.normed, T, layer.queryKeyValue.weight, layer.queryKeyValue.bias);
-      this.trace("qkv", i, ws.qkv, T, 3 * H);
+      this.trace("qkv", i, ws.qkv, T, 3 * A);
       ops.attention(ws.attention, ws.qkv, T, kvCache.layer(i), step.batch, this.slopes, shape);
-      this.trace("attn", i, ws.attention, T, H);
-      ops.linear(ws.hidden2, ws.attention, T, layer.dense.weight, layer.dense.bias, {
-        residual: postLN ? ws.normed : ws.hidden,
+      this.trace("attn", i, ws.attention, T, A);
+      ops.linear(ws.hidden2, ws.attention, T, layer.dense.weight, first ? layer.dense.bias : null, {
+        ...(first ? { residual: postLN ? ws.normed : ws.hidden } : {}),
       });
+      comm?.allReduceSum(ws.hidden2, T * H); // all-reduce point 1: after self_attention.dense
       this.trace("attn_out", i, ws.hidden2, T, H);
       // MLP block.
       ops.layerNorm(ws.normed, ws.hidden2, T, H, layer.postAttentionLayernorm.weight, layer.postAttentionLayernorm.bias, eps);
       this.trace("ffn_norm", i, ws.normed, T, H);
       ops.linear(ws.mlp, ws.normed, T, layer.denseHTo4h.weight, layer.denseHTo4h.bias, { gelu: true });
-      this.trace("ffn_gelu", i, ws.mlp, T, 4 * H);
-      ops.linear(ws.hidden, ws.mlp, T, layer.dense4hToH.weight, layer.dense4hToH.bias, {
-        residual: postLN ? ws.normed : ws.hidden2,
+      this.trace("ffn_gelu", i, ws.mlp, T, shard.ffnSize);
+      ops.linear(ws.hidden, ws.mlp, T, layer.dense4hToH.weight, first ? layer.dense4hToH.bias : null, {
+        ...(first ? { residual: postLN ? ws.normed : ws.hidden2 } : {}),
       });
+      comm?.allReduceSum(ws.hidden, T * H); // all-reduce point 2: after mlp.dense_4h_to_h
       this.trace("block_out", i, ws.hidden, T, H);
       weights.releaseLayer(i);
     }
@@ -152,9 +195,10 @@ export class BloomModel {
     ops.gatherRows(ws.hidden2, ws.hidden, step.logitRows, H);
     ops.layerNorm(ws.normed, ws.hidden2, rows, H, weights.lnF.weight, weights.lnF.bias, eps);
     this.trace("ln_f", -1, ws.normed, rows, H);
-    const logits = ws.logitsFor(rows * config.vocabSize);
+    const logits = ws.logitsFor(rows * shard.vocabSize);
     ops.linear(logits, ws.normed, rows, weights.lmHead, null);
     weights.endStep?.();
+    if (comm) return comm.gatherVocab(logits, rows) ?? new Float32Array(0);
     return ops.download(logits, 0, rows * config.vocabSize);
   }
 
