@@ -9,6 +9,7 @@ import { ReplicaSet } from "./parallel/replicas.js";
 import { native } from "./backend/native.js";
 import type { EngineInfo, EngineStats, TokenUpdate, WorkerData } from "./engine/protocol.js";
 import type { PlacementMode } from "./parallel/planner.js";
+import { chooseStrategy, type AutoChoice } from "./parallel/auto.js";
 import type { WeightDType } from "./engine/weights.js";
 import { resolveGenerationParams, type GenerationParams, type GenerationParamsInput } from "./generate/params.js";
 import { IncrementalDecoder, StopStringMatcher, type FinishReason } from "./generate/stopping.js";
@@ -45,8 +46,14 @@ export interface LoadModelOptions {
   replicas?: number;
 }
 
-export type Strategy = "single" | "pipeline" | "tensor" | "replicas";
-export const strategies: readonly Strategy[] = ["single", "pipeline", "tensor", "replicas"];
+export type Strategy = "single" | "pipeline" | "tensor" | "replicas" | "auto";
+export const strategies: readonly Strategy[] = ["single", "pipeline", "tensor", "replicas", "auto"];
+
+/** Ranks in this MPI job when launched by mpirun, else 1. */
+export function mpiWorldSize(): number {
+  const v = process.env.OMPI_COMM_WORLD_SIZE ?? process.env.PMIX_SIZE ?? process.env.PMI_SIZE;
+  return v === undefined ? 1 : Number(v);
+}
 
 /** This process's MPI rank when launched by mpirun (Open MPI, MPICH/PMI, PMIx), else 0. */
 export function mpiRank(): number {
@@ -132,8 +139,27 @@ export class Model {
     this.info = client.info;
   }
 
+  /** How strategy "auto" decided, when it was asked to. */
+  strategyChoice: AutoChoice | undefined;
+
   /** See loadModel(). */
   static async load(dir: string, options: LoadModelOptions = {}): Promise<Model> {
+    let choice: AutoChoice | undefined;
+    if (options.strategy === "auto") {
+      choice = chooseStrategy(dir, options.dtype ?? "auto", mpiWorldSize());
+      options = {
+        ...options,
+        strategy: choice.strategy,
+        ...(choice.maxMemory !== undefined && options.maxMemory === undefined ? { maxMemory: choice.maxMemory } : {}),
+        ...(choice.replicas !== undefined && options.replicas === undefined ? { replicas: choice.replicas } : {}),
+      };
+    }
+    const model = await Model.loadResolved(dir, options);
+    model.strategyChoice = choice;
+    return model;
+  }
+
+  private static async loadResolved(dir: string, options: LoadModelOptions): Promise<Model> {
     const config = readBloomConfig(dir);
     const { maxBatchSize, maxBatchTotalTokens } = options;
     const engineOptions = engineOptionsFrom(options);

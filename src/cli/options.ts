@@ -1,6 +1,6 @@
 /** Options shared by commands, and strict parsers that name the option at fault. */
 import { InvalidArgumentError, Option, type Command } from "commander";
-import { strategies, type LoadModelOptions, type ModelDType, type Strategy } from "../model.js";
+import { loadModel, strategies, type LoadModelOptions, type Model, type ModelDType, type Strategy } from "../model.js";
 import { placementModes, type PlacementMode } from "../parallel/planner.js";
 
 export function parseInteger(name: string, min: number, max = Number.MAX_SAFE_INTEGER) {
@@ -47,6 +47,14 @@ export function addModelOptions(command: Command, options: { modelRequired?: boo
     .addOption(new Option("--placement <mode>", "pipeline: how layers are spread (Accelerate's device_map modes)").choices([...placementModes]))
     .option("--offload-folder <dir>", "pipeline: where offloaded weights converted to --dtype are written")
     .option("--replicas <n>", "replicas: engine workers sharing one copy of the weights (default 2)", parseInteger("--replicas", 1, 64));
+}
+
+/** Loads the model the CLI options name, reporting strategy "auto"'s choice on stderr. */
+export async function loadModelForCli(o: ModelCliOptions, extra: LoadModelOptions = {}): Promise<Model> {
+  const model = await loadModel(o.model, { ...modelOptionsFromCli(o), ...extra });
+  const c = model.strategyChoice;
+  if (c) process.stderr.write(`strategy auto: ${c.strategy}${c.replicas ? ` (${c.replicas} replicas)` : ""}${c.maxMemory ? ` (--max-memory ${c.maxMemory})` : ""}: ${c.reason}\n`);
+  return model;
 }
 
 /** loadModel options from the shared CLI options. */

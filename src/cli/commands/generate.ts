@@ -1,8 +1,8 @@
 /** `blossom generate`: prints continuations of prompts, like the guide's bloom-*-inference.py scripts. */
 import type { Command } from "commander";
-import { loadModel, type GenerateResult } from "../../model.js";
+import type { GenerateResult } from "../../model.js";
 import type { GenerationParamsInput } from "../../generate/params.js";
-import { addModelOptions, collect, modelOptionsFromCli, parseInteger, parseNumber, type ModelCliOptions } from "../options.js";
+import { addModelOptions, collect, loadModelForCli, parseInteger, parseNumber, type ModelCliOptions } from "../options.js";
 
 /** The input sentences of the guide's scripts (bloom-inference-scripts/bloom-ds-inference.py). */
 export const guideInputSentences = [
@@ -79,10 +79,7 @@ export function registerGenerateCommand(program: Command): void {
     .action(async (prompts: string[], o: GenerateCliOptions) => {
       const inputs = prompts.length ? prompts : guideInputSentences;
       const params = generationParamsFromCli(o);
-      const model = await loadModel(o.model, {
-        ...modelOptionsFromCli(o),
-        ...(o.batchSize !== undefined ? { maxBatchSize: o.batchSize } : {}),
-      });
+      const model = await loadModelForCli(o, o.batchSize !== undefined ? { maxBatchSize: o.batchSize } : {});
       try {
         const started = performance.now();
         let tokens = 0;
