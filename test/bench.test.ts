@@ -3,7 +3,7 @@
  * SVG chart, and OOM cells (not a crash) when the memory budget cannot be met.
  */
 import assert from "node:assert/strict";
-import { execFile } from "node:child_process";
+import { execFile, execFileSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -14,6 +14,15 @@ import type { BenchReport } from "../src/bench/types.js";
 import { fixtureDir } from "./helpers/fixtures.js";
 
 const run = promisify(execFile);
+
+function hasMpirun(): boolean {
+  try {
+    execFileSync("mpirun", ["--version"], { stdio: "ignore" });
+    return true;
+  } catch {
+    return false;
+  }
+}
 const cli = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
 
 describe("blossom bench", () => {
@@ -31,7 +40,7 @@ describe("blossom bench", () => {
     const header = lines.find((l) => l.startsWith("| project \\ bs"));
     assert.ok(header, stdout);
     assert.deepEqual(header.split("|").slice(2, -1).map((s) => s.trim()), ["1", "2", "4"]);
-    for (const label of ["blossom auto", "blossom fp32"]) {
+    for (const label of ["blossom bf16", "blossom fp32"]) {
       const row = lines.find((l) => l.startsWith(`| ${label}`));
       assert.ok(row, `row ${label} missing:\n${stdout}`);
       const cells = row.split("|").slice(2, -1).map((s) => s.trim());
@@ -68,7 +77,7 @@ describe("blossom bench", () => {
       cli, "bench", "-m", fixtureDir("tiny-bloom-a"), "--batch-sizes", "1,8", "--new-tokens", "2", "--cycles", "1",
       "--max-memory", "1MiB", "--no-probe", "--json", json,
     ]);
-    const row = stdout.split("\n").find((l) => l.startsWith("| blossom auto"));
+    const row = stdout.split("\n").find((l) => l.startsWith("| blossom fp32"));
     assert.ok(row, stdout);
     assert.deepEqual(row.split("|").slice(2, -1).map((s) => s.trim()), ["oom", "oom"]);
     const report = JSON.parse(readFileSync(json, "utf8")) as BenchReport;
@@ -84,7 +93,7 @@ describe("blossom bench", () => {
       cli, "bench", "-m", fixtureDir("trained-bloom-small"), "--batch-sizes", "1,512", "--new-tokens", "2", "--cycles", "1",
       "--max-memory", "200MiB", "--no-probe",
     ]);
-    const row = stdout.split("\n").find((l) => l.startsWith("| blossom auto"))!;
+    const row = stdout.split("\n").find((l) => l.startsWith("| blossom bf16"))!;
     const cells = row.split("|").slice(2, -1).map((s) => s.trim());
     assert.ok(Number(cells[0]) > 0, row);
     assert.equal(cells[1], "oom");
@@ -98,9 +107,34 @@ describe("blossom bench", () => {
       [cli, "bench", "-m", fixtureDir("tiny-bloom-a"), "--batch-sizes", "1,2", "--new-tokens", "40", "--cycles", "1", "--no-probe"],
       { env: { ...process.env, BLOSSOM_BENCH_KV_TOKENS: "32" } },
     );
-    const row = stdout.split("\n").find((l) => l.startsWith("| blossom auto"))!;
+    const row = stdout.split("\n").find((l) => l.startsWith("| blossom fp32"))!;
     assert.deepEqual(row.split("|").slice(2, -1).map((s) => s.trim()), ["oom", "oom"]);
     assert.match(stdout, /allocation failed at run time: .*KV-cache capacity/);
+  });
+
+  test("one row per strategy: pipeline with disk offload, replicas, tensor under mpirun", async () => {
+    const json = join(dir, "strategies.json");
+    const strategies = ["single", "pipeline", "replicas", ...(hasMpirun() ? ["tensor"] : [])];
+    const { stdout } = await run(process.execPath, [
+      cli, "bench", "-m", fixtureDir("trained-bloom-small"), "--strategy", strategies.join(","), "--batch-sizes", "2",
+      "--new-tokens", "3", "--cycles", "1", "--no-probe", "--max-memory", "0:4MB,cpu:2MB,disk", "--json", json,
+    ]);
+    const report = JSON.parse(readFileSync(json, "utf8")) as BenchReport;
+    assert.deepEqual(report.results.map((r) => r.config.strategy), strategies);
+    for (const r of report.results) {
+      const cell = r.cells[0]!;
+      assert.equal(cell.status, "ok", `${r.config.label}: ${JSON.stringify(cell)}\n${stdout}`);
+      if (cell.status !== "ok") continue;
+      // Replicas decode a batch per stream: twice the sequences and tokens.
+      const streams = r.config.strategy === "replicas" ? 2 : 1;
+      assert.equal(cell.sequences, 2 * streams);
+      assert.equal(cell.newTokensGenerated, 3 * 2 * streams);
+    }
+    const pipeline = report.results.find((r) => r.config.strategy === "pipeline")!;
+    assert.ok(pipeline.engine!.weightBytes < report.results[0]!.engine!.weightBytes, "offloaded layers are not resident");
+    const tensor = report.results.find((r) => r.config.strategy === "tensor");
+    if (tensor) assert.deepEqual(tensor.engine!.tensorParallel, { rank: 0, size: 2 });
+    assert.equal(report.results.find((r) => r.config.strategy === "replicas")!.engine!.replicas, 2);
   });
 
   test("bad options are refused with the option's name", async () => {

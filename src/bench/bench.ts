@@ -3,12 +3,14 @@
  * sentences, one warm-up run then `cycles` timed runs per batch size; ms/token = wall time of the
  * cycles (tokenization included) / tokens generated. Each configuration runs in its own process.
  */
-import { fork } from "node:child_process";
+import { spawn } from "node:child_process";
+import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 import cliProgress from "cli-progress";
 import { guideInputSentences } from "../cli/commands/generate.js";
 import { describeMachine } from "./machine.js";
-import type { BenchConfig, BenchReport, BenchSettings, CellResult, ChildJob, ChildMessage, ConfigResult } from "./types.js";
+import { treeRss } from "./rss.js";
+import { messagePrefix, type BenchConfig, type BenchReport, type BenchSettings, type CellResult, type ChildJob, type ChildMessage, type ConfigResult } from "./types.js";
 
 export interface BenchOptions {
   configs: BenchConfig[];
@@ -30,25 +32,52 @@ interface ProgressState {
   cellsTotal: number;
 }
 
+/** The command that runs a configuration: node, or mpirun starting one node per rank. */
+function childCommand(config: BenchConfig, job: string): [string, string[]] {
+  const node = [process.execPath, childScript, job];
+  if (config.strategy !== "tensor") return [node[0]!, node.slice(1)];
+  return ["mpirun", ["--allow-run-as-root", "--oversubscribe", "-np", String(config.ranks ?? 2), ...node]];
+}
+
 function runConfig(config: BenchConfig, settings: BenchSettings, prompts: string[], progress: ProgressState): Promise<ConfigResult> {
   return new Promise((resolve) => {
     const result: ConfigResult = { config, loadSeconds: undefined, rssAfterLoadBytes: undefined, engine: undefined, cells: [] };
-    const child = fork(childScript, [], { stdio: ["ignore", "inherit", "inherit", "ipc"] });
+    const job: ChildJob = { config, settings, prompts };
+    const [command, args] = childCommand(config, Buffer.from(JSON.stringify(job)).toString("base64"));
+    const child = spawn(command, args, { stdio: ["ignore", "pipe", "inherit"] });
+    // Peak memory of the whole configuration (every rank), sampled from /proc while a batch size runs.
+    let cellPeak: number | undefined;
+    const sampler = setInterval(() => {
+      if (cellPeak === undefined || child.pid === undefined) return;
+      const rss = treeRss(child.pid);
+      if (rss !== undefined) cellPeak = Math.max(cellPeak, rss);
+    }, 50);
     const update = (batchSize: number | undefined, cycle: string) => {
       progress.bar?.update(progress.cellsDone, { config: config.label, batch: batchSize ?? "-", cycle });
     };
     update(undefined, "loading");
-    child.on("message", (m: ChildMessage) => {
+    child.on("error", (err) => (result.error = `cannot start ${command}: ${err.message}`));
+    createInterface({ input: child.stdout! }).on("line", (line) => {
+      if (!line.startsWith(messagePrefix)) {
+        process.stdout.write(line + "\n");
+        return;
+      }
+      const m = JSON.parse(line.slice(messagePrefix.length)) as ChildMessage;
       switch (m.type) {
         case "loaded":
           result.loadSeconds = m.loadSeconds;
           result.rssAfterLoadBytes = m.rssAfterLoadBytes;
           result.engine = m.engine;
           break;
+        case "cellStart":
+          cellPeak = 0;
+          break;
         case "progress":
           update(m.batchSize, `${m.cycle + 1}/${m.cycles}`);
           break;
         case "cell":
+          if (m.cell.status === "ok" && cellPeak) m.cell.peakRssBytes = Math.max(m.cell.peakRssBytes, cellPeak);
+          cellPeak = undefined;
           result.cells.push(m.cell);
           progress.cellsDone++;
           update(m.cell.batchSize, "done");
@@ -58,8 +87,9 @@ function runConfig(config: BenchConfig, settings: BenchSettings, prompts: string
           break;
       }
     });
-    child.on("exit", (code, signal) => {
-      // A child killed for memory (SIGKILL from the OOM killer) leaves its remaining cells as OOM.
+    child.on("close", (code, signal) => {
+      clearInterval(sampler);
+      // A configuration killed for memory (SIGKILL from the OOM killer) leaves its remaining cells as OOM.
       const missing = settings.batchSizes.filter((bs) => !result.cells.some((c) => c.batchSize === bs));
       if (missing.length && (signal || code !== 0)) {
         const why = signal ? `the process was killed (${signal}), most likely out of memory` : `the process failed: ${result.error ?? `exit code ${code}`}`;
@@ -72,8 +102,6 @@ function runConfig(config: BenchConfig, settings: BenchSettings, prompts: string
       progress.cellsDone += missing.length;
       resolve(result);
     });
-    const job: ChildJob = { config, settings, prompts };
-    child.send(job);
   });
 }
 

@@ -1,36 +1,46 @@
 /**
- * One benchmark configuration, run in its own process (forked by src/bench/bench.ts) so that its
- * peak RSS is its own and a crash or an out-of-memory kill cannot take the benchmark down.
+ * One benchmark configuration, run in processes of its own (spawned by src/bench/bench.ts; under
+ * mpirun for tensor parallelism) so that its memory is its own and a crash or an out-of-memory
+ * kill cannot take the benchmark down. The job comes as base64 JSON in argv; results go to stdout
+ * as lines "BLOSSOM-BENCH <json>" (only rank 0 of an MPI job writes any).
  */
 import { native } from "../backend/native.js";
 import { openCheckpoint } from "../checkpoint/checkpoint.js";
 import { BlossomError } from "../errors.js";
 import { kvBytesPerToken } from "../engine/kv-cache.js";
 import { formatBytes, predictBatchMemory, type ModelShape } from "../engine/memory.js";
-import { loadModel, type Model, type ModelDType } from "../model.js";
+import { matrixDtype, type WeightDType } from "../engine/weights.js";
+import { loadModel, type LoadModelOptions, type Model, type ModelDType, type Strategy } from "../model.js";
+import { bloomTensors } from "../models/bloom-weights.js";
+import { bloomModules, matrixBytesAs } from "../parallel/modules.js";
+import { parseMaxMemory, planPlacement } from "../parallel/planner.js";
 import { BloomTokenizer } from "../tokenizer/tokenizer.js";
-import type { CellResult, ChildJob, ChildMessage } from "./types.js";
+import { messagePrefix, type CellResult, type ChildJob, type ChildMessage } from "./types.js";
 
 function send(message: ChildMessage): void {
-  process.send!(message);
+  process.stdout.write(messagePrefix + JSON.stringify(message) + "\n");
 }
 
-const bytesPer: Record<string, number> = { f32: 4, f16: 2, bf16: 2, i8: 1, fp32: 4, fp16: 2 };
-
-/** Weight bytes the model will hold under `dtype`, from the checkpoint's headers, before loading it. */
-function expectedWeightBytes(dir: string, dtype: string): { shape: Omit<ModelShape, "weightBytes">; weightBytes: number } {
-  const ck = openCheckpoint(dir);
+/** Model shape and the weight bytes resident under the configuration, from the checkpoint's headers. */
+function expectedShape(job: ChildJob): { shape: ModelShape; sharedWeights: number } {
+  const { config } = job;
+  const ck = openCheckpoint(config.model);
   try {
-    let bytes = 0;
-    for (const t of ck.tensors.values()) {
-      const numel = t.shape.reduce((a, b) => a * b, 1);
-      const matrix = t.shape.length === 2;
-      bytes += matrix ? numel * (dtype === "auto" ? bytesPer[t.dtype]! : bytesPer[dtype]!) : numel * 4;
+    const tensors = bloomTensors(ck);
+    const dtypeOf = matrixBytesAs((v) => matrixDtype(v.dtype, config.dtype as WeightDType));
+    const modules = bloomModules(tensors, dtypeOf);
+    let weightBytes = modules.reduce((a, m) => a + m.bytes, 0);
+    if (config.strategy === "pipeline" && config.deviceMemory) {
+      const plan = planPlacement(modules, parseMaxMemory(config.deviceMemory), "auto");
+      weightBytes -= plan.bytesPerDevice.get("disk") ?? 0;
+      // Two staging buffers of the largest offloaded block.
+      const blocks = modules.filter((m) => /^h\./.test(m.name) && plan.placement.get(m.name) === "disk");
+      weightBytes += 2 * Math.max(0, ...blocks.map((m) => m.bytes));
     }
     const c = ck.config;
     return {
-      weightBytes: bytes,
-      shape: { vocabSize: c.vocabSize, hiddenSize: c.hiddenSize, numLayers: c.numLayers, numHeads: c.numHeads, kvBytesPerToken: kvBytesPerToken(c) },
+      shape: { vocabSize: c.vocabSize, hiddenSize: c.hiddenSize, numLayers: c.numLayers, numHeads: c.numHeads, kvBytesPerToken: kvBytesPerToken(c), weightBytes },
+      sharedWeights: weightBytes,
     };
   } finally {
     ck.dispose();
@@ -43,9 +53,16 @@ function isOutOfMemory(err: unknown): boolean {
   return err instanceof RangeError || /allocat|out of memory|ENOMEM/i.test(message);
 }
 
+/** Streams decoding in parallel: replicas each take a batch of the column's size. */
+function streamsOf(job: ChildJob): number {
+  return job.config.strategy === "replicas" ? (job.config.replicas ?? 2) : 1;
+}
+
 async function runCell(model: Model, job: ChildJob, batchSize: number, promptTokens: number, shape: ModelShape): Promise<CellResult> {
-  const { settings } = job;
-  const predicted = predictBatchMemory(shape, batchSize, promptTokens, settings.newTokens);
+  const { settings, config } = job;
+  const streams = streamsOf(job);
+  const processes = config.strategy === "tensor" ? (config.ranks ?? 2) : 1;
+  const predicted = predictBatchMemory(shape, batchSize, promptTokens, settings.newTokens, { streams, processes });
   if (predicted.total > settings.maxMemoryBytes) {
     return {
       batchSize,
@@ -54,9 +71,11 @@ async function runCell(model: Model, job: ChildJob, batchSize: number, promptTok
       predicted,
     };
   }
-  const prompts = Array.from({ length: batchSize }, (_, i) => job.prompts[i % job.prompts.length]!);
+  const sequences = batchSize * streams;
+  const prompts = Array.from({ length: sequences }, (_, i) => job.prompts[i % job.prompts.length]!);
   // Every sequence generates exactly newTokens, as in the guide's batches (padded rows run to the end).
   const params = { maxNewTokens: settings.newTokens, minNewTokens: settings.newTokens };
+  send({ type: "cellStart", batchSize });
   let peakRss = native().residentBytes();
   const sampler = setInterval(() => (peakRss = Math.max(peakRss, native().residentBytes())), 25);
   try {
@@ -79,6 +98,7 @@ async function runCell(model: Model, job: ChildJob, batchSize: number, promptTok
       latencyPerBatchMs: (seconds * 1000) / settings.cycles,
       timeToFirstTokenMs: (ttft * 1000) / settings.cycles,
       newTokensGenerated: tokens,
+      sequences,
       promptTokens,
       peakRssBytes: peakRss,
       predicted,
@@ -93,40 +113,41 @@ async function runCell(model: Model, job: ChildJob, batchSize: number, promptTok
 
 async function run(job: ChildJob): Promise<void> {
   const { config, settings } = job;
-  const { shape, weightBytes } = expectedWeightBytes(config.model, config.dtype);
+  const { shape, sharedWeights } = expectedShape(job);
   const tokenizer = BloomTokenizer.fromDir(config.model);
   const promptTokens = Math.max(...(await Promise.all(job.prompts.map(async (p) => (await tokenizer.encode(p)).length))));
-  const modelShape: ModelShape = { ...shape, weightBytes };
   // Size the KV pool for the largest batch that may fit; it is reserved, and only used blocks become resident.
-  const room = Math.max(0, settings.maxMemoryBytes - weightBytes);
+  const streams = streamsOf(job);
+  const room = Math.max(0, settings.maxMemoryBytes - sharedWeights) / streams;
   const largest = Math.max(...settings.batchSizes);
-  const started = performance.now();
-  const model = await loadModel(config.model, {
+  const options: LoadModelOptions = {
     dtype: config.dtype as ModelDType,
+    strategy: config.strategy as Strategy,
     ...(config.threads !== undefined ? { threads: config.threads } : {}),
+    ...(config.strategy === "pipeline" ? { maxMemory: config.deviceMemory ?? "cpu:1TiB,disk" } : {}),
+    ...(config.strategy === "replicas" ? { replicas: streams } : {}),
     // BLOSSOM_BENCH_KV_TOKENS overrides the pool size (to reproduce a KV cache that runs out at run time).
     kvCacheTokens: process.env.BLOSSOM_BENCH_KV_TOKENS
       ? Number(process.env.BLOSSOM_BENCH_KV_TOKENS)
       : Math.max(256, Math.min(largest * (promptTokens + settings.newTokens), Math.floor(room / shape.kvBytesPerToken))),
     maxBatchSize: largest,
-  });
+  };
+  const started = performance.now();
+  const model = await loadModel(config.model, options); // tensor-parallel followers never return from this
   const loadSeconds = (performance.now() - started) / 1000;
   send({ type: "loaded", loadSeconds, rssAfterLoadBytes: native().residentBytes(), engine: model.info });
   try {
-    for (const batchSize of settings.batchSizes) {
-      send({ type: "cell", cell: await runCell(model, job, batchSize, promptTokens, modelShape) });
-    }
+    for (const batchSize of settings.batchSizes) send({ type: "cell", cell: await runCell(model, job, batchSize, promptTokens, shape) });
   } finally {
     await model.dispose();
   }
 }
 
-process.once("message", (job: ChildJob) => {
-  run(job).then(
-    () => process.exit(0),
-    (err: unknown) => {
-      send({ type: "failed", error: err instanceof Error ? err.message : String(err) });
-      process.exit(1);
-    },
-  );
-});
+const job = JSON.parse(Buffer.from(process.argv[2] ?? "", "base64").toString("utf8")) as ChildJob;
+run(job).then(
+  () => process.exit(0),
+  (err: unknown) => {
+    send({ type: "failed", error: err instanceof Error ? err.message : String(err) });
+    process.exit(1);
+  },
+);

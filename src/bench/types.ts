@@ -8,8 +8,15 @@ export interface BenchConfig {
   label: string;
   model: string;
   dtype: string;
+  /** single | pipeline | tensor | replicas | auto */
   strategy: string;
   threads: number | undefined;
+  /** Pipeline: per-device budgets ("cpu:8GiB,disk"). */
+  deviceMemory?: string;
+  /** Replicas: engine workers (each decodes a batch of the column's size). */
+  replicas?: number;
+  /** Tensor: MPI ranks (launched with mpirun). */
+  ranks?: number;
 }
 
 export interface BenchSettings {
@@ -31,7 +38,10 @@ export type CellResult =
       /** Mean time from the call to the first generated token. */
       timeToFirstTokenMs: number;
       newTokensGenerated: number;
+      /** Sequences per cycle: the batch size times the number of streams (replicas). */
+      sequences: number;
       promptTokens: number;
+      /** Peak resident memory of the configuration's processes (all ranks) during this batch size. */
       peakRssBytes: number;
       predicted: BatchMemory;
     }
@@ -58,6 +68,7 @@ export interface BenchReport {
 export type ChildMessage =
   | { type: "loaded"; loadSeconds: number; rssAfterLoadBytes: number; engine: EngineInfo }
   | { type: "progress"; batchSize: number; cycle: number; cycles: number; elapsedMs: number }
+  | { type: "cellStart"; batchSize: number }
   | { type: "cell"; cell: CellResult }
   | { type: "failed"; error: string };
 
@@ -67,3 +78,6 @@ export interface ChildJob {
   settings: BenchSettings;
   prompts: string[];
 }
+
+/** Child processes report on stdout, one "BLOSSOM-BENCH <json>" line per message. */
+export const messagePrefix = "BLOSSOM-BENCH ";

@@ -32,13 +32,23 @@ const runtimeBytes = 120 * 2 ** 20;
  * the prefill of all prompts (11 fp32 activations of width hidden per token: hidden x2, norm, qkv x3,
  * attention, mlp x4) plus the logits of every sequence, and the samplers' scratch.
  */
-export function predictBatchMemory(shape: ModelShape, batchSize: number, promptTokens: number, newTokens: number): BatchMemory {
+export function predictBatchMemory(
+  shape: ModelShape,
+  batchSize: number,
+  promptTokens: number,
+  newTokens: number,
+  /** streams: replicas decoding a batch each (weights shared); processes: tensor-parallel ranks. */
+  parallel: { streams?: number; processes?: number } = {},
+): BatchMemory {
+  const streams = parallel.streams ?? 1, processes = parallel.processes ?? 1;
   const tokens = batchSize * (promptTokens + newTokens);
-  const kvCache = tokens * shape.kvBytesPerToken;
+  const kvCache = streams * tokens * shape.kvBytesPerToken;
   const prefillTokens = batchSize * promptTokens;
-  const activations = 4 * (11 * prefillTokens * shape.hiddenSize + batchSize * shape.vocabSize) + 24 * shape.vocabSize;
-  const total = shape.weightBytes + kvCache + activations + runtimeBytes;
-  return { weights: shape.weightBytes, kvCache, activations, runtime: runtimeBytes, total };
+  // Every rank holds full-width activations; logits are gathered on rank 0.
+  const activations = streams * processes * 4 * 11 * prefillTokens * shape.hiddenSize + streams * (4 * batchSize * shape.vocabSize + 24 * shape.vocabSize);
+  const runtime = runtimeBytes * processes;
+  const total = shape.weightBytes + kvCache + activations + runtime;
+  return { weights: shape.weightBytes, kvCache, activations, runtime, total };
 }
 
 /** MemAvailable from /proc/meminfo (falls back to os.freemem()). */

@@ -8,9 +8,11 @@ import { formatTable } from "../../bench/table.js";
 import type { BenchConfig, BenchReport } from "../../bench/types.js";
 import { availableMemory, formatBytes, parseSize } from "../../engine/memory.js";
 import { resolveModelDir } from "../../model.js";
+import { parseMaxMemory } from "../../parallel/planner.js";
+import { readBloomConfig } from "../../checkpoint/config.js";
 import { dtypeChoices, parseInteger } from "../options.js";
 
-export const strategyChoices = ["single"];
+export const strategyChoices = ["single", "pipeline", "tensor", "replicas", "auto"];
 
 function parseList(name: string, allowed?: readonly string[]) {
   return (value: string): string[] => {
@@ -41,6 +43,8 @@ export interface BenchCliOptions {
   chart?: string;
   probe: boolean;
   progress?: boolean;
+  replicas: number;
+  ranks: number;
 }
 
 /** Prints the report: machine line, the table, and per-configuration details. */
@@ -58,8 +62,9 @@ export function printReport(report: BenchReport, out: (line: string) => void): v
     out(`${r.config.label}: ${load}${weights}${r.error ? ` — ${r.error}` : ""}`);
     for (const c of r.cells) {
       if (c.status === "ok") {
+        const streams = c.sequences !== c.batchSize ? ` (${c.sequences} sequences over all streams)` : "";
         out(
-          `  bs ${String(c.batchSize).padStart(4)}: ${c.msPerToken.toFixed(2)} ms/token, ${c.tokensPerSecond.toFixed(1)} tokens/s, ` +
+          `  bs ${String(c.batchSize).padStart(4)}${streams}: ${c.msPerToken.toFixed(2)} ms/token, ${c.tokensPerSecond.toFixed(1)} tokens/s, ` +
             `${(c.latencyPerBatchMs / 1000).toFixed(2)} s/batch, first token ${c.timeToFirstTokenMs.toFixed(0)} ms, peak RSS ${formatBytes(c.peakRssBytes)}`,
         );
       } else out(`  bs ${String(c.batchSize).padStart(4)}: OOM — ${c.reason}`);
@@ -79,17 +84,40 @@ export function registerBenchCommand(program: Command): void {
     .option("--cycles <n>", "timed runs per batch size (after one warm-up)", parseInteger("--cycles", 1), 5)
     .option("--max-memory <size>", "memory budget, e.g. 16GiB (default: available RAM)")
     .option("--threads <n>", "compute threads (default: physical cores)", parseInteger("--threads", 1, 1024))
+    .option("--replicas <n>", "replicas: engine workers, each decoding a batch of the column's size", parseInteger("--replicas", 1, 64), 2)
+    .option("--ranks <n>", "tensor: MPI ranks launched with mpirun", parseInteger("--ranks", 1, 64), 2)
     .option("--json <file>", "write every figure and the machine description as JSON")
     .option("--chart <file>", "write an SVG chart of ms/token against batch size")
     .option("--no-probe", "skip measuring read bandwidth and FMA peak")
     .option("--no-progress", "no progress bar even on a terminal")
     .action(async (o: BenchCliOptions) => {
       const dir = await resolveModelDir(o.model);
-      const maxMemoryBytes = o.maxMemory !== undefined ? parseSize(o.maxMemory, "--max-memory") : availableMemory();
+      // --max-memory is the memory budget ("16GiB"); or per-device budgets for pipeline rows
+      // ("0:4GiB,cpu:8GiB,disk"), the budget then being the memory available.
+      let maxMemoryBytes = availableMemory();
+      let deviceMemory: string | undefined;
+      if (o.maxMemory !== undefined && o.maxMemory.includes(":")) {
+        parseMaxMemory(o.maxMemory);
+        deviceMemory = o.maxMemory;
+      } else if (o.maxMemory !== undefined) {
+        maxMemoryBytes = parseSize(o.maxMemory, "--max-memory");
+      }
+      const stored = readBloomConfig(dir).torchDtype;
+      const dtypeLabel = (d: string) => (d === "auto" && stored ? { float32: "fp32", float16: "fp16", bfloat16: "bf16" }[stored] : d);
       const configs: BenchConfig[] = [];
       for (const strategy of o.strategy) {
+        const name = strategy === "single" ? "" : strategy === "tensor" ? `tensor x${o.ranks} ` : strategy === "replicas" ? `replicas x${o.replicas} ` : `${strategy} `;
         for (const dtype of o.dtype) {
-          configs.push({ label: `blossom ${strategy === "single" ? "" : strategy + " "}${dtype}`, model: dir, dtype, strategy, threads: o.threads });
+          configs.push({
+            label: `blossom ${name}${dtypeLabel(dtype)}`,
+            model: dir,
+            dtype,
+            strategy,
+            threads: o.threads,
+            ...(strategy === "pipeline" ? { deviceMemory: deviceMemory ?? `cpu:${maxMemoryBytes}B,disk` } : {}),
+            ...(strategy === "replicas" ? { replicas: o.replicas } : {}),
+            ...(strategy === "tensor" ? { ranks: o.ranks } : {}),
+          });
         }
       }
       const report = await runBenchmark({
