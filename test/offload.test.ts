@@ -38,6 +38,7 @@ describe("pipeline offload", () => {
   for (const [label, maxMemory] of [
     ["everything on disk", "cpu:1MB,disk"],
     ["some layers resident, the rest on disk", "0:6MB,cpu:1MB,disk"],
+    ["two compute devices (pinned thread pools), cpu and disk", "0:5MB,1:3MB,cpu:1MB,disk"],
   ] as const) {
     test(`${label}: identical logits and tokens, with and without read-ahead`, () => {
       for (const prefetch of [true, false]) {

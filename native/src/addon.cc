@@ -2,6 +2,11 @@
 // Declared for TypeScript in src/backend/native.ts; keep the two in step.
 #include <napi.h>
 
+#ifdef __linux__
+#include <pthread.h>
+#include <sched.h>
+#endif
+
 #include <algorithm>
 #include <memory>
 #include <vector>
@@ -20,11 +25,23 @@ namespace {
 
 // Per-environment state: each worker thread that loads the addon gets its own pool.
 struct Instance {
-  std::unique_ptr<ThreadPool> pool;
+  std::unique_ptr<ThreadPool> pool;  // the default pool: --threads, caller included
+  std::vector<std::unique_ptr<ThreadPool>> devices;  // pipeline devices: dedicated pools pinned to cores
+  ThreadPool* active = nullptr;  // where kernels run now: a device pool, or null for the default pool
+#ifdef __linux__
+  bool saved_affinity = false;
+  cpu_set_t affinity;  // the calling thread's own, restored when it leaves the devices
+#endif
   std::unique_ptr<FileReader> reader;  // started on first use (disk offload)
 };
 
 Instance& instance(const Napi::Env& env) { return *env.GetInstanceData<Instance>(); }
+
+// The pool kernels run on: the active pipeline device's, else the default one.
+ThreadPool& compute(const Napi::Env& env) {
+  Instance& inst = instance(env);
+  return inst.active ? *inst.active : *inst.pool;
+}
 
 // A Region (a file mapping or an anonymous allocation) is handed to JS as an opaque External.
 // Weights are addressed as (region, byte offset), so a tensor may be larger than the biggest
@@ -226,6 +243,51 @@ Napi::Value SetThreads(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// createDevices(cpuSets: number[][]): one dedicated pool per device, pinned to its cores.
+Napi::Value CreateDevices(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  if (!info[0].IsArray()) type_error(env, "createDevices: expected an array of core lists");
+  auto sets = info[0].As<Napi::Array>();
+  auto& inst = instance(env);
+#ifdef __linux__
+  if (inst.active && inst.saved_affinity) pthread_setaffinity_np(pthread_self(), sizeof inst.affinity, &inst.affinity);
+#endif
+  inst.active = nullptr;
+  inst.devices.clear();
+  for (uint32_t d = 0; d < sets.Length(); ++d) {
+    auto cores = sets.Get(d).As<Napi::Array>();
+    std::vector<int> cpus;
+    for (uint32_t c = 0; c < cores.Length(); ++c) cpus.push_back(cores.Get(c).As<Napi::Number>().Int32Value());
+    need(env, !cpus.empty(), "createDevices: device " + std::to_string(d) + " has no cores");
+    inst.devices.push_back(std::make_unique<ThreadPool>(static_cast<int>(cpus.size()), cpus));
+  }
+  return env.Undefined();
+}
+
+// useDevice(index): kernels run on that device's pool from now on; -1: the default pool.
+Napi::Value UseDevice(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  int64_t d = integer(info, 0, "useDevice: index", -1);
+  auto& inst = instance(env);
+  need(env, d < static_cast<int64_t>(inst.devices.size()), "useDevice: no device " + std::to_string(d));
+  ThreadPool* next = d < 0 ? nullptr : inst.devices[static_cast<size_t>(d)].get();
+  if (next == inst.active) return env.Undefined();
+#ifdef __linux__
+  // The calling thread takes part in the device's work: pin it to the device's cores meanwhile.
+  if (next) {
+    if (!inst.saved_affinity) inst.saved_affinity = pthread_getaffinity_np(pthread_self(), sizeof inst.affinity, &inst.affinity) == 0;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    for (int c : next->cpus()) CPU_SET(c, &set);
+    pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+  } else if (inst.saved_affinity) {
+    pthread_setaffinity_np(pthread_self(), sizeof inst.affinity, &inst.affinity);
+  }
+#endif
+  inst.active = next;
+  return env.Undefined();
+}
+
 Napi::Value GetThreads(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), instance(info.Env()).pool->size());
 }
@@ -272,7 +334,7 @@ Napi::Value Linear(const Napi::CallbackInfo& info) {
   need(env, !overlaps(y.data, rows * out, x.data, rows * in), "linear: y must not overlap x");
   need(env, !overlaps(y.data, rows * out, res.data, res.data ? rows * out : 0), "linear: y must not overlap residual");
   WeightMatrix wm{wdata, dt, out, in};
-  linear(*instance(env).pool, y.data, x.data, rows, wm, bias.data, static_cast<int>(epi), res.data);
+  linear(compute(env), y.data, x.data, rows, wm, bias.data, static_cast<int>(epi), res.data);
   return env.Undefined();
 }
 
@@ -289,7 +351,7 @@ Napi::Value LayerNorm(const Napi::CallbackInfo& info) {
   need(env, x.length >= static_cast<size_t>(rows * cols) && y.length >= static_cast<size_t>(rows * cols),
        "layerNorm: x or y is shorter than rows*cols");
   need(env, g.length >= static_cast<size_t>(cols) && b.length >= static_cast<size_t>(cols), "layerNorm: gamma/beta shorter than cols");
-  layer_norm(*instance(env).pool, y.data, x.data, rows, cols, g.data, b.data, eps);
+  layer_norm(compute(env), y.data, x.data, rows, cols, g.data, b.data, eps);
   return env.Undefined();
 }
 
@@ -310,7 +372,7 @@ Napi::Value Embedding(const Napi::CallbackInfo& info) {
     if (ids.data[i] < 0 || ids.data[i] >= vocab)
       range_error(env, "embedding: token id " + std::to_string(ids.data[i]) + " at index " + std::to_string(i) +
                            " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
-  embedding(*instance(env).pool, y.data, ids.data, static_cast<int64_t>(ids.length), table, dt, hidden);
+  embedding(compute(env), y.data, ids.data, static_cast<int64_t>(ids.length), table, dt, hidden);
   return env.Undefined();
 }
 
@@ -327,7 +389,7 @@ Napi::Value Convert(const Napi::CallbackInfo& info) {
   need(env, dd != DType::I8 && sd != DType::I8, "convert: int8 goes through quantize");
   uint8_t* dst = region_bytes(info, dr, doff, n * static_cast<int64_t>(dtype_size(dd)), "convert: dst");
   const uint8_t* src = region_bytes(info, sr, soff, n * static_cast<int64_t>(dtype_size(sd)), "convert: src");
-  convert(*instance(env).pool, dst, dd, src, sd, n);
+  convert(compute(env), dst, dd, src, sd, n);
   return env.Undefined();
 }
 
@@ -366,7 +428,7 @@ Napi::Value Attention(const Napi::CallbackInfo& info) {
   a.block_table_len = static_cast<int64_t>(table.length);
   a.slopes = slopes.data;
   try {
-    attention(*instance(env).pool, a);
+    attention(compute(env), a);
   } catch (const std::range_error& e) {
     range_error(env, e.what());
   }
@@ -458,7 +520,7 @@ Napi::Value SliceColumns(const Napi::CallbackInfo& info) {
   need(env, first + count <= cols, "sliceColumns: column range past the matrix");
   uint8_t* dst = region_bytes(info, dr, doff, rows * count * static_cast<int64_t>(dtype_size(dd)), "sliceColumns: dst");
   const uint8_t* src = region_bytes(info, sr, soff, rows * cols * static_cast<int64_t>(dtype_size(sd)), "sliceColumns: src");
-  slice_columns(*instance(env).pool, dst, dd, src, sd, rows, cols, first, count);
+  slice_columns(compute(env), dst, dd, src, sd, rows, cols, first, count);
   return env.Undefined();
 }
 
@@ -476,7 +538,7 @@ Napi::Value EmbeddingShard(const Napi::CallbackInfo& info) {
   need(env, dt != DType::I8, "embeddingShard: int8 tables are not supported");
   const uint8_t* table = region_bytes(info, tr, toff, vocab * hidden * static_cast<int64_t>(dtype_size(dt)), "embeddingShard: table");
   need(env, y.length >= ids.length * static_cast<size_t>(hidden), "embeddingShard: y is shorter than ids*hidden");
-  embedding_shard(*instance(env).pool, y.data, ids.data, static_cast<int64_t>(ids.length), table, dt, hidden, first, vocab);
+  embedding_shard(compute(env), y.data, ids.data, static_cast<int64_t>(ids.length), table, dt, hidden, first, vocab);
   return env.Undefined();
 }
 
@@ -579,6 +641,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("cpuInfo", Napi::Function::New(env, CpuInfo));
   exports.Set("setThreads", Napi::Function::New(env, SetThreads));
   exports.Set("getThreads", Napi::Function::New(env, GetThreads));
+  exports.Set("createDevices", Napi::Function::New(env, CreateDevices));
+  exports.Set("useDevice", Napi::Function::New(env, UseDevice));
   exports.Set("setKernelVariant", Napi::Function::New(env, SetVariant));
   exports.Set("getKernelVariant", Napi::Function::New(env, GetVariant));
   exports.Set("linear", Napi::Function::New(env, Linear));

@@ -1,5 +1,10 @@
 #include "thread_pool.h"
 
+#ifdef __linux__
+#include <pthread.h>
+#include <sched.h>
+#endif
+
 #include <chrono>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -20,6 +25,10 @@ ThreadPool::ThreadPool(int threads) : threads_(threads < 1 ? 1 : threads) {
   for (int i = 1; i < threads_; ++i) workers_.emplace_back([this, i] { worker_main(i); });
 }
 
+ThreadPool::ThreadPool(int threads, std::vector<int> cpus) : threads_(threads < 1 ? 1 : threads), cpus_(std::move(cpus)) {
+  for (int i = 1; i < threads_; ++i) workers_.emplace_back([this, i] { worker_main(i); });
+}
+
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -31,6 +40,14 @@ ThreadPool::~ThreadPool() {
 }
 
 void ThreadPool::worker_main(int index) {
+#ifdef __linux__
+  if (!cpus_.empty()) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpus_[static_cast<size_t>(index) % cpus_.size()], &set);
+    pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+  }
+#endif
   uint64_t seen = 0;
   for (;;) {
     uint64_t gen = generation_.load(std::memory_order_acquire);

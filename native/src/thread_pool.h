@@ -1,6 +1,10 @@
 // A persistent pool of worker threads. The calling thread takes part in every job,
 // so a pool of N threads starts N-1 workers. Workers spin briefly between jobs
 // (decode issues hundreds of short jobs per token) and then sleep.
+//
+// A device pool (pipeline placement's "devices" on the CPU backend) pins its workers to the
+// device's cores; the caller, which still takes part, is pinned there while the device is in use
+// (see useDevice in addon.cc).
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -15,6 +19,10 @@ namespace blossom {
 class ThreadPool {
  public:
   explicit ThreadPool(int threads);
+  // A device pool: one thread per core in `cpus`, the workers pinned round-robin to them.
+  ThreadPool(int threads, std::vector<int> cpus);
+
+  const std::vector<int>& cpus() const { return cpus_; }
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
@@ -32,6 +40,7 @@ class ThreadPool {
   void worker_main(int index);
 
   int threads_;
+  std::vector<int> cpus_;
   std::vector<std::thread> workers_;
   std::mutex mutex_;
   std::condition_variable wake_;

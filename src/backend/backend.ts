@@ -80,5 +80,12 @@ export interface Backend {
   /** out (rows.length, cols) = x[rows]. */
   gatherRows(out: DeviceBuffer, x: DeviceBuffer, rows: Int32Array, cols: number): void;
 
+  /**
+   * Pipeline devices: creates `count` compute devices (on the CPU backend, thread pools pinned to
+   * disjoint sets of cores); useDevice(k) makes later ops run on device k, undefined on the default.
+   */
+  createDevices?(count: number): void;
+  useDevice?(device: number | undefined): void;
+
   dispose(): void;
 }

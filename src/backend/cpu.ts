@@ -148,6 +148,20 @@ export class CpuBackend implements Backend {
     }
   }
 
+  /** Cores split evenly among the devices (device k takes a contiguous share; more devices than cores share). */
+  createDevices(count: number): void {
+    const cores = native().cpuInfo().logicalCores;
+    const sets = Array.from({ length: count }, (_, k) => {
+      const from = Math.floor((k * cores) / count), to = Math.max(from + 1, Math.floor(((k + 1) * cores) / count));
+      return Array.from({ length: to - from }, (_, i) => (from + i) % cores);
+    });
+    native().createDevices(sets);
+  }
+
+  useDevice(device: number | undefined): void {
+    native().useDevice(device ?? -1);
+  }
+
   dispose(): void {
     // Matrices are freed by their owner (the weight store); nothing else is held.
   }

@@ -47,6 +47,10 @@ export interface NativeAddon {
   cpuInfo(): CpuInfo;
   setThreads(threads: number): void;
   getThreads(): number;
+  /** Pipeline devices: one dedicated pool per device, its threads pinned to the listed cores. */
+  createDevices(cpuSets: number[][]): void;
+  /** Kernels run on device `index`'s pool from now on; -1 returns to the default pool. */
+  useDevice(index: number): void;
   setKernelVariant(variant: KernelVariant | "auto"): void;
   getKernelVariant(): KernelVariant;
   // kernels

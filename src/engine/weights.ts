@@ -37,6 +37,10 @@ export interface WeightStore {
   layer(i: number): BloomLayerWeights;
   /** Called when the forward pass has finished with layer i (offloading stores drop it). */
   releaseLayer(i: number): void;
+  /** Called at the start of each forward step (before the embeddings). */
+  beginStep?(): void;
+  /** Called before the final norm and head. */
+  beginHead?(): void;
   /** Called at the end of each forward step (after the head). */
   endStep?(): void;
   /** Disk-offload figures, for stores that offload. */

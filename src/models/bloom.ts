@@ -152,6 +152,7 @@ export class BloomModel {
     const ws = this.workspace;
     ws.ensure(Math.max(T, step.logitRows.length));
 
+    weights.beginStep?.();
     ops.embedding(ws.normed, step.tokenIds, weights.wordEmbeddings, comm ? shard.vocabStart : undefined);
     comm?.allReduceSum(ws.normed, T * H); // each rank looked up the ids of its vocabulary shard
     this.trace("word_embeddings", -1, ws.normed, T, H);
@@ -192,6 +193,7 @@ export class BloomModel {
       weights.endStep?.();
       return new Float32Array(0);
     }
+    weights.beginHead?.();
     ops.gatherRows(ws.hidden2, ws.hidden, step.logitRows, H);
     ops.layerNorm(ws.normed, ws.hidden2, rows, H, weights.lnF.weight, weights.lnF.bias, eps);
     this.trace("ln_f", -1, ws.normed, rows, H);

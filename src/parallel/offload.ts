@@ -84,6 +84,8 @@ export class PipelineWeightStore implements WeightStore {
   private readonly prefetch: boolean;
   private readonly evict: boolean;
   private readonly stats: OffloadStats;
+  /** Compute device of each module (numbered devices); cpu and disk modules compute on the first one. */
+  private readonly computeDevice: (module: string) => number | undefined;
 
   constructor(
     tensors: BloomTensors,
@@ -98,6 +100,16 @@ export class PipelineWeightStore implements WeightStore {
     this.evict = options.evictPageCache ?? false;
     this.numLayers = tensors.layers.length;
     const device = (name: string) => plan.placement.get(name);
+    const numbered = [...new Set(plan.placement.values())].filter((d): d is number => typeof d === "number").sort((a, b) => a - b);
+    // Devices are numbered 0, 1, ... in the budgets; the backend creates one compute device per budget.
+    const numberedBudgets = [...plan.budgets.keys()].filter((d): d is number => typeof d === "number").sort((a, b) => a - b);
+    if (numberedBudgets.length > 0 && backend.createDevices) backend.createDevices(numberedBudgets.length);
+    const main = numbered[0] ?? numberedBudgets[0];
+    this.computeDevice = (module) => {
+      if (!backend.createDevices || numberedBudgets.length === 0) return undefined;
+      const d = device(module);
+      return numberedBudgets.indexOf(typeof d === "number" ? d : main!);
+    };
 
     // Embeddings and head: resident, or used from a mapping (the checkpoint's, or a converted copy in the
     // offload folder) whose pages are dropped after each step.
@@ -188,7 +200,16 @@ export class PipelineWeightStore implements WeightStore {
     this.stats.reads++;
   }
 
+  beginStep(): void {
+    this.backend.useDevice?.(this.computeDevice("word_embeddings"));
+  }
+
+  beginHead(): void {
+    this.backend.useDevice?.(this.computeDevice("ln_f"));
+  }
+
   layer(i: number): BloomLayerWeights {
+    this.backend.useDevice?.(this.computeDevice(`h.${i}`));
     const resident = this.resident.get(i);
     if (resident) return resident;
     const d = this.disk.get(i);
@@ -231,6 +252,7 @@ export class PipelineWeightStore implements WeightStore {
   }
 
   endStep(): void {
+    this.backend.useDevice?.(undefined);
     if (!this.headRange) return;
     // Drop the embedding/head pages this step touched: they are read again, from the page cache or the disk.
     const r = this.headRange;
@@ -250,6 +272,8 @@ export class PipelineWeightStore implements WeightStore {
     this.inFlight.clear();
     for (const s of this.slots) native().release(s);
     this.slots.length = 0;
+    this.backend.useDevice?.(undefined);
+    this.backend.createDevices?.(0);
     if (this.ownedMapping) native().release(this.ownedMapping);
     this.builder.freeAll();
   }
