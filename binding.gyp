@@ -16,6 +16,7 @@
         "native/src/norm.cc",
         "native/src/attention.cc",
         "native/src/convert.cc",
+        "native/src/sampling.cc",
         "native/src/probes.cc"
       ],
       "include_dirs": ["<!@(node -p \"require('node-addon-api').include\")"],

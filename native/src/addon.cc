@@ -542,6 +542,25 @@ Napi::Value EmbeddingShard(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// greedyRows(logits, rows, stride, vocab, suppress: Int32Array, suppressRows: Uint8Array, ids: Int32Array, logprobs: Float64Array)
+Napi::Value GreedyRows(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  auto logits = f32(info, 0, "greedyRows: logits");
+  int64_t rows = integer(info, 1, "greedyRows: rows");
+  int64_t stride = integer(info, 2, "greedyRows: stride", 1);
+  int64_t vocab = integer(info, 3, "greedyRows: vocab", 1);
+  auto suppress = i32(info, 4, "greedyRows: suppress");
+  auto suppress_rows = typed<uint8_t>(info, 5, "greedyRows: suppressRows", napi_uint8_array);
+  auto ids = i32(info, 6, "greedyRows: ids");
+  auto logprobs = typed<double>(info, 7, "greedyRows: logprobs", napi_float64_array);
+  need(env, vocab <= stride, "greedyRows: vocab exceeds the row stride");
+  need(env, rows == 0 || logits.length >= static_cast<size_t>((rows - 1) * stride + vocab), "greedyRows: logits shorter than rows x stride");
+  need(env, suppress_rows.length >= static_cast<size_t>(rows) && ids.length >= static_cast<size_t>(rows) && logprobs.length >= static_cast<size_t>(rows),
+       "greedyRows: suppressRows, ids and logprobs need one entry per row");
+  greedy_rows(compute(env), logits.data, rows, stride, vocab, suppress.data, static_cast<int64_t>(suppress.length), suppress_rows.data, ids.data, logprobs.data);
+  return env.Undefined();
+}
+
 // ---- MPI (tensor parallelism) --------------------------------------------------------------------
 
 template <typename F>
@@ -631,6 +650,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("readFile", Napi::Function::New(env, ReadFile));
   exports.Set("sliceColumns", Napi::Function::New(env, SliceColumns));
   exports.Set("embeddingShard", Napi::Function::New(env, EmbeddingShard));
+  exports.Set("greedyRows", Napi::Function::New(env, GreedyRows));
   exports.Set("mpiAvailable", Napi::Function::New(env, MpiAvailable));
   exports.Set("mpiInit", Napi::Function::New(env, MpiInit));
   exports.Set("mpiAllReduceSum", Napi::Function::New(env, MpiAllReduceSum));

@@ -58,6 +58,12 @@ void slice_columns(ThreadPool& pool, void* dst, DType dst_dtype, const void* src
 void embedding_shard(ThreadPool& pool, float* y, const int32_t* ids, int64_t n, const void* table, DType dtype, int64_t hidden,
                      int64_t first_id, int64_t vocab);
 
+// Greedy choice per row: ids[r] = argmax (lowest id on ties) of logits row r (vocab entries, rows
+// `stride` floats apart), logprobs[r] its log-softmax; rows with suppress_rows[r] set first mask the
+// `suppress` ids to -inf, in place. A row with no finite maximum gets id -1 and a NaN logprob.
+void greedy_rows(ThreadPool& pool, float* logits, int64_t rows, int64_t stride, int64_t vocab, const int32_t* suppress,
+                 int64_t num_suppress, const uint8_t* suppress_rows, int32_t* ids, double* logprobs);
+
 // Ragged-batch attention with a paged KV cache.
 //   qkv (tokens, heads, 3, head_dim): fused projection output, BLOOM's per-head layout.
 //   k_cache/v_cache (blocks, heads, block_size, head_dim) fp32.

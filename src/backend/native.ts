@@ -77,6 +77,11 @@ export interface NativeAddon {
   sliceColumns(dst: NativeRegion, dstOffset: number, dstDtype: number, src: NativeRegion, srcOffset: number, srcDtype: number, rows: number, cols: number, first: number, count: number): void;
   /** Embedding lookup in a vocabulary shard holding ids [firstId, firstId+vocab); other ids give zero rows. */
   embeddingShard(y: Float32Array, ids: Int32Array, table: NativeRegion, tableOffset: number, dtype: number, vocab: number, hidden: number, firstId: number): void;
+  /**
+   * Greedy choice for many rows: ids[r] = argmax of row r (lowest id on ties), logprobs[r] its log-softmax;
+   * rows with suppressRows[r] set first mask the `suppress` ids to -inf (eos during min_new_tokens).
+   */
+  greedyRows(logits: Float32Array, rows: number, stride: number, vocab: number, suppress: Int32Array, suppressRows: Uint8Array, ids: Int32Array, logprobs: Float64Array): void;
   // MPI (tensor parallelism); every call but mpiAvailable throws when the addon was built without MPI.
   mpiAvailable(): boolean;
   /** MPI_Init_thread (FUNNELED) from the calling thread, once; the world and this node's share of it. */

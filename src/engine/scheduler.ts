@@ -16,7 +16,12 @@ import type { TokenUpdate } from "./protocol.js";
 /** Chooses the next token from logits (src/generate/chooser.ts implements it). */
 export interface NextTokenChooser {
   next(logits: Float32Array, tokens: readonly number[], numGenerated: number): { tokenId: number; logprob: number };
+  /** Ids to mask when the choice is plain argmax (so it can be batched); undefined otherwise. */
+  plainGreedyMask?(numGenerated: number): readonly number[] | undefined;
 }
+
+/** Chooses argmax for many rows of one logits buffer at once (the native greedyRows kernel). */
+export type BatchedGreedy = (logits: Float32Array, rows: number, stride: number, vocab: number, mask: Int32Array, maskRows: Uint8Array) => { ids: Int32Array; logprobs: Float64Array };
 
 export interface GenerationRequest {
   id: number;
@@ -54,7 +59,33 @@ export class Scheduler {
   constructor(
     private readonly engine: Engine,
     private readonly options: SchedulerOptions,
+    private readonly batchedGreedy?: BatchedGreedy,
   ) {}
+
+  /**
+   * Tokens for rows that are plain greedy, chosen together (rows of `logits` are consecutive views of
+   * one buffer); undefined entries are left to each chooser.
+   */
+  private chooseBatched(batch: Running[], logits: Float32Array[]): ({ tokenId: number; logprob: number } | undefined)[] {
+    const out: ({ tokenId: number; logprob: number } | undefined)[] = new Array(batch.length).fill(undefined);
+    if (!this.batchedGreedy) return out;
+    const masks = batch.map((r) => r.request.chooser.plainGreedyMask?.(r.generated));
+    if (masks.some((m) => m === undefined)) return out;
+    const vocab = this.engine.model.config.vocabSize;
+    const first = logits[0]!;
+    const contiguous = logits.every((l, i) => l.buffer === first.buffer && l.byteOffset === first.byteOffset + i * vocab * 4 && l.length === vocab);
+    if (!contiguous) return out;
+    const eos = new Set<number>();
+    masks.forEach((m) => m!.forEach((id) => eos.add(id)));
+    const maskRows = Uint8Array.from(masks, (m) => (m!.length > 0 ? 1 : 0));
+    const all = new Float32Array(first.buffer, first.byteOffset, batch.length * vocab);
+    const { ids, logprobs } = this.batchedGreedy(all, batch.length, vocab, vocab, Int32Array.from(eos), maskRows);
+    for (let i = 0; i < batch.length; i++) {
+      // A row the kernel could not decide (no finite maximum: NaN or masked everything) goes to its chooser, which reports it.
+      if (ids[i]! >= 0 && Number.isFinite(logprobs[i]!)) out[i] = { tokenId: ids[i]!, logprob: logprobs[i]! };
+    }
+    return out;
+  }
 
   get waitingCount(): number {
     return this.waiting.length;
@@ -159,9 +190,10 @@ export class Scheduler {
     this.steps++;
     const updates: TokenUpdate[] = [];
     const finished = new Set<Running>();
+    const batched = this.chooseBatched(batch, logits);
     for (let i = 0; i < batch.length; i++) {
       const r = batch[i]!;
-      const { tokenId, logprob } = r.request.chooser.next(logits[i]!, r.tokens, r.generated);
+      const { tokenId, logprob } = batched[i] ?? r.request.chooser.next(logits[i]!, r.tokens, r.generated);
       r.tokens.push(tokenId);
       r.generated++;
       this.generatedTokens++;

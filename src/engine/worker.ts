@@ -41,11 +41,19 @@ class Worker {
 
   constructor(private readonly loaded: LoadedEngine) {
     const kv = loaded.engine.kvCache;
-    this.scheduler = new Scheduler(loaded.engine, {
-      maxBatchSize: data.maxBatchSize ?? 1024,
-      maxBatchTotalTokens: data.maxBatchTotalTokens ?? kv.capacityTokens,
-      maxPrefillTokens: 4096,
-    });
+    this.scheduler = new Scheduler(
+      loaded.engine,
+      {
+        maxBatchSize: data.maxBatchSize ?? 1024,
+        maxBatchTotalTokens: data.maxBatchTotalTokens ?? kv.capacityTokens,
+        maxPrefillTokens: 4096,
+      },
+      (logits, rows, stride, vocab, mask, maskRows) => {
+        const ids = new Int32Array(rows), logprobs = new Float64Array(rows);
+        native().greedyRows(logits, rows, stride, vocab, mask, maskRows, ids, logprobs);
+        return { ids, logprobs };
+      },
+    );
     port.on("message", (m: Request) => {
       if (m.type === "cancel") this.cancel(m.id);
       else this.queue.push(m);

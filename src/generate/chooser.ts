@@ -144,6 +144,16 @@ export class TokenChooser {
   }
 
   /**
+   * When the next choice is plain argmax (greedy with no repetition penalty and no n-gram ban), the ids
+   * to mask first (the eos ids while min_new_tokens is not reached, else none), so a caller may choose
+   * for many sequences at once; undefined when next() must run.
+   */
+  plainGreedyMask(numGenerated: number): readonly number[] | undefined {
+    if (!this.greedy || this.params.repetitionPenalty !== 1 || this.params.noRepeatNgramSize !== 0) return undefined;
+    return numGenerated < this.params.minNewTokens ? this.eosTokenIds : [];
+  }
+
+  /**
    * Picks the next token. `logits` holds the model's float32 scores for the next position (at least vocabSize
    * of them) and is modified in place. `tokens` is the whole sequence so far, prompt included; `numGenerated`
    * is how many of them were generated (the last numGenerated).
