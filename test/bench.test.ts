@@ -3,7 +3,7 @@
  * SVG chart, and OOM cells (not a crash) when the memory budget cannot be met.
  */
 import assert from "node:assert/strict";
-import { execFile, execFileSync } from "node:child_process";
+import { execFile } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -12,17 +12,10 @@ import { after, describe, test } from "node:test";
 import { fileURLToPath } from "node:url";
 import type { BenchReport } from "../src/bench/types.js";
 import { fixtureDir } from "./helpers/fixtures.js";
+import { hasMpirun } from "./helpers/system.js";
 
 const run = promisify(execFile);
 
-function hasMpirun(): boolean {
-  try {
-    execFileSync("mpirun", ["--version"], { stdio: "ignore" });
-    return true;
-  } catch {
-    return false;
-  }
-}
 const cli = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
 
 describe("blossom bench", () => {

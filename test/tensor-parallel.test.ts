@@ -5,25 +5,18 @@
  * prints from the CLI.
  */
 import assert from "node:assert/strict";
-import { execFile, execFileSync } from "node:child_process";
+import { execFile } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { describe, test } from "node:test";
 import { native } from "../src/backend/native.js";
 import { fixtureDir } from "./helpers/fixtures.js";
+import { hasMpirun } from "./helpers/system.js";
 
 const run = promisify(execFile);
 const helper = fileURLToPath(new URL("./helpers/tensor-parallel-run.js", import.meta.url));
 const cli = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
 
-function hasMpirun(): boolean {
-  try {
-    execFileSync("mpirun", ["--version"], { stdio: "ignore" });
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 // Root may run mpirun in containers and CI; oversubscribe lets 3 ranks share 2 cores.
 const mpirun = (np: number, args: string[]) =>
