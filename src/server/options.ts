@@ -9,8 +9,11 @@ export type Strategy = (typeof strategyChoices)[number];
 export const availableStrategies: readonly Strategy[] = ["single"];
 
 export interface ServerOptions {
-  /** A checkpoint folder (or Hub id) to load, or a model already loaded (the server then does not dispose it). */
-  model: string | Model;
+  /**
+   * A checkpoint folder (or Hub id) to load, or a model loaded by the caller (or being loaded):
+   * the server then does not dispose it.
+   */
+  model: string | Model | Promise<Model>;
   /** The name clients see in /info and /v1/models (default: the checkpoint folder's name). */
   modelId?: string;
   host?: string;
@@ -99,7 +102,7 @@ export function resolveServerOptions(o: ServerOptions): ResolvedServerOptions {
   };
 }
 
-export function defaultModelId(model: string | Model): string {
-  const dir = typeof model === "string" ? model : model.dir;
-  return basename(resolve(dir));
+export function defaultModelId(model: string | Model | Promise<Model>): string {
+  if (model instanceof Promise) return "model";
+  return basename(resolve(typeof model === "string" ? model : model.dir));
 }

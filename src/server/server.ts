@@ -121,7 +121,7 @@ export async function startServer(serverOptions: ServerOptions): Promise<Blossom
               maxBatchSize: options.maxBatchSize,
               ...(options.maxBatchTotalTokens !== undefined ? { maxBatchTotalTokens: options.maxBatchTotalTokens } : {}),
             })
-          : serverOptions.model;
+          : await serverOptions.model;
       service.model = model;
       if (service.state === "loading") service.state = "ready";
       else if (ownsModel) await model.dispose(); // shut down while loading

@@ -9,7 +9,9 @@ import { HttpError } from "./http-error.js";
 export function parseBody<S extends z.ZodType>(schema: S, body: unknown): z.output<S> {
   const result = schema.safeParse(body);
   if (result.success) return result.data;
-  throw issueToError(result.error.issues[0]!, body, schema);
+  // An unknown field usually means a misspelt one, which also explains a "required" error beside it.
+  const issues = result.error.issues;
+  throw issueToError(issues.find((i) => i.code === "unrecognized_keys") ?? issues[0]!, body, schema);
 }
 
 function pathString(path: readonly PropertyKey[]): string {
@@ -49,24 +51,38 @@ const typeNames: Record<string, string> = {
   null: "null",
 };
 
-/** Field names the object schema at `path` knows, for "unknown field" messages (best effort over zod's definitions). */
-function knownKeys(schema: z.ZodType, path: readonly PropertyKey[]): string[] {
+interface SchemaDef {
+  type?: string;
+  format?: string;
+  shape?: Record<string, unknown>;
+  element?: unknown;
+  innerType?: unknown;
+  in?: unknown;
+}
+
+/** The definition of the schema at `path`, through optional/nullable/default wrappers (best effort over zod's internals). */
+function schemaAt(schema: z.ZodType, path: readonly PropertyKey[]): SchemaDef | undefined {
   let s: unknown = schema;
-  const unwrap = () => {
+  const unwrap = (): SchemaDef | undefined => {
     for (;;) {
-      const def = (s as { _zod?: { def?: { type?: string; innerType?: unknown } } })._zod?.def;
-      if (def && (def.type === "optional" || def.type === "nullable" || def.type === "default" || def.type === "pipe")) {
-        s = def.type === "pipe" ? (def as unknown as { in: unknown }).in : def.innerType;
-      } else return def as { type?: string; shape?: Record<string, unknown>; element?: unknown } | undefined;
+      const def = (s as { _zod?: { def?: SchemaDef } })._zod?.def;
+      if (def && (def.type === "optional" || def.type === "nullable" || def.type === "default")) s = def.innerType;
+      else if (def && def.type === "pipe") s = def.in;
+      else return def;
     }
   };
   for (const p of path) {
     const def = unwrap();
     if (def?.type === "object" && typeof p === "string") s = def.shape?.[p];
     else if (def?.type === "array") s = def.element;
-    else return [];
+    else return undefined;
   }
-  const def = unwrap();
+  return unwrap();
+}
+
+/** Field names the object schema at `path` knows, for "unknown field" messages. */
+function knownKeys(schema: z.ZodType, path: readonly PropertyKey[]): string[] {
+  const def = schemaAt(schema, path);
   return def?.type === "object" ? Object.keys(def.shape ?? {}) : [];
 }
 
@@ -80,10 +96,15 @@ function issueToError(issue: z.core.$ZodIssue, body: unknown, schema: z.ZodType)
   const value = valueAt(body, issue.path);
   const got = `(got ${describeValue(value)})`;
   let expectation: string;
-  switch (issue.code) {
-    case "invalid_type":
-      expectation = value === undefined ? "is required" : `must be ${typeNames[issue.expected] ?? issue.expected}`;
+  // A message the schema set itself (zod's own start with these words) says it best.
+  const custom = !/^(Invalid|Too (big|small)|Unrecognized)/.test(issue.message);
+  if (custom) expectation = issue.message;
+  else switch (issue.code) {
+    case "invalid_type": {
+      const expected = issue.expected === "number" && schemaAt(schema, issue.path)?.format?.endsWith("int") ? "int" : issue.expected;
+      expectation = value === undefined ? "is required" : `must be ${typeNames[expected] ?? expected}`;
       break;
+    }
     case "too_big": {
       const origin = issue.origin;
       const bound = `${issue.inclusive ? "<=" : "<"} ${issue.maximum}`;

@@ -147,10 +147,12 @@ function logprobsOf(model: Model, tokens: GeneratedToken[], offset: number): Log
   const out: LogprobsState = { tokens: [], token_logprobs: [], top_logprobs: null, text_offset: [] };
   let at = offset;
   for (const t of tokens) {
-    out.tokens.push(t.special ? (model.tokenizer.idToToken(t.id) ?? "") : t.text);
+    // Each token's own string, as OpenAI lists them (a stop string's last token included).
+    const text = model.tokenizer.decode([t.id], { skipSpecialTokens: false });
+    out.tokens.push(text);
     out.token_logprobs.push(t.logprob);
     out.text_offset.push(at);
-    at += t.text.length;
+    at += text.length;
   }
   return out;
 }
@@ -230,7 +232,7 @@ async function completeStream(context: ServerContext, reply: FastifyReply, body:
           signal: controller.signal,
           onToken: (token, finish) => {
             const logprobs = body.logprobs != null ? logprobsOf(model, [token], offsets[index]!) : null;
-            offsets[index]! += token.text.length;
+            offsets[index]! += logprobs ? logprobs.tokens[0]!.length : 0;
             const finishReason = finish === undefined || finish === "cancelled" ? null : openaiFinishReason(finish);
             sse.send(chunk([{ text: token.text, index, logprobs, finish_reason: finishReason }]));
           },

@@ -8,7 +8,7 @@
  * Differences, on purpose: bad input is a 400 naming the field (the original answered 500 to
  * everything), and max_new_tokens above --allowed-max-new-tokens is refused, not silently cut.
  */
-import type { FastifyInstance } from "fastify";
+import type { FastifyInstance, FastifyRequest } from "fastify";
 import { z } from "zod";
 import type { Model } from "../../model.js";
 import { padLeft } from "../../tokenizer/tokenizer.js";
@@ -64,6 +64,13 @@ function seconds(started: number): string {
 export function registerOriginalRoutes(app: FastifyInstance, context: ServerContext): void {
   const config = { family: "original" as const };
   const queryIds = { generate: 0, tokenize: 0, forward: 0 };
+  // Every request gets its query id on arrival, as in the original, so even an unparsable body's error carries one.
+  const countAs = (kind: keyof typeof queryIds) => ({
+    config,
+    onRequest: async (req: FastifyRequest) => {
+      req.queryId = queryIds[kind]++;
+    },
+  });
 
   app.get("/query_id/", { config }, async () => ({
     generate_query_id: queryIds.generate,
@@ -71,8 +78,7 @@ export function registerOriginalRoutes(app: FastifyInstance, context: ServerCont
     forward_query_id: queryIds.forward,
   }));
 
-  app.post("/generate/", { config }, async (req, reply) => {
-    req.queryId = queryIds.generate++;
+  app.post("/generate/", countAs("generate"), async (req, reply) => {
     const started = performance.now();
     const body = parseBody(generateSchema, req.body);
     const model = context.service.readyModel();
@@ -133,8 +139,7 @@ export function registerOriginalRoutes(app: FastifyInstance, context: ServerCont
     }
   });
 
-  app.post("/tokenize/", { config }, async (req) => {
-    req.queryId = queryIds.tokenize++;
+  app.post("/tokenize/", countAs("tokenize"), async (req) => {
     const started = performance.now();
     const body = parseBody(tokenizeSchema, req.body);
     const model = context.service.readyModel();
@@ -149,8 +154,7 @@ export function registerOriginalRoutes(app: FastifyInstance, context: ServerCont
     };
   });
 
-  app.post("/forward/", { config }, async (req) => {
-    req.queryId = queryIds.forward++;
+  app.post("/forward/", countAs("forward"), async (req) => {
     const started = performance.now();
     const body = parseBody(forwardSchema, req.body);
     const model = context.service.readyModel();
