@@ -7,6 +7,7 @@
  * reaches the engine: every request is validated first and answered 4xx with the field named.
  * An internal error is answered 500 with an id that is also in the log; the server keeps serving.
  */
+import type { Socket } from "node:net";
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from "fastify";
 import { loadModel, type Model } from "../model.js";
 import { familyOf, type ServerContext } from "./context.js";
@@ -104,6 +105,12 @@ export async function startServer(serverOptions: ServerOptions): Promise<Blossom
   registerOpenAiRoutes(app, context);
   registerOpsRoutes(app, context);
 
+  const sockets = new Set<Socket>();
+  app.server.on("connection", (socket: Socket) => {
+    sockets.add(socket);
+    socket.once("close", () => sockets.delete(socket));
+  });
+
   await app.listen({ host: options.host, port: options.port });
   const address = app.server.address();
   const port = typeof address === "object" && address ? address.port : options.port;
@@ -141,7 +148,20 @@ export async function startServer(serverOptions: ServerOptions): Promise<Blossom
     shuttingDown ??= (async () => {
       const result = await service.drain(timeoutMs);
       service.state = "closed";
-      await app.close();
+      // Node closes the connections that are idle when close() is called; one that becomes idle
+      // later would hold close() open until its keep-alive timeout (72 s). Generation is over by
+      // now, so keep closing idle ones, and after 2 s close whatever is left.
+      // A connection that never sent a request (a client's or browser's spare one) is not "idle"
+      // to Node either: close those at once.
+      for (const socket of sockets) if (socket.bytesRead === 0) socket.destroy();
+      const sweep = setInterval(() => app.server.closeIdleConnections(), 100);
+      const force = setTimeout(() => app.server.closeAllConnections(), 2000);
+      try {
+        await app.close();
+      } finally {
+        clearInterval(sweep);
+        clearTimeout(force);
+      }
       if (ownsModel && service.model) await service.model.dispose();
       return result;
     })();
