@@ -53,7 +53,7 @@ describe("blossom serve shutdown", () => {
     // Once the last client is done (here: hangs up), the server exits 0.
     hangUp = true;
     await longStream;
-    const exit = await child.exited;
+    const exit = await child.waitExit();
     assert.deepEqual(exit, { code: 0, signal: null });
     assert.match(child.stderr, /blossom serve: stopped\n/);
   });
@@ -72,14 +72,14 @@ describe("blossom serve shutdown", () => {
     assert.equal(last.error_type, "unavailable");
     assert.match(last.error, /shutting down/);
     assert.ok(result.events.length < 2000);
-    const exit = await child.exited;
+    const exit = await child.waitExit();
     assert.deepEqual(exit, { code: 0, signal: null });
     assert.match(child.stderr, /1 sequence\(s\) cancelled at the deadline/);
   });
 
   test("an unavailable --strategy is refused before anything starts", async () => {
     const child = new Child([serverCli, "serve", "--model", fixtureDir("tiny-bloom-a"), "--port", "0", "--strategy", "tensor"]);
-    const exit = await child.exited;
+    const exit = await child.waitExit();
     assert.equal(exit.code, 1);
     assert.match(child.stderr, /strategy: "tensor" is not available yet; this build serves with: single/);
   });

@@ -55,6 +55,22 @@ export class Child {
     });
   }
 
+  /** The exit, or a failure (and SIGKILL) if the process is still running after `timeoutMs`. */
+  async waitExit(timeoutMs = 60_000): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        this.process.kill("SIGKILL");
+        reject(new Error(`the process did not exit within ${timeoutMs} ms\nstdout: ${this.stdout}\nstderr: ${this.stderr}`));
+      }, timeoutMs);
+    });
+    try {
+      return await Promise.race([this.exited, timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
   write(text: string): void {
     this.process.stdin.write(text);
   }

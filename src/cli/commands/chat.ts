@@ -258,6 +258,8 @@ export function registerChatCommand(program: Command): void {
     try {
       await runChat({ model, input: process.stdin, output: process.stdout, params: { ...defaultGenerationParams, ...start, stop: start.stop ?? [] }, handleSignals: true });
     } finally {
+      // After /quit, an open stdin (a pipe the other end keeps open) would keep the process alive.
+      process.stdin.destroy();
       await model.dispose();
     }
   });
