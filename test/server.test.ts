@@ -162,6 +162,11 @@ describe("server on trained-bloom-small", () => {
     // min_length counts the prompt, as in transformers: 3 prompt tokens + at least 5 new.
     const minLength = await post(`${url}/generate/`, { text: ["In the beginning"], max_new_tokens: 8, min_length: 8 });
     assert.equal(minLength.status, 200);
+    // The earlier server's fields: temperature 0 means greedy; stop_sequences; method.
+    const older = await post(`${url}/generate/`, { text: ["In the beginning"], max_new_tokens: 12, do_sample: true, temperature: 0, stop_sequences: ["month"], num_beams: 1, method: "generate", remove_input_from_output: true });
+    assert.equal(older.status, 200);
+    assert.deepEqual(older.body.text, [" of the first"]);
+    assert.equal(older.body.method, "generate");
 
     const t = await post(`${url}/tokenize/`, { text: ["In the beginning", "He"] });
     assert.deepEqual(t.body.token_ids[0], [1154, 262, 2095]);

@@ -14,7 +14,7 @@ import type { Model } from "../../model.js";
 import { padLeft } from "../../tokenizer/tokenizer.js";
 import type { ServerContext } from "../context.js";
 import { clientClosed, HttpError, validationError } from "../http-error.js";
-import { checkMaxNewTokens, defaultMaxNewTokens, preparePrompt, resolveParams } from "../limits.js";
+import { checkMaxNewTokens, checkStops, defaultMaxNewTokens, preparePrompt, resolveParams } from "../limits.js";
 import { CancelReason } from "../service.js";
 import { cancelOnDisconnect } from "../sse.js";
 import { parseBody } from "../validate.js";
@@ -49,9 +49,15 @@ const generateSchema = z.strictObject({
   exponential_decay_length_penalty: onlyNull("length penalty schedules"),
   num_return_sequences: optional(z.int().min(1)),
   remove_input_from_output: optional(z.boolean()),
+  // Fields of the earlier bloom-inference-server's request.
+  num_beams: optional(z.int().min(1)),
+  num_beam_groups: optional(z.int().min(1)),
+  max_input_length: optional(z.int().min(1)),
+  stop_sequences: optional(z.array(z.string())),
+  method: optional(z.literal("generate")),
 });
 
-const tokenizeSchema = z.strictObject({ text: texts, padding: optional(z.boolean()) });
+const tokenizeSchema = z.strictObject({ text: texts, padding: optional(z.boolean()), method: optional(z.literal("tokenize")) });
 const forwardSchema = z.strictObject({ conditioning_text: texts, response: texts });
 
 /** The original defaulted max_new_tokens to the allowed maximum (100 there); here at most 100. */
@@ -89,8 +95,15 @@ export function registerOriginalRoutes(app: FastifyInstance, context: ServerCont
     const eos = model.tokenizer.eosTokenId;
     if (body.eos_token_id != null && body.eos_token_id !== eos) throw validationError("eos_token_id", `only the model's own (${eos}) is supported (got ${body.eos_token_id})`);
 
-    const prompts = await Promise.all(body.text.map((t, i) => preparePrompt(model, t, `text[${i}]`, limits)));
-    const doSample = body.do_sample ?? false;
+    if (body.num_beams != null && body.num_beams > 1) throw validationError("num_beams", `beam search is not supported; send 1 (got ${body.num_beams})`);
+    if (body.num_beam_groups != null && body.num_beam_groups > 1) throw validationError("num_beam_groups", `beam search is not supported; send 1 (got ${body.num_beam_groups})`);
+    // The earlier server's stop_sequences: each, stripped, also matched after a space.
+    const stop = (body.stop_sequences ?? []).flatMap((s) => (s.trim() ? [s.trim(), ` ${s.trim()}`] : []));
+    checkStops("stop_sequences", body.stop_sequences ?? [], limits);
+    const inputLimits = body.max_input_length != null ? { ...limits, maxInputLength: Math.min(limits.maxInputLength, body.max_input_length) } : limits;
+    const prompts = await Promise.all(body.text.map((t, i) => preparePrompt(model, t, `text[${i}]`, inputLimits)));
+    // The original took temperature 0 for greedy.
+    const doSample = (body.do_sample ?? false) && body.temperature !== 0;
     const params = prompts.map((p, i) => {
       const maxNewTokens = body.max_new_tokens ?? defaultMaxNewTokens(limits, p.ids.length, originalDefaultMaxNewTokens);
       checkMaxNewTokens("max_new_tokens", maxNewTokens, p.ids.length, limits, `text[${i}]`);
@@ -111,6 +124,7 @@ export function registerOriginalRoutes(app: FastifyInstance, context: ServerCont
             : {}),
           repetitionPenalty: body.repetition_penalty ?? 1,
           noRepeatNgramSize: body.no_repeat_ngram_size ?? 0,
+          stop,
         },
         { temperature: "temperature", topK: "top_k", topP: "top_p", typicalP: "typical_p", repetitionPenalty: "repetition_penalty", noRepeatNgramSize: "no_repeat_ngram_size" },
       );
@@ -126,9 +140,11 @@ export function registerOriginalRoutes(app: FastifyInstance, context: ServerCont
       if (results.some((r) => r.cancelledBy === "shutdown")) throw new HttpError("unavailable", "the server is shutting down; the generation was cancelled");
       const removeInput = body.remove_input_from_output ?? false;
       return {
-        text: results.map((r, i) => (removeInput ? model.tokenizer.decode(r.tokens.map((t) => t.id)) : model.tokenizer.decode([...prompts[i]!.ids, ...r.tokens.map((t) => t.id)]))),
+        // The original decoded prompt + output with special tokens skipped; r.text is the output's text, stop string cut.
+        text: results.map((r, i) => (removeInput ? r.text : model.tokenizer.decode(prompts[i]!.ids) + r.text)),
         num_generated_tokens: results.map((r) => r.tokens.length),
         is_encoder_decoder: false,
+        method: "generate",
         query_id: req.queryId,
         total_time_taken: seconds(started),
       };
@@ -149,6 +165,7 @@ export function registerOriginalRoutes(app: FastifyInstance, context: ServerCont
       token_ids: padded ? padded.inputIds : ids,
       ...(padded ? { attention_mask: padded.attentionMask } : {}),
       is_encoder_decoder: false,
+      method: "tokenize",
       query_id: req.queryId,
       total_time_taken: `${(performance.now() - started).toFixed(2)} msecs`,
     };
