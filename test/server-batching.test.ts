@@ -229,7 +229,7 @@ describe("bounded concurrent load on tiny-bloom-a", () => {
         }
       };
       const jobs = (client: number) =>
-        [0, 1, 2].map((k) => ({ kind: kinds[(client + k) % kinds.length]!, prompt: prompts[(client * 3 + k) % prompts.length]!, maxNewTokens: 8 + ((client + 5 * k) % 17) }));
+        [0, 1, 2].map((k) => ({ kind: kinds[(client + k) % kinds.length]!, prompt: prompts[(client * 3 + k) % prompts.length]!, maxNewTokens: 8 + 4 * ((client + k) % 4) }));
 
       // Every distinct request alone first, through /generate, as the reference.
       const reference = new Map<string, string>();
