@@ -343,6 +343,22 @@ export class Model {
     return { perplexity: Math.exp(meanNll), meanNll, tokens: ids.length, predicted };
   }
 
+  /**
+   * log p(ids[i] | ids[<i]) for every i from `from` (>= 1) on, teacher-forced in one step: the
+   * prompt details of text-generation-inference and the conditional likelihood of the original
+   * server's /forward/.
+   */
+  async tokenLogprobs(ids: number[], from = 1): Promise<number[]> {
+    this.checkOpen();
+    const tokens = this.checkIds(ids, "ids");
+    if (!Number.isInteger(from) || from < 1 || from > tokens.length) {
+      throw new BlossomError("parameter", `from: expected an integer from 1 to ids.length (${tokens.length}), got ${from}`);
+    }
+    if (from === tokens.length) return [];
+    const [scores] = await this.client.score([{ tokens, from }]);
+    return Array.from(scores!);
+  }
+
   /** Teacher-forced decoding with the KV cache: open a session, feed tokens, read logits. */
   async openSession(): Promise<Session> {
     this.checkOpen();

@@ -1,0 +1,109 @@
+/**
+ * Checks every API shares once a request is well-formed: the prompt (empty, too long, token ids
+ * out of range), max_new_tokens against the configured limit and the per-request token budget,
+ * and the generation parameters. Each failure names the request's own field.
+ */
+import { randomInt } from "node:crypto";
+import { resolveGenerationParams, type GenerationParams, type GenerationParamsInput } from "../generate/params.js";
+import type { Model } from "../model.js";
+import { BlossomError } from "../errors.js";
+import { HttpError, validationError } from "./http-error.js";
+
+export interface RequestLimits {
+  maxInputLength: number;
+  allowedMaxNewTokens: number;
+  /** Most prompt + max_new_tokens for one sequence: input + new-token limits, within the batch budget. */
+  maxTotalTokens: number;
+  /** Most prompt + max_new_tokens over the running batch: --max-batch-total-tokens or the KV cache, whichever is smaller. */
+  maxBatchTotalTokens: number;
+  maxStopSequences: number;
+  maxBatchSize: number;
+}
+
+export interface Prompt {
+  ids: number[];
+  /** The prompt as text (decoded, when it came as token ids). */
+  text: string;
+}
+
+/** Tokenizes (or checks) one prompt. `field` is how the request names it (e.g. "inputs", "prompt[2]"). */
+export async function preparePrompt(
+  model: Model,
+  input: string | number[],
+  field: string,
+  limits: RequestLimits,
+  truncate?: number,
+): Promise<Prompt> {
+  let ids: number[];
+  let text: string;
+  if (typeof input === "string") {
+    if (input.length === 0) throw validationError(field, "must not be empty");
+    ids = await model.tokenizer.encode(input);
+    text = input;
+  } else {
+    if (input.length === 0) throw validationError(field, "must not be empty");
+    const vocab = model.config.vocabSize;
+    input.forEach((id, i) => {
+      if (!Number.isInteger(id) || id < 0 || id >= vocab) throw validationError(`${field}[${i}]`, `must be a token id in [0, ${vocab}) (got ${id})`);
+    });
+    ids = input;
+    text = model.tokenizer.decode(ids, { skipSpecialTokens: false });
+  }
+  if (ids.length === 0) throw validationError(field, "encodes to no tokens");
+  if (truncate !== undefined && ids.length > truncate) {
+    ids = ids.slice(ids.length - truncate);
+    text = model.tokenizer.decode(ids, { skipSpecialTokens: false });
+  }
+  if (ids.length > limits.maxInputLength) {
+    throw validationError(field, `must have at most ${limits.maxInputLength} tokens (--max-input-length); got ${ids.length}`);
+  }
+  return { ids, text };
+}
+
+/** The max_new_tokens a request gets when it does not say. */
+export function defaultMaxNewTokens(limits: RequestLimits, promptLength: number, preferred: number): number {
+  return Math.max(1, Math.min(preferred, limits.allowedMaxNewTokens, limits.maxTotalTokens - promptLength));
+}
+
+export function checkMaxNewTokens(field: string, maxNewTokens: number, promptLength: number, limits: RequestLimits, promptField: string): void {
+  if (maxNewTokens > limits.allowedMaxNewTokens) {
+    throw validationError(field, `must be <= ${limits.allowedMaxNewTokens} (--allowed-max-new-tokens); got ${maxNewTokens}`);
+  }
+  if (promptLength + maxNewTokens > limits.maxTotalTokens) {
+    throw validationError(
+      field,
+      `${promptField} (${promptLength} tokens) + ${field} (${maxNewTokens}) = ${promptLength + maxNewTokens} must be <= ${limits.maxTotalTokens}, the most tokens one sequence may hold (--max-input-length + --allowed-max-new-tokens, within --max-batch-total-tokens and the KV cache)`,
+    );
+  }
+}
+
+export function checkStops(field: string, stops: string[], limits: RequestLimits): void {
+  if (stops.length > limits.maxStopSequences) {
+    throw validationError(field, `must have at most ${limits.maxStopSequences} stop sequences (got ${stops.length})`);
+  }
+  stops.forEach((s, i) => {
+    if (s.length === 0) throw validationError(`${field}[${i}]`, "must not be empty");
+  });
+}
+
+/** A seed for a sampled request that gave none, so it can be reported back (as TGI does). */
+export function drawSeed(): number {
+  return randomInt(0, 2 ** 47);
+}
+
+/**
+ * Validates the library parameters; a failure (which the API schemas should already have caught)
+ * becomes a validation error naming `names[field]` when the API has its own name for the field.
+ */
+export function resolveParams(input: GenerationParamsInput, names: Partial<Record<keyof GenerationParams, string>> = {}): GenerationParams {
+  try {
+    return resolveGenerationParams(input);
+  } catch (err) {
+    if (err instanceof BlossomError) {
+      const [camel, ...rest] = err.message.split(":");
+      const field = names[camel as keyof GenerationParams] ?? camel!;
+      throw new HttpError("validation", `${field}:${rest.join(":")}`, field);
+    }
+    throw err;
+  }
+}

@@ -1,0 +1,108 @@
+/** What `blossom serve` (and startServer) can be told, with defaults and validation. */
+import { basename, resolve } from "node:path";
+import { BlossomError, parameterError } from "../errors.js";
+import type { Model, ModelDType } from "../model.js";
+
+/** Ways to place a model on the machine (issue 7). Only one exists so far. */
+export const strategyChoices = ["single", "pipeline", "tensor", "replicas"] as const;
+export type Strategy = (typeof strategyChoices)[number];
+export const availableStrategies: readonly Strategy[] = ["single"];
+
+export interface ServerOptions {
+  /**
+   * A checkpoint folder (or Hub id) to load, or a model loaded by the caller (or being loaded):
+   * the server then does not dispose it.
+   */
+  model: string | Model | Promise<Model>;
+  /** The name clients see in /info and /v1/models (default: the checkpoint folder's name). */
+  modelId?: string;
+  host?: string;
+  /** 0 picks a free port. */
+  port?: number;
+  dtype?: ModelDType;
+  threads?: number;
+  kvCacheTokens?: number;
+  strategy?: string;
+  /** Most sequences the engine decodes together; also the most prompts one /generate/ or /v1/completions call may send. */
+  maxBatchSize?: number;
+  /** Most prompt tokens per sequence. */
+  maxInputLength?: number;
+  /** Most new tokens a request may ask for. */
+  allowedMaxNewTokens?: number;
+  /** Sequences accepted at once (queued or running); beyond it, 429. */
+  maxConcurrentRequests?: number;
+  /** Cap on prompt + max_new_tokens summed over the running batch (the KV-cache budget). */
+  maxBatchTotalTokens?: number;
+  /** Most stop sequences per request. */
+  maxStopSequences?: number;
+  /** On SIGTERM (or shutdown()), in-flight requests get this long to finish before they are cancelled. */
+  shutdownTimeoutMs?: number;
+  /** Log requests and errors (pino, as fastify does): false, true (info) or a level. */
+  logger?: boolean | "fatal" | "error" | "warn" | "info" | "debug" | "trace";
+}
+
+export interface ResolvedServerOptions {
+  host: string;
+  port: number;
+  strategy: Strategy;
+  maxBatchSize: number;
+  maxInputLength: number;
+  allowedMaxNewTokens: number;
+  maxConcurrentRequests: number;
+  maxBatchTotalTokens: number | undefined;
+  maxStopSequences: number;
+  shutdownTimeoutMs: number;
+}
+
+export const serverDefaults = {
+  host: "127.0.0.1",
+  port: 5000,
+  strategy: "single" as Strategy,
+  maxBatchSize: 64,
+  maxInputLength: 1024,
+  allowedMaxNewTokens: 2048,
+  maxConcurrentRequests: 128,
+  maxStopSequences: 4,
+  shutdownTimeoutMs: 30_000,
+};
+
+function positiveInteger(name: string, value: number | undefined, fallback: number): number {
+  if (value === undefined) return fallback;
+  if (!Number.isSafeInteger(value) || value < 1) throw parameterError(name, `must be an integer >= 1 (got ${value})`);
+  return value;
+}
+
+export function checkStrategy(strategy: string | undefined): Strategy {
+  const s = strategy ?? serverDefaults.strategy;
+  if (!(strategyChoices as readonly string[]).includes(s)) {
+    throw parameterError("strategy", `must be one of ${strategyChoices.join(", ")} (got ${JSON.stringify(s)})`);
+  }
+  if (!availableStrategies.includes(s as Strategy)) {
+    throw new BlossomError("parameter", `strategy: "${s}" is not available yet; this build serves with: ${availableStrategies.join(", ")}`);
+  }
+  return s as Strategy;
+}
+
+export function resolveServerOptions(o: ServerOptions): ResolvedServerOptions {
+  const port = o.port ?? serverDefaults.port;
+  if (!Number.isInteger(port) || port < 0 || port > 65535) throw parameterError("port", `must be an integer from 0 to 65535 (got ${port})`);
+  const shutdownTimeoutMs = o.shutdownTimeoutMs ?? serverDefaults.shutdownTimeoutMs;
+  if (!Number.isFinite(shutdownTimeoutMs) || shutdownTimeoutMs < 0) throw parameterError("shutdownTimeout", `must be a number >= 0 (got ${shutdownTimeoutMs})`);
+  return {
+    host: o.host ?? serverDefaults.host,
+    port,
+    strategy: checkStrategy(o.strategy),
+    maxBatchSize: positiveInteger("maxBatchSize", o.maxBatchSize, serverDefaults.maxBatchSize),
+    maxInputLength: positiveInteger("maxInputLength", o.maxInputLength, serverDefaults.maxInputLength),
+    allowedMaxNewTokens: positiveInteger("allowedMaxNewTokens", o.allowedMaxNewTokens, serverDefaults.allowedMaxNewTokens),
+    maxConcurrentRequests: positiveInteger("maxConcurrentRequests", o.maxConcurrentRequests, serverDefaults.maxConcurrentRequests),
+    maxBatchTotalTokens: o.maxBatchTotalTokens === undefined ? undefined : positiveInteger("maxBatchTotalTokens", o.maxBatchTotalTokens, 0),
+    maxStopSequences: positiveInteger("maxStopSequences", o.maxStopSequences, serverDefaults.maxStopSequences),
+    shutdownTimeoutMs,
+  };
+}
+
+export function defaultModelId(model: string | Model | Promise<Model>): string {
+  if (model instanceof Promise) return "model";
+  return basename(resolve(typeof model === "string" ? model : model.dir));
+}

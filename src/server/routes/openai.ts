@@ -1,0 +1,291 @@
+/**
+ * OpenAI-compatible completions (https://platform.openai.com/docs/api-reference/completions):
+ *   POST /v1/completions   {model, prompt, max_tokens, temperature, top_p, stop, stream, seed, echo, logprobs, ...}
+ *   GET  /v1/models
+ * Streaming sends text_completion chunks as server-sent events and ends with `data: [DONE]`.
+ * Like vLLM, it also takes top_k, repetition_penalty, typical_p, min_tokens and
+ * no_repeat_ngram_size. One model is served, so `model` is not checked against it.
+ */
+import { randomBytes } from "node:crypto";
+import type { FastifyInstance, FastifyReply } from "fastify";
+import { z } from "zod";
+import type { GenerationParams } from "../../generate/params.js";
+import type { FinishReason } from "../../generate/stopping.js";
+import type { Model } from "../../model.js";
+import type { ServerContext } from "../context.js";
+import { clientClosed, errorBody, HttpError, validationError } from "../http-error.js";
+import { checkMaxNewTokens, checkStops, preparePrompt, resolveParams, type Prompt } from "../limits.js";
+import { fromLibraryError, type GeneratedToken, type SequenceResult } from "../service.js";
+import { cancelOnDisconnect, SseStream } from "../sse.js";
+import { parseBody } from "../validate.js";
+
+const optional = <T extends z.ZodType>(schema: T) => schema.nullable().optional();
+const tokenIds = z.array(z.int().min(0));
+
+const completionSchema = z.strictObject({
+  model: optional(z.string()),
+  prompt: z.union([z.string(), z.array(z.string()), tokenIds, z.array(tokenIds)], {
+    error: "must be a string, an array of strings, an array of token ids, or an array of such arrays",
+  }),
+  max_tokens: optional(z.int().min(1)),
+  temperature: optional(z.number().min(0).max(2)),
+  top_p: optional(z.number().gt(0).lte(1)),
+  n: optional(z.int().min(1)),
+  best_of: optional(z.int().min(1)),
+  stream: optional(z.boolean()),
+  stream_options: optional(z.strictObject({ include_usage: z.boolean().optional() })),
+  stop: optional(z.union([z.string(), z.array(z.string())], { error: "must be a string or an array of strings" })),
+  seed: optional(z.int().min(0)),
+  echo: optional(z.boolean()),
+  logprobs: optional(z.int().min(0).max(5)),
+  presence_penalty: optional(z.number().min(-2).max(2)),
+  frequency_penalty: optional(z.number().min(-2).max(2)),
+  logit_bias: optional(z.record(z.string(), z.number())),
+  suffix: optional(z.string()),
+  user: optional(z.string()),
+  // Extensions, as vLLM offers them.
+  top_k: optional(z.int().min(0)),
+  typical_p: optional(z.number().gt(0).lte(1)),
+  repetition_penalty: optional(z.number().gt(0)),
+  min_tokens: optional(z.int().min(0)),
+  no_repeat_ngram_size: optional(z.int().min(0)),
+});
+type CompletionRequest = z.output<typeof completionSchema>;
+
+/** OpenAI's default max_tokens for completions. */
+const openaiDefaultMaxTokens = 16;
+
+function openaiFinishReason(reason: FinishReason): "stop" | "length" {
+  return reason === "length" ? "length" : "stop";
+}
+
+function promptList(prompt: CompletionRequest["prompt"]): (string | number[])[] {
+  if (typeof prompt === "string") return [prompt];
+  if (prompt.length === 0) throw validationError("prompt", "must not be empty");
+  if (typeof prompt[0] === "number") return [prompt as number[]];
+  return prompt as (string | number[])[];
+}
+
+function buildParams(body: CompletionRequest, maxNewTokens: number, stop: string[]): GenerationParams {
+  const temperature = body.temperature ?? 1;
+  // OpenAI samples unless temperature is 0.
+  const doSample = temperature > 0;
+  return resolveParams(
+    {
+      maxNewTokens,
+      doSample,
+      stop,
+      ...(doSample ? { temperature } : {}),
+      ...(body.top_p != null ? { topP: body.top_p } : {}),
+      ...(body.top_k != null ? { topK: body.top_k } : {}),
+      ...(body.typical_p != null ? { typicalP: body.typical_p } : {}),
+      ...(body.repetition_penalty != null ? { repetitionPenalty: body.repetition_penalty } : {}),
+      ...(body.min_tokens != null ? { minNewTokens: body.min_tokens } : {}),
+      ...(body.no_repeat_ngram_size != null ? { noRepeatNgramSize: body.no_repeat_ngram_size } : {}),
+      ...(body.seed != null ? { seed: body.seed } : {}),
+    },
+    {
+      maxNewTokens: "max_tokens",
+      minNewTokens: "min_tokens",
+      temperature: "temperature",
+      topP: "top_p",
+      topK: "top_k",
+      typicalP: "typical_p",
+      repetitionPenalty: "repetition_penalty",
+      noRepeatNgramSize: "no_repeat_ngram_size",
+      seed: "seed",
+      stop: "stop",
+    },
+  );
+}
+
+interface Prepared {
+  prompts: Prompt[];
+  params: GenerationParams[];
+}
+
+async function prepare(context: ServerContext, model: Model, body: CompletionRequest): Promise<Prepared> {
+  const limits = context.limits(model);
+  if (body.n != null && body.n !== 1) throw validationError("n", `only 1 completion per prompt is supported (got ${body.n})`);
+  if (body.best_of != null && body.best_of !== 1) throw validationError("best_of", `only 1 is supported (got ${body.best_of})`);
+  if (body.suffix != null) throw validationError("suffix", "is not supported (insertion); add it to the prompt instead");
+  if (body.logprobs != null && body.logprobs > 0) {
+    throw validationError("logprobs", `only 0 (the chosen tokens' log-probabilities, without alternatives) is supported (got ${body.logprobs})`);
+  }
+  if (body.presence_penalty) throw validationError("presence_penalty", `is not supported; use repetition_penalty (got ${body.presence_penalty})`);
+  if (body.frequency_penalty) throw validationError("frequency_penalty", `is not supported; use repetition_penalty (got ${body.frequency_penalty})`);
+  if (body.logit_bias && Object.keys(body.logit_bias).length > 0) throw validationError("logit_bias", "is not supported");
+  if (body.min_tokens != null && body.max_tokens != null && body.min_tokens > body.max_tokens) {
+    throw validationError("min_tokens", `must be <= max_tokens (${body.max_tokens}) (got ${body.min_tokens})`);
+  }
+  const stop = body.stop == null ? [] : typeof body.stop === "string" ? [body.stop] : body.stop;
+  checkStops("stop", stop, limits);
+  const inputs = promptList(body.prompt);
+  if (inputs.length > limits.maxBatchSize) throw validationError("prompt", `must have at most ${limits.maxBatchSize} prompts (--max-batch-size); got ${inputs.length}`);
+  const field = (i: number) => (inputs.length === 1 && (typeof body.prompt === "string" || typeof body.prompt[0] === "number") ? "prompt" : `prompt[${i}]`);
+  const prompts = await Promise.all(inputs.map((input, i) => preparePrompt(model, input, field(i), limits)));
+  const params = prompts.map((p, i) => {
+    const maxNewTokens = body.max_tokens ?? Math.max(1, Math.min(openaiDefaultMaxTokens, limits.maxTotalTokens - p.ids.length));
+    checkMaxNewTokens("max_tokens", maxNewTokens, p.ids.length, limits, field(i));
+    return buildParams(body, maxNewTokens, stop);
+  });
+  return { prompts, params };
+}
+
+function completionId(): string {
+  return `cmpl-${randomBytes(12).toString("hex")}`;
+}
+
+interface LogprobsState {
+  tokens: string[];
+  token_logprobs: (number | null)[];
+  top_logprobs: null;
+  text_offset: number[];
+}
+
+function logprobsOf(model: Model, tokens: GeneratedToken[], offset: number): LogprobsState {
+  const out: LogprobsState = { tokens: [], token_logprobs: [], top_logprobs: null, text_offset: [] };
+  let at = offset;
+  for (const t of tokens) {
+    // Each token's own string, as OpenAI lists them (a stop string's last token included).
+    const text = model.tokenizer.decode([t.id], { skipSpecialTokens: false });
+    out.tokens.push(text);
+    out.token_logprobs.push(t.logprob);
+    out.text_offset.push(at);
+    at += text.length;
+  }
+  return out;
+}
+
+function endedReason(result: SequenceResult): FinishReason {
+  if (result.finishReason !== "cancelled") return result.finishReason;
+  if (result.cancelledBy === "client") throw clientClosed();
+  if (result.cancelledBy === "shutdown") throw new HttpError("unavailable", "the server is shutting down; this completion was cancelled before it finished");
+  throw new HttpError("generation", "the completion was cancelled before it finished");
+}
+
+async function complete(context: ServerContext, reply: FastifyReply, body: CompletionRequest) {
+  const model = context.service.readyModel();
+  const { prompts, params } = await prepare(context, model, body);
+  const { controller, release } = context.service.admit(prompts.length);
+  cancelOnDisconnect(reply, controller);
+  try {
+    const results = await Promise.all(prompts.map((p, i) => context.service.run({ promptIds: p.ids, params: params[i]!, signal: controller.signal })));
+    const choices = results.map((r, i) => {
+      const finish = endedReason(r);
+      const echo = body.echo ? prompts[i]!.text : "";
+      return {
+        text: echo + r.text,
+        index: i,
+        logprobs: body.logprobs != null ? logprobsOf(model, r.tokens, echo.length) : null,
+        finish_reason: openaiFinishReason(finish),
+      };
+    });
+    const promptTokens = prompts.reduce((a, p) => a + p.ids.length, 0);
+    const completionTokens = results.reduce((a, r) => a + r.tokens.length, 0);
+    return {
+      id: completionId(),
+      object: "text_completion",
+      created: Math.floor(Date.now() / 1000),
+      model: context.modelId,
+      system_fingerprint: null,
+      choices,
+      usage: { prompt_tokens: promptTokens, completion_tokens: completionTokens, total_tokens: promptTokens + completionTokens },
+    };
+  } finally {
+    // If one prompt failed, its siblings are cancelled rather than left running for nobody.
+    controller.abort();
+    release();
+  }
+}
+
+async function completeStream(context: ServerContext, reply: FastifyReply, body: CompletionRequest): Promise<void> {
+  const model = context.service.readyModel();
+  const { prompts, params } = await prepare(context, model, body);
+  const { controller, release } = context.service.admit(prompts.length);
+  cancelOnDisconnect(reply, controller);
+  const id = completionId();
+  const created = Math.floor(Date.now() / 1000);
+  const chunk = (choices: unknown[], extra: Record<string, unknown> = {}) => ({
+    id,
+    object: "text_completion",
+    created,
+    model: context.modelId,
+    system_fingerprint: null,
+    choices,
+    ...extra,
+  });
+  const sse = new SseStream(reply, "data: ");
+  const offsets = prompts.map(() => 0);
+  try {
+    if (body.echo) {
+      prompts.forEach((p, index) => {
+        sse.send(chunk([{ text: p.text, index, logprobs: null, finish_reason: null }]));
+        offsets[index] = p.text.length;
+      });
+    }
+    const results = await Promise.all(
+      prompts.map((p, index) =>
+        context.service.run({
+          promptIds: p.ids,
+          params: params[index]!,
+          signal: controller.signal,
+          onToken: (token, finish) => {
+            const logprobs = body.logprobs != null ? logprobsOf(model, [token], offsets[index]!) : null;
+            offsets[index]! += logprobs ? logprobs.tokens[0]!.length : 0;
+            const finishReason = finish === undefined || finish === "cancelled" ? null : openaiFinishReason(finish);
+            sse.send(chunk([{ text: token.text, index, logprobs, finish_reason: finishReason }]));
+          },
+        }),
+      ),
+    );
+    const cancelled = results.find((r) => r.finishReason === "cancelled" && r.cancelledBy !== "client");
+    if (cancelled) {
+      const err =
+        cancelled.cancelledBy === "shutdown"
+          ? new HttpError("unavailable", "the server is shutting down; this completion was cancelled before it finished")
+          : new HttpError("generation", "the completion was cancelled before it finished");
+      sse.send(errorBody(err, "openai"));
+    } else if (body.stream_options?.include_usage) {
+      const promptTokens = prompts.reduce((a, p) => a + p.ids.length, 0);
+      const completionTokens = results.reduce((a, r) => a + r.tokens.length, 0);
+      sse.send(chunk([], { usage: { prompt_tokens: promptTokens, completion_tokens: completionTokens, total_tokens: promptTokens + completionTokens } }));
+    }
+    sse.send("[DONE]");
+  } catch (err) {
+    const known = fromLibraryError(err);
+    sse.send(errorBody(known ?? new HttpError("generation", "generation failed (see the server log)"), "openai"));
+    if (!known) reply.log.error({ err }, "completion failed while streaming");
+  } finally {
+    controller.abort();
+    release();
+    sse.end();
+  }
+}
+
+export function registerOpenAiRoutes(app: FastifyInstance, context: ServerContext): void {
+  const config = { family: "openai" as const };
+
+  app.post("/v1/completions", { config }, async (req, reply) => {
+    const body = parseBody(completionSchema, req.body);
+    if (body.stream) return completeStream(context, reply, body);
+    return complete(context, reply, body);
+  });
+
+  const created = Math.floor(Date.now() / 1000);
+  app.get("/v1/models", { config }, async () => {
+    const model = context.service.model;
+    return {
+      object: "list",
+      data: [
+        {
+          id: context.modelId,
+          object: "model",
+          created,
+          owned_by: "blossom",
+          max_model_len: model ? context.limits(model).maxTotalTokens : null,
+        },
+      ],
+    };
+  });
+}

@@ -1,0 +1,185 @@
+/**
+ * The server's side of generation: admission (the concurrency limit, loading and draining), one
+ * sequence's run over the model's token stream with its metrics, and cancellation on client
+ * disconnect or shutdown. Batching itself is the engine's (continuous, at token boundaries); this
+ * only decides whether a request may enter the engine's queue at all.
+ */
+import { BlossomError } from "../errors.js";
+import type { GenerationParams } from "../generate/params.js";
+import type { FinishReason } from "../generate/stopping.js";
+import type { Model } from "../model.js";
+import { HttpError } from "./http-error.js";
+import type { ServerMetrics } from "./metrics.js";
+
+export type ServiceState = "loading" | "ready" | "draining" | "closed" | "failed";
+
+export interface GeneratedToken {
+  id: number;
+  logprob: number;
+  special: boolean;
+  /** The text this token added to the output (may be "" while a character or a possible stop string is pending). */
+  text: string;
+}
+
+export interface SequenceResult {
+  text: string;
+  tokens: GeneratedToken[];
+  finishReason: FinishReason | "cancelled";
+  /** Why a cancelled sequence was cancelled. */
+  cancelledBy?: "client" | "shutdown" | "deadline";
+}
+
+export interface SequenceRequest {
+  promptIds: number[];
+  params: GenerationParams;
+  signal: AbortSignal;
+  /** Called for each token as it arrives, with the finish reason on the last one. */
+  onToken?: (token: GeneratedToken, finishReason: FinishReason | "cancelled" | undefined) => void;
+}
+
+/** Why a request's AbortController was aborted; the reason travels as the signal's reason. */
+export class CancelReason {
+  constructor(readonly by: "client" | "shutdown" | "deadline") {}
+}
+
+export class GenerationService {
+  state: ServiceState = "loading";
+  model: Model | undefined;
+  loadError: Error | undefined;
+  private inFlight = 0;
+  private readonly controllers = new Set<AbortController>();
+  private idleWaiters: (() => void)[] = [];
+
+  constructor(
+    private readonly metrics: ServerMetrics,
+    private readonly maxConcurrent: number,
+  ) {}
+
+  get sequencesInFlight(): number {
+    return this.inFlight;
+  }
+
+  /** The model, or 503 while loading / after a failed load / while shutting down. */
+  readyModel(): Model {
+    if (this.state === "ready" && this.model) return this.model;
+    throw this.unavailable();
+  }
+
+  private unavailable(): HttpError {
+    switch (this.state) {
+      case "loading":
+        return new HttpError("unavailable", "the model is still loading; retry when GET /health answers 200");
+      case "failed":
+        return new HttpError("unavailable", `the model failed to load: ${this.loadError?.message ?? "unknown error"}`);
+      default:
+        return new HttpError("unavailable", "the server is shutting down and accepts no new requests");
+    }
+  }
+
+  /**
+   * Reserves room for `count` sequences, or throws 429 (over the limit) / 503 (not ready). The
+   * returned controller aborts them; release() must be called once they have ended.
+   */
+  admit(count: number): { controller: AbortController; release: () => void } {
+    this.readyModel();
+    if (this.inFlight + count > this.maxConcurrent) {
+      this.metrics.overloaded.inc();
+      throw new HttpError(
+        "overloaded",
+        `Model is overloaded: ${this.inFlight} sequences are in flight and the limit is ${this.maxConcurrent} (--max-concurrent-requests); retry later`,
+      );
+    }
+    this.inFlight += count;
+    const controller = new AbortController();
+    this.controllers.add(controller);
+    let released = false;
+    return {
+      controller,
+      release: () => {
+        if (released) return;
+        released = true;
+        this.inFlight -= count;
+        this.controllers.delete(controller);
+        if (this.inFlight === 0) {
+          const waiters = this.idleWaiters;
+          this.idleWaiters = [];
+          waiters.forEach((w) => w());
+        }
+      },
+    };
+  }
+
+  /** Runs one sequence to its end; token events go to onToken as they arrive. */
+  async run(request: SequenceRequest): Promise<SequenceResult> {
+    const model = this.readyModel();
+    const { promptIds, params, signal, onToken } = request;
+    this.metrics.promptTokens.inc({}, promptIds.length);
+    const started = performance.now();
+    let last = started;
+    const tokens: GeneratedToken[] = [];
+    let text = "";
+    let finishReason: FinishReason | "cancelled" = "cancelled";
+    for await (const event of model.stream(promptIds, { ...params, signal })) {
+      text += event.text;
+      if (event.token) {
+        const now = performance.now();
+        if (tokens.length === 0) this.metrics.timeToFirstToken.observe((now - started) / 1000);
+        else this.metrics.timePerToken.observe((now - last) / 1000);
+        last = now;
+        this.metrics.generatedTokens.inc();
+        const token: GeneratedToken = { ...event.token, text: event.text };
+        tokens.push(token);
+        onToken?.(token, event.finishReason);
+      } else if (event.text && tokens.length > 0) {
+        // Text released at the end without a token (a cancelled run's held-back tail).
+        tokens[tokens.length - 1]!.text += event.text;
+      }
+      if (event.finishReason) finishReason = event.finishReason;
+    }
+    this.metrics.finished.inc({ reason: finishReason });
+    const result: SequenceResult = { text, tokens, finishReason };
+    if (finishReason === "cancelled") {
+      const reason: unknown = signal.reason;
+      if (reason instanceof CancelReason) result.cancelledBy = reason.by;
+      else if (!signal.aborted) {
+        // The engine ended the sequence without being asked to: a failed step.
+        throw new HttpError("generation", "the engine failed while generating this sequence (see the server log); other requests were not affected");
+      }
+    }
+    return result;
+  }
+
+  /** Stops admitting; resolves when every sequence has ended or `timeoutMs` has passed, then cancels the rest. */
+  async drain(timeoutMs: number): Promise<{ cancelled: number }> {
+    if (this.state === "ready" || this.state === "loading") this.state = "draining";
+    if (this.inFlight === 0) return { cancelled: 0 };
+    let timer: NodeJS.Timeout | undefined;
+    const idle = new Promise<void>((resolve) => this.idleWaiters.push(resolve));
+    const timedOut = await Promise.race([
+      idle.then(() => false),
+      new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(true), timeoutMs))),
+    ]);
+    clearTimeout(timer);
+    if (!timedOut) return { cancelled: 0 };
+    const cancelled = this.inFlight;
+    for (const c of this.controllers) c.abort(new CancelReason("shutdown"));
+    // Cancelled sequences end at the engine's next step; give their responses a moment to go out.
+    let graceTimer: NodeJS.Timeout | undefined;
+    await Promise.race([
+      this.inFlight === 0 ? Promise.resolve() : new Promise<void>((resolve) => this.idleWaiters.push(resolve)),
+      new Promise<void>((resolve) => (graceTimer = setTimeout(resolve, 5000))),
+    ]);
+    clearTimeout(graceTimer);
+    return { cancelled };
+  }
+}
+
+/** Maps a library error to what the client did wrong, or to an internal error. */
+export function fromLibraryError(err: unknown): HttpError | undefined {
+  if (err instanceof HttpError) return err;
+  if (err instanceof BlossomError) {
+    if (err.code === "parameter" || err.code === "input" || err.code === "memory") return new HttpError("validation", err.message);
+    if (err.code === "aborted") return new HttpError("unavailable", err.message);
+  }
+  return undefined;
+}
