@@ -280,9 +280,13 @@ describe("server lifecycle", () => {
     }
   });
 
-  test("a server given a model reference loads it, refuses an unavailable strategy, and disposes what it loaded", async () => {
-    await assert.rejects(startServer({ model: fixtureDir("tiny-bloom-a"), port: 0, strategy: "tensor" }), /strategy: "tensor" is not available yet/);
+  test("a server given a model reference loads it (any strategy), refuses an unknown strategy, and disposes what it loaded", async () => {
     await assert.rejects(startServer({ model: fixtureDir("tiny-bloom-a"), port: 0, strategy: "bogus" }), /strategy: must be one of/);
+    const replicas = await startServer({ model: fixtureDir("tiny-bloom-a"), port: 0, strategy: "replicas", modelOptions: { replicas: 2 } });
+    const served = await replicas.ready;
+    assert.equal(served.info.replicas, 2);
+    assert.equal((await get(`${replicas.url}/info`)).body.strategy, "replicas");
+    await replicas.close();
     const server = await startServer({ model: fixtureDir("tiny-bloom-a"), port: 0 });
     const model = await server.ready;
     assert.equal((await get(`${server.url}/info`)).body.model_id, "tiny-bloom-a");

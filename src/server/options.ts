@@ -1,12 +1,11 @@
 /** What `blossom serve` (and startServer) can be told, with defaults and validation. */
 import { basename, resolve } from "node:path";
 import { BlossomError, parameterError } from "../errors.js";
-import type { Model, ModelDType } from "../model.js";
+import { strategies, type LoadModelOptions, type Model, type ModelDType, type Strategy } from "../model.js";
 
-/** Ways to place a model on the machine (issue 7). Only one exists so far. */
-export const strategyChoices = ["single", "pipeline", "tensor", "replicas"] as const;
-export type Strategy = (typeof strategyChoices)[number];
-export const availableStrategies: readonly Strategy[] = ["single"];
+/** Ways to place a model on the machine (src/parallel/): every one can serve. */
+export const strategyChoices = strategies;
+export const availableStrategies: readonly Strategy[] = strategies;
 
 export interface ServerOptions {
   /**
@@ -23,6 +22,8 @@ export interface ServerOptions {
   threads?: number;
   kvCacheTokens?: number;
   strategy?: string;
+  /** Further loadModel options (a strategy's settings: maxMemory, placement, offloadFolder, replicas). */
+  modelOptions?: LoadModelOptions;
   /** Most sequences the engine decodes together; also the most prompts one /generate/ or /v1/completions call may send. */
   maxBatchSize?: number;
   /** Most prompt tokens per sequence. */

@@ -122,6 +122,8 @@ export async function startServer(serverOptions: ServerOptions): Promise<Blossom
       const model =
         typeof serverOptions.model === "string"
           ? await loadModel(serverOptions.model, {
+              ...serverOptions.modelOptions,
+              strategy: options.strategy,
               ...(serverOptions.dtype !== undefined ? { dtype: serverOptions.dtype } : {}),
               ...(serverOptions.threads !== undefined ? { threads: serverOptions.threads } : {}),
               ...(serverOptions.kvCacheTokens !== undefined ? { kvCacheTokens: serverOptions.kvCacheTokens } : {}),

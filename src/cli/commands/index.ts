@@ -4,6 +4,8 @@ import { registerHubCommands } from "./hub.js";
 import { registerCreateRandomCommand } from "./create-random.js";
 import { registerDemoCommand } from "./demo.js";
 import { registerPlanCommand } from "./plan.js";
+import { registerServeCommand } from "./serve.js";
+import { registerChatCommand } from "./chat.js";
 import { registerGenerateCommand } from "./generate.js";
 import { registerPerplexityCommand } from "./perplexity.js";
 
@@ -16,4 +18,6 @@ export function registerCommands(program: Command): void {
   registerCreateRandomCommand(program);
   registerDemoCommand(program);
   registerPlanCommand(program);
+  registerServeCommand(program);
+  registerChatCommand(program);
 }

@@ -5,14 +5,14 @@
  * to --shutdown-timeout seconds, cancel the rest, exit 0.
  */
 import { Option, type Command } from "commander";
-import { checkStrategy, serverDefaults, strategyChoices } from "../../server/options.js";
+import { loadModel, mpiRank } from "../../model.js";
+import { checkStrategy, serverDefaults } from "../../server/options.js";
 import { startServer } from "../../server/server.js";
-import { addModelOptions, parseInteger, parseNumber, type ModelCliOptions } from "../options.js";
+import { addModelOptions, modelOptionsFromCli, parseInteger, parseNumber, type ModelCliOptions } from "../options.js";
 
 interface ServeCliOptions extends ModelCliOptions {
   host: string;
   port: number;
-  strategy: string;
   modelId?: string;
   maxBatchSize: number;
   maxInputLength: number;
@@ -31,7 +31,6 @@ export function registerServeCommand(program: Command): void {
   command
     .option("--host <host>", "address to listen on", serverDefaults.host)
     .option("--port <port>", "port to listen on (0: any free port)", parseInteger("--port", 0, 65535), serverDefaults.port)
-    .addOption(new Option("--strategy <strategy>", "how the model is placed").choices([...strategyChoices]).default(serverDefaults.strategy))
     .option("--model-id <name>", "the model name clients see (default: the checkpoint folder's name)")
     .option("--max-batch-size <n>", "most sequences decoded together; also the most prompts per request", parseInteger("--max-batch-size", 1), serverDefaults.maxBatchSize)
     .option("--max-input-length <n>", "most prompt tokens per sequence", parseInteger("--max-input-length", 1), serverDefaults.maxInputLength)
@@ -44,7 +43,13 @@ export function registerServeCommand(program: Command): void {
     .addOption(new Option("--log-level <level>", "request and error logging").choices(["fatal", "error", "warn", "info", "debug", "trace", "silent"]).default("info"))
     .action(async (o: ServeCliOptions) => {
       checkStrategy(o.strategy);
+      if (o.strategy === "tensor" && mpiRank() !== 0) {
+        // A tensor-parallel follower: no HTTP server, only its slice of every step (loadModel exits when rank 0 stops).
+        await loadModel(o.model, modelOptionsFromCli(o));
+        return;
+      }
       const server = await startServer({
+        modelOptions: modelOptionsFromCli(o),
         model: o.model,
         host: o.host,
         port: o.port,
