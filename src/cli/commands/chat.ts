@@ -13,8 +13,8 @@ import { createInterface, type Interface } from "node:readline";
 import type { Command } from "commander";
 import { BlossomError } from "../../errors.js";
 import { defaultGenerationParams, resolveGenerationParams, type GenerationParams } from "../../generate/params.js";
-import { loadModel, type Model } from "../../model.js";
-import { addModelOptions } from "../options.js";
+import type { Model } from "../../model.js";
+import { addModelOptions, loadModelForCli } from "../options.js";
 import { addGenerationOptions, generationParamsFromCli } from "./generate.js";
 
 /** Settings by their transformers / server names; the library's camelCase names work too. */
@@ -254,7 +254,7 @@ export function registerChatCommand(program: Command): void {
   addModelOptions(command);
   addGenerationOptions(command).action(async (o: Parameters<typeof generationParamsFromCli>[0]) => {
     const start = generationParamsFromCli(o);
-    const model = await loadModel(o.model, { dtype: o.dtype, ...(o.threads !== undefined ? { threads: o.threads } : {}) });
+    const model = await loadModelForCli(o);
     try {
       await runChat({ model, input: process.stdin, output: process.stdout, params: { ...defaultGenerationParams, ...start, stop: start.stop ?? [] }, handleSignals: true });
     } finally {
