@@ -10,7 +10,8 @@
         "native/src/matmul.cc",
         "native/src/norm.cc",
         "native/src/attention.cc",
-        "native/src/convert.cc"
+        "native/src/convert.cc",
+        "native/src/probes.cc"
       ],
       "include_dirs": ["<!@(node -p \"require('node-addon-api').include\")"],
       "dependencies": ["<!(node -p \"require('node-addon-api').targets\"):node_addon_api_except"],

@@ -11,6 +11,7 @@
 
 #include "kernels.h"
 #include "memory.h"
+#include "probes.h"
 
 namespace blossom {
 namespace {
@@ -361,6 +362,41 @@ Napi::Value Attention(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// ---- probes and benchmark inputs ---------------------------------------------------------------
+
+// probeReadBandwidth(bytes, threads, runs) -> GB/s
+Napi::Value ProbeReadBandwidth(const Napi::CallbackInfo& info) {
+  int64_t bytes = integer(info, 0, "probeReadBandwidth: bytes", 1 << 20);
+  int64_t threads = integer(info, 1, "probeReadBandwidth: threads", 1);
+  int64_t runs = info.Length() > 2 && !info[2].IsUndefined() ? integer(info, 2, "probeReadBandwidth: runs", 1) : 5;
+  try {
+    return Napi::Number::New(info.Env(), probe_read_bandwidth(static_cast<size_t>(bytes), static_cast<int>(threads), static_cast<int>(runs)));
+  } catch (const std::exception& e) {
+    throw Napi::Error::New(info.Env(), e.what());
+  }
+}
+
+// probeFmaPeak(threads, runs) -> GFLOP/s
+Napi::Value ProbeFmaPeak(const Napi::CallbackInfo& info) {
+  int64_t threads = integer(info, 0, "probeFmaPeak: threads", 1);
+  int64_t runs = info.Length() > 1 && !info[1].IsUndefined() ? integer(info, 1, "probeFmaPeak: runs", 1) : 5;
+  return Napi::Number::New(info.Env(), probe_fma_peak(static_cast<int>(threads), static_cast<int>(runs)));
+}
+
+// fillRandom(region, byteOffset, dtype, count, seed, scale)
+Napi::Value FillRandom(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  Tracked* t = region_arg(info, 0, "fillRandom: region");
+  int64_t off = integer(info, 1, "fillRandom: byteOffset");
+  DType dt = dtype_arg(info, 2, "fillRandom: dtype");
+  int64_t n = integer(info, 3, "fillRandom: count");
+  int64_t seed = integer(info, 4, "fillRandom: seed");
+  float scale = info[5].As<Napi::Number>().FloatValue();
+  uint8_t* p = region_bytes(info, t, off, n * static_cast<int64_t>(dtype_size(dt)), "fillRandom");
+  fill_random(*instance(env).pool, p, dt, n, static_cast<uint64_t>(seed), scale);
+  return env.Undefined();
+}
+
 }  // namespace
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
@@ -385,6 +421,9 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("embedding", Napi::Function::New(env, Embedding));
   exports.Set("convert", Napi::Function::New(env, Convert));
   exports.Set("attention", Napi::Function::New(env, Attention));
+  exports.Set("probeReadBandwidth", Napi::Function::New(env, ProbeReadBandwidth));
+  exports.Set("probeFmaPeak", Napi::Function::New(env, ProbeFmaPeak));
+  exports.Set("fillRandom", Napi::Function::New(env, FillRandom));
   return exports;
 }
 

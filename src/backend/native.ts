@@ -78,6 +78,13 @@ export interface NativeAddon {
     blockTable: Int32Array,
     slopes: Float32Array,
   ): void;
+  // probes and benchmark inputs (native/src/probes.cc)
+  /** GB/s: best of `runs` (default 5) multi-threaded AVX2 streaming reads over a fresh `bytes` buffer. */
+  probeReadBandwidth(bytes: number, threads: number, runs?: number): number;
+  /** GFLOP/s: best of `runs` (default 5) rounds of independent 256-bit FMA chains on `threads` threads. */
+  probeFmaPeak(threads: number, runs?: number): number;
+  /** Fills `count` values of `dtype` at (region, byteOffset) uniform in [-scale, scale), deterministic in `seed`. */
+  fillRandom(region: NativeRegion, byteOffset: number, dtype: number, count: number, seed: number, scale: number): void;
 }
 
 export const Epilogue = { none: 0, gelu: 1 } as const;

@@ -1,0 +1,17 @@
+// Machine probes (read bandwidth, FMA peak) and random fills for the kernel benchmark and tests.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace blossom {
+
+// GB/s of the best of `runs` streaming reads of a `bytes` buffer (fresh, paged in) on `threads` threads.
+double probe_read_bandwidth(size_t bytes, int threads, int runs);
+// GFLOP/s of the best of `runs` rounds of independent 256-bit FMA chains on `threads` threads.
+double probe_fma_peak(int threads, int runs);
+// n values of `dtype`, uniform in [-scale, scale), from `seed` (deterministic whatever the thread count).
+void fill_random(ThreadPool& pool, void* dst, DType dtype, int64_t n, uint64_t seed, float scale);
+
+}  // namespace blossom
