@@ -16,7 +16,8 @@
  * --json FILE (all rows as JSON), --models a,b  --dtypes f32,f16,bf16  --batches 1,8  --layers qkv,lm_head
  * (filters), --no-attention.
  */
-import { writeFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
+import { cpus } from "node:os";
 import { parseArgs } from "node:util";
 import { DTypeCode, Epilogue, native, type NativeRegion, type StorageDType } from "../src/backend/native.js";
 
@@ -44,6 +45,8 @@ interface Row {
   fmaRatio: number;
   rooflineRatio: number;
   bound: "memory" | "compute";
+  /** Fraction of the machine's CPU other processes used while this row was timed. */
+  otherLoad: number;
 }
 
 const models: Record<string, { hidden: number; heads: number }> = {
@@ -88,6 +91,31 @@ function randomArray(n: number, seed: number): Float32Array {
   return a;
 }
 
+/**
+ * Measures how much CPU other processes took while `f` ran, as a fraction of the whole machine
+ * (Linux /proc/stat; 0 elsewhere). The probes and kernels want every core: a busy neighbour makes
+ * both the limits and the kernels look slower, so rows measured under load are flagged.
+ */
+function busySeconds(): number | null {
+  try {
+    const line = readFileSync("/proc/stat", "utf8").split("\n")[0]!;
+    const f = line.trim().split(/\s+/).slice(1).map(Number);
+    // user nice system idle iowait irq softirq steal: busy = all but idle and iowait
+    return (f[0]! + f[1]! + f[2]! + f[5]! + f[6]! + f[7]!) / 100;
+  } catch {
+    return null;
+  }
+}
+
+function withLoad<T>(f: () => T): { value: T; others: number } {
+  const b0 = busySeconds(), c0 = process.cpuUsage(), t0 = nowMs();
+  const value = f();
+  const b1 = busySeconds(), c1 = process.cpuUsage(c0), wall = (nowMs() - t0) / 1000;
+  if (b0 === null || b1 === null || wall <= 0) return { value, others: 0 };
+  const mine = (c1.user + c1.system) / 1e6;
+  return { value, others: Math.max(0, (b1 - b0 - mine) / (cpus().length * wall)) };
+}
+
 function pad(s: string | number, n: number, left = true): string {
   const t = String(s);
   return left ? t.padStart(n) : t.padEnd(n);
@@ -122,8 +150,13 @@ function main(): void {
   console.log(`machine: ${cpu.model} | ${cpu.physicalCores} physical / ${cpu.logicalCores} logical cores | avx2 ${cpu.avx2} fma ${cpu.fma} f16c ${cpu.f16c}`);
   console.log(`threads: ${threads} | kernels: ${addon.getKernelVariant()}`);
   const probeBytes = quick ? 512 * 2 ** 20 : 2 ** 30;
-  const bandwidth = addon.probeReadBandwidth(probeBytes, threads, quick ? 3 : 7);
-  const fmaPeak = addon.probeFmaPeak(threads, quick ? 3 : 7);
+  const probe = withLoad(() => ({
+    bandwidth: addon.probeReadBandwidth(probeBytes, threads, quick ? 3 : 7),
+    fmaPeak: addon.probeFmaPeak(threads, quick ? 3 : 7),
+  }));
+  const { bandwidth, fmaPeak } = probe.value;
+  const runLoad = { busy0: busySeconds(), cpu0: process.cpuUsage(), t0: nowMs() };
+  if (probe.others > 0.05) console.log(`! other processes used ${(probe.others * 100).toFixed(0)}% of the CPU while probing: the limits below are low`);
   console.log(`probed read bandwidth: ${bandwidth.toFixed(1)} GB/s (best of streaming AVX2 reads over ${probeBytes / 2 ** 20} MiB)`);
   console.log(`probed FMA peak:       ${fmaPeak.toFixed(1)} GFLOP/s (256-bit FMA chains in registers)`);
   // Layers smaller than this are cycled through copies, so each call streams from DRAM.
@@ -168,12 +201,15 @@ function main(): void {
           const warm = Math.min(copies, Math.max(1, Math.floor(300 / Math.max(first, 1e-3))));
           for (let i = 1; i < warm; i++) call();
           const iterations = Math.max(3, Math.min(quick ? 20 : 200, Math.round(targetMsPerConfig / Math.max(first, 1e-3))));
-          const times: number[] = [];
-          for (let i = 0; i < iterations; i++) {
-            const s = nowMs();
-            call();
-            times.push(nowMs() - s);
-          }
+          const { value: times, others } = withLoad(() => {
+            const ts: number[] = [];
+            for (let i = 0; i < iterations; i++) {
+              const s = nowMs();
+              call();
+              ts.push(nowMs() - s);
+            }
+            return ts;
+          });
           const ms = median(times);
           const flops = 2 * batch * shape.out * shape.in;
           const gbPerS = weightBytes / ms / 1e6;
@@ -195,6 +231,7 @@ function main(): void {
             fmaRatio: gflopPerS / fmaPeak,
             rooflineRatio: Math.max(memoryMs, computeMs) / ms,
             bound: memoryMs >= computeMs ? "memory" : "compute",
+            otherLoad: others,
           };
           rows.push(row);
           const mark = (r: number, on: boolean) => pad(`${(r * 100).toFixed(0)}${on ? "*" : " "}`, 5);
@@ -202,7 +239,7 @@ function main(): void {
             `${pad(model, 11, false)} ${pad(shape.layer, 13, false)} ${pad(dtype, 5, false)} ${pad(batch, 5)} ` +
               `${pad(`${shape.out}x${shape.in}`, 13)} ${pad(copies, 6)} ${pad(ms.toFixed(3), 9)} ${pad(gbPerS.toFixed(1), 7)} ` +
               `${mark(row.bandwidthRatio, row.bound === "memory")} ${pad(gflopPerS.toFixed(1), 8)} ${mark(row.fmaRatio, row.bound === "compute")} ` +
-              `${pad((row.rooflineRatio * 100).toFixed(0), 6)}`,
+              `${pad((row.rooflineRatio * 100).toFixed(0), 6)}${others > 0.05 ? `  ! other processes used ${(others * 100).toFixed(0)}% of the CPU` : ""}`,
           );
         }
         addon.release(region);
@@ -210,13 +247,20 @@ function main(): void {
     }
   }
   console.log(`\n* marks the limit that binds at that batch (roofline).`);
+  const busy1 = busySeconds();
+  if (runLoad.busy0 !== null && busy1 !== null) {
+    const c = process.cpuUsage(runLoad.cpu0);
+    const wall = (nowMs() - runLoad.t0) / 1000;
+    const others = Math.max(0, (busy1 - runLoad.busy0 - (c.user + c.system) / 1e6) / (cpus().length * wall));
+    console.log(`other processes used ${(others * 100).toFixed(1)}% of the machine's CPU during the linear runs${others > 0.05 ? " (results are pessimistic)" : ""}`);
+  }
 
   const others = values["no-attention"] ? [] : benchOthers(quick);
 
   if (values.json) {
     writeFileSync(
       values.json,
-      JSON.stringify({ machine: cpu, threads, bandwidthGBs: bandwidth, fmaPeakGflops: fmaPeak, linear: rows, others }, null, 2),
+      JSON.stringify({ machine: cpu, threads, bandwidthGBs: bandwidth, fmaPeakGflops: fmaPeak, linear: rows, attentionAndNorm: others }, null, 2),
     );
     console.log(`wrote ${values.json}`);
   }

@@ -60,12 +60,17 @@ using namespace simd;
 // Blocking and scheduling parameters. The defaults are the measured best on the development
 // machine (see bench/kernels.ts); set_linear_tuning() lets the tuning bench try others.
 struct Tuning {
-  int64_t gemv_max_rows = 4;
-  int64_t gemv_chunk_bytes = 256 << 10;
-  int64_t gemv_prefetch = 0;
+  int64_t gemv_max_rows = 2;
+  int64_t gemv_chunk_bytes = 1 << 20;
+  int64_t gemv_prefetch = 4096;
   int64_t kc = 512;
   int64_t nb = 96;
   int64_t mc = 192;
+  int64_t gemm_prefetch_panels = 1;  // how many weight panels ahead to prefetch (0: none)
+  int64_t gemm_prefetch_hint = 0;    // 0: into L1 (T0), 1: into L2 (T1)
+  int64_t small_max_rows = 48;
+  int64_t small_max_x_bytes = 1 << 20;  // x must stay in L2 across all groups
+  int64_t small_nb = 96;
 };
 Tuning g_tuning;
 const Tuning& tuning() { return g_tuning; }
@@ -114,7 +119,7 @@ BLOSSOM_AVX2_INLINE __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
 // of the bandwidth). U vectors per row per step give R*U independent accumulators.
 template <DType D, int R>
 BLOSSOM_AVX2 void gemv_rows(float* y, const float* x, const WeightMatrix& w, int64_t o_begin, int64_t o_end) {
-  constexpr int U = R <= 3 ? 4 : 2;
+  constexpr int U = R <= 2 ? 4 : 2;
   constexpr int64_t es = D == DType::F32 ? 4 : 2;
   const int64_t in = w.in_features, out = w.out_features;
   const char* base = static_cast<const char*>(w.data);
@@ -282,12 +287,31 @@ BLOSSOM_AVX2 void pack_x(float* dst, const float* x, int64_t rows, int64_t in, i
   }
 }
 
+// Prefetches the weights one panel (NR rows x kc) will pack, so that their DRAM latency overlaps
+// the microkernels of the panels before it.
+template <DType D>
+BLOSSOM_AVX2_INLINE void prefetch_panel(const WeightMatrix& w, int64_t o0, int64_t k0, int64_t kc) {
+  constexpr int64_t es = D == DType::F32 ? 4 : 2;
+  const char* base = static_cast<const char*>(w.data);
+  const int64_t rows = std::min<int64_t>(NR, w.out_features - o0);
+  const bool l2 = tuning().gemm_prefetch_hint == 1;
+  for (int64_t j = 0; j < rows; ++j) {
+    const char* p = base + ((o0 + j) * w.in_features + k0) * es;
+    const char* e = p + kc * es;
+    for (const char* q = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63)); q < e; q += 64) {
+      if (l2) _mm_prefetch(q, _MM_HINT_T1);
+      else _mm_prefetch(q, _MM_HINT_T0);
+    }
+  }
+}
+
 // One task: outputs [o_begin, o_end) for all rows.
 template <DType D>
 BLOSSOM_AVX2 void gemm_task(float* y, const float* xp, int64_t rows, const WeightMatrix& w, int64_t o_begin,
                             int64_t o_end, float* panel) {
   const int64_t in = w.in_features, out = w.out_features;
   const int64_t KC = tuning().kc, MC = tuning().mc;
+  const int64_t ahead = tuning().gemm_prefetch_panels * NR;
   for (int64_t m0 = 0; m0 < rows; m0 += MC) {
     const int64_t mc = std::min(MC, rows - m0);
     int64_t xoff = 0;
@@ -295,6 +319,16 @@ BLOSSOM_AVX2 void gemm_task(float* y, const float* xp, int64_t rows, const Weigh
       const int64_t kc = std::min(KC, in - k0), kcp = round8(kc);
       const float* xblock = xp + xoff;
       for (int64_t o0 = o_begin; o0 < o_end; o0 += NR) {
+        if (ahead) {
+          // The panel `ahead` outputs on in this k block, or at the start of the next one.
+          int64_t po = o0 + ahead, pk = k0, pkc = kc;
+          if (po >= o_end) {
+            po = o_begin + (po - o_end);
+            pk = k0 + KC;
+            pkc = std::min(KC, in - pk);
+          }
+          if (pk < in && po < o_end) prefetch_panel<D>(w, po, pk, pkc);
+        }
         pack_weights<D>(panel, w, o0, k0, kc);
         const int ncols = static_cast<int>(std::min<int64_t>(NR, o_end - o0));
         for (int64_t r0 = m0; r0 < m0 + mc; r0 += MR) {
@@ -327,10 +361,89 @@ void gemm(ThreadPool& pool, float* y, const float* x, int64_t rows, const Weight
   });
 }
 
+// --- small batches: weights converted in registers, reused from L1 across row tiles ----------
+// For a handful of rows, packing weights costs as much as using them. Instead a group of SN
+// weight rows is read (from DRAM, once) and converted in registers by the first SM-row tile of x,
+// and read again from L1 by the following tiles. The next group is prefetched while the first
+// tile runs, so the DRAM stream overlaps the FMAs.
+constexpr int SM = 4;  // rows of x per tile
+constexpr int SN = 3;  // weight rows (outputs) per group
+
+template <DType D, int M, int N>
+BLOSSOM_AVX2 void small_tile(float* y, int64_t ldy, const float* x, int64_t in, const char* w, const char* prefetch) {
+  constexpr int64_t es = D == DType::F32 ? 4 : 2;
+  constexpr int U = static_cast<int>(64 / (8 * es));  // vectors per 64-byte line of weights
+  __m256 acc[M][N];
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) acc[i][j] = _mm256_setzero_ps();
+  auto step = [&](int64_t k) BLOSSOM_AVX2_INLINE_LAMBDA {
+    __m256 wv[N];
+    for (int j = 0; j < N; ++j) wv[j] = load8<D>(w + (j * in + k) * es);
+    for (int i = 0; i < M; ++i) {
+      const __m256 xv = _mm256_loadu_ps(x + i * in + k);
+      for (int j = 0; j < N; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  };
+  const int64_t in8 = in & ~int64_t(7);
+  int64_t k = 0;
+  if (prefetch) {
+    for (; k + 8 * U <= in8; k += 8 * U) {
+      for (int j = 0; j < SN; ++j) _mm_prefetch(prefetch + (j * in + k) * es, _MM_HINT_T0);
+      for (int u = 0; u < U; ++u) step(k + 8 * u);
+    }
+  }
+  for (; k < in8; k += 8) step(k);
+  for (int i = 0; i < M; ++i) {
+    alignas(16) float s[4];
+    const __m256 zero = _mm256_setzero_ps();
+    _mm_store_ps(s, hsum4(acc[i][0], N > 1 ? acc[i][N > 1 ? 1 : 0] : zero, N > 2 ? acc[i][N > 2 ? 2 : 0] : zero, zero));
+    for (int j = 0; j < N; ++j) {
+      float v = s[j];
+      for (int64_t kk = in8; kk < in; ++kk) v += x[i * in + kk] * load_as_f32(w, D, j * in + kk);
+      y[i * ldy + j] = v;
+    }
+  }
+}
+
+template <DType D, int N>
+BLOSSOM_AVX2 void small_group(float* y, int64_t ldy, const float* x, int64_t rows, int64_t in, const char* w,
+                              const char* prefetch) {
+  int64_t r = 0;
+  for (; r + SM <= rows; r += SM, prefetch = nullptr) small_tile<D, SM, N>(y + r * ldy, ldy, x + r * in, in, w, prefetch);
+  switch (rows - r) {
+    case 3: small_tile<D, 3, N>(y + r * ldy, ldy, x + r * in, in, w, prefetch); break;
+    case 2: small_tile<D, 2, N>(y + r * ldy, ldy, x + r * in, in, w, prefetch); break;
+    case 1: small_tile<D, 1, N>(y + r * ldy, ldy, x + r * in, in, w, prefetch); break;
+    default: break;
+  }
+}
+
+template <DType D>
+void gemm_small(ThreadPool& pool, float* y, const float* x, int64_t rows, const WeightMatrix& w, const float* bias,
+                int epilogue, const float* residual) {
+  constexpr int64_t es = D == DType::F32 ? 4 : 2;
+  const int64_t in = w.in_features, out = w.out_features;
+  const char* base = static_cast<const char*>(w.data);
+  int64_t nb = tuning().small_nb;
+  while (nb > SN && out / nb < 8 * pool.size()) nb /= 2;
+  nb = std::max<int64_t>(SN, nb / SN * SN);
+  pool.parallel_for(out, nb, [&](int64_t begin, int64_t end) {
+    int64_t o = begin;
+    for (; o + SN <= end; o += SN) {
+      const char* next = o + 2 * SN <= end ? base + (o + SN) * in * es : nullptr;
+      small_group<D, SN>(y + o, out, x, rows, in, base + o * in * es, next);
+    }
+    if (end - o == 2) small_group<D, 2>(y + o, out, x, rows, in, base + o * in * es, nullptr);
+    if (end - o == 1) small_group<D, 1>(y + o, out, x, rows, in, base + o * in * es, nullptr);
+    apply_epilogue_avx2(y, rows, out, begin, end, bias, epilogue, residual);
+  });
+}
+
 template <DType D>
 void linear_avx2_typed(ThreadPool& pool, float* y, const float* x, int64_t rows, const WeightMatrix& w,
                        const float* bias, int epilogue, const float* residual) {
   if (rows <= tuning().gemv_max_rows) gemv<D>(pool, y, x, rows, w, bias, epilogue, residual);
+  else if (rows <= tuning().small_max_rows && rows * w.in_features * 4 <= tuning().small_max_x_bytes) gemm_small<D>(pool, y, x, rows, w, bias, epilogue, residual);
   else gemm<D>(pool, y, x, rows, w, bias, epilogue, residual);
 }
 
@@ -345,6 +458,11 @@ bool set_linear_tuning(const std::string& name, int64_t value) {
   else if (name == "kc" && value >= 8) t.kc = value / 8 * 8;
   else if (name == "nb" && value >= 4) t.nb = value;
   else if (name == "mc" && value >= 1) t.mc = value;
+  else if (name == "gemmPrefetchPanels") t.gemm_prefetch_panels = value;
+  else if (name == "smallMaxRows") t.small_max_rows = value;
+  else if (name == "smallMaxXBytes") t.small_max_x_bytes = value;
+  else if (name == "smallNb" && value >= 3) t.small_nb = value;
+  else if (name == "gemmPrefetchHint" && value <= 1) t.gemm_prefetch_hint = value;
   else return false;
   return true;
 }
