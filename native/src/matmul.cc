@@ -62,7 +62,7 @@ using namespace simd;
 struct Tuning {
   int64_t gemv_max_rows = 2;
   int64_t gemv_chunk_bytes = 1 << 20;
-  int64_t gemv_prefetch = 4096;
+  int64_t gemv_prefetch = 8192;
   int64_t kc = 512;
   int64_t nb = 96;
   int64_t mc = 192;
