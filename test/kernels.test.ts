@@ -398,17 +398,38 @@ describe("attention", () => {
     return out;
   }
 
-  for (const [heads, d] of [
-    [3, 12],
-    [4, 64],
+  for (const [heads, d, blockSize] of [
+    [3, 12, 4],
+    [4, 64, 16], // 8-key groups within blocks, one 64-wide value pass
+    [2, 128, 16], // two value passes
+    [3, 24, 8], // a partial value pass
   ] as const) {
-    test(`ragged batch over a paged cache matches the fp64 reference (heads ${heads}, headDim ${d})`, () => {
-      const blockSize = 4, numBlocks = 24;
-      // Three sequences: a prefill of 6 after nothing, one decode token after 9, three tokens after 2.
-      const seqs = Int32Array.from([0, 6, 0, 0, 6, 1, 9, 2, 7, 3, 2, 5]);
-      const table = Int32Array.from([5, 1, 9, 3, 0, 2, 7, 11, 4]); // non-contiguous blocks
-      const numTokens = 10;
-      const slopes = Float32Array.from({ length: heads }, (_, h) => 2 ** (-8 * (h + 1) / heads));
+    test(`ragged batch over a paged cache matches the fp64 reference (heads ${heads}, headDim ${d}, blockSize ${blockSize})`, () => {
+      // Four sequences (tokenStart, numNew, pastLen): a prefill of 6 after nothing, one decode
+      // token after 9, three tokens after 2, two tokens after 37 (several blocks of keys).
+      const spec = [
+        [0, 6, 0],
+        [6, 1, 9],
+        [7, 3, 2],
+        [10, 2, 37],
+      ] as const;
+      const numTokens = 12;
+      // Each sequence's blocks come from a shuffled pool, so block tables are not contiguous.
+      const numBlocks = 40;
+      const pool = Array.from({ length: numBlocks }, (_, i) => i);
+      const shuffle = rng(5);
+      for (let i = pool.length - 1; i > 0; i--) {
+        const k = Math.floor(shuffle() * (i + 1));
+        [pool[i], pool[k]] = [pool[k]!, pool[i]!];
+      }
+      const seqs = new Int32Array(spec.length * 4);
+      const tableList: number[] = [];
+      spec.forEach(([start, numNew, past], i) => {
+        seqs.set([start, numNew, past, tableList.length], 4 * i);
+        for (let b = 0; b < Math.ceil((past + numNew) / blockSize); b++) tableList.push(pool.pop()!);
+      });
+      const table = Int32Array.from(tableList);
+      const slopes = Float32Array.from({ length: heads }, (_, h) => 2 ** ((-8 * (h + 1)) / heads));
       for (const variant of variants) {
         addon.setKernelVariant(variant);
         const qkv = randomF32(numTokens * heads * 3 * d, 31, 2);
@@ -428,7 +449,7 @@ describe("attention", () => {
           assert.ok(diff <= 2e-5, `${variant} attention out[${i}] = ${out[i]} vs ${want[i]}`);
           worst = Math.max(worst, diff);
         }
-        console.log(`  attention heads=${heads} d=${d} ${variant}: max |diff| ${worst.toExponential(2)}`);
+        console.log(`  attention heads=${heads} d=${d} blockSize=${blockSize} ${variant}: max |diff| ${worst.toExponential(2)}`);
       }
       addon.setKernelVariant(initialVariant);
     });
