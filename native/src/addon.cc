@@ -633,6 +633,13 @@ Napi::Value MpiFinalize(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// setLinearTuning(name, value) -> boolean (false: unknown name or value)
+Napi::Value SetLinearTuning(const Napi::CallbackInfo& info) {
+  if (!info[0].IsString()) type_error(info.Env(), "setLinearTuning: expected a parameter name");
+  int64_t v = integer(info, 1, "setLinearTuning: value");
+  return Napi::Boolean::New(info.Env(), set_linear_tuning(info[0].As<Napi::String>().Utf8Value(), v));
+}
+
 }  // namespace
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
@@ -673,6 +680,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("probeReadBandwidth", Napi::Function::New(env, ProbeReadBandwidth));
   exports.Set("probeFmaPeak", Napi::Function::New(env, ProbeFmaPeak));
   exports.Set("fillRandom", Napi::Function::New(env, FillRandom));
+  exports.Set("setLinearTuning", Napi::Function::New(env, SetLinearTuning));
   return exports;
 }
 

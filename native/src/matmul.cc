@@ -4,11 +4,13 @@
 //   linear_scalar   the reference: one dot product per output, fp32 accumulation.
 //   gemv (AVX2)     rows <= kGemvMaxRows: decode. Bound by memory bandwidth: every weight is read
 //                   once per call, converted to fp32 in registers, and used for all rows of x.
-//   gemm (AVX2)     larger batches: bound by FMA throughput. Weight panels of 16 outputs are
-//                   converted once into an fp32 buffer that stays in L1/L2 and reused for every
-//                   6-row block of x by a 6x16 register-tile microkernel.
+//   gemm (AVX2)     larger batches: bound by FMA throughput. See the gemm section.
 #include <algorithm>
+#include <new>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <vector>
 
 #include "kernels.h"
@@ -55,73 +57,95 @@ namespace {
 
 using namespace simd;
 
-constexpr int64_t kGemvMaxRows = 4;
+// Blocking and scheduling parameters. The defaults are the measured best on the development
+// machine (see bench/kernels.ts); set_linear_tuning() lets the tuning bench try others.
+struct Tuning {
+  int64_t gemv_max_rows = 2;
+  int64_t gemv_chunk_bytes = 1 << 20;
+  int64_t gemv_prefetch = 8192;
+  int64_t kc = 512;
+  int64_t nb = 96;
+  int64_t mc = 192;
+  int64_t gemm_prefetch_panels = 1;  // how many weight panels ahead to prefetch (0: none)
+  int64_t gemm_prefetch_hint = 0;    // 0: into L1 (T0), 1: into L2 (T1)
+  int64_t small_max_rows = 48;
+  int64_t small_max_x_bytes = 1 << 20;  // x must stay in L2 across all groups
+  int64_t small_nb = 96;
+};
+Tuning g_tuning;
+const Tuning& tuning() { return g_tuning; }
 
 // --- epilogue, vectorised over a column range ---------------------------------------------
+// The ragged end of a range goes through the same vector code (via a padded copy), so an
+// output's value never depends on where a thread's range happened to end.
+BLOSSOM_AVX2_INLINE __m256 epilogue8(__m256 v, const float* bias, int epilogue, const float* residual) {
+  if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias));
+  if (epilogue == kGelu) v = gelu8(v);
+  if (residual) v = _mm256_add_ps(v, _mm256_loadu_ps(residual));
+  return v;
+}
+
 BLOSSOM_AVX2 void apply_epilogue_avx2(float* y, int64_t rows, int64_t out, int64_t c0, int64_t c1, const float* bias,
                                       int epilogue, const float* residual) {
+  if (!bias && epilogue == kNone && !residual) return;
   for (int64_t r = 0; r < rows; ++r) {
     float* yr = y + r * out;
     const float* rr = residual ? residual + r * out : nullptr;
     int64_t o = c0;
-    for (; o + 8 <= c1; o += 8) {
-      __m256 v = _mm256_loadu_ps(yr + o);
-      if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + o));
-      if (epilogue == kGelu) v = gelu8(v);
-      if (rr) v = _mm256_add_ps(v, _mm256_loadu_ps(rr + o));
-      _mm256_storeu_ps(yr + o, v);
-    }
-    for (; o < c1; ++o) {
-      float v = yr[o] + (bias ? bias[o] : 0.f);
-      if (epilogue == kGelu) v = gelu_tanh(v);
-      if (rr) v += rr[o];
-      yr[o] = v;
+    for (; o + 8 <= c1; o += 8) _mm256_storeu_ps(yr + o, epilogue8(_mm256_loadu_ps(yr + o), bias ? bias + o : nullptr, epilogue, rr ? rr + o : nullptr));
+    if (o < c1) {
+      const int64_t n = c1 - o;
+      alignas(32) float yt[8] = {0}, bt[8] = {0}, rt[8] = {0};
+      std::memcpy(yt, yr + o, sizeof(float) * n);
+      if (bias) std::memcpy(bt, bias + o, sizeof(float) * n);
+      if (rr) std::memcpy(rt, rr + o, sizeof(float) * n);
+      _mm256_store_ps(yt, epilogue8(_mm256_load_ps(yt), bias ? bt : nullptr, epilogue, rr ? rt : nullptr));
+      std::memcpy(yr + o, yt, sizeof(float) * n);
     }
   }
 }
 
-// --- gemv: R rows of x against 4 weight rows at a time -------------------------------------
+// Sums of 4 vectors, lane i of the result = sum of v[i]'s 8 lanes.
+BLOSSOM_AVX2_INLINE __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  __m256 ab = _mm256_hadd_ps(a, b);  // a01 a23 b01 b23 | a45 a67 b45 b67
+  __m256 cd = _mm256_hadd_ps(c, d);
+  __m256 abcd = _mm256_hadd_ps(ab, cd);  // a0123 b0123 c0123 d0123 | a4567 ...
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+// --- gemv: one weight row at a time against R rows of x, weights converted in registers ------
+// Each thread streams its weight rows strictly in address order: one sequential stream per core
+// is what the hardware prefetchers follow best (measured: interleaving 4 rows at once lost 25-50%
+// of the bandwidth). U vectors per row per step give R*U independent accumulators.
 template <DType D, int R>
-BLOSSOM_AVX2 void gemv_block(float* y, const float* x, const WeightMatrix& w, int64_t o_begin, int64_t o_end) {
+BLOSSOM_AVX2 void gemv_rows(float* y, const float* x, const WeightMatrix& w, int64_t o_begin, int64_t o_end) {
+  constexpr int U = R <= 2 ? 4 : 2;
+  constexpr int64_t es = D == DType::F32 ? 4 : 2;
   const int64_t in = w.in_features, out = w.out_features;
-  const size_t es = dtype_size(D);
   const char* base = static_cast<const char*>(w.data);
-  const int64_t in8 = in & ~int64_t(7);
-  int64_t o = o_begin;
-  for (; o + 4 <= o_end; o += 4) {
-    __m256 acc[R][4];
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
-    const char* w0 = base + (o + 0) * in * es;
-    const char* w1 = base + (o + 1) * in * es;
-    const char* w2 = base + (o + 2) * in * es;
-    const char* w3 = base + (o + 3) * in * es;
-    for (int64_t k = 0; k < in8; k += 8) {
-      __m256 a0 = load8<D>(w0 + k * es), a1 = load8<D>(w1 + k * es);
-      __m256 a2 = load8<D>(w2 + k * es), a3 = load8<D>(w3 + k * es);
-      for (int r = 0; r < R; ++r) {
-        __m256 xv = _mm256_loadu_ps(x + r * in + k);
-        acc[r][0] = _mm256_fmadd_ps(a0, xv, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(a1, xv, acc[r][1]);
-        acc[r][2] = _mm256_fmadd_ps(a2, xv, acc[r][2]);
-        acc[r][3] = _mm256_fmadd_ps(a3, xv, acc[r][3]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      for (int j = 0; j < 4; ++j) {
-        float s = hsum(acc[r][j]);
-        for (int64_t k = in8; k < in; ++k) s += x[r * in + k] * load_as_f32(w.data, D, (o + j) * in + k);
-        y[r * out + o + j] = s;
-      }
-    }
-  }
-  for (; o < o_end; ++o) {
+  const int64_t pf = tuning().gemv_prefetch;
+  for (int64_t o = o_begin; o < o_end; ++o) {
     const char* wr = base + o * in * es;
+    __m256 acc[R][U];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < U; ++j) acc[r][j] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 * U <= in; k += 8 * U) {
+      if (pf) _mm_prefetch(wr + k * es + pf, _MM_HINT_T0);
+      for (int j = 0; j < U; ++j) {
+        const __m256 wv = load8<D>(wr + (k + 8 * j) * es);
+        for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * in + k + 8 * j), acc[r][j]);
+      }
+    }
+    for (; k + 8 <= in; k += 8) {
+      const __m256 wv = load8<D>(wr + k * es);
+      for (int r = 0; r < R; ++r) acc[r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * in + k), acc[r][0]);
+    }
     for (int r = 0; r < R; ++r) {
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t k = 0; k < in8; k += 8) acc = _mm256_fmadd_ps(load8<D>(wr + k * es), _mm256_loadu_ps(x + r * in + k), acc);
-      float s = hsum(acc);
-      for (int64_t k = in8; k < in; ++k) s += x[r * in + k] * load_as_f32(w.data, D, o * in + k);
+      __m256 v = acc[r][0];
+      for (int j = 1; j < U; ++j) v = _mm256_add_ps(v, acc[r][j]);
+      float s = hsum(v);
+      for (int64_t kk = k; kk < in; ++kk) s += x[r * in + kk] * load_as_f32(w.data, D, o * in + kk);
       y[r * out + o] = s;
     }
   }
@@ -130,127 +154,318 @@ BLOSSOM_AVX2 void gemv_block(float* y, const float* x, const WeightMatrix& w, in
 template <DType D>
 BLOSSOM_AVX2 void gemv_range(float* y, const float* x, int64_t rows, const WeightMatrix& w, int64_t o_begin, int64_t o_end) {
   switch (rows) {
-    case 1: gemv_block<D, 1>(y, x, w, o_begin, o_end); break;
-    case 2: gemv_block<D, 2>(y, x, w, o_begin, o_end); break;
-    case 3: gemv_block<D, 3>(y, x, w, o_begin, o_end); break;
-    default: gemv_block<D, 4>(y, x, w, o_begin, o_end); break;
+    case 1: gemv_rows<D, 1>(y, x, w, o_begin, o_end); break;
+    case 2: gemv_rows<D, 2>(y, x, w, o_begin, o_end); break;
+    case 3: gemv_rows<D, 3>(y, x, w, o_begin, o_end); break;
+    default: gemv_rows<D, 4>(y, x, w, o_begin, o_end); break;
   }
 }
 
-// --- gemm ---------------------------------------------------------------------------------
-constexpr int MR = 6;      // rows of x per microkernel tile
-constexpr int NR = 16;     // outputs per tile (two ymm)
-constexpr int64_t KC = 256;  // depth of one packed panel
-constexpr int64_t NB = 64;   // outputs per parallel task (4 panels)
-
-// Packs W[o0 : o0+NR, k0 : k0+kc] as fp32 [kc][NR]; outputs past `out` are zero.
 template <DType D>
-BLOSSOM_AVX2 void pack_panel(float* dst, const WeightMatrix& w, int64_t o0, int64_t k0, int64_t kc) {
-  const int64_t in = w.in_features;
-  const size_t es = dtype_size(D);
+void gemv(ThreadPool& pool, float* y, const float* x, int64_t rows, const WeightMatrix& w, const float* bias,
+          int epilogue, const float* residual) {
+  const int64_t out = w.out_features;
+  const int64_t row_bytes = w.in_features * static_cast<int64_t>(dtype_size(D));
+  // Chunks of contiguous weight rows handed out dynamically, so both cores finish together; each
+  // chunk is long enough for the hardware prefetchers to ramp up on it.
+  int64_t chunk = std::max<int64_t>(1, tuning().gemv_chunk_bytes / row_bytes);
+  chunk = std::min(chunk, std::max<int64_t>(1, out / (4 * pool.size())));
+  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+    const int64_t rn = std::min<int64_t>(4, rows - r0);
+    pool.parallel_for(out, chunk, [&](int64_t begin, int64_t end) {
+      gemv_range<D>(y + r0 * out, x + r0 * w.in_features, rn, w, begin, end);
+      apply_epilogue_avx2(y + r0 * out, rn, out, begin, end, bias, epilogue, residual ? residual + r0 * out : nullptr);
+    });
+  }
+}
+
+// --- gemm -----------------------------------------------------------------------------------
+// Dot-product form: every operand is read along k, the contiguous dimension of both x and W, so
+// weights need no transposition: a panel of NR weight rows is only converted to fp32 (once per
+// KC x MC block, into a buffer that stays in L1) and reused by every MR-row tile of x. x is packed
+// once per call into k-blocks of KC (rows at a short stride, so they do not all fall into the
+// same cache sets as they would at a power-of-two stride of `in` floats). The MR x NR tile keeps
+// MR*NR = 12 accumulators in registers (enough independent chains to cover FMA latency on two
+// pipes); their horizontal sums are taken once per KC block.
+constexpr int MR = 3;
+constexpr int NR = 4;
+
+inline int64_t round8(int64_t n) { return (n + 7) & ~int64_t(7); }
+
+// A per-thread scratch buffer, 64-byte aligned, grown on demand and kept between calls.
+class Scratch {
+ public:
+  ~Scratch() { std::free(data_); }
+  float* get(size_t floats) {
+    if (floats > capacity_) {
+      std::free(data_);
+      const size_t bytes = (floats * sizeof(float) + 63) & ~size_t(63);
+      data_ = static_cast<float*>(std::aligned_alloc(64, bytes));
+      if (!data_) throw std::bad_alloc();
+      capacity_ = bytes / sizeof(float);
+    }
+    return data_;
+  }
+
+ private:
+  float* data_ = nullptr;
+  size_t capacity_ = 0;
+};
+
+// Packs W[o0 : o0+NR, k0 : k0+kc] as fp32 [NR][kcp] (kcp = kc rounded up to 8, zero-padded);
+// rows past `out` are zero.
+template <DType D>
+BLOSSOM_AVX2 void pack_weights(float* dst, const WeightMatrix& w, int64_t o0, int64_t k0, int64_t kc) {
+  constexpr int64_t es = D == DType::F32 ? 4 : 2;
+  const int64_t in = w.in_features, kcp = round8(kc);
   const char* base = static_cast<const char*>(w.data);
   const int64_t valid = std::min<int64_t>(NR, w.out_features - o0);
-  if (valid < NR) std::fill(dst, dst + kc * NR, 0.f);
   const int64_t kc8 = kc & ~int64_t(7);
-  for (int64_t j = 0; j < valid; ++j) {
+  for (int64_t j = 0; j < NR; ++j) {
+    float* d = dst + j * kcp;
+    if (j >= valid) {
+      std::fill(d, d + kcp, 0.f);
+      continue;
+    }
     const char* src = base + ((o0 + j) * in + k0) * es;
     int64_t k = 0;
-    for (; k < kc8; k += 8) {
-      // Transpose-on-store: 8 consecutive k of one output go to stride NR.
-      alignas(32) float tmp[8];
-      _mm256_store_ps(tmp, load8<D>(src + k * es));
-      for (int t = 0; t < 8; ++t) dst[(k + t) * NR + j] = tmp[t];
-    }
-    for (; k < kc; ++k) dst[k * NR + j] = load_as_f32(w.data, D, (o0 + j) * in + k0 + k);
+    for (; k < kc8; k += 8) _mm256_store_ps(d + k, load8<D>(src + k * es));
+    for (; k < kc; ++k) d[k] = load_as_f32(w.data, D, (o0 + j) * in + k0 + k);
+    for (; k < kcp; ++k) d[k] = 0.f;
   }
 }
 
-// C tile (m x NR, leading dimension ldc) (+)= A rows (m x kc, leading dimension lda) @ B panel (kc x NR).
+// C[M x ncols] (+)= A[M x kcp] . B[NR x kcp]^T, A and B fp32 with row strides kcp.
 template <int M>
-BLOSSOM_AVX2 void micro_kernel(float* c, int64_t ldc, const float* a, int64_t lda, const float* b, int64_t kc,
-                               bool accumulate, int ncols) {
-  __m256 acc[M][2];
-  for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < kc; ++k) {
-    __m256 b0 = _mm256_load_ps(b + k * NR);
-    __m256 b1 = _mm256_load_ps(b + k * NR + 8);
-    for (int i = 0; i < M; ++i) {
-      __m256 av = _mm256_broadcast_ss(a + i * lda + k);
-      acc[i][0] = _mm256_fmadd_ps(av, b0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
+BLOSSOM_AVX2 void micro_kernel(float* c, int64_t ldc, const float* a, const float* b, int64_t kcp, bool accumulate,
+                               int ncols) {
+  __m256 acc[M][NR];
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kcp; k += 8) {
+    __m256 av[M];
+    for (int i = 0; i < M; ++i) av[i] = _mm256_load_ps(a + i * kcp + k);
+    for (int j = 0; j < NR; ++j) {
+      __m256 bv = _mm256_load_ps(b + j * kcp + k);
+      for (int i = 0; i < M; ++i) acc[i][j] = _mm256_fmadd_ps(av[i], bv, acc[i][j]);
     }
   }
-  if (ncols == NR) {
-    for (int i = 0; i < M; ++i) {
-      float* ci = c + i * ldc;
-      if (accumulate) {
-        acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(ci));
-        acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(ci + 8));
-      }
-      _mm256_storeu_ps(ci, acc[i][0]);
-      _mm256_storeu_ps(ci + 8, acc[i][1]);
-    }
-  } else {
-    alignas(32) float tmp[NR];
-    for (int i = 0; i < M; ++i) {
-      _mm256_store_ps(tmp, acc[i][0]);
-      _mm256_store_ps(tmp + 8, acc[i][1]);
-      float* ci = c + i * ldc;
+  for (int i = 0; i < M; ++i) {
+    __m128 s = hsum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+    float* ci = c + i * ldc;
+    if (ncols == NR) {
+      if (accumulate) s = _mm_add_ps(s, _mm_loadu_ps(ci));
+      _mm_storeu_ps(ci, s);
+    } else {
+      alignas(16) float tmp[NR];
+      _mm_store_ps(tmp, s);
       for (int j = 0; j < ncols; ++j) ci[j] = accumulate ? ci[j] + tmp[j] : tmp[j];
     }
   }
 }
 
-BLOSSOM_AVX2 void micro_dispatch(int m, float* c, int64_t ldc, const float* a, int64_t lda, const float* b, int64_t kc,
+BLOSSOM_AVX2 void micro_dispatch(int m, float* c, int64_t ldc, const float* a, const float* b, int64_t kcp,
                                  bool accumulate, int ncols) {
   switch (m) {
-    case 6: micro_kernel<6>(c, ldc, a, lda, b, kc, accumulate, ncols); break;
-    case 5: micro_kernel<5>(c, ldc, a, lda, b, kc, accumulate, ncols); break;
-    case 4: micro_kernel<4>(c, ldc, a, lda, b, kc, accumulate, ncols); break;
-    case 3: micro_kernel<3>(c, ldc, a, lda, b, kc, accumulate, ncols); break;
-    case 2: micro_kernel<2>(c, ldc, a, lda, b, kc, accumulate, ncols); break;
-    default: micro_kernel<1>(c, ldc, a, lda, b, kc, accumulate, ncols); break;
+    case 3: micro_kernel<3>(c, ldc, a, b, kcp, accumulate, ncols); break;
+    case 2: micro_kernel<2>(c, ldc, a, b, kcp, accumulate, ncols); break;
+    default: micro_kernel<1>(c, ldc, a, b, kcp, accumulate, ncols); break;
+  }
+}
+
+// Packs x (rows, in) as fp32 blocks [kb][rows][kcp(kb)], each k block zero-padded to a multiple of 8.
+BLOSSOM_AVX2 void pack_x(float* dst, const float* x, int64_t rows, int64_t in, int64_t kc_max, int64_t r_begin,
+                         int64_t r_end) {
+  for (int64_t k0 = 0, off = 0; k0 < in; k0 += kc_max) {
+    const int64_t kc = std::min(kc_max, in - k0), kcp = round8(kc);
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      float* d = dst + off + r * kcp;
+      std::memcpy(d, x + r * in + k0, sizeof(float) * kc);
+      std::fill(d + kc, d + kcp, 0.f);
+    }
+    off += rows * kcp;
+  }
+}
+
+// Prefetches the weights one panel (NR rows x kc) will pack, so that their DRAM latency overlaps
+// the microkernels of the panels before it.
+template <DType D>
+BLOSSOM_AVX2_INLINE void prefetch_panel(const WeightMatrix& w, int64_t o0, int64_t k0, int64_t kc) {
+  constexpr int64_t es = D == DType::F32 ? 4 : 2;
+  const char* base = static_cast<const char*>(w.data);
+  const int64_t rows = std::min<int64_t>(NR, w.out_features - o0);
+  const bool l2 = tuning().gemm_prefetch_hint == 1;
+  for (int64_t j = 0; j < rows; ++j) {
+    const char* p = base + ((o0 + j) * w.in_features + k0) * es;
+    const char* e = p + kc * es;
+    for (const char* q = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63)); q < e; q += 64) {
+      if (l2) _mm_prefetch(q, _MM_HINT_T1);
+      else _mm_prefetch(q, _MM_HINT_T0);
+    }
   }
 }
 
 // One task: outputs [o_begin, o_end) for all rows.
 template <DType D>
-BLOSSOM_AVX2 void gemm_task(float* y, const float* x, int64_t rows, const WeightMatrix& w, int64_t o_begin,
+BLOSSOM_AVX2 void gemm_task(float* y, const float* xp, int64_t rows, const WeightMatrix& w, int64_t o_begin,
                             int64_t o_end, float* panel) {
   const int64_t in = w.in_features, out = w.out_features;
-  for (int64_t k0 = 0; k0 < in; k0 += KC) {
-    const int64_t kc = std::min(KC, in - k0);
-    for (int64_t o0 = o_begin; o0 < o_end; o0 += NR) {
-      pack_panel<D>(panel, w, o0, k0, kc);
-      const int ncols = static_cast<int>(std::min<int64_t>(NR, o_end - o0));
-      for (int64_t r0 = 0; r0 < rows; r0 += MR) {
-        const int m = static_cast<int>(std::min<int64_t>(MR, rows - r0));
-        micro_dispatch(m, y + r0 * out + o0, out, x + r0 * in + k0, in, panel, kc, k0 > 0, ncols);
+  const int64_t KC = tuning().kc, MC = tuning().mc;
+  const int64_t ahead = tuning().gemm_prefetch_panels * NR;
+  for (int64_t m0 = 0; m0 < rows; m0 += MC) {
+    const int64_t mc = std::min(MC, rows - m0);
+    int64_t xoff = 0;
+    for (int64_t k0 = 0; k0 < in; k0 += KC) {
+      const int64_t kc = std::min(KC, in - k0), kcp = round8(kc);
+      const float* xblock = xp + xoff;
+      for (int64_t o0 = o_begin; o0 < o_end; o0 += NR) {
+        if (ahead) {
+          // The panel `ahead` outputs on in this k block, or at the start of the next one.
+          int64_t po = o0 + ahead, pk = k0, pkc = kc;
+          if (po >= o_end) {
+            po = o_begin + (po - o_end);
+            pk = k0 + KC;
+            pkc = std::min(KC, in - pk);
+          }
+          if (pk < in && po < o_end) prefetch_panel<D>(w, po, pk, pkc);
+        }
+        pack_weights<D>(panel, w, o0, k0, kc);
+        const int ncols = static_cast<int>(std::min<int64_t>(NR, o_end - o0));
+        for (int64_t r0 = m0; r0 < m0 + mc; r0 += MR) {
+          const int m = static_cast<int>(std::min<int64_t>(MR, m0 + mc - r0));
+          micro_dispatch(m, y + r0 * out + o0, out, xblock + r0 * kcp, panel, kcp, k0 > 0, ncols);
+        }
       }
+      xoff += rows * kcp;
     }
   }
 }
 
 template <DType D>
-void linear_avx2_typed(ThreadPool& pool, float* y, const float* x, int64_t rows, const WeightMatrix& w,
-                       const float* bias, int epilogue, const float* residual) {
-  const int64_t out = w.out_features;
-  if (rows <= kGemvMaxRows) {
-    // Chunks of 32 outputs, handed out dynamically so both cores finish together.
-    pool.parallel_for(out, 32, [&](int64_t begin, int64_t end) {
-      gemv_range<D>(y, x, rows, w, begin, end);
-      apply_epilogue_avx2(y, rows, out, begin, end, bias, epilogue, residual);
-    });
-    return;
-  }
-  pool.parallel_for(out, NB, [&](int64_t begin, int64_t end) {
-    alignas(64) static thread_local float panel[KC * NR];
-    gemm_task<D>(y, x, rows, w, begin, end, panel);
+void gemm(ThreadPool& pool, float* y, const float* x, int64_t rows, const WeightMatrix& w, const float* bias,
+          int epilogue, const float* residual) {
+  const int64_t in = w.in_features, out = w.out_features;
+  const int64_t KC = tuning().kc;
+  const int64_t nblocks = (in + KC - 1) / KC;
+  static thread_local Scratch xpack;
+  float* xp = xpack.get(static_cast<size_t>(rows * round8(KC) * nblocks));
+  pool.parallel_for(rows, 16, [&](int64_t b, int64_t e) { pack_x(xp, x, rows, in, KC, b, e); });
+  int64_t nb = tuning().nb;
+  // Enough tasks that both threads finish together even on small layers.
+  while (nb > NR && out / nb < 8 * pool.size()) nb /= 2;
+  nb = std::max<int64_t>(NR, nb / NR * NR);
+  pool.parallel_for(out, nb, [&](int64_t begin, int64_t end) {
+    static thread_local Scratch panel;
+    gemm_task<D>(y, xp, rows, w, begin, end, panel.get(static_cast<size_t>(NR * round8(KC))));
     apply_epilogue_avx2(y, rows, out, begin, end, bias, epilogue, residual);
   });
 }
 
+// --- small batches: weights converted in registers, reused from L1 across row tiles ----------
+// For a handful of rows, packing weights costs as much as using them. Instead a group of SN
+// weight rows is read (from DRAM, once) and converted in registers by the first SM-row tile of x,
+// and read again from L1 by the following tiles. The next group is prefetched while the first
+// tile runs, so the DRAM stream overlaps the FMAs.
+constexpr int SM = 4;  // rows of x per tile
+constexpr int SN = 3;  // weight rows (outputs) per group
+
+template <DType D, int M, int N>
+BLOSSOM_AVX2 void small_tile(float* y, int64_t ldy, const float* x, int64_t in, const char* w, const char* prefetch) {
+  constexpr int64_t es = D == DType::F32 ? 4 : 2;
+  constexpr int U = static_cast<int>(64 / (8 * es));  // vectors per 64-byte line of weights
+  __m256 acc[M][N];
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) acc[i][j] = _mm256_setzero_ps();
+  auto step = [&](int64_t k) BLOSSOM_AVX2_INLINE_LAMBDA {
+    __m256 wv[N];
+    for (int j = 0; j < N; ++j) wv[j] = load8<D>(w + (j * in + k) * es);
+    for (int i = 0; i < M; ++i) {
+      const __m256 xv = _mm256_loadu_ps(x + i * in + k);
+      for (int j = 0; j < N; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  };
+  const int64_t in8 = in & ~int64_t(7);
+  int64_t k = 0;
+  if (prefetch) {
+    for (; k + 8 * U <= in8; k += 8 * U) {
+      for (int j = 0; j < SN; ++j) _mm_prefetch(prefetch + (j * in + k) * es, _MM_HINT_T0);
+      for (int u = 0; u < U; ++u) step(k + 8 * u);
+    }
+  }
+  for (; k < in8; k += 8) step(k);
+  for (int i = 0; i < M; ++i) {
+    alignas(16) float s[4];
+    const __m256 zero = _mm256_setzero_ps();
+    _mm_store_ps(s, hsum4(acc[i][0], N > 1 ? acc[i][N > 1 ? 1 : 0] : zero, N > 2 ? acc[i][N > 2 ? 2 : 0] : zero, zero));
+    for (int j = 0; j < N; ++j) {
+      float v = s[j];
+      for (int64_t kk = in8; kk < in; ++kk) v += x[i * in + kk] * load_as_f32(w, D, j * in + kk);
+      y[i * ldy + j] = v;
+    }
+  }
+}
+
+template <DType D, int N>
+BLOSSOM_AVX2 void small_group(float* y, int64_t ldy, const float* x, int64_t rows, int64_t in, const char* w,
+                              const char* prefetch) {
+  int64_t r = 0;
+  for (; r + SM <= rows; r += SM, prefetch = nullptr) small_tile<D, SM, N>(y + r * ldy, ldy, x + r * in, in, w, prefetch);
+  switch (rows - r) {
+    case 3: small_tile<D, 3, N>(y + r * ldy, ldy, x + r * in, in, w, prefetch); break;
+    case 2: small_tile<D, 2, N>(y + r * ldy, ldy, x + r * in, in, w, prefetch); break;
+    case 1: small_tile<D, 1, N>(y + r * ldy, ldy, x + r * in, in, w, prefetch); break;
+    default: break;
+  }
+}
+
+template <DType D>
+void gemm_small(ThreadPool& pool, float* y, const float* x, int64_t rows, const WeightMatrix& w, const float* bias,
+                int epilogue, const float* residual) {
+  constexpr int64_t es = D == DType::F32 ? 4 : 2;
+  const int64_t in = w.in_features, out = w.out_features;
+  const char* base = static_cast<const char*>(w.data);
+  int64_t nb = tuning().small_nb;
+  while (nb > SN && out / nb < 8 * pool.size()) nb /= 2;
+  nb = std::max<int64_t>(SN, nb / SN * SN);
+  pool.parallel_for(out, nb, [&](int64_t begin, int64_t end) {
+    int64_t o = begin;
+    for (; o + SN <= end; o += SN) {
+      const char* next = o + 2 * SN <= end ? base + (o + SN) * in * es : nullptr;
+      small_group<D, SN>(y + o, out, x, rows, in, base + o * in * es, next);
+    }
+    if (end - o == 2) small_group<D, 2>(y + o, out, x, rows, in, base + o * in * es, nullptr);
+    if (end - o == 1) small_group<D, 1>(y + o, out, x, rows, in, base + o * in * es, nullptr);
+    apply_epilogue_avx2(y, rows, out, begin, end, bias, epilogue, residual);
+  });
+}
+
+template <DType D>
+void linear_avx2_typed(ThreadPool& pool, float* y, const float* x, int64_t rows, const WeightMatrix& w,
+                       const float* bias, int epilogue, const float* residual) {
+  if (rows <= tuning().gemv_max_rows) gemv<D>(pool, y, x, rows, w, bias, epilogue, residual);
+  else if (rows <= tuning().small_max_rows && rows * w.in_features * 4 <= tuning().small_max_x_bytes) gemm_small<D>(pool, y, x, rows, w, bias, epilogue, residual);
+  else gemm<D>(pool, y, x, rows, w, bias, epilogue, residual);
+}
+
 }  // namespace
+
+bool set_linear_tuning(const std::string& name, int64_t value) {
+  Tuning& t = g_tuning;
+  if (value < 0) return false;
+  if (name == "gemvMaxRows") t.gemv_max_rows = value;
+  else if (name == "gemvChunkBytes") t.gemv_chunk_bytes = value;
+  else if (name == "gemvPrefetch") t.gemv_prefetch = value;
+  else if (name == "kc" && value >= 8) t.kc = value / 8 * 8;
+  else if (name == "nb" && value >= 4) t.nb = value;
+  else if (name == "mc" && value >= 1) t.mc = value;
+  else if (name == "gemmPrefetchPanels") t.gemm_prefetch_panels = value;
+  else if (name == "smallMaxRows") t.small_max_rows = value;
+  else if (name == "smallMaxXBytes") t.small_max_x_bytes = value;
+  else if (name == "smallNb" && value >= 3) t.small_nb = value;
+  else if (name == "gemmPrefetchHint" && value <= 1) t.gemm_prefetch_hint = value;
+  else return false;
+  return true;
+}
 
 void linear_avx2(ThreadPool& pool, float* y, const float* x, int64_t rows, const WeightMatrix& w, const float* bias,
                  int epilogue, const float* residual) {
@@ -262,6 +477,7 @@ void linear_avx2(ThreadPool& pool, float* y, const float* x, int64_t rows, const
   }
 }
 #else
+bool set_linear_tuning(const std::string&, int64_t) { return false; }
 void linear_avx2(ThreadPool& pool, float* y, const float* x, int64_t rows, const WeightMatrix& w, const float* bias,
                  int epilogue, const float* residual) {
   linear_scalar(pool, y, x, rows, w, bias, epilogue, residual);

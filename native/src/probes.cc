@@ -1,7 +1,8 @@
 // Machine probes for the kernel benchmark: the limits a kernel is judged against.
 //
 //   probe_read_bandwidth  best-of-N multi-threaded streaming read-sum over a buffer much larger than
-//                         the last-level cache, with AVX2 loads: the most a GEMV could stream.
+//                         the last-level cache, with AVX2 loads, without and with software
+//                         prefetch: the most a GEMV could stream.
 //   probe_fma_peak        independent FMA chains held in registers on every thread: the most a GEMM
 //                         could compute with AVX2 (256-bit) FMA.
 //   fill_random           fills weights with random values of a dtype (benchmark and test inputs).
@@ -35,12 +36,20 @@ bool have_avx2() {
 }
 
 #if defined(__x86_64__)
-// Sums [p, p+bytes) as floats with 8 independent accumulators so the adds never limit the
-// stream; the result is returned so the loads cannot be optimised away.
-BLOSSOM_AVX2 float read_sum_avx2(const float* p, size_t n) {
+// Sums [p, p+n) as floats with 8 independent accumulators so the adds never limit the stream;
+// the result is returned so the loads cannot be optimised away. With prefetch > 0, each 256-byte
+// step also prefetches `prefetch` bytes ahead (what the GEMV kernels do).
+BLOSSOM_AVX2 float read_sum_avx2(const float* p, size_t n, size_t prefetch) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
   size_t i = 0;
   for (; i + 64 <= n; i += 64) {
+    if (prefetch) {
+      const char* ahead = reinterpret_cast<const char*>(p + i) + prefetch;
+      _mm_prefetch(ahead, _MM_HINT_T0);
+      _mm_prefetch(ahead + 64, _MM_HINT_T0);
+      _mm_prefetch(ahead + 128, _MM_HINT_T0);
+      _mm_prefetch(ahead + 192, _MM_HINT_T0);
+    }
     a0 = _mm256_add_ps(a0, _mm256_load_ps(p + i));
     a1 = _mm256_add_ps(a1, _mm256_load_ps(p + i + 8));
     a2 = _mm256_add_ps(a2, _mm256_load_ps(p + i + 16));
@@ -130,13 +139,17 @@ double probe_read_bandwidth(size_t bytes, int threads, int runs) {
     for (size_t i = b; i < e; ++i) data[i] = static_cast<float>(i & 1023) * 1e-3f;
   });
   double best = 0;
-  for (int r = 0; r < runs; ++r) {
+  // Each run is repeated without and with software prefetch (at two distances): the probe
+  // reports the best any of these ways of streaming reaches.
+  const size_t prefetch_distances[] = {0, 4096, 8192};
+  for (int r = 0; r < runs; ++r)
+  for (size_t prefetch : prefetch_distances) {
     std::atomic<float> total{0.f};
     auto t0 = Clock::now();
     pool.run([&](int t, int) {
       auto [b, e] = share(t);
 #if defined(__x86_64__)
-      float s = fast ? read_sum_avx2(data + b, e - b) : read_sum_scalar(data + b, e - b);
+      float s = fast ? read_sum_avx2(data + b, e - b, prefetch) : read_sum_scalar(data + b, e - b);
 #else
       float s = read_sum_scalar(data + b, e - b);
 #endif

@@ -2,6 +2,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "kernels.h"
 
@@ -13,5 +14,8 @@ double probe_read_bandwidth(size_t bytes, int threads, int runs);
 double probe_fma_peak(int threads, int runs);
 // n values of `dtype`, uniform in [-scale, scale), from `seed` (deterministic whatever the thread count).
 void fill_random(ThreadPool& pool, void* dst, DType dtype, int64_t n, uint64_t seed, float scale);
+
+// Sets one of linear's blocking parameters (matmul.cc), for tuning experiments; false if unknown.
+bool set_linear_tuning(const std::string& name, int64_t value);
 
 }  // namespace blossom

@@ -116,6 +116,11 @@ export interface NativeAddon {
   probeFmaPeak(threads: number, runs?: number): number;
   /** Fills `count` values of `dtype` at (region, byteOffset) uniform in [-scale, scale), deterministic in `seed`. */
   fillRandom(region: NativeRegion, byteOffset: number, dtype: number, count: number, seed: number, scale: number): void;
+  /**
+   * Sets one of linear's blocking parameters for tuning experiments (bench/tune-linear.ts):
+   * gemvMaxRows, gemvChunkBytes, gemvPrefetch, kc, nb, mc. Returns false for an unknown name or value.
+   */
+  setLinearTuning(name: string, value: number): boolean;
 }
 
 export const Epilogue = { none: 0, gelu: 1 } as const;

@@ -1,0 +1,457 @@
+/**
+ * Kernel-level conformance: every native variant (scalar reference, AVX2) x weight dtype x odd shape
+ * x epilogue against a pure-TypeScript reference that accumulates in fp64, plus layerNorm, embedding
+ * and attention, and thread-count independence.
+ *
+ * Tolerance for linear. Weights are generated as exact f32/f16/bf16 values, so the only error in the
+ * kernels is fp32 arithmetic. Any fp32 summation of K products, in any order, with or without FMA,
+ * obeys |fl(sum) - sum| <= gamma_K * sum |x_k w_k|, gamma_K = K u / (1 - K u), u = 2^-24 (Higham,
+ * "Accuracy and Stability of Numerical Algorithms", 2nd ed., eq. 3.5). Adding the bias is one more
+ * term (K+1), GELU's derivative is below 1.13 in magnitude, and GELU itself and the residual add
+ * each cost a few roundings relative to their operands; so per output
+ *   tol = 1.2 gamma_{K+2} (sum |x_k w_k| + |b|) + 16 u (|v| + |y| + |residual|),
+ * with v the pre-activation. This bound is rigorous yet still catches real bugs: dropping or
+ * doubling one of K terms moves a result by about 1/K of sum |x w|, far above K u for the K here.
+ */
+import assert from "node:assert/strict";
+import { after, describe, test } from "node:test";
+import { DTypeCode, Epilogue, native, type NativeRegion, type StorageDType } from "../src/backend/native.js";
+
+const addon = native();
+const u = 2 ** -24;
+const gamma = (n: number) => (n * u) / (1 - n * u);
+const cpu = addon.cpuInfo();
+const hasAvx2 = cpu.avx2 && cpu.fma && cpu.f16c;
+const variants = hasAvx2 ? (["scalar", "avx2"] as const) : (["scalar"] as const);
+const initialThreads = addon.getThreads();
+const initialVariant = addon.getKernelVariant();
+
+after(() => {
+  addon.setThreads(initialThreads);
+  addon.setKernelVariant(initialVariant);
+});
+
+/** A small deterministic generator (xorshift32), so failures reproduce. */
+function rng(seed: number): () => number {
+  let s = seed >>> 0 || 0x9e3779b9;
+  return () => {
+    s ^= s << 13;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    return (s >>> 0) / 4294967296;
+  };
+}
+
+function f16ToNumber(h: number): number {
+  const sign = h & 0x8000 ? -1 : 1;
+  const exp = (h >> 10) & 0x1f;
+  const mant = h & 0x3ff;
+  if (exp === 0) return sign * mant * 2 ** -24;
+  if (exp === 31) return mant ? NaN : sign * Infinity;
+  return sign * (1 + mant / 1024) * 2 ** (exp - 15);
+}
+
+function bf16ToNumber(h: number): number {
+  const u32 = new Uint32Array([h << 16]);
+  return new Float32Array(u32.buffer)[0]!;
+}
+
+/**
+ * Weights (out, in) placed at `byteOffset` of a fresh region, as exact values of `dtype`.
+ * f16 weights include subnormals and zeros; magnitudes stay below 1.
+ */
+function makeWeights(dtype: StorageDType, out: number, inF: number, seed: number, byteOffset = 0) {
+  const n = out * inF;
+  const esize = dtype === "f32" ? 4 : 2;
+  const region: NativeRegion = addon.allocate(byteOffset + n * esize + 64);
+  const values = new Float64Array(n);
+  const r = rng(seed);
+  const buf = addon.view(region, byteOffset, n * esize);
+  if (dtype === "f32") {
+    const a = new Float32Array(buf);
+    for (let i = 0; i < n; i++) values[i] = a[i] = Math.fround(r() * 2 - 1);
+  } else {
+    const a = new Uint16Array(buf);
+    for (let i = 0; i < n; i++) {
+      const sign = r() < 0.5 ? 0x8000 : 0;
+      let bits: number;
+      if (dtype === "f16") {
+        const exp = Math.floor(r() * 16); // 0 (zero/subnormal) .. 15 (values in [1, 2))
+        bits = sign | (exp << 10) | Math.floor(r() * 1024);
+        values[i] = f16ToNumber(bits);
+      } else {
+        const exp = 112 + Math.floor(r() * 16); // 2^-15 .. 2^0
+        bits = sign | (exp << 7) | Math.floor(r() * 128);
+        values[i] = bf16ToNumber(bits);
+      }
+      a[i] = bits;
+    }
+  }
+  return { region, values, byteOffset };
+}
+
+function randomF32(n: number, seed: number, scale = 1): Float32Array {
+  const r = rng(seed);
+  const a = new Float32Array(n);
+  for (let i = 0; i < n; i++) a[i] = (r() * 2 - 1) * scale;
+  return a;
+}
+
+function geluTanh(x: number): number {
+  return x * 0.5 * (1 + Math.tanh(0.79788456 * x * (1 + 0.044715 * x * x)));
+}
+
+interface LinearCase {
+  dtype: StorageDType;
+  out: number;
+  inF: number;
+  rows: number;
+}
+
+/** fp64 dot products and sum |x w| for every (row, output). */
+function referenceDots(x: Float32Array, w: Float64Array, rows: number, out: number, inF: number) {
+  const dot = new Float64Array(rows * out);
+  const mag = new Float64Array(rows * out);
+  for (let r = 0; r < rows; r++) {
+    for (let o = 0; o < out; o++) {
+      let s = 0, m = 0;
+      for (let k = 0; k < inF; k++) {
+        const p = x[r * inF + k]! * w[o * inF + k]!;
+        s += p;
+        m += Math.abs(p);
+      }
+      dot[r * out + o] = s;
+      mag[r * out + o] = m;
+    }
+  }
+  return { dot, mag };
+}
+
+/** Worst error / tolerance and worst absolute difference over all outputs (fails above 1). */
+function compareLinear(
+  y: Float32Array,
+  ref: { dot: Float64Array; mag: Float64Array },
+  c: LinearCase,
+  bias: Float32Array | null,
+  gelu: boolean,
+  residual: Float32Array | null,
+  label: string,
+) {
+  let worstRatio = 0, worstDiff = 0;
+  for (let r = 0; r < c.rows; r++) {
+    for (let o = 0; o < c.out; o++) {
+      const i = r * c.out + o;
+      const b = bias ? bias[o]! : 0;
+      const v = ref.dot[i]! + b;
+      const act = gelu ? geluTanh(v) : v;
+      const res = residual ? residual[i]! : 0;
+      const want = act + res;
+      const tol = 1.2 * gamma(c.inF + 2) * (ref.mag[i]! + Math.abs(b)) + 16 * u * (Math.abs(v) + Math.abs(want) + Math.abs(res)) + 1e-30;
+      const diff = Math.abs(y[i]! - want);
+      if (!(diff <= tol)) {
+        assert.fail(`${label}: y[${r}][${o}] = ${y[i]} but the fp64 reference is ${want} (|diff| ${diff.toExponential(3)} > tol ${tol.toExponential(3)})`);
+      }
+      worstRatio = Math.max(worstRatio, diff / tol);
+      worstDiff = Math.max(worstDiff, diff);
+    }
+  }
+  return { worstRatio, worstDiff };
+}
+
+const shapes: Array<[number, number]> = [
+  [1, 1],
+  [5, 3],
+  [13, 17],
+  [37, 100],
+  [64, 257],
+  [100, 520], // more than one k block in the GEMM path
+  [19, 1030], // two k blocks and a tail that is not a multiple of 8
+];
+const rowCounts = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 64, 130];
+const epilogues = [
+  { bias: false, gelu: false, residual: false },
+  { bias: true, gelu: false, residual: false },
+  { bias: true, gelu: true, residual: false },
+  { bias: false, gelu: true, residual: true },
+  { bias: true, gelu: true, residual: true },
+  { bias: false, gelu: false, residual: true },
+];
+
+describe("linear", () => {
+  for (const dtype of ["f32", "f16", "bf16"] as const) {
+    test(`${dtype}: every variant matches the fp64 reference on odd shapes, rows and epilogues`, () => {
+      const summary = new Map<string, { worstRatio: number; worstDiff: number; calls: number }>();
+      let seed = 100;
+      for (const [out, inF] of shapes) {
+        // Odd byte offsets (2 bytes for 16-bit types) check that weights need no alignment.
+        const w = makeWeights(dtype, out, inF, seed++, dtype === "f32" ? 4 : 2);
+        const bias = randomF32(out, seed++);
+        for (const rows of rowCounts) {
+          if (rows * out * inF > 3_000_000) continue; // keeps the fp64 reference fast
+          const x = randomF32(rows * inF, seed++);
+          const ref = referenceDots(x, w.values, rows, out, inF);
+          const residual = randomF32(rows * out, seed++);
+          for (const [e, epi] of epilogues.entries()) {
+            // Every epilogue on small batches; a rotating one on the rest keeps the run short.
+            if (rows > 4 && rows !== 64 && e !== rows % epilogues.length) continue;
+            for (const variant of variants) {
+              addon.setKernelVariant(variant);
+              const y = new Float32Array(rows * out).fill(NaN);
+              addon.linear(
+                y,
+                x,
+                rows,
+                w.region,
+                w.byteOffset,
+                DTypeCode[dtype],
+                out,
+                inF,
+                epi.bias ? bias : null,
+                epi.gelu ? Epilogue.gelu : Epilogue.none,
+                epi.residual ? residual : null,
+              );
+              const label = `${variant} ${dtype} out=${out} in=${inF} rows=${rows} bias=${epi.bias} gelu=${epi.gelu} residual=${epi.residual}`;
+              const r = compareLinear(y, ref, { dtype, out, inF, rows }, epi.bias ? bias : null, epi.gelu, epi.residual ? residual : null, label);
+              const s = summary.get(variant) ?? { worstRatio: 0, worstDiff: 0, calls: 0 };
+              summary.set(variant, { worstRatio: Math.max(s.worstRatio, r.worstRatio), worstDiff: Math.max(s.worstDiff, r.worstDiff), calls: s.calls + 1 });
+            }
+          }
+        }
+        addon.release(w.region);
+      }
+      for (const [variant, s] of summary) {
+        console.log(`  linear ${dtype} ${variant}: ${s.calls} calls, max |diff| ${s.worstDiff.toExponential(2)}, max diff/tol ${s.worstRatio.toFixed(4)}`);
+      }
+      addon.setKernelVariant(initialVariant);
+    });
+  }
+
+  test("results do not depend on the thread count (bitwise)", () => {
+    for (const variant of variants) {
+      addon.setKernelVariant(variant);
+      for (const dtype of ["f32", "f16", "bf16"] as const) {
+        for (const [out, inF, rows] of [
+          [1000, 300, 1],
+          [1000, 300, 3],
+          [517, 1030, 9],
+          [1000, 600, 70],
+        ] as const) {
+          const w = makeWeights(dtype, out, inF, out + inF + rows);
+          const x = randomF32(rows * inF, 9);
+          const bias = randomF32(out, 10);
+          const results = [1, 2, 3].map((threads) => {
+            addon.setThreads(threads);
+            const y = new Float32Array(rows * out);
+            addon.linear(y, x, rows, w.region, 0, DTypeCode[dtype], out, inF, bias, Epilogue.gelu, null);
+            return y;
+          });
+          addon.release(w.region);
+          assert.deepEqual(results[1], results[0], `${variant} ${dtype} ${out}x${inF} rows=${rows}: 2 threads differ from 1`);
+          assert.deepEqual(results[2], results[0], `${variant} ${dtype} ${out}x${inF} rows=${rows}: 3 threads differ from 1`);
+        }
+      }
+    }
+    addon.setThreads(initialThreads);
+    addon.setKernelVariant(initialVariant);
+  });
+
+  test("y overlapping the residual is rejected", () => {
+    const w = makeWeights("f32", 4, 4, 1);
+    const y = new Float32Array(4);
+    assert.throws(() => addon.linear(y, new Float32Array(4), 1, w.region, 0, DTypeCode.f32, 4, 4, null, 0, y), /overlap/);
+    addon.release(w.region);
+  });
+});
+
+describe("probes and fills", () => {
+  test("fillRandom is deterministic, in range, and not all zero", () => {
+    const n = 100_003;
+    const region = addon.allocate(n * 4 * 2);
+    addon.fillRandom(region, 0, DTypeCode.f32, n, 42, 0.5);
+    addon.fillRandom(region, n * 4, DTypeCode.f32, n, 42, 0.5);
+    const a = new Float32Array(addon.view(region, 0, n * 4));
+    const b = new Float32Array(addon.view(region, n * 4, n * 4));
+    assert.deepEqual(a, b);
+    let nonzero = 0;
+    for (const v of a) {
+      assert.ok(v >= -0.5 && v < 0.5, `value ${v} outside [-0.5, 0.5)`);
+      if (v !== 0) nonzero++;
+    }
+    assert.ok(nonzero > n * 0.99);
+    addon.release(region);
+  });
+
+  test("probes report positive rates", () => {
+    assert.ok(addon.probeReadBandwidth(16 * 2 ** 20, 1, 1) > 0);
+    assert.ok(addon.probeFmaPeak(1, 1) > 0);
+    assert.throws(() => addon.probeReadBandwidth(1024, 1, 1), /1048576/);
+  });
+});
+
+describe("layerNorm", () => {
+  test("matches the fp64 reference", () => {
+    for (const variant of variants) {
+      addon.setKernelVariant(variant);
+      let worst = 0;
+      for (const cols of [1, 7, 64, 1000, 1030]) {
+        for (const rows of [1, 3, 17]) {
+          // An offset mean makes the two-pass variance matter.
+          const x = randomF32(rows * cols, cols + rows).map((v) => v * 3 + 5);
+          const g = randomF32(cols, 2);
+          const b = randomF32(cols, 3);
+          const y = new Float32Array(rows * cols);
+          addon.layerNorm(y, x, rows, cols, g, b, 1e-5);
+          for (let r = 0; r < rows; r++) {
+            let mean = 0;
+            for (let i = 0; i < cols; i++) mean += x[r * cols + i]!;
+            mean /= cols;
+            let variance = 0;
+            for (let i = 0; i < cols; i++) variance += (x[r * cols + i]! - mean) ** 2;
+            variance /= cols;
+            const inv = 1 / Math.sqrt(variance + 1e-5);
+            for (let i = 0; i < cols; i++) {
+              const normed = (x[r * cols + i]! - mean) * inv;
+              const want = normed * g[i]! + b[i]!;
+              // The mean is a sum of `cols` terms (error ~ cols u |x|); relative to the spread
+              // (std ~ 1.7 here, |x| < 8) that is the dominant error of the normalised value.
+              const tol = (cols * u * 8 * inv + 8 * u) * (1 + Math.abs(normed)) * Math.abs(g[i]!) + 4 * u * Math.abs(want) + 1e-7;
+              const diff = Math.abs(y[r * cols + i]! - want);
+              assert.ok(diff <= tol, `${variant} layerNorm cols=${cols} [${r}][${i}]: ${y[r * cols + i]} vs ${want}`);
+              worst = Math.max(worst, diff);
+            }
+          }
+        }
+      }
+      console.log(`  layerNorm ${variant}: max |diff| ${worst.toExponential(2)}`);
+    }
+    addon.setKernelVariant(initialVariant);
+  });
+});
+
+describe("embedding", () => {
+  test("rows are the table's values, exactly, for every dtype", () => {
+    for (const dtype of ["f32", "f16", "bf16"] as const) {
+      const vocab = 50, hidden = 37;
+      const t = makeWeights(dtype, vocab, hidden, 77, 0);
+      const ids = Int32Array.from([0, 49, 7, 7, 13]);
+      const y = new Float32Array(ids.length * hidden);
+      addon.embedding(y, ids, t.region, 0, DTypeCode[dtype], vocab, hidden);
+      for (let i = 0; i < ids.length; i++) {
+        for (let j = 0; j < hidden; j++) assert.equal(y[i * hidden + j], t.values[ids[i]! * hidden + j], `${dtype} id ${ids[i]} [${j}]`);
+      }
+      assert.throws(() => addon.embedding(y, Int32Array.from([50]), t.region, 0, DTypeCode[dtype], vocab, hidden), /outside the vocabulary/);
+      addon.release(t.region);
+    }
+  });
+});
+
+describe("attention", () => {
+  /** fp64 ALiBi attention over the paged cache, after appending the new keys and values. */
+  function referenceAttention(
+    qkv: Float32Array,
+    heads: number,
+    d: number,
+    kCache: Float64Array,
+    vCache: Float64Array,
+    blockSize: number,
+    seqs: Int32Array,
+    table: Int32Array,
+    slopes: Float32Array,
+    numTokens: number,
+  ): Float64Array {
+    const out = new Float64Array(numTokens * heads * d);
+    const stride = heads * 3 * d;
+    const at = (tableOffset: number, pos: number, h: number) =>
+      ((table[tableOffset + Math.floor(pos / blockSize)]! * heads + h) * blockSize + (pos % blockSize)) * d;
+    for (let s = 0; s < seqs.length / 4; s++) {
+      const [start, numNew, past, off] = [seqs[4 * s]!, seqs[4 * s + 1]!, seqs[4 * s + 2]!, seqs[4 * s + 3]!];
+      for (let i = 0; i < numNew; i++) {
+        for (let h = 0; h < heads; h++) {
+          const o = at(off, past + i, h);
+          for (let e = 0; e < d; e++) {
+            kCache[o + e] = qkv[(start + i) * stride + h * 3 * d + d + e]!;
+            vCache[o + e] = qkv[(start + i) * stride + h * 3 * d + 2 * d + e]!;
+          }
+        }
+      }
+      for (let i = 0; i < numNew; i++) {
+        const pos = past + i;
+        for (let h = 0; h < heads; h++) {
+          const q = (start + i) * stride + h * 3 * d;
+          const scores: number[] = [];
+          for (let j = 0; j <= pos; j++) {
+            let dot = 0;
+            const k = at(off, j, h);
+            for (let e = 0; e < d; e++) dot += qkv[q + e]! * kCache[k + e]!;
+            scores.push(slopes[h]! * j + dot / Math.sqrt(d));
+          }
+          const mx = Math.max(...scores);
+          const ex = scores.map((sc) => Math.exp(sc - mx));
+          const sum = ex.reduce((a, b) => a + b, 0);
+          for (let j = 0; j <= pos; j++) {
+            const v = at(off, j, h);
+            for (let e = 0; e < d; e++) out[(start + i) * heads * d + h * d + e] += (ex[j]! / sum) * vCache[v + e]!;
+          }
+        }
+      }
+    }
+    return out;
+  }
+
+  for (const [heads, d, blockSize] of [
+    [3, 12, 4],
+    [4, 64, 16], // 8-key groups within blocks, one 64-wide value pass
+    [2, 128, 16], // two value passes
+    [3, 24, 8], // a partial value pass
+  ] as const) {
+    test(`ragged batch over a paged cache matches the fp64 reference (heads ${heads}, headDim ${d}, blockSize ${blockSize})`, () => {
+      // Four sequences (tokenStart, numNew, pastLen): a prefill of 6 after nothing, one decode
+      // token after 9, three tokens after 2, two tokens after 37 (several blocks of keys).
+      const spec = [
+        [0, 6, 0],
+        [6, 1, 9],
+        [7, 3, 2],
+        [10, 2, 37],
+      ] as const;
+      const numTokens = 12;
+      // Each sequence's blocks come from a shuffled pool, so block tables are not contiguous.
+      const numBlocks = 40;
+      const pool = Array.from({ length: numBlocks }, (_, i) => i);
+      const shuffle = rng(5);
+      for (let i = pool.length - 1; i > 0; i--) {
+        const k = Math.floor(shuffle() * (i + 1));
+        [pool[i], pool[k]] = [pool[k]!, pool[i]!];
+      }
+      const seqs = new Int32Array(spec.length * 4);
+      const tableList: number[] = [];
+      spec.forEach(([start, numNew, past], i) => {
+        seqs.set([start, numNew, past, tableList.length], 4 * i);
+        for (let b = 0; b < Math.ceil((past + numNew) / blockSize); b++) tableList.push(pool.pop()!);
+      });
+      const table = Int32Array.from(tableList);
+      const slopes = Float32Array.from({ length: heads }, (_, h) => 2 ** ((-8 * (h + 1)) / heads));
+      for (const variant of variants) {
+        addon.setKernelVariant(variant);
+        const qkv = randomF32(numTokens * heads * 3 * d, 31, 2);
+        const kCache = randomF32(numBlocks * heads * blockSize * d, 32);
+        const vCache = randomF32(numBlocks * heads * blockSize * d, 33);
+        const kRef = Float64Array.from(kCache), vRef = Float64Array.from(vCache);
+        const want = referenceAttention(qkv, heads, d, kRef, vRef, blockSize, seqs, table, slopes, numTokens);
+        const out = new Float32Array(numTokens * heads * d);
+        addon.attention(out, qkv, numTokens, heads, d, kCache, vCache, blockSize, seqs, table, slopes);
+        assert.deepEqual(Float64Array.from(kCache), kRef, `${variant}: k cache after append`);
+        assert.deepEqual(Float64Array.from(vCache), vRef, `${variant}: v cache after append`);
+        let worst = 0;
+        for (let i = 0; i < out.length; i++) {
+          // Outputs are convex combinations of |v| <= 1: softmax weights carry a relative error of
+          // a few ulps per score (|score| < ~50 here) plus the d-term dot products.
+          const diff = Math.abs(out[i]! - want[i]!);
+          assert.ok(diff <= 2e-5, `${variant} attention out[${i}] = ${out[i]} vs ${want[i]}`);
+          worst = Math.max(worst, diff);
+        }
+        console.log(`  attention heads=${heads} d=${d} blockSize=${blockSize} ${variant}: max |diff| ${worst.toExponential(2)}`);
+      }
+      addon.setKernelVariant(initialVariant);
+    });
+  }
+});
