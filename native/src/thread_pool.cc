@@ -56,7 +56,11 @@ void ThreadPool::worker_main(int index) {
       int spins = 0;
       while ((gen = generation_.load(std::memory_order_acquire)) == seen) {
         BLOSSOM_PAUSE();
-        if (++spins % 256 == 0 && std::chrono::steady_clock::now() - start > kSpin) break;
+        if (++spins % 256 == 0) {
+          if (std::chrono::steady_clock::now() - start > kSpin) break;
+          // On a busy machine the thread that will post the next job may be waiting for this core.
+          std::this_thread::yield();
+        }
       }
       if (gen == seen) {
         std::unique_lock<std::mutex> lock(mutex_);
@@ -87,7 +91,11 @@ void ThreadPool::run(const std::function<void(int, int)>& fn) {
   }
   if (sleepers_.load() > 0) wake_.notify_all();
   fn(0, threads_);
-  while (remaining_.load(std::memory_order_acquire) != 0) BLOSSOM_PAUSE();
+  // Spin briefly, then yield: a worker that was preempted (another process on its core) finishes sooner.
+  for (int spins = 0; remaining_.load(std::memory_order_acquire) != 0; ++spins) {
+    if (spins < 2048) BLOSSOM_PAUSE();
+    else std::this_thread::yield();
+  }
   job_ = nullptr;
 }
 
