@@ -10,6 +10,12 @@ export interface CpuMatrix extends DeviceMatrix {
   readonly byteOffset: number;
   /** Set when the matrix lives in memory this backend allocated (a conversion). */
   readonly owned: boolean;
+  /**
+   * A memory-mapped matrix too big to keep resident (an offloaded LM head): linear() reads it in
+   * chunks of about this many bytes, asking the kernel to read the next chunk ahead and dropping each
+   * chunk's pages after use, so it never holds more than two chunks.
+   */
+  readonly streamChunkBytes?: number;
 }
 
 const largeAllocation = 64 * 2 ** 20;
@@ -108,6 +114,7 @@ export class CpuBackend implements Backend {
 
   linear(out: DeviceBuffer, x: DeviceBuffer, rows: number, weight: DeviceMatrix, bias: DeviceBuffer | null, options: LinearOptions = {}): void {
     const w = weight as CpuMatrix;
+    if (w.streamChunkBytes !== undefined && !bias && !options.gelu && !options.residual) return this.streamedLinear(f32(out), f32(x), rows, w);
     native().linear(
       f32(out),
       f32(x),
@@ -121,6 +128,28 @@ export class CpuBackend implements Backend {
       options.gelu ? Epilogue.gelu : Epilogue.none,
       options.residual ? f32(options.residual) : null,
     );
+  }
+
+  /** out (rows, out) = x @ W^T over row chunks of a memory-mapped W, each read ahead and dropped after. */
+  private streamedLinear(out: Float32Array, x: Float32Array, rows: number, w: CpuMatrix): void {
+    const rowBytes = w.inFeatures * bytesPerElement[w.dtype];
+    const chunkRows = Math.max(1, Math.floor(w.streamChunkBytes! / rowBytes));
+    const n = native();
+    const range = (start: number) => [w.byteOffset + start * rowBytes, Math.min(chunkRows, w.outFeatures - start) * rowBytes] as const;
+    const part = rows > 1 ? new Float32Array(rows * chunkRows) : undefined;
+    n.advise(w.region, ...range(0), "willneed");
+    for (let start = 0; start < w.outFeatures; start += chunkRows) {
+      const count = Math.min(chunkRows, w.outFeatures - start);
+      if (start + chunkRows < w.outFeatures) n.advise(w.region, ...range(start + chunkRows), "willneed");
+      const [offset] = range(start);
+      if (rows === 1) {
+        n.linear(out.subarray(start, start + count), x, 1, w.region, offset, DTypeCode[w.dtype], count, w.inFeatures, null, Epilogue.none, null);
+      } else {
+        n.linear(part!, x, rows, w.region, offset, DTypeCode[w.dtype], count, w.inFeatures, null, Epilogue.none, null);
+        for (let r = 0; r < rows; r++) out.set(part!.subarray(r * count, (r + 1) * count), r * w.outFeatures + start);
+      }
+      n.advise(w.region, ...range(start), "dontneed");
+    }
   }
 
   attention(out: DeviceBuffer, qkv: DeviceBuffer, numTokens: number, cache: KVLayer, batch: AttentionBatch, slopes: DeviceBuffer, shape: AttentionShape): void {

@@ -17,7 +17,7 @@ import { KVCachePool, kvBytesPerToken } from "./kv-cache.js";
 import type { TensorView } from "../checkpoint/safetensors.js";
 import { bloomModules, matrixBytesAs } from "../parallel/modules.js";
 import { PipelineWeightStore, type OffloadOptions } from "../parallel/offload.js";
-import { parseMaxMemory, planPlacement, type PlacementMode } from "../parallel/planner.js";
+import { parseMaxMemory, planPlacement, reserveProcessMemory, type PlacementMode } from "../parallel/planner.js";
 import { matrixDtype, ResidentWeightStore, WeightBuilder, type WeightDType, type WeightStore } from "./weights.js";
 
 export interface EngineOptions {
@@ -84,7 +84,9 @@ export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngi
       weights = new TensorParallelWeightStore(tensors, builder, backend, shard, config, dtypeOf);
     } else if (options.pipeline) {
       const { maxMemory, placement, ...offload } = options.pipeline;
-      const plan = planPlacement(bloomModules(tensors, matrixBytesAs(dtypeOf)), parseMaxMemory(maxMemory), placement ?? "auto");
+      const modules = bloomModules(tensors, matrixBytesAs(dtypeOf));
+      const budgets = reserveProcessMemory(parseMaxMemory(maxMemory), modules, native().residentBytes());
+      const plan = planPlacement(modules, budgets, placement ?? "auto");
       weights = new PipelineWeightStore(tensors, builder, backend, plan, dtypeOf, offload);
     } else {
       weights = new ResidentWeightStore(tensors, builder);

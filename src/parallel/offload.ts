@@ -127,7 +127,8 @@ export class PipelineWeightStore implements WeightStore {
       }
       this.headRange = { region, byteOffset, byteLength: bytes };
       const [outFeatures, inFeatures] = emb.shape as [number, number];
-      const m: CpuMatrix = { dtype, outFeatures, inFeatures, bytes, region, byteOffset, owned: false };
+      // Streamed through the LM head in 32 MiB chunks: never all of it resident at once.
+      const m: CpuMatrix = { dtype, outFeatures, inFeatures, bytes, region, byteOffset, owned: false, streamChunkBytes: 32 * 2 ** 20 };
       this.wordEmbeddings = m;
     } else {
       this.wordEmbeddings = builder.matrix(emb, "embedding");
