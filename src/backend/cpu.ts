@@ -1,14 +1,24 @@
 /** The CPU backend: buffers are Float32Arrays, kernels run in the native addon's thread pool. */
 import { BlossomError } from "../errors.js";
 import type { TensorView } from "../checkpoint/safetensors.js";
-import type { AttentionBatch, AttentionShape, Backend, DeviceBuffer, DeviceMatrix, KVLayer, LinearOptions } from "./backend.js";
-import { DTypeCode, Epilogue, native, type NativeRegion, type StorageDType } from "./native.js";
+import type { AttentionBatch, AttentionShape, Backend, DeviceBuffer, DeviceMatrix, KVLayer, LinearOptions, QuantizedMatrix, QuantizeOptions } from "./backend.js";
+import { ActivationMode, DTypeCode, Epilogue, native, type NativeRegion, type StorageDType } from "./native.js";
 
 export interface CpuMatrix extends DeviceMatrix {
   readonly dtype: StorageDType;
   readonly region: NativeRegion;
   readonly byteOffset: number;
   /** Set when the matrix lives in memory this backend allocated (a conversion). */
+  readonly owned: boolean;
+}
+
+/** int8 values at (region, byteOffset), fp16 scales at (scalesRegion, scalesOffset); see native/src/quant.h. */
+export interface CpuQuantizedMatrix extends QuantizedMatrix {
+  readonly region: NativeRegion;
+  readonly byteOffset: number;
+  readonly scalesRegion: NativeRegion;
+  readonly scalesOffset: number;
+  /** Set when the matrix lives in memory this backend allocated (quantized at load). */
   readonly owned: boolean;
 }
 
@@ -77,6 +87,26 @@ export class CpuBackend implements Backend {
     return { dtype, outFeatures, inFeatures, bytes, region, byteOffset: 0, owned: true };
   }
 
+  quantizedMatrix(view: TensorView, options: QuantizeOptions, scales?: TensorView): CpuQuantizedMatrix {
+    if (view.shape.length !== 2) throw new BlossomError("checkpoint", `${view.file}: tensor "${view.name}" must be 2-D to be used as a matrix`);
+    const [outFeatures, inFeatures] = view.shape as [number, number];
+    const groupSize = Math.min(options.groupSize, inFeatures);
+    const groups = Math.ceil(inFeatures / groupSize);
+    const common = { dtype: "int8" as const, outFeatures, inFeatures, ...options, groupSize };
+    if (scales) {
+      // Pre-quantized: used in place from the mapping (the loader has checked dtypes and shapes).
+      if (view.dtype !== "i8" || scales.dtype !== "f16") throw new BlossomError("internal", `quantizedMatrix: expected i8 values and f16 scales for "${view.name}"`);
+      return { ...common, bytes: view.byteLength + scales.byteLength, region: view.region, byteOffset: view.byteOffset, scalesRegion: scales.region, scalesOffset: scales.byteOffset, owned: false };
+    }
+    if (view.dtype === "i8") throw new BlossomError("internal", `quantizedMatrix: "${view.name}" is already int8 and needs its scales`);
+    const qBytes = outFeatures * inFeatures;
+    const scalesOffset = Math.ceil(qBytes / 64) * 64;
+    const bytes = qBytes + outFeatures * groups * 2;
+    const region = native().allocate(scalesOffset + outFeatures * groups * 2);
+    native().quantizeWeights(region, 0, region, scalesOffset, view.region, view.byteOffset, DTypeCode[view.dtype], outFeatures, inFeatures, groupSize);
+    return { ...common, bytes, region, byteOffset: 0, scalesRegion: region, scalesOffset, owned: true };
+  }
+
   vector(view: TensorView): DeviceBuffer {
     const n = view.shape.reduce((a, b) => a * b, 1);
     const out = new Float32Array(n);
@@ -97,6 +127,11 @@ export class CpuBackend implements Backend {
   }
 
   embedding(out: DeviceBuffer, ids: Int32Array, table: DeviceMatrix): void {
+    if (table.dtype === "int8") {
+      const q = table as CpuQuantizedMatrix;
+      native().embeddingInt8(f32(out), ids, q.region, q.byteOffset, q.scalesRegion, q.scalesOffset, q.outFeatures, q.inFeatures, q.groupSize);
+      return;
+    }
     const t = table as CpuMatrix;
     native().embedding(f32(out), ids, t.region, t.byteOffset, DTypeCode[t.dtype], t.outFeatures, t.inFeatures);
   }
@@ -106,6 +141,27 @@ export class CpuBackend implements Backend {
   }
 
   linear(out: DeviceBuffer, x: DeviceBuffer, rows: number, weight: DeviceMatrix, bias: DeviceBuffer | null, options: LinearOptions = {}): void {
+    if (weight.dtype === "int8") {
+      const q = weight as CpuQuantizedMatrix;
+      native().linearInt8(
+        f32(out),
+        f32(x),
+        rows,
+        q.region,
+        q.byteOffset,
+        q.scalesRegion,
+        q.scalesOffset,
+        q.outFeatures,
+        q.inFeatures,
+        q.groupSize,
+        bias ? f32(bias) : null,
+        options.gelu ? Epilogue.gelu : Epilogue.none,
+        options.residual ? f32(options.residual) : null,
+        ActivationMode[q.activationMode],
+        q.threshold,
+      );
+      return;
+    }
     const w = weight as CpuMatrix;
     native().linear(
       f32(out),

@@ -12,6 +12,7 @@ import { bloomTensors } from "../models/bloom-weights.js";
 import { Engine } from "./engine.js";
 import { KVCachePool, kvBytesPerToken } from "./kv-cache.js";
 import { matrixDtype, ResidentWeightStore, WeightBuilder, type WeightDType, type WeightStore } from "./weights.js";
+import { int8MatrixFactory, isInt8ExtraTensor } from "../quant/store.js";
 
 export interface EngineOptions {
   dtype?: WeightDType;
@@ -20,6 +21,10 @@ export interface EngineOptions {
   /** KV-cache capacity in tokens across all sequences (default: fits in a quarter of free memory, at most 1M tokens). */
   kvCacheTokens?: number;
   kvBlockSize?: number;
+  /** dtype int8: inputs per weight scale (default 128; a multiple of 32). */
+  int8GroupSize?: number;
+  /** dtype int8-mixed: |activation| from which an input feature is computed in fp32 (default 6). */
+  int8Threshold?: number;
 }
 
 export interface LoadedEngine {
@@ -33,7 +38,7 @@ export interface LoadedEngine {
   dispose(): void;
 }
 
-export const weightDtypes: readonly WeightDType[] = ["auto", "fp32", "bf16", "fp16"];
+export const weightDtypes: readonly WeightDType[] = ["auto", "fp32", "bf16", "fp16", "int8", "int8-mixed"];
 
 export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngine {
   const started = performance.now();
@@ -48,8 +53,10 @@ export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngi
   const checkpoint = openCheckpoint(dir);
   let weights: WeightStore | undefined;
   try {
-    const tensors = bloomTensors(checkpoint);
-    const builder = new WeightBuilder(backend, (view) => backend.matrix(view, matrixDtype(view.dtype, dtype)));
+    const tensors = bloomTensors(checkpoint, { isExtraTensor: isInt8ExtraTensor });
+    // int8 is a store policy (src/quant/store.ts): quantized at load, or used in place if pre-quantized.
+    const int8 = int8MatrixFactory(checkpoint, backend, { dtype, groupSize: options.int8GroupSize, threshold: options.int8Threshold });
+    const builder = new WeightBuilder(backend, int8?.makeMatrix ?? ((view) => backend.matrix(view, matrixDtype(view.dtype, dtype))));
     weights = new ResidentWeightStore(tensors, builder);
     const { config } = checkpoint;
     const model = new BloomModel(config, weights, backend);
@@ -71,7 +78,7 @@ export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngi
       model,
       engine,
       backend,
-      dtype,
+      dtype: int8?.scheme ?? dtype,
       loadSeconds: (performance.now() - started) / 1000,
       dispose() {
         model.dispose();

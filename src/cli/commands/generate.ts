@@ -2,7 +2,7 @@
 import type { Command } from "commander";
 import { loadModel, type GenerateResult } from "../../model.js";
 import type { GenerationParamsInput } from "../../generate/params.js";
-import { addModelOptions, collect, parseInteger, parseNumber, type ModelCliOptions } from "../options.js";
+import { addModelOptions, collect, modelLoadOptions, parseInteger, parseNumber, type ModelCliOptions } from "../options.js";
 
 /** The input sentences of the guide's scripts (bloom-inference-scripts/bloom-ds-inference.py). */
 export const guideInputSentences = [
@@ -80,8 +80,7 @@ export function registerGenerateCommand(program: Command): void {
       const inputs = prompts.length ? prompts : guideInputSentences;
       const params = generationParamsFromCli(o);
       const model = await loadModel(o.model, {
-        dtype: o.dtype,
-        ...(o.threads !== undefined ? { threads: o.threads } : {}),
+        ...modelLoadOptions(o),
         ...(o.batchSize !== undefined ? { maxBatchSize: o.batchSize } : {}),
       });
       try {

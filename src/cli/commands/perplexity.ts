@@ -3,7 +3,7 @@ import { readFileSync } from "node:fs";
 import type { Command } from "commander";
 import { BlossomError } from "../../errors.js";
 import { loadModel } from "../../model.js";
-import { addModelOptions, parseInteger, type ModelCliOptions } from "../options.js";
+import { addModelOptions, modelLoadOptions, parseInteger, type ModelCliOptions } from "../options.js";
 
 interface PerplexityCliOptions extends ModelCliOptions {
   file: string;
@@ -26,7 +26,7 @@ export function registerPerplexityCommand(program: Command): void {
       } catch (err) {
         throw new BlossomError("input", `--file ${o.file}: cannot read (${(err as NodeJS.ErrnoException).code ?? String(err)})`);
       }
-      const model = await loadModel(o.model, { dtype: o.dtype, ...(o.threads !== undefined ? { threads: o.threads } : {}) });
+      const model = await loadModel(o.model, modelLoadOptions(o));
       try {
         const started = performance.now();
         const r = await model.perplexity(text, { context: o.context, stride: o.stride ?? o.context });

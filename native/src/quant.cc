@@ -1,0 +1,575 @@
+// int8 linear layers: y (rows, out) = epilogue(x' (rows, in) @ dequant(W)^T + bias) + residual
+//
+// W is stored as int8 q (out, in) with one fp16 scale per group of `group_size` inputs (quant.h).
+// x' is x itself (ActivationMode::Exact) or x quantized per token (Grouped, Mixed); see quant.h.
+//
+// Variants:
+//   linear_int8_scalar   the reference: one dot product per output and group, fp32 accumulation, over
+//                        x' materialised as fp32 (quantized activations are q_x * s_x).
+//   gemv, float (AVX2)   rows <= 4, Exact: int8 weights widened to fp32 in registers (vpmovsxbd,
+//                        vcvtdq2ps), scaled per group, FMA with fp32 x. Bound by memory bandwidth.
+//   gemv, int8 (AVX2)    rows <= 4, Grouped/Mixed: int8 x int8 with vpmaddubsw/vpmaddwd (|w| times
+//                        x with w's sign, so the unsigned operand is |w| <= 128 and pairs cannot
+//                        saturate), int32 per group, one FMA per group with s_w * s_x. Mixed adds the
+//                        outlier features in fp32 from the row already in cache.
+//   gemm (AVX2)          rows > 4: bound by FMA throughput. Panels of 16 outputs are dequantized once
+//                        into fp32 (scales applied) and reused by a 6x16 register-tile microkernel for
+//                        every 6-row block of x'; the same structure as the bf16 kernels in matmul.cc,
+//                        so the int8 matrix costs what the bf16 one does when it no longer streams.
+//
+// Integer products are exact in fp32 (|q_x q_w| <= 127 * 128 and partial sums stay far below 2^24),
+// so computing x' @ W^T in fp32 over quantized activations is the int8 matmul LLM.int8() describes,
+// up to the rounding of the final scaling.
+#include "quant.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "simd.h"
+
+namespace blossom {
+
+uint16_t f32_to_f16_up(float f) {
+  uint16_t h = f32_to_f16(f);
+  // Positive finite values only: the next larger half is the next bit pattern.
+  if (f > 0.f && f16_to_f32(h) < f && (h & 0x7c00u) != 0x7c00u) ++h;
+  return h;
+}
+
+namespace {
+
+template <DType D>
+inline float load_weight(const void* base, int64_t i) {
+  if constexpr (D == DType::F32) return static_cast<const float*>(base)[i];
+  else if constexpr (D == DType::F16) return f16_to_f32(static_cast<const uint16_t*>(base)[i]);
+  else return bf16_to_f32(static_cast<const uint16_t*>(base)[i]);
+}
+
+inline int8_t quantize_value(float v, float scale) {
+  // fmin/fmax also turn NaN into a bound instead of an undefined conversion.
+  const float r = std::nearbyint(v / scale);
+  return static_cast<int8_t>(std::fmax(-127.f, std::fmin(127.f, r)));
+}
+
+template <DType D>
+void quantize_rows(int8_t* q, uint16_t* scales, const void* src, int64_t row_begin, int64_t row_end, int64_t in,
+                   int64_t group) {
+  const int64_t groups = (in + group - 1) / group;
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * group, k1 = std::min(in, k0 + group);
+      float absmax = 0.f;
+      for (int64_t k = k0; k < k1; ++k) absmax = std::fmax(absmax, std::fabs(load_weight<D>(src, o * in + k)));
+      const uint16_t sh = f32_to_f16_up(absmax / 127.f);
+      scales[o * groups + g] = sh;
+      const float s = f16_to_f32(sh);
+      int8_t* qr = q + o * in;
+      if (!(s > 0.f) || !std::isfinite(s)) {
+        for (int64_t k = k0; k < k1; ++k) qr[k] = 0;
+        continue;
+      }
+      for (int64_t k = k0; k < k1; ++k) qr[k] = quantize_value(load_weight<D>(src, o * in + k), s);
+    }
+  }
+}
+
+// ---- activations ------------------------------------------------------------------------------
+// Quantized activations, built once per call (rows * in work, small next to the matmul) and shared
+// read-only by the workers. Scalar and AVX2 builds give bit-identical values: the same IEEE division,
+// round-half-even and clamp.
+struct Prepared {
+  std::vector<int8_t> xq;           // (rows, in); outlier features are 0
+  std::vector<float> sx;            // activation scale per row and weight group (rows, groups)
+  std::vector<float> xf;            // x' = xq * sx, or x at outlier features (rows, in); float paths only
+  std::vector<float> keep;          // Mixed: 0 at outlier features, 1 elsewhere (in)
+  std::vector<int32_t> outliers;    // Mixed: outlier feature indices, ascending
+  std::vector<int32_t> outlier_group;  // their weight groups
+};
+
+Prepared& prepared_scratch() {
+  static thread_local Prepared p;
+  return p;
+}
+
+// Mixed: an input feature is an outlier if any token of this batch reaches the threshold.
+void find_outliers(Prepared& p, const Int8LinearArgs& a) {
+  const int64_t rows = a.rows, in = a.w.in_features;
+  p.keep.assign(static_cast<size_t>(in), 1.f);
+  p.outliers.clear();
+  p.outlier_group.clear();
+  if (!(a.threshold > 0.f) || !std::isfinite(a.threshold)) return;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < in; ++k)
+      if (std::fabs(a.x[r * in + k]) >= a.threshold) p.keep[k] = 0.f;
+  for (int64_t k = 0; k < in; ++k) {
+    if (p.keep[k] == 0.f) {
+      p.outliers.push_back(static_cast<int32_t>(k));
+      p.outlier_group.push_back(static_cast<int32_t>(k / a.w.group_size));
+    }
+  }
+}
+
+// One row: absmax over [k0, k1) (times keep), scale = absmax / 127, xq = round(x * keep / scale).
+float quantize_span_scalar(int8_t* xq, const float* x, const float* keep, int64_t k0, int64_t k1) {
+  float absmax = 0.f;
+  for (int64_t k = k0; k < k1; ++k) absmax = std::fmax(absmax, std::fabs(x[k]) * (keep ? keep[k] : 1.f));
+  const float s = absmax / 127.f;
+  for (int64_t k = k0; k < k1; ++k) xq[k] = s > 0.f ? quantize_value(x[k] * (keep ? keep[k] : 1.f), s) : 0;
+  return s;
+}
+
+void fill_xf(Prepared& p, const Int8LinearArgs& a) {
+  const int64_t rows = a.rows, in = a.w.in_features, G = a.w.group_size, groups = a.w.groups();
+  p.xf.resize(static_cast<size_t>(rows * in));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < in; ++k) {
+      const bool outlier = a.mode == ActivationMode::Mixed && p.keep[k] == 0.f;
+      p.xf[r * in + k] = outlier ? a.x[r * in + k] : static_cast<float>(p.xq[r * in + k]) * p.sx[r * groups + k / G];
+    }
+}
+
+// quantize_span: one of the two span quantizers above/below; rows are independent, so they run in parallel.
+template <typename SpanFn>
+void prepare_activations(ThreadPool& pool, Prepared& p, const Int8LinearArgs& a, SpanFn quantize_span) {
+  const int64_t rows = a.rows, in = a.w.in_features, G = a.w.group_size, groups = a.w.groups();
+  p.xq.resize(static_cast<size_t>(rows * in));
+  p.sx.resize(static_cast<size_t>(rows * groups));
+  const float* keep = nullptr;
+  if (a.mode == ActivationMode::Mixed) {
+    find_outliers(p, a);
+    if (!p.outliers.empty()) keep = p.keep.data();
+  } else {
+    p.outliers.clear();
+    p.outlier_group.clear();
+  }
+  pool.parallel_for(rows, 4, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      int8_t* xq = p.xq.data() + r * in;
+      const float* x = a.x + r * in;
+      float* sx = p.sx.data() + r * groups;
+      if (a.mode == ActivationMode::Grouped) {
+        for (int64_t g = 0; g < groups; ++g) sx[g] = quantize_span(xq, x, keep, g * G, std::min(in, (g + 1) * G));
+      } else {  // per token
+        const float s = quantize_span(xq, x, keep, 0, in);
+        for (int64_t g = 0; g < groups; ++g) sx[g] = s;
+      }
+    }
+  });
+}
+
+void apply_epilogue_scalar(float* y, int64_t rows, int64_t out, int64_t c0, int64_t c1, const float* bias, int epilogue,
+                           const float* residual) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* yr = y + r * out;
+    const float* rr = residual ? residual + r * out : nullptr;
+    for (int64_t o = c0; o < c1; ++o) {
+      float v = yr[o] + (bias ? bias[o] : 0.f);
+      if (epilogue == kGelu) v = gelu_tanh(v);
+      if (rr) v += rr[o];
+      yr[o] = v;
+    }
+  }
+}
+
+}  // namespace
+
+void quantize_weights(ThreadPool& pool, int8_t* q, uint16_t* scales, const void* src, DType src_dtype, int64_t out,
+                      int64_t in, int64_t group_size) {
+  pool.parallel_for(out, 64, [&](int64_t b, int64_t e) {
+    switch (src_dtype) {
+      case DType::F32: quantize_rows<DType::F32>(q, scales, src, b, e, in, group_size); break;
+      case DType::F16: quantize_rows<DType::F16>(q, scales, src, b, e, in, group_size); break;
+      case DType::BF16: quantize_rows<DType::BF16>(q, scales, src, b, e, in, group_size); break;
+      case DType::I8: break;  // rejected by the caller
+    }
+  });
+}
+
+int64_t linear_int8_scalar(ThreadPool& pool, const Int8LinearArgs& a) {
+  const QuantWeights& w = a.w;
+  const int64_t in = w.in_features, out = w.out_features, G = w.group_size, groups = w.groups();
+  const float* xs = a.x;
+  Prepared* p = nullptr;
+  if (a.mode != ActivationMode::Exact) {
+    p = &prepared_scratch();
+    prepare_activations(pool, *p, a, quantize_span_scalar);
+    fill_xf(*p, a);
+    xs = p->xf.data();
+  }
+  pool.parallel_for(out, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const int8_t* qr = w.q + o * in;
+      for (int64_t r = 0; r < a.rows; ++r) {
+        const float* xr = xs + r * in;
+        float acc = 0.f;
+        for (int64_t g = 0; g < groups; ++g) {
+          float part = 0.f;
+          for (int64_t k = g * G; k < std::min(in, (g + 1) * G); ++k) part += xr[k] * static_cast<float>(qr[k]);
+          acc += f16_to_f32(w.scales[o * groups + g]) * part;
+        }
+        a.y[r * out + o] = acc;
+      }
+    }
+    apply_epilogue_scalar(a.y, a.rows, out, begin, end, a.bias, a.epilogue, a.residual);
+  });
+  return p ? static_cast<int64_t>(p->outliers.size()) : 0;
+}
+
+void embedding_int8(ThreadPool& pool, float* y, const int32_t* ids, int64_t n, const QuantWeights& t) {
+  const int64_t hidden = t.in_features, G = t.group_size, groups = t.groups();
+  pool.parallel_for(n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t row = ids[i];
+      for (int64_t g = 0; g < groups; ++g) {
+        const float s = f16_to_f32(t.scales[row * groups + g]);
+        for (int64_t k = g * G; k < std::min(hidden, (g + 1) * G); ++k)
+          y[i * hidden + k] = static_cast<float>(t.q[row * hidden + k]) * s;
+      }
+    }
+  });
+}
+
+#if defined(__x86_64__)
+namespace {
+
+using namespace simd;
+
+constexpr int64_t kGemvMaxRows = 4;
+
+BLOSSOM_AVX2 void apply_epilogue_avx2(float* y, int64_t rows, int64_t out, int64_t c0, int64_t c1, const float* bias,
+                                      int epilogue, const float* residual) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* yr = y + r * out;
+    const float* rr = residual ? residual + r * out : nullptr;
+    int64_t o = c0;
+    for (; o + 8 <= c1; o += 8) {
+      __m256 v = _mm256_loadu_ps(yr + o);
+      if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + o));
+      if (epilogue == kGelu) v = gelu8(v);
+      if (rr) v = _mm256_add_ps(v, _mm256_loadu_ps(rr + o));
+      _mm256_storeu_ps(yr + o, v);
+    }
+    for (; o < c1; ++o) {
+      float v = yr[o] + (bias ? bias[o] : 0.f);
+      if (epilogue == kGelu) v = gelu_tanh(v);
+      if (rr) v += rr[o];
+      yr[o] = v;
+    }
+  }
+}
+
+BLOSSOM_AVX2_INLINE __m256 widen8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+BLOSSOM_AVX2_INLINE float scale_at(const uint16_t* scales, int64_t i) { return _cvtsh_ss(scales[i]); }
+
+// --- gemv, float: R rows of fp32 x' against 4 int8 weight rows at a time --------------------------
+template <int R>
+BLOSSOM_AVX2 void gemv_float_block(float* y, const float* x, const QuantWeights& w, int64_t o_begin, int64_t o_end) {
+  const int64_t in = w.in_features, out = w.out_features, G = w.group_size, groups = w.groups();
+  int64_t o = o_begin;
+  for (; o + 4 <= o_end; o += 4) {
+    __m256 acc[R][4];
+    float tail[R][4] = {};
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
+    const int8_t* w0 = w.q + (o + 0) * in;
+    const int8_t* w1 = w.q + (o + 1) * in;
+    const int8_t* w2 = w.q + (o + 2) * in;
+    const int8_t* w3 = w.q + (o + 3) * in;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * G, k1 = std::min(in, k0 + G);
+      const float f0 = scale_at(w.scales, (o + 0) * groups + g), f1 = scale_at(w.scales, (o + 1) * groups + g);
+      const float f2 = scale_at(w.scales, (o + 2) * groups + g), f3 = scale_at(w.scales, (o + 3) * groups + g);
+      const __m256 s0 = _mm256_set1_ps(f0), s1 = _mm256_set1_ps(f1), s2 = _mm256_set1_ps(f2), s3 = _mm256_set1_ps(f3);
+      int64_t k = k0;
+      for (; k + 8 <= k1; k += 8) {
+        const __m256 a0 = _mm256_mul_ps(widen8(w0 + k), s0), a1 = _mm256_mul_ps(widen8(w1 + k), s1);
+        const __m256 a2 = _mm256_mul_ps(widen8(w2 + k), s2), a3 = _mm256_mul_ps(widen8(w3 + k), s3);
+        for (int r = 0; r < R; ++r) {
+          const __m256 xv = _mm256_loadu_ps(x + r * in + k);
+          acc[r][0] = _mm256_fmadd_ps(a0, xv, acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(a1, xv, acc[r][1]);
+          acc[r][2] = _mm256_fmadd_ps(a2, xv, acc[r][2]);
+          acc[r][3] = _mm256_fmadd_ps(a3, xv, acc[r][3]);
+        }
+      }
+      for (; k < k1; ++k) {
+        for (int r = 0; r < R; ++r) {
+          const float xv = x[r * in + k];
+          tail[r][0] += xv * w0[k] * f0;
+          tail[r][1] += xv * w1[k] * f1;
+          tail[r][2] += xv * w2[k] * f2;
+          tail[r][3] += xv * w3[k] * f3;
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 4; ++j) y[r * out + o + j] = hsum(acc[r][j]) + tail[r][j];
+  }
+  for (; o < o_end; ++o) {
+    const int8_t* wr = w.q + o * in;
+    for (int r = 0; r < R; ++r) {
+      __m256 acc = _mm256_setzero_ps();
+      float tail = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t k0 = g * G, k1 = std::min(in, k0 + G);
+        const float f = scale_at(w.scales, o * groups + g);
+        const __m256 s = _mm256_set1_ps(f);
+        int64_t k = k0;
+        for (; k + 8 <= k1; k += 8) acc = _mm256_fmadd_ps(_mm256_mul_ps(widen8(wr + k), s), _mm256_loadu_ps(x + r * in + k), acc);
+        for (; k < k1; ++k) tail += x[r * in + k] * wr[k] * f;
+      }
+      y[r * out + o] = hsum(acc) + tail;
+    }
+  }
+}
+
+BLOSSOM_AVX2 void gemv_float(float* y, const float* x, int64_t rows, const QuantWeights& w, int64_t b, int64_t e) {
+  switch (rows) {
+    case 1: gemv_float_block<1>(y, x, w, b, e); break;
+    case 2: gemv_float_block<2>(y, x, w, b, e); break;
+    case 3: gemv_float_block<3>(y, x, w, b, e); break;
+    default: gemv_float_block<4>(y, x, w, b, e); break;
+  }
+}
+
+// --- int8 x int8: R rows of quantized x against one weight row at a time --------------------------
+// Needs group_size and in_features to be multiples of 32 (one vpmaddubsw covers 32 inputs).
+// Rows r0 .. r0+R-1 of the batch; outputs [o_begin, o_end).
+template <int R>
+BLOSSOM_AVX2 void int8_block(float* y, const Prepared& p, const float* x, int64_t r0, const QuantWeights& w,
+                             int64_t o_begin, int64_t o_end) {
+  const int64_t in = w.in_features, out = w.out_features, G = w.group_size, groups = w.groups();
+  const int8_t* xq = p.xq.data() + r0 * in;
+  const float* sx = p.sx.data() + r0 * groups;
+  x += r0 * in;
+  y += r0 * out;
+  const size_t num_outliers = p.outliers.size();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t o = o_begin; o < o_end; ++o) {
+    const int8_t* wr = w.q + o * in;
+    const uint16_t* sr = w.scales + o * groups;
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * G, k1 = std::min(in, k0 + G);
+      __m256i iacc[R];
+      for (int r = 0; r < R; ++r) iacc[r] = _mm256_setzero_si256();
+      for (int64_t k = k0; k < k1; k += 32) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k));
+        const __m256i aw = _mm256_abs_epi8(wv);
+        for (int r = 0; r < R; ++r) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * in + k));
+          const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv));
+          iacc[r] = _mm256_add_epi32(iacc[r], _mm256_madd_epi16(pairs, ones));
+        }
+      }
+      const float sw = scale_at(sr, g);
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r]), _mm256_set1_ps(sw * sx[r * groups + g]), acc[r]);
+    }
+    for (int r = 0; r < R; ++r) {
+      float v = hsum(acc[r]);
+      // Outlier features (Mixed): fp32 activations times the dequantized weight column.
+      for (size_t j = 0; j < num_outliers; ++j) {
+        const int32_t k = p.outliers[j];
+        v += x[r * in + k] * static_cast<float>(wr[k]) * scale_at(sr, p.outlier_group[j]);
+      }
+      y[r * out + o] = v;
+    }
+  }
+}
+
+// All rows, 4 at a time, for outputs [b, e): the weight rows stay in L1/L2 across row blocks.
+BLOSSOM_AVX2 void int8_rows(float* y, const Prepared& p, const float* x, int64_t rows, const QuantWeights& w, int64_t b,
+                            int64_t e) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+    switch (std::min<int64_t>(4, rows - r0)) {
+      case 1: int8_block<1>(y, p, x, r0, w, b, e); break;
+      case 2: int8_block<2>(y, p, x, r0, w, b, e); break;
+      case 3: int8_block<3>(y, p, x, r0, w, b, e); break;
+      default: int8_block<4>(y, p, x, r0, w, b, e); break;
+    }
+  }
+}
+
+// Vectorised quantize_span_scalar, bit-identical to it.
+BLOSSOM_AVX2 float quantize_span_avx2(int8_t* xq, const float* x, const float* keep, int64_t k0, int64_t k1) {
+  const __m256 sign_mask = _mm256_set1_ps(-0.f);
+  __m256 vmax = _mm256_setzero_ps();
+  int64_t k = k0;
+  for (; k + 8 <= k1; k += 8) {
+    __m256 v = _mm256_andnot_ps(sign_mask, _mm256_loadu_ps(x + k));
+    if (keep) v = _mm256_mul_ps(v, _mm256_loadu_ps(keep + k));
+    vmax = _mm256_max_ps(vmax, v);
+  }
+  float absmax = hmax(vmax);
+  for (; k < k1; ++k) absmax = std::fmax(absmax, std::fabs(x[k]) * (keep ? keep[k] : 1.f));
+  const float s = absmax / 127.f;
+  if (!(s > 0.f)) {
+    std::memset(xq + k0, 0, static_cast<size_t>(k1 - k0));
+    return s;
+  }
+  const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+  k = k0;
+  for (; k + 8 <= k1; k += 8) {
+    __m256 v = _mm256_loadu_ps(x + k);
+    if (keep) v = _mm256_mul_ps(v, _mm256_loadu_ps(keep + k));
+    v = _mm256_round_ps(_mm256_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i i32 = _mm256_cvtps_epi32(_mm256_max_ps(lo, _mm256_min_ps(hi, v)));
+    // 8 int32 in [-127, 127] -> 8 int8.
+    const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(xq + k), _mm_packs_epi16(i16, i16));
+  }
+  for (; k < k1; ++k) xq[k] = quantize_value(x[k] * (keep ? keep[k] : 1.f), s);
+  return s;
+}
+
+// --- gemm: dequantized fp32 panels and a 6x16 microkernel ------------------------------------------
+constexpr int MR = 6;
+constexpr int NR = 16;
+constexpr int64_t KC = 256;
+constexpr int64_t NB = 64;
+
+// Dequantizes W[o0 : o0+NR, k0 : k0+kc] into fp32 [kc][NR]; outputs past `out` are zero.
+BLOSSOM_AVX2 void pack_panel(float* dst, const QuantWeights& w, int64_t o0, int64_t k0, int64_t kc) {
+  const int64_t in = w.in_features, G = w.group_size, groups = w.groups();
+  const int64_t valid = std::min<int64_t>(NR, w.out_features - o0);
+  if (valid < NR) std::fill(dst, dst + kc * NR, 0.f);
+  for (int64_t j = 0; j < valid; ++j) {
+    const int8_t* src = w.q + (o0 + j) * in + k0;
+    const uint16_t* sr = w.scales + (o0 + j) * groups;
+    int64_t k = 0;
+    while (k < kc) {
+      // One span per group (one division per group, not per element).
+      const int64_t g = (k0 + k) / G;
+      const int64_t span_end = std::min(kc, (g + 1) * G - k0);
+      const float f = scale_at(sr, g);
+      const __m256 s = _mm256_set1_ps(f);
+      for (; k + 8 <= span_end; k += 8) {
+        alignas(32) float tmp[8];
+        _mm256_store_ps(tmp, _mm256_mul_ps(widen8(src + k), s));
+        for (int t = 0; t < 8; ++t) dst[(k + t) * NR + j] = tmp[t];
+      }
+      for (; k < span_end; ++k) dst[k * NR + j] = static_cast<float>(src[k]) * f;
+    }
+  }
+}
+
+template <int M>
+BLOSSOM_AVX2 void micro_kernel(float* c, int64_t ldc, const float* a, int64_t lda, const float* b, int64_t kc,
+                               bool accumulate, int ncols) {
+  __m256 acc[M][2];
+  for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_load_ps(b + k * NR);
+    const __m256 b1 = _mm256_load_ps(b + k * NR + 8);
+    for (int i = 0; i < M; ++i) {
+      const __m256 av = _mm256_broadcast_ss(a + i * lda + k);
+      acc[i][0] = _mm256_fmadd_ps(av, b0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
+    }
+  }
+  if (ncols == NR) {
+    for (int i = 0; i < M; ++i) {
+      float* ci = c + i * ldc;
+      if (accumulate) {
+        acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(ci));
+        acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(ci + 8));
+      }
+      _mm256_storeu_ps(ci, acc[i][0]);
+      _mm256_storeu_ps(ci + 8, acc[i][1]);
+    }
+  } else {
+    alignas(32) float tmp[NR];
+    for (int i = 0; i < M; ++i) {
+      _mm256_store_ps(tmp, acc[i][0]);
+      _mm256_store_ps(tmp + 8, acc[i][1]);
+      float* ci = c + i * ldc;
+      for (int j = 0; j < ncols; ++j) ci[j] = accumulate ? ci[j] + tmp[j] : tmp[j];
+    }
+  }
+}
+
+BLOSSOM_AVX2 void micro_dispatch(int m, float* c, int64_t ldc, const float* a, int64_t lda, const float* b, int64_t kc,
+                                 bool accumulate, int ncols) {
+  switch (m) {
+    case 6: micro_kernel<6>(c, ldc, a, lda, b, kc, accumulate, ncols); break;
+    case 5: micro_kernel<5>(c, ldc, a, lda, b, kc, accumulate, ncols); break;
+    case 4: micro_kernel<4>(c, ldc, a, lda, b, kc, accumulate, ncols); break;
+    case 3: micro_kernel<3>(c, ldc, a, lda, b, kc, accumulate, ncols); break;
+    case 2: micro_kernel<2>(c, ldc, a, lda, b, kc, accumulate, ncols); break;
+    default: micro_kernel<1>(c, ldc, a, lda, b, kc, accumulate, ncols); break;
+  }
+}
+
+BLOSSOM_AVX2 void gemm_task(float* y, const float* x, int64_t rows, const QuantWeights& w, int64_t o_begin, int64_t o_end,
+                            float* panel) {
+  const int64_t in = w.in_features, out = w.out_features;
+  for (int64_t k0 = 0; k0 < in; k0 += KC) {
+    const int64_t kc = std::min(KC, in - k0);
+    for (int64_t o0 = o_begin; o0 < o_end; o0 += NR) {
+      pack_panel(panel, w, o0, k0, kc);
+      const int ncols = static_cast<int>(std::min<int64_t>(NR, o_end - o0));
+      for (int64_t r0 = 0; r0 < rows; r0 += MR) {
+        const int m = static_cast<int>(std::min<int64_t>(MR, rows - r0));
+        micro_dispatch(m, y + r0 * out + o0, out, x + r0 * in + k0, in, panel, kc, k0 > 0, ncols);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+int64_t linear_int8_avx2(ThreadPool& pool, const Int8LinearArgs& a) {
+  const QuantWeights& w = a.w;
+  const int64_t out = w.out_features;
+  if (a.mode != ActivationMode::Exact) {
+    Prepared& p = prepared_scratch();
+    prepare_activations(pool, p, a, quantize_span_avx2);
+    // Many outliers (a low threshold) would make the per-output fp32 loop dominate: the float path
+    // computes the same x' @ W^T with the outliers folded into x'.
+    const bool few_outliers = static_cast<int64_t>(p.outliers.size()) * 16 <= w.in_features;
+    if (few_outliers && w.group_size % 32 == 0 && w.in_features % 32 == 0) {
+      // Chunks of 32 outputs: their weight rows are reused from cache by every block of 4 rows.
+      pool.parallel_for(out, 32, [&](int64_t begin, int64_t end) {
+        int8_rows(a.y, p, a.x, a.rows, w, begin, end);
+        apply_epilogue_avx2(a.y, a.rows, out, begin, end, a.bias, a.epilogue, a.residual);
+      });
+      return static_cast<int64_t>(p.outliers.size());
+    }
+    // Shapes the 32-wide int8 path cannot tile: the same x', dequantized, through the float paths.
+    fill_xf(p, a);
+    Int8LinearArgs f = a;
+    f.x = p.xf.data();
+    f.mode = ActivationMode::Exact;
+    linear_int8_avx2(pool, f);
+    return static_cast<int64_t>(p.outliers.size());
+  }
+  if (a.rows <= kGemvMaxRows) {
+    pool.parallel_for(out, 32, [&](int64_t begin, int64_t end) {
+      gemv_float(a.y, a.x, a.rows, w, begin, end);
+      apply_epilogue_avx2(a.y, a.rows, out, begin, end, a.bias, a.epilogue, a.residual);
+    });
+  } else {
+    pool.parallel_for(out, NB, [&](int64_t begin, int64_t end) {
+      alignas(64) static thread_local float panel[KC * NR];
+      gemm_task(a.y, a.x, a.rows, w, begin, end, panel);
+      apply_epilogue_avx2(a.y, a.rows, out, begin, end, a.bias, a.epilogue, a.residual);
+    });
+  }
+  return 0;
+}
+#else
+int64_t linear_int8_avx2(ThreadPool& pool, const Int8LinearArgs& a) { return linear_int8_scalar(pool, a); }
+#endif
+
+int64_t linear_int8(ThreadPool& pool, const Int8LinearArgs& a) {
+  if (active_variant() == Variant::Avx2) return linear_int8_avx2(pool, a);
+  return linear_int8_scalar(pool, a);
+}
+
+}  // namespace blossom
