@@ -1,5 +1,9 @@
 /**
- * `npm run bench:int8`: int8 linear layers against bf16 on the bloom-560m shapes, in the same run.
+ * `npm run bench:int8 [-- kernels | model | quality]`: int8 against bf16.
+ *
+ *   kernels (default)  this file: the linear layers on the bloom-560m shapes, in the same run.
+ *   model              bench/int8-model.ts: a bloom-560m-shaped model end to end (ms/token, peak RSS).
+ *   quality            bench/int8-quality.ts: logits, greedy tokens and perplexity on the fixtures.
  *
  * For each layer shape (qkv, dense, h_to_4h+gelu, 4h_to_h, lm_head) and batch size, times bf16
  * `linear` and `linearInt8` for every requested group size and activation mode, interleaved
@@ -17,6 +21,8 @@
 import { writeFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import { ActivationMode, DTypeCode, Epilogue, native, type NativeRegion } from "../src/backend/native.js";
+import { runModel } from "./int8-model.js";
+import { runQuality } from "./int8-quality.js";
 
 interface Shape {
   layer: string;
@@ -79,8 +85,9 @@ function pad(s: string | number, n: number, left = true): string {
   return left ? t.padStart(n) : t.padEnd(n);
 }
 
-function main(): void {
+function runKernels(argv: string[]): void {
   const { values } = parseArgs({
+    args: argv,
     options: {
       threads: { type: "string" },
       groups: { type: "string", default: "64,128" },
@@ -215,4 +222,9 @@ function main(): void {
   }
 }
 
-main();
+const [command = "kernels", ...rest] = process.argv.slice(2);
+if (command === "quality") await runQuality(rest);
+else if (command === "model") await runModel(rest);
+else if (command === "kernels") runKernels(rest);
+else if (command.startsWith("-")) runKernels(process.argv.slice(2));
+else throw new Error(`bench:int8: unknown part "${command}" (expected kernels, model or quality)`);

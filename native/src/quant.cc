@@ -6,13 +6,18 @@
 // Variants:
 //   linear_int8_scalar   the reference: one dot product per output and group, fp32 accumulation, over
 //                        x' materialised as fp32 (quantized activations are q_x * s_x).
-//   gemv, float (AVX2)   rows <= 4, Exact: int8 weights widened to fp32 in registers (vpmovsxbd,
-//                        vcvtdq2ps), scaled per group, FMA with fp32 x. Bound by memory bandwidth.
-//   gemv, int8 (AVX2)    rows <= 4, Grouped/Mixed: int8 x int8 with vpmaddubsw/vpmaddwd (|w| times
-//                        x with w's sign, so the unsigned operand is |w| <= 128 and pairs cannot
-//                        saturate), int32 per group, one FMA per group with s_w * s_x. Mixed adds the
-//                        outlier features in fp32 from the row already in cache.
-//   gemm (AVX2)          rows > 4: bound by FMA throughput. Panels of 16 outputs are dequantized once
+//   int8 (AVX2)          Grouped/Mixed, any batch, with int32 sums per group and one FMA per group
+//                        with s_w * s_x. Grouped: 16-bit activations times the int8 weights widened to
+//                        int16 (vpmovsxbw, vpmaddwd). Mixed: 8-bit activations, vpmaddubsw(|w|, x with
+//                        w's sign: the unsigned operand is |w| <= 128, so pairs cannot saturate), then
+//                        vpmaddwd; the outlier features are added in fp32 from the row already in cache.
+//                        Rows go 4 at a time over chunks of 32 outputs whose weight rows stay in L1/L2,
+//                        so larger batches reuse each weight byte from cache. This beats dequantizing in
+//                        registers (vpmovsxbd + vcvtdq2ps per 8 weights) at every batch size on the
+//                        bloom-560m shapes: bench/int8.ts.
+//   gemv (AVX2)          rows <= 4, Exact: int8 weights widened to fp32 in registers, scaled per group,
+//                        FMA with fp32 x (also the fallback when in_features is not a multiple of 32).
+//   gemm (AVX2)          rows > 4, Exact: bound by FMA throughput. Panels of 16 outputs are dequantized once
 //                        into fp32 (scales applied) and reused by a 6x16 register-tile microkernel for
 //                        every 6-row block of x'; the same structure as the bf16 kernels in matmul.cc,
 //                        so the int8 matrix costs what the bf16 one does when it no longer streams.
@@ -79,13 +84,18 @@ void quantize_rows(int8_t* q, uint16_t* scales, const void* src, int64_t row_beg
 // read-only by the workers. Scalar and AVX2 builds give bit-identical values: the same IEEE division,
 // round-half-even and clamp.
 struct Prepared {
-  std::vector<int8_t> xq;           // (rows, in); outlier features are 0
+  bool wide = false;                // Grouped: 16-bit values in x16; Mixed: 8-bit values in xq
+  std::vector<int8_t> xq;           // Mixed (rows, in): outlier features are 0
+  std::vector<int16_t> x16;         // Grouped (rows, in)
   std::vector<float> sx;            // activation scale per row and weight group (rows, groups)
-  std::vector<float> xf;            // x' = xq * sx, or x at outlier features (rows, in); float paths only
+  std::vector<float> xf;            // x' = value * sx, or x at outlier features (rows, in); float paths only
   std::vector<float> keep;          // Mixed: 0 at outlier features, 1 elsewhere (in)
   std::vector<int32_t> outliers;    // Mixed: outlier feature indices, ascending
   std::vector<int32_t> outlier_group;  // their weight groups
 };
+
+constexpr float kLevels8 = 127.f;
+constexpr float kLevels16 = 32767.f;
 
 Prepared& prepared_scratch() {
   static thread_local Prepared p;
@@ -110,12 +120,23 @@ void find_outliers(Prepared& p, const Int8LinearArgs& a) {
   }
 }
 
-// One row: absmax over [k0, k1) (times keep), scale = absmax / 127, xq = round(x * keep / scale).
-float quantize_span_scalar(int8_t* xq, const float* x, const float* keep, int64_t k0, int64_t k1) {
+inline int32_t quantize_level(float v, float scale, float levels) {
+  const float r = std::nearbyint(v / scale);
+  return static_cast<int32_t>(std::fmax(-levels, std::fmin(levels, r)));
+}
+
+// One row span [k0, k1): absmax (times keep), scale = absmax / levels, value = round(x * keep / scale),
+// stored as 8-bit (xq) or 16-bit (x16) values; exactly one of the two is non-null.
+float quantize_span_scalar(int8_t* xq, int16_t* x16, const float* x, const float* keep, int64_t k0, int64_t k1) {
+  const float levels = x16 ? kLevels16 : kLevels8;
   float absmax = 0.f;
   for (int64_t k = k0; k < k1; ++k) absmax = std::fmax(absmax, std::fabs(x[k]) * (keep ? keep[k] : 1.f));
-  const float s = absmax / 127.f;
-  for (int64_t k = k0; k < k1; ++k) xq[k] = s > 0.f ? quantize_value(x[k] * (keep ? keep[k] : 1.f), s) : 0;
+  const float s = absmax / levels;
+  for (int64_t k = k0; k < k1; ++k) {
+    const int32_t v = s > 0.f ? quantize_level(x[k] * (keep ? keep[k] : 1.f), s, levels) : 0;
+    if (x16) x16[k] = static_cast<int16_t>(v);
+    else xq[k] = static_cast<int8_t>(v);
+  }
   return s;
 }
 
@@ -124,16 +145,20 @@ void fill_xf(Prepared& p, const Int8LinearArgs& a) {
   p.xf.resize(static_cast<size_t>(rows * in));
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t k = 0; k < in; ++k) {
+      const int64_t i = r * in + k;
       const bool outlier = a.mode == ActivationMode::Mixed && p.keep[k] == 0.f;
-      p.xf[r * in + k] = outlier ? a.x[r * in + k] : static_cast<float>(p.xq[r * in + k]) * p.sx[r * groups + k / G];
+      const int32_t v = p.wide ? p.x16[i] : p.xq[i];
+      p.xf[i] = outlier ? a.x[i] : static_cast<float>(v) * p.sx[r * groups + k / G];
     }
 }
 
-// quantize_span: one of the two span quantizers above/below; rows are independent, so they run in parallel.
+// quantize_span: the scalar or AVX2 span quantizer (bit-identical); rows are independent, so they run in parallel.
 template <typename SpanFn>
 void prepare_activations(ThreadPool& pool, Prepared& p, const Int8LinearArgs& a, SpanFn quantize_span) {
   const int64_t rows = a.rows, in = a.w.in_features, G = a.w.group_size, groups = a.w.groups();
-  p.xq.resize(static_cast<size_t>(rows * in));
+  p.wide = a.mode == ActivationMode::Grouped;
+  p.xq.resize(p.wide ? 0 : static_cast<size_t>(rows * in));
+  p.x16.resize(p.wide ? static_cast<size_t>(rows * in) : 0);
   p.sx.resize(static_cast<size_t>(rows * groups));
   const float* keep = nullptr;
   if (a.mode == ActivationMode::Mixed) {
@@ -145,13 +170,14 @@ void prepare_activations(ThreadPool& pool, Prepared& p, const Int8LinearArgs& a,
   }
   pool.parallel_for(rows, 4, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
-      int8_t* xq = p.xq.data() + r * in;
+      int8_t* xq = p.wide ? nullptr : p.xq.data() + r * in;
+      int16_t* x16 = p.wide ? p.x16.data() + r * in : nullptr;
       const float* x = a.x + r * in;
       float* sx = p.sx.data() + r * groups;
       if (a.mode == ActivationMode::Grouped) {
-        for (int64_t g = 0; g < groups; ++g) sx[g] = quantize_span(xq, x, keep, g * G, std::min(in, (g + 1) * G));
+        for (int64_t g = 0; g < groups; ++g) sx[g] = quantize_span(xq, x16, x, keep, g * G, std::min(in, (g + 1) * G));
       } else {  // per token
-        const float s = quantize_span(xq, x, keep, 0, in);
+        const float s = quantize_span(xq, x16, x, keep, 0, in);
         for (int64_t g = 0; g < groups; ++g) sx[g] = s;
       }
     }
@@ -336,68 +362,118 @@ BLOSSOM_AVX2 void gemv_float(float* y, const float* x, int64_t rows, const Quant
   }
 }
 
-// --- int8 x int8: R rows of quantized x against one weight row at a time --------------------------
-// Needs group_size and in_features to be multiples of 32 (one vpmaddubsw covers 32 inputs).
-// Rows r0 .. r0+R-1 of the batch; outputs [o_begin, o_end).
-template <int R>
-BLOSSOM_AVX2 void int8_block(float* y, const Prepared& p, const float* x, int64_t r0, const QuantWeights& w,
-                             int64_t o_begin, int64_t o_end) {
+// --- int8 weights x quantized activations: R rows against NO weight rows at a time ----------------
+// Needs group_size and in_features to be multiples of 32 (one step covers 32 inputs).
+//   WIDE (Grouped): weights widened to int16 (vpmovsxbw), times 16-bit activations with vpmaddwd.
+//   else (Mixed):   8-bit activations: vpmaddubsw(|w|, sign(x, w)), then vpmaddwd with ones.
+// Several outputs per tile share the activation loads and one horizontal reduction; per-output fixed
+// costs matter at batch 1, where the LM head alone has 250880 outputs of 1024 inputs.
+template <int R, int NO, bool WIDE>
+BLOSSOM_AVX2 void int8_tile(float* y, const Prepared& p, const float* x, int64_t r0, const QuantWeights& w, int64_t o) {
   const int64_t in = w.in_features, out = w.out_features, G = w.group_size, groups = w.groups();
-  const int8_t* xq = p.xq.data() + r0 * in;
+  const int8_t* xq = WIDE ? nullptr : p.xq.data() + r0 * in;
+  const int16_t* x16 = WIDE ? p.x16.data() + r0 * in : nullptr;
   const float* sx = p.sx.data() + r0 * groups;
   x += r0 * in;
   y += r0 * out;
-  const size_t num_outliers = p.outliers.size();
   const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t o = o_begin; o < o_end; ++o) {
-    const int8_t* wr = w.q + o * in;
-    const uint16_t* sr = w.scales + o * groups;
-    __m256 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t k0 = g * G, k1 = std::min(in, k0 + G);
-      __m256i iacc[R];
-      for (int r = 0; r < R; ++r) iacc[r] = _mm256_setzero_si256();
+  const int8_t* wr[NO];
+  const uint16_t* sr[NO];
+  for (int j = 0; j < NO; ++j) {
+    wr[j] = w.q + (o + j) * in;
+    sr[j] = w.scales + (o + j) * groups;
+  }
+  // int32 sums are moved to fp32 at least every 512 inputs, so no group size can overflow them
+  // (512 * 128 * 32767 < 2^31).
+  constexpr int64_t kFlush = 512;
+  __m256 acc[R][NO];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NO; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t g1 = std::min(in, (g + 1) * G);
+    for (int64_t k0 = g * G; k0 < g1; k0 += kFlush) {
+      const int64_t k1 = std::min(g1, k0 + kFlush);
+      __m256i iacc[R][NO];
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < NO; ++j) iacc[r][j] = _mm256_setzero_si256();
       for (int64_t k = k0; k < k1; k += 32) {
-        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k));
-        const __m256i aw = _mm256_abs_epi8(wv);
-        for (int r = 0; r < R; ++r) {
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * in + k));
-          const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv));
-          iacc[r] = _mm256_add_epi32(iacc[r], _mm256_madd_epi16(pairs, ones));
+        if constexpr (WIDE) {
+          __m256i a0[R], a1[R];
+          for (int r = 0; r < R; ++r) {
+            a0[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + r * in + k));
+            a1[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + r * in + k + 16));
+          }
+          for (int j = 0; j < NO; ++j) {
+            const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[j] + k)));
+            const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[j] + k + 16)));
+            for (int r = 0; r < R; ++r)
+              iacc[r][j] = _mm256_add_epi32(iacc[r][j], _mm256_add_epi32(_mm256_madd_epi16(w0, a0[r]), _mm256_madd_epi16(w1, a1[r])));
+          }
+        } else {
+          __m256i xv[R];
+          for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * in + k));
+          for (int j = 0; j < NO; ++j) {
+            const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + k));
+            const __m256i aw = _mm256_abs_epi8(wv);
+            for (int r = 0; r < R; ++r) {
+              const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[r], wv));
+              iacc[r][j] = _mm256_add_epi32(iacc[r][j], _mm256_madd_epi16(pairs, ones));
+            }
+          }
         }
       }
-      const float sw = scale_at(sr, g);
-      for (int r = 0; r < R; ++r)
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r]), _mm256_set1_ps(sw * sx[r * groups + g]), acc[r]);
-    }
-    for (int r = 0; r < R; ++r) {
-      float v = hsum(acc[r]);
-      // Outlier features (Mixed): fp32 activations times the dequantized weight column.
-      for (size_t j = 0; j < num_outliers; ++j) {
-        const int32_t k = p.outliers[j];
-        v += x[r * in + k] * static_cast<float>(wr[k]) * scale_at(sr, p.outlier_group[j]);
+      float sw[NO];
+      for (int j = 0; j < NO; ++j) sw[j] = scale_at(sr[j], g);
+      for (int r = 0; r < R; ++r) {
+        const float s = sx[r * groups + g];
+        for (int j = 0; j < NO; ++j) acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r][j]), _mm256_set1_ps(sw[j] * s), acc[r][j]);
       }
-      y[r * out + o] = v;
     }
+  }
+  for (int r = 0; r < R; ++r) {
+    float v[NO];
+    if constexpr (NO == 4) {
+      // Four horizontal sums at once.
+      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[r][0], acc[r][1]), _mm256_hadd_ps(acc[r][2], acc[r][3]));
+      _mm_storeu_ps(v, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+    } else {
+      for (int j = 0; j < NO; ++j) v[j] = hsum(acc[r][j]);
+    }
+    // Outlier features (Mixed): fp32 activations times the dequantized weight column.
+    for (size_t i = 0; i < p.outliers.size(); ++i) {
+      const int32_t k = p.outliers[i];
+      for (int j = 0; j < NO; ++j) v[j] += x[r * in + k] * static_cast<float>(wr[j][k]) * scale_at(sr[j], p.outlier_group[i]);
+    }
+    for (int j = 0; j < NO; ++j) y[r * out + o + j] = v[j];
   }
 }
 
+template <int R, bool WIDE>
+BLOSSOM_AVX2 void int8_block(float* y, const Prepared& p, const float* x, int64_t r0, const QuantWeights& w,
+                             int64_t o_begin, int64_t o_end) {
+  constexpr int NO = R == 1 ? 4 : R == 2 ? 2 : 1;
+  int64_t o = o_begin;
+  for (; o + NO <= o_end; o += NO) int8_tile<R, NO, WIDE>(y, p, x, r0, w, o);
+  for (; o < o_end; ++o) int8_tile<R, 1, WIDE>(y, p, x, r0, w, o);
+}
+
 // All rows, 4 at a time, for outputs [b, e): the weight rows stay in L1/L2 across row blocks.
+template <bool WIDE>
 BLOSSOM_AVX2 void int8_rows(float* y, const Prepared& p, const float* x, int64_t rows, const QuantWeights& w, int64_t b,
                             int64_t e) {
   for (int64_t r0 = 0; r0 < rows; r0 += 4) {
     switch (std::min<int64_t>(4, rows - r0)) {
-      case 1: int8_block<1>(y, p, x, r0, w, b, e); break;
-      case 2: int8_block<2>(y, p, x, r0, w, b, e); break;
-      case 3: int8_block<3>(y, p, x, r0, w, b, e); break;
-      default: int8_block<4>(y, p, x, r0, w, b, e); break;
+      case 1: int8_block<1, WIDE>(y, p, x, r0, w, b, e); break;
+      case 2: int8_block<2, WIDE>(y, p, x, r0, w, b, e); break;
+      case 3: int8_block<3, WIDE>(y, p, x, r0, w, b, e); break;
+      default: int8_block<4, WIDE>(y, p, x, r0, w, b, e); break;
     }
   }
 }
 
 // Vectorised quantize_span_scalar, bit-identical to it.
-BLOSSOM_AVX2 float quantize_span_avx2(int8_t* xq, const float* x, const float* keep, int64_t k0, int64_t k1) {
+BLOSSOM_AVX2 float quantize_span_avx2(int8_t* xq, int16_t* x16, const float* x, const float* keep, int64_t k0, int64_t k1) {
+  const float levels = x16 ? kLevels16 : kLevels8;
   const __m256 sign_mask = _mm256_set1_ps(-0.f);
   __m256 vmax = _mm256_setzero_ps();
   int64_t k = k0;
@@ -408,23 +484,29 @@ BLOSSOM_AVX2 float quantize_span_avx2(int8_t* xq, const float* x, const float* k
   }
   float absmax = hmax(vmax);
   for (; k < k1; ++k) absmax = std::fmax(absmax, std::fabs(x[k]) * (keep ? keep[k] : 1.f));
-  const float s = absmax / 127.f;
+  const float s = absmax / levels;
   if (!(s > 0.f)) {
-    std::memset(xq + k0, 0, static_cast<size_t>(k1 - k0));
+    if (x16) std::memset(x16 + k0, 0, static_cast<size_t>(k1 - k0) * 2);
+    else std::memset(xq + k0, 0, static_cast<size_t>(k1 - k0));
     return s;
   }
-  const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+  const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-levels), hi = _mm256_set1_ps(levels);
   k = k0;
   for (; k + 8 <= k1; k += 8) {
     __m256 v = _mm256_loadu_ps(x + k);
     if (keep) v = _mm256_mul_ps(v, _mm256_loadu_ps(keep + k));
     v = _mm256_round_ps(_mm256_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256i i32 = _mm256_cvtps_epi32(_mm256_max_ps(lo, _mm256_min_ps(hi, v)));
-    // 8 int32 in [-127, 127] -> 8 int8.
+    // 8 int32 within +-levels -> 8 int16 (-> 8 int8).
     const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(xq + k), _mm_packs_epi16(i16, i16));
+    if (x16) _mm_storeu_si128(reinterpret_cast<__m128i*>(x16 + k), i16);
+    else _mm_storel_epi64(reinterpret_cast<__m128i*>(xq + k), _mm_packs_epi16(i16, i16));
   }
-  for (; k < k1; ++k) xq[k] = quantize_value(x[k] * (keep ? keep[k] : 1.f), s);
+  for (; k < k1; ++k) {
+    const int32_t v = quantize_level(x[k] * (keep ? keep[k] : 1.f), s, levels);
+    if (x16) x16[k] = static_cast<int16_t>(v);
+    else xq[k] = static_cast<int8_t>(v);
+  }
   return s;
 }
 
@@ -536,7 +618,8 @@ int64_t linear_int8_avx2(ThreadPool& pool, const Int8LinearArgs& a) {
     if (few_outliers && w.group_size % 32 == 0 && w.in_features % 32 == 0) {
       // Chunks of 32 outputs: their weight rows are reused from cache by every block of 4 rows.
       pool.parallel_for(out, 32, [&](int64_t begin, int64_t end) {
-        int8_rows(a.y, p, a.x, a.rows, w, begin, end);
+        if (p.wide) int8_rows<true>(a.y, p, a.x, a.rows, w, begin, end);
+        else int8_rows<false>(a.y, p, a.x, a.rows, w, begin, end);
         apply_epilogue_avx2(a.y, a.rows, out, begin, end, a.bias, a.epilogue, a.residual);
       });
       return static_cast<int64_t>(p.outliers.size());

@@ -23,8 +23,9 @@ struct QuantWeights {
 enum class ActivationMode : int {
   // x stays fp32; weights are dequantized in registers (weight-only int8).
   Exact = 0,
-  // x is quantized per token and per group of group_size inputs (absmax / 127, like llama.cpp's Q8_0),
-  // so small batches can multiply int8 by int8 (vpmaddubsw).
+  // x is quantized per token and per group of group_size inputs to 16 bits (absmax / 32767), so the
+  // kernels multiply integers (vpmaddwd against the int8 weights widened to int16) at close to fp32
+  // activation precision (8-bit activations cost measurable accuracy; bench/int8.ts quality).
   Grouped = 1,
   // LLM.int8() (Dettmers et al. 2022): input features where any token's |x| >= threshold are outliers,
   // kept in fp32 and multiplied by the dequantized weight columns; every other feature is quantized per

@@ -40,6 +40,8 @@ export interface QuantizeOptions {
   groupSize: number;
   activationMode: QuantizedMatrix["activationMode"];
   threshold: number;
+  /** The caller will not read the source again: a backend may drop its pages as it goes (keeps the load's peak memory low). */
+  releaseSource?: boolean;
 }
 
 export interface LinearOptions {

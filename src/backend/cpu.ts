@@ -92,7 +92,8 @@ export class CpuBackend implements Backend {
     const [outFeatures, inFeatures] = view.shape as [number, number];
     const groupSize = Math.min(options.groupSize, inFeatures);
     const groups = Math.ceil(inFeatures / groupSize);
-    const common = { dtype: "int8" as const, outFeatures, inFeatures, ...options, groupSize };
+    const { releaseSource, ...spec } = options;
+    const common = { dtype: "int8" as const, outFeatures, inFeatures, ...spec, groupSize };
     if (scales) {
       // Pre-quantized: used in place from the mapping (the loader has checked dtypes and shapes).
       if (view.dtype !== "i8" || scales.dtype !== "f16") throw new BlossomError("internal", `quantizedMatrix: expected i8 values and f16 scales for "${view.name}"`);
@@ -103,7 +104,15 @@ export class CpuBackend implements Backend {
     const scalesOffset = Math.ceil(qBytes / 64) * 64;
     const bytes = qBytes + outFeatures * groups * 2;
     const region = native().allocate(scalesOffset + outFeatures * groups * 2);
-    native().quantizeWeights(region, 0, region, scalesOffset, view.region, view.byteOffset, DTypeCode[view.dtype], outFeatures, inFeatures, groupSize);
+    // In slices of ~32 MiB of source, so a released source never has more than a slice resident.
+    const rowBytes = inFeatures * bytesPerElement[view.dtype];
+    const sliceRows = Math.max(1, Math.floor(32 * 2 ** 20 / rowBytes));
+    for (let r0 = 0; r0 < outFeatures; r0 += sliceRows) {
+      const rows = Math.min(sliceRows, outFeatures - r0);
+      const source = view.byteOffset + r0 * rowBytes;
+      native().quantizeWeights(region, r0 * inFeatures, region, scalesOffset + r0 * groups * 2, view.region, source, DTypeCode[view.dtype], rows, inFeatures, groupSize);
+      if (releaseSource) native().advise(view.region, source, rows * rowBytes, "dontneed");
+    }
     return { ...common, bytes, region, byteOffset: 0, scalesRegion: region, scalesOffset, owned: true };
   }
 

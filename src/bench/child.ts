@@ -9,6 +9,7 @@ import { kvBytesPerToken } from "../engine/kv-cache.js";
 import { formatBytes, predictBatchMemory, type ModelShape } from "../engine/memory.js";
 import { loadModel, type Model, type ModelDType } from "../model.js";
 import { BloomTokenizer } from "../tokenizer/tokenizer.js";
+import { isQuantScheme, quantizedMatrixBytes, quantSpec } from "../quant/scheme.js";
 import type { CellResult, ChildJob, ChildMessage } from "./types.js";
 
 function send(message: ChildMessage): void {
@@ -22,10 +23,15 @@ function expectedWeightBytes(dir: string, dtype: string): { shape: Omit<ModelSha
   const ck = openCheckpoint(dir);
   try {
     let bytes = 0;
+    // int8 dtypes quantize every matrix at load (src/quant/); a pre-quantized checkpoint is held as stored.
+    const int8 = isQuantScheme(dtype) && !ck.config.quantization ? quantSpec(dtype) : undefined;
+    const asStored = dtype === "auto" || ck.config.quantization !== undefined;
     for (const t of ck.tensors.values()) {
       const numel = t.shape.reduce((a, b) => a * b, 1);
       const matrix = t.shape.length === 2;
-      bytes += matrix ? numel * (dtype === "auto" ? bytesPer[t.dtype]! : bytesPer[dtype]!) : numel * 4;
+      if (!matrix) bytes += numel * 4;
+      else if (int8) bytes += quantizedMatrixBytes(t.shape[0]!, t.shape[1]!, int8.groupSize);
+      else bytes += numel * (asStored ? bytesPer[t.dtype]! : bytesPer[dtype]!);
     }
     const c = ck.config;
     return {

@@ -21,7 +21,7 @@ export interface EngineOptions {
   /** KV-cache capacity in tokens across all sequences (default: fits in a quarter of free memory, at most 1M tokens). */
   kvCacheTokens?: number;
   kvBlockSize?: number;
-  /** dtype int8: inputs per weight scale (default 128; a multiple of 32). */
+  /** dtype int8: inputs per weight scale (default 64; a multiple of 32). */
   int8GroupSize?: number;
   /** dtype int8-mixed: |activation| from which an input feature is computed in fp32 (default 6). */
   int8Threshold?: number;
@@ -53,9 +53,9 @@ export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngi
   const checkpoint = openCheckpoint(dir);
   let weights: WeightStore | undefined;
   try {
-    const tensors = bloomTensors(checkpoint, { isExtraTensor: isInt8ExtraTensor });
     // int8 is a store policy (src/quant/store.ts): quantized at load, or used in place if pre-quantized.
     const int8 = int8MatrixFactory(checkpoint, backend, { dtype, groupSize: options.int8GroupSize, threshold: options.int8Threshold });
+    const tensors = bloomTensors(checkpoint, { isExtraTensor: isInt8ExtraTensor });
     const builder = new WeightBuilder(backend, int8?.makeMatrix ?? ((view) => backend.matrix(view, matrixDtype(view.dtype, dtype))));
     weights = new ResidentWeightStore(tensors, builder);
     const { config } = checkpoint;

@@ -36,10 +36,13 @@ export function f32ToF16BitsUp(value: number): number {
   return h;
 }
 
-function quantizeValue(v: number, scale: number): number {
+function quantizeValue(v: number, scale: number, levels = 127): number {
   const r = roundHalfEven(f32(v / scale));
-  return Math.max(-127, Math.min(127, r));
+  return Math.max(-levels, Math.min(levels, r));
 }
+
+/** Grouped activations are 16-bit: round(x / (absmax / 32767)). */
+export const groupedLevels = 32767;
 
 /** W (out, in) fp32 values -> int8 q and fp16 scale bits (out, ceil(in / groupSize)). */
 export function quantizeWeightsReference(w: Float32Array, out: number, inFeatures: number, groupSize: number): { q: Int8Array; scales: Uint16Array } {
@@ -78,15 +81,16 @@ export function prepareActivationsReference(
     for (let k = 0; k < inFeatures; k++) if (isOutlier[k]) outliers.push(k);
   }
   const span = groupSize >= inFeatures || mode === "mixed" ? inFeatures : groupSize;
+  const levels = mode === "grouped" ? groupedLevels : 127;
   for (let r = 0; r < rows; r++) {
     for (let k0 = 0; k0 < inFeatures; k0 += span) {
       const k1 = Math.min(inFeatures, k0 + span);
       let absmax = 0;
       for (let k = k0; k < k1; k++) if (!isOutlier[k]) absmax = Math.max(absmax, Math.abs(x[r * inFeatures + k]!));
-      const s = f32(absmax / 127);
+      const s = f32(absmax / levels);
       for (let k = k0; k < k1; k++) {
         const v = x[r * inFeatures + k]!;
-        xPrime[r * inFeatures + k] = isOutlier[k] ? v : s > 0 ? f32(quantizeValue(v, s) * s) : 0;
+        xPrime[r * inFeatures + k] = isOutlier[k] ? v : s > 0 ? f32(quantizeValue(v, s, levels) * s) : 0;
       }
     }
   }

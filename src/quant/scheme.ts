@@ -2,11 +2,12 @@
  * Blossom's two int8 schemes, as weight-store policies (DESIGN.md: "Offload and int8 are store
  * policies, not changes to models/").
  *
- *   int8        weight-only style int8: every matrix (the block linears and the tied embedding / LM
+ *   int8        group-wise int8 weights: every matrix (the block linears and the tied embedding / LM
  *               head) stored as int8 with one fp16 scale per group of `groupSize` inputs of a row.
- *               Activations are quantized per token and per group on the fly (like llama.cpp's
- *               Q8_0 x Q8_0), so the kernels multiply int8 by int8 (vpmaddubsw); see
- *               native/src/quant.cc and bench/int8.ts for why that beats dequantizing in registers.
+ *               Activations are quantized on the fly per token and per group to 15 bits, held as
+ *               two int8 planes, so the kernels multiply int8 by int8 (vpmaddubsw) at close to fp32
+ *               activation precision; see native/src/quant.cc and bench/int8.ts for why that beats
+ *               dequantizing in registers, and why 8-bit activations were not enough.
  *   int8-mixed  LLM.int8() (Dettmers et al., 2022; bitsandbytes' Linear8bitLt in inference mode):
  *               vector-wise int8 weights (one scale per output row) and activations (one scale per
  *               token); input features where any token reaches |x| >= threshold are outliers, computed
@@ -18,8 +19,13 @@ import { parameterError } from "../errors.js";
 export const quantSchemes = ["int8", "int8-mixed"] as const;
 export type QuantScheme = (typeof quantSchemes)[number];
 
-/** Chosen by measurement (bench/int8.ts and the fixtures' perplexity; see README of the report). */
-export const defaultGroupSize = 128;
+/**
+ * Chosen by measurement (`npm run bench:int8 -- kernels` and `-- quality`): 64 keeps every fixture's
+ * next-token logits at cosine >= 0.9992 to fp32 (128: 0.9991 on tiny-bloom-c) and cuts the trained
+ * model's KL to fp32 by a fifth against 128, for ~5% more time per token and 1.6% more bytes
+ * (fp16 scales: 1.031 bytes per weight, 0.516 of bf16). 32 would cost 0.531 of bf16.
+ */
+export const defaultGroupSize = 64;
 /** LLM.int8()'s default outlier threshold (bitsandbytes' llm_int8_threshold). */
 export const defaultThreshold = 6.0;
 

@@ -8,8 +8,7 @@
  *   pre-quantized      config.json has quantization_config (quant_method "blossom-int8"): int8
  *                      weights and their fp16 scales are used in place from the mapping.
  */
-import type { Backend, DeviceMatrix, QuantizedMatrix } from "../backend/backend.js";
-import { native } from "../backend/native.js";
+import type { Backend, DeviceMatrix } from "../backend/backend.js";
 import type { Checkpoint } from "../checkpoint/checkpoint.js";
 import type { TensorView } from "../checkpoint/safetensors.js";
 import { BlossomError, checkpointError, parameterError } from "../errors.js";
@@ -104,11 +103,7 @@ export function int8MatrixFactory(checkpoint: Checkpoint, backend: Backend, opti
   }
   const spec = quantSpec(options.dtype, options);
   const quantized = requireInt8Backend(backend);
-  const makeMatrix: MakeMatrix = (view) => {
-    const m: QuantizedMatrix = quantized(view, spec);
-    // The source pages were read once to quantize; drop them so only the int8 copy stays resident.
-    native().advise(view.region, view.byteOffset, view.byteLength, "dontneed");
-    return m;
-  };
+  // Each source matrix is read once to quantize; its pages are dropped so only the int8 copy stays resident.
+  const makeMatrix: MakeMatrix = (view) => quantized(view, { ...spec, releaseSource: true });
   return { makeMatrix, scheme: spec.scheme };
 }
