@@ -141,6 +141,8 @@ describe("linearInt8 against the reference", () => {
     { out: 40, in: 96, group: 64 }, // partial last group
     { out: 33, in: 100, group: 64 }, // in not a multiple of 32: the float paths
     { out: 50, in: 256, group: 256 }, // per-row scales (int8-mixed's layout)
+    { out: 21, in: 1536, group: 96 }, // batches > 4 work in blocks of 512 inputs: a block boundary inside a group
+    { out: 19, in: 1088, group: 1088 }, // per-row scales split across input blocks
   ];
   const modes: ActivationModeName[] = ["exact", "grouped", "mixed"];
   for (const { out, in: n, group } of cases) {

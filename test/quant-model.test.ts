@@ -189,7 +189,7 @@ describe("malformed quantized checkpoints fail clearly", () => {
     [
       "a group size that does not match the scales",
       (dir) => editJson(join(dir, "config.json"), (c) => void ((c.quantization_config as Record<string, unknown>).group_size = 32)),
-      /tensor "h\.0\.mlp\.dense_4h_to_h\.weight_scale" has shape \[64, 4\] but config\.json's quantization_config \(group_size 32\) implies \[64, 8\] for "h\.0\.mlp\.dense_4h_to_h\.weight" \[64, 256\]/,
+      /tensor "h\.0\.mlp\.dense_4h_to_h\.weight_scale" has shape \[64, 2\] but config\.json's quantization_config \(group_size 32\) implies \[64, 8\] for "h\.0\.mlp\.dense_4h_to_h\.weight" \[64, 256\]/,
     ],
     [
       "scales of the wrong dtype",
@@ -222,7 +222,7 @@ describe("malformed quantized checkpoints fail clearly", () => {
       /tensor "word_embeddings\.weight" is int8 but config\.json has no quantization_config/,
     ],
     ["a dtype other than the checkpoint's scheme", () => {}, /is quantized \(int8\); load it with dtype "auto" or "int8", not "bf16"/, { dtype: "bf16" }],
-    ["a group size other than the checkpoint's", () => {}, /was quantized with group size 64; it cannot be loaded with 128/, { int8GroupSize: 128 }],
+    ["a group size other than the checkpoint's", () => {}, /was quantized with group size 128; it cannot be loaded with 64/, { int8GroupSize: 64 }],
   ];
   for (const [what, edit, message, options] of cases) {
     test(what, () => {

@@ -38,7 +38,7 @@ export function addModelOptions(command: Command, options: { modelRequired?: boo
     .addOption(model)
     .addOption(new Option("--dtype <dtype>", "in-memory weight format (int8: group-wise int8; int8-mixed: LLM.int8 with fp32 outliers)").choices(dtypeChoices).default("auto"))
     .option("--threads <n>", "compute threads (default: physical cores)", parseInteger("--threads", 1, 1024))
-    .option("--int8-group-size <n>", "--dtype int8: inputs per weight scale (multiple of 32; default 64)", parseInteger("--int8-group-size", 32))
+    .option("--int8-group-size <n>", "--dtype int8: inputs per weight scale (multiple of 32; default 128)", parseInteger("--int8-group-size", 32))
     .option("--int8-threshold <t>", "--dtype int8-mixed: |activation| from which a feature is computed in fp32 (default 6)", parseNumber("--int8-threshold"));
 }
 

@@ -21,7 +21,7 @@ export interface EngineOptions {
   /** KV-cache capacity in tokens across all sequences (default: fits in a quarter of free memory, at most 1M tokens). */
   kvCacheTokens?: number;
   kvBlockSize?: number;
-  /** dtype int8: inputs per weight scale (default 64; a multiple of 32). */
+  /** dtype int8: inputs per weight scale (default 128; a multiple of 32). */
   int8GroupSize?: number;
   /** dtype int8-mixed: |activation| from which an input feature is computed in fp32 (default 6). */
   int8Threshold?: number;
