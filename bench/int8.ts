@@ -15,7 +15,11 @@
  * Then sums one decode step of a bloom-560m-shaped model (24 layers x 4 linears + the LM head,
  * matmuls only) per variant and batch: the ratio int8 / bf16 is what the model-level target is about.
  *
- * Options: --threads N, --groups 64,128,row  --modes exact,grouped,mixed  --batches 1,8,32,128
+ * Variants are activation mode : group size. exact = fp32 activations, weights dequantized in registers;
+ * grouped = the int8 scheme (16-bit activations per group, vpmaddwd); mixed = int8-mixed (LLM.int8:
+ * 8-bit per-token activations, vpmaddubsw, fp32 outliers), normally with one scale per row.
+ *
+ * Options: --threads N, --variants exact:128,grouped:64,grouped:128,mixed:row  --batches 1,8,32,128
  * --layers qkv,lm_head  --reps N  --json FILE  --threshold T (mixed; default 6).
  */
 import { writeFileSync } from "node:fs";
@@ -90,8 +94,7 @@ function runKernels(argv: string[]): void {
     args: argv,
     options: {
       threads: { type: "string" },
-      groups: { type: "string", default: "64,128" },
-      modes: { type: "string", default: "exact,grouped,mixed" },
+      variants: { type: "string", default: "exact:128,grouped:64,grouped:128,mixed:row" },
       batches: { type: "string", default: "1,8,32,128" },
       layers: { type: "string" },
       reps: { type: "string", default: "7" },
@@ -105,15 +108,17 @@ function runKernels(argv: string[]): void {
   addon.setThreads(threads);
   addon.setKernelVariant("auto");
   const list = (v: string) => v.split(",").map((s) => s.trim()).filter(Boolean);
-  const groups = list(values.groups!).map((g) => (g === "row" ? "row" : Number(g))) as (number | "row")[];
-  const modes = list(values.modes!) as (keyof typeof ActivationMode)[];
-  for (const m of modes) if (!(m in ActivationMode)) throw new Error(`--modes: unknown mode ${m}`);
+  const variants: Variant[] = list(values.variants!).map((v) => {
+    const [mode, g] = v.split(":") as [keyof typeof ActivationMode, string | undefined];
+    if (!(mode in ActivationMode) || !g) throw new Error(`--variants: expected mode:group (exact|grouped|mixed : N|row), got ${v}`);
+    const group = g === "row" ? "row" : Number(g);
+    return { name: `${mode} ${group === "row" ? "per-row" : `g${group}`}`, group, mode };
+  });
+  const groups = [...new Set(variants.map((v) => v.group))];
   const batches = list(values.batches!).map(Number);
   const reps = Number(values.reps);
   const threshold = Number(values.threshold);
   const layers = values.layers ? shapes.filter((s) => list(values.layers!).some((l) => s.layer.startsWith(l))) : shapes;
-  const variants: Variant[] = [];
-  for (const group of groups) for (const mode of modes) variants.push({ name: `int8 g${group} ${mode}`, group, mode });
 
   console.log(`machine: ${cpu.model} | ${cpu.physicalCores} cores | threads ${threads} | kernels ${addon.getKernelVariant()}`);
   const bandwidth = addon.probeReadBandwidth(2 ** 30, threads, 5);

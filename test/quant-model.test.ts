@@ -219,7 +219,7 @@ describe("malformed quantized checkpoints fail clearly", () => {
     [
       "int8 tensors without quantization_config",
       (dir) => editJson(join(dir, "config.json"), (c) => void delete c.quantization_config),
-      /tensor "word_embeddings\.weight" is int8 but config\.json has no quantization_config/,
+      /tensor "h\.0\.mlp\.dense_4h_to_h\.weight" is int8 but config\.json has no quantization_config/,
     ],
     ["a dtype other than the checkpoint's scheme", () => {}, /is quantized \(int8\); load it with dtype "auto" or "int8", not "bf16"/, { dtype: "bf16" }],
     ["a group size other than the checkpoint's", () => {}, /was quantized with group size 128; it cannot be loaded with 64/, { int8GroupSize: 64 }],

@@ -168,7 +168,7 @@ void prepare_activations(ThreadPool& pool, Prepared& p, const Int8LinearArgs& a,
     p.outliers.clear();
     p.outlier_group.clear();
   }
-  pool.parallel_for(rows, 4, [&](int64_t b, int64_t e) {
+  auto rows_range = [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       int8_t* xq = p.wide ? nullptr : p.xq.data() + r * in;
       int16_t* x16 = p.wide ? p.x16.data() + r * in : nullptr;
@@ -181,7 +181,10 @@ void prepare_activations(ThreadPool& pool, Prepared& p, const Int8LinearArgs& a,
         for (int64_t g = 0; g < groups; ++g) sx[g] = s;
       }
     }
-  });
+  };
+  // A few rows (decoding) are quicker on the calling thread than a round trip through the pool.
+  if (rows <= 8) rows_range(0, rows);
+  else pool.parallel_for(rows, 4, rows_range);
 }
 
 void apply_epilogue_scalar(float* y, int64_t rows, int64_t out, int64_t c0, int64_t c1, const float* bias, int epilogue,

@@ -55,7 +55,7 @@ export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngi
   try {
     // int8 is a store policy (src/quant/store.ts): quantized at load, or used in place if pre-quantized.
     const int8 = int8MatrixFactory(checkpoint, backend, { dtype, groupSize: options.int8GroupSize, threshold: options.int8Threshold });
-    const tensors = bloomTensors(checkpoint, { isExtraTensor: isInt8ExtraTensor });
+    const tensors = bloomTensors(checkpoint, checkpoint.config.quantization ? { isExtraTensor: isInt8ExtraTensor } : {});
     const builder = new WeightBuilder(backend, int8?.makeMatrix ?? ((view) => backend.matrix(view, matrixDtype(view.dtype, dtype))));
     weights = new ResidentWeightStore(tensors, builder);
     const { config } = checkpoint;

@@ -97,6 +97,9 @@ export function int8MatrixFactory(checkpoint: Checkpoint, backend: Backend, opti
     };
     return { makeMatrix, scheme: stored.scheme };
   }
+  for (const view of checkpoint.tensors.values()) {
+    if (view.dtype === "i8") throw checkpointError(view.file, `tensor "${view.name}" is int8 but config.json has no quantization_config (\`blossom quantize\` records the scheme there)`);
+  }
   if (!isQuantScheme(options.dtype)) {
     if (options.groupSize !== undefined) throw parameterError("int8GroupSize", `applies to dtype int8 only (dtype is ${JSON.stringify(options.dtype)})`);
     return undefined;
