@@ -17,7 +17,8 @@
         "native/src/attention.cc",
         "native/src/convert.cc",
         "native/src/sampling.cc",
-        "native/src/probes.cc"
+        "native/src/probes.cc",
+        "native/src/quant.cc"
       ],
       "include_dirs": ["<!@(node -p \"require('node-addon-api').include\")"],
       "dependencies": ["<!(node -p \"require('node-addon-api').targets\"):node_addon_api_except"],

@@ -19,6 +19,7 @@
 #include "kernels.h"
 #include "memory.h"
 #include "probes.h"
+#include "quant.h"
 
 namespace blossom {
 namespace {
@@ -435,6 +436,88 @@ Napi::Value Attention(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// ---- int8 (native/src/quant.cc) -------------------------------------------------------------------
+
+// An int8 matrix's two tensors, checked: q (out, in) int8 and scales (out, ceil(in / group)) fp16.
+QuantWeights quant_weights_arg(const Napi::CallbackInfo& info, size_t i, int64_t out, int64_t in, int64_t group, const char* name) {
+  auto env = info.Env();
+  Tracked* qr = region_arg(info, i, name);
+  int64_t qoff = integer(info, i + 1, "int8: q offset");
+  Tracked* sr = region_arg(info, i + 2, name);
+  int64_t soff = integer(info, i + 3, "int8: scales offset");
+  need(env, group >= 1, std::string(name) + ": group size must be >= 1");
+  need(env, soff % 2 == 0, std::string(name) + ": scales must start at an even byte offset");
+  QuantWeights w{};
+  w.out_features = out;
+  w.in_features = in;
+  w.group_size = group;
+  w.q = reinterpret_cast<const int8_t*>(region_bytes(info, qr, qoff, out * in, name));
+  w.scales = reinterpret_cast<const uint16_t*>(region_bytes(info, sr, soff, out * w.groups() * 2, name));
+  return w;
+}
+
+// quantizeWeights(qRegion, qOffset, sRegion, sOffset, srcRegion, srcOffset, srcDtype, out, in, groupSize)
+Napi::Value QuantizeWeights(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  int64_t out = integer(info, 7, "quantizeWeights: out", 1);
+  int64_t in = integer(info, 8, "quantizeWeights: in", 1);
+  int64_t group = integer(info, 9, "quantizeWeights: groupSize", 1);
+  QuantWeights w = quant_weights_arg(info, 0, out, in, group, "quantizeWeights: destination");
+  Tracked* src = region_arg(info, 4, "quantizeWeights: source");
+  int64_t srcoff = integer(info, 5, "quantizeWeights: source offset");
+  DType sd = dtype_arg(info, 6, "quantizeWeights: source dtype");
+  need(env, sd != DType::I8, "quantizeWeights: the source is already int8");
+  const uint8_t* sp = region_bytes(info, src, srcoff, out * in * static_cast<int64_t>(dtype_size(sd)), "quantizeWeights: source");
+  quantize_weights(*instance(env).pool, const_cast<int8_t*>(w.q), const_cast<uint16_t*>(w.scales), sp, sd, out, in, group);
+  return env.Undefined();
+}
+
+// linearInt8(y, x, rows, qRegion, qOffset, sRegion, sOffset, out, in, groupSize, bias|null, epilogue, residual|null,
+//            activationMode, threshold) -> outlier features found (mode 2), else 0
+Napi::Value LinearInt8(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  auto y = f32(info, 0, "linearInt8: y");
+  auto x = f32(info, 1, "linearInt8: x");
+  int64_t rows = integer(info, 2, "linearInt8: rows");
+  int64_t out = integer(info, 7, "linearInt8: outFeatures", 1);
+  int64_t in = integer(info, 8, "linearInt8: inFeatures", 1);
+  int64_t group = integer(info, 9, "linearInt8: groupSize", 1);
+  QuantWeights w = quant_weights_arg(info, 3, out, in, group, "linearInt8: weight");
+  auto bias = f32(info, 10, "linearInt8: bias", true);
+  int64_t epi = integer(info, 11, "linearInt8: epilogue");
+  auto res = f32(info, 12, "linearInt8: residual", true);
+  int64_t mode = integer(info, 13, "linearInt8: activationMode");
+  float threshold = info[14].As<Napi::Number>().FloatValue();
+  need(env, x.length >= static_cast<size_t>(rows * in), "linearInt8: x is shorter than rows*in");
+  need(env, y.length >= static_cast<size_t>(rows * out), "linearInt8: y is shorter than rows*out");
+  need(env, !bias.data || bias.length >= static_cast<size_t>(out), "linearInt8: bias is shorter than out");
+  need(env, !res.data || res.length >= static_cast<size_t>(rows * out), "linearInt8: residual is shorter than rows*out");
+  need(env, epi == kNone || epi == kGelu, "linearInt8: unknown epilogue");
+  need(env, mode >= 0 && mode <= 2, "linearInt8: activationMode must be 0 (exact), 1 (grouped) or 2 (mixed)");
+  need(env, !overlaps(y.data, rows * out, x.data, rows * in), "linearInt8: y must not overlap x");
+  need(env, !overlaps(y.data, rows * out, res.data, res.data ? rows * out : 0), "linearInt8: y must not overlap residual");
+  Int8LinearArgs a{y.data, x.data, rows, w, bias.data, static_cast<int>(epi), res.data, static_cast<ActivationMode>(mode), threshold};
+  return Napi::Number::New(env, static_cast<double>(linear_int8(*instance(env).pool, a)));
+}
+
+// embeddingInt8(y, ids, qRegion, qOffset, sRegion, sOffset, vocab, hidden, groupSize)
+Napi::Value EmbeddingInt8(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  auto y = f32(info, 0, "embeddingInt8: y");
+  auto ids = i32(info, 1, "embeddingInt8: ids");
+  int64_t vocab = integer(info, 6, "embeddingInt8: vocab", 1);
+  int64_t hidden = integer(info, 7, "embeddingInt8: hidden", 1);
+  int64_t group = integer(info, 8, "embeddingInt8: groupSize", 1);
+  QuantWeights t = quant_weights_arg(info, 2, vocab, hidden, group, "embeddingInt8: table");
+  need(env, y.length >= ids.length * static_cast<size_t>(hidden), "embeddingInt8: y is shorter than ids*hidden");
+  for (size_t i = 0; i < ids.length; ++i)
+    if (ids.data[i] < 0 || ids.data[i] >= vocab)
+      range_error(env, "embeddingInt8: token id " + std::to_string(ids.data[i]) + " at index " + std::to_string(i) +
+                           " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
+  embedding_int8(*instance(env).pool, y.data, ids.data, static_cast<int64_t>(ids.length), t);
+  return env.Undefined();
+}
+
 // ---- probes and benchmark inputs ---------------------------------------------------------------
 
 // probeReadBandwidth(bytes, threads, runs) -> GB/s
@@ -681,6 +764,9 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("probeFmaPeak", Napi::Function::New(env, ProbeFmaPeak));
   exports.Set("fillRandom", Napi::Function::New(env, FillRandom));
   exports.Set("setLinearTuning", Napi::Function::New(env, SetLinearTuning));
+  exports.Set("quantizeWeights", Napi::Function::New(env, QuantizeWeights));
+  exports.Set("linearInt8", Napi::Function::New(env, LinearInt8));
+  exports.Set("embeddingInt8", Napi::Function::New(env, EmbeddingInt8));
   return exports;
 }
 

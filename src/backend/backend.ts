@@ -20,6 +20,30 @@ export interface DeviceMatrix {
   readonly bytes: number;
 }
 
+/**
+ * An int8 matrix (src/quant/): int8 values with fp16 scales per group of `groupSize` inputs, and
+ * what the kernels do with the activations it meets. linear() and embedding() dispatch on dtype.
+ */
+export interface QuantizedMatrix extends DeviceMatrix {
+  readonly dtype: "int8";
+  readonly scheme: "int8" | "int8-mixed";
+  /** Inputs per scale (<= inFeatures). */
+  readonly groupSize: number;
+  readonly activationMode: "exact" | "grouped" | "mixed";
+  /** int8-mixed: |activation| at which an input feature is computed in fp32. */
+  readonly threshold: number;
+}
+
+/** How a weight matrix is quantized (src/quant/scheme.ts resolves and validates it). */
+export interface QuantizeOptions {
+  scheme: QuantizedMatrix["scheme"];
+  groupSize: number;
+  activationMode: QuantizedMatrix["activationMode"];
+  threshold: number;
+  /** The caller will not read the source again: a backend may drop its pages as it goes (keeps the load's peak memory low). */
+  releaseSource?: boolean;
+}
+
 export interface LinearOptions {
   gelu?: boolean;
   residual?: DeviceBuffer;
@@ -63,6 +87,11 @@ export interface Backend {
   matrix(view: TensorView, dtype: StorageDType): DeviceMatrix;
   /** A small parameter vector (bias, layer-norm gain), converted to fp32. */
   vector(view: TensorView): DeviceBuffer;
+  /**
+   * An int8 matrix quantized from `view` (f32/f16/bf16), or, given `scales`, one that wraps a
+   * pre-quantized int8 tensor and its fp16 scales in place. Backends without int8 leave it out.
+   */
+  quantizedMatrix?(view: TensorView, options: QuantizeOptions, scales?: TensorView): QuantizedMatrix;
   /** Frees what matrix() allocated (a no-op for matrices used in place). */
   freeMatrix(matrix: DeviceMatrix): void;
 

@@ -1,8 +1,8 @@
 /** The CPU backend: buffers are Float32Arrays, kernels run in the native addon's thread pool. */
 import { BlossomError } from "../errors.js";
 import type { TensorView } from "../checkpoint/safetensors.js";
-import type { AttentionBatch, AttentionShape, Backend, DeviceBuffer, DeviceMatrix, KVLayer, LinearOptions } from "./backend.js";
-import { DTypeCode, Epilogue, native, type NativeRegion, type StorageDType } from "./native.js";
+import type { AttentionBatch, AttentionShape, Backend, DeviceBuffer, DeviceMatrix, KVLayer, LinearOptions, QuantizedMatrix, QuantizeOptions } from "./backend.js";
+import { ActivationMode, DTypeCode, Epilogue, native, type NativeRegion, type StorageDType } from "./native.js";
 
 export interface CpuMatrix extends DeviceMatrix {
   readonly dtype: StorageDType;
@@ -16,6 +16,16 @@ export interface CpuMatrix extends DeviceMatrix {
    * chunk's pages after use, so it never holds more than two chunks.
    */
   readonly streamChunkBytes?: number;
+}
+
+/** int8 values at (region, byteOffset), fp16 scales at (scalesRegion, scalesOffset); see native/src/quant.h. */
+export interface CpuQuantizedMatrix extends QuantizedMatrix {
+  readonly region: NativeRegion;
+  readonly byteOffset: number;
+  readonly scalesRegion: NativeRegion;
+  readonly scalesOffset: number;
+  /** Set when the matrix lives in memory this backend allocated (quantized at load). */
+  readonly owned: boolean;
 }
 
 const largeAllocation = 64 * 2 ** 20;
@@ -83,6 +93,35 @@ export class CpuBackend implements Backend {
     return { dtype, outFeatures, inFeatures, bytes, region, byteOffset: 0, owned: true };
   }
 
+  quantizedMatrix(view: TensorView, options: QuantizeOptions, scales?: TensorView): CpuQuantizedMatrix {
+    if (view.shape.length !== 2) throw new BlossomError("checkpoint", `${view.file}: tensor "${view.name}" must be 2-D to be used as a matrix`);
+    const [outFeatures, inFeatures] = view.shape as [number, number];
+    const groupSize = Math.min(options.groupSize, inFeatures);
+    const groups = Math.ceil(inFeatures / groupSize);
+    const { releaseSource, ...spec } = options;
+    const common = { dtype: "int8" as const, outFeatures, inFeatures, ...spec, groupSize };
+    if (scales) {
+      // Pre-quantized: used in place from the mapping (the loader has checked dtypes and shapes).
+      if (view.dtype !== "i8" || scales.dtype !== "f16") throw new BlossomError("internal", `quantizedMatrix: expected i8 values and f16 scales for "${view.name}"`);
+      return { ...common, bytes: view.byteLength + scales.byteLength, region: view.region, byteOffset: view.byteOffset, scalesRegion: scales.region, scalesOffset: scales.byteOffset, owned: false };
+    }
+    if (view.dtype === "i8") throw new BlossomError("internal", `quantizedMatrix: "${view.name}" is already int8 and needs its scales`);
+    const qBytes = outFeatures * inFeatures;
+    const scalesOffset = Math.ceil(qBytes / 64) * 64;
+    const bytes = qBytes + outFeatures * groups * 2;
+    const region = native().allocate(scalesOffset + outFeatures * groups * 2);
+    // In slices of ~32 MiB of source, so a released source never has more than a slice resident.
+    const rowBytes = inFeatures * bytesPerElement[view.dtype];
+    const sliceRows = Math.max(1, Math.floor(32 * 2 ** 20 / rowBytes));
+    for (let r0 = 0; r0 < outFeatures; r0 += sliceRows) {
+      const rows = Math.min(sliceRows, outFeatures - r0);
+      const source = view.byteOffset + r0 * rowBytes;
+      native().quantizeWeights(region, r0 * inFeatures, region, scalesOffset + r0 * groups * 2, view.region, source, DTypeCode[view.dtype], rows, inFeatures, groupSize);
+      if (releaseSource) native().advise(view.region, source, rows * rowBytes, "dontneed");
+    }
+    return { ...common, bytes, region, byteOffset: 0, scalesRegion: region, scalesOffset, owned: true };
+  }
+
   vector(view: TensorView): DeviceBuffer {
     const n = view.shape.reduce((a, b) => a * b, 1);
     const out = new Float32Array(n);
@@ -103,6 +142,12 @@ export class CpuBackend implements Backend {
   }
 
   embedding(out: DeviceBuffer, ids: Int32Array, table: DeviceMatrix, firstId?: number): void {
+    if (table.dtype === "int8") {
+      if (firstId !== undefined) throw new BlossomError("parameter", "tensor parallelism does not shard int8 embeddings yet");
+      const q = table as CpuQuantizedMatrix;
+      native().embeddingInt8(f32(out), ids, q.region, q.byteOffset, q.scalesRegion, q.scalesOffset, q.outFeatures, q.inFeatures, q.groupSize);
+      return;
+    }
     const t = table as CpuMatrix;
     if (firstId === undefined) native().embedding(f32(out), ids, t.region, t.byteOffset, DTypeCode[t.dtype], t.outFeatures, t.inFeatures);
     else native().embeddingShard(f32(out), ids, t.region, t.byteOffset, DTypeCode[t.dtype], t.outFeatures, t.inFeatures, firstId);
@@ -113,6 +158,27 @@ export class CpuBackend implements Backend {
   }
 
   linear(out: DeviceBuffer, x: DeviceBuffer, rows: number, weight: DeviceMatrix, bias: DeviceBuffer | null, options: LinearOptions = {}): void {
+    if (weight.dtype === "int8") {
+      const q = weight as CpuQuantizedMatrix;
+      native().linearInt8(
+        f32(out),
+        f32(x),
+        rows,
+        q.region,
+        q.byteOffset,
+        q.scalesRegion,
+        q.scalesOffset,
+        q.outFeatures,
+        q.inFeatures,
+        q.groupSize,
+        bias ? f32(bias) : null,
+        options.gelu ? Epilogue.gelu : Epilogue.none,
+        options.residual ? f32(options.residual) : null,
+        ActivationMode[q.activationMode],
+        q.threshold,
+      );
+      return;
+    }
     const w = weight as CpuMatrix;
     if (w.streamChunkBytes !== undefined && !bias && !options.gelu && !options.residual) return this.streamedLinear(f32(out), f32(x), rows, w);
     native().linear(

@@ -121,7 +121,57 @@ export interface NativeAddon {
    * gemvMaxRows, gemvChunkBytes, gemvPrefetch, kc, nb, mc. Returns false for an unknown name or value.
    */
   setLinearTuning(name: string, value: number): boolean;
+  // int8 (native/src/quant.cc): q (out, in) int8 at (qRegion, qOffset), fp16 scales (out, ceil(in / groupSize)) at (sRegion, sOffset)
+  /** Quantizes W (out, in) of an f32/f16/bf16 source: per group, scale = absmax / 127 (rounded up to fp16), q = round(w / scale). */
+  quantizeWeights(
+    qRegion: NativeRegion,
+    qOffset: number,
+    sRegion: NativeRegion,
+    sOffset: number,
+    source: NativeRegion,
+    sourceOffset: number,
+    sourceDtype: number,
+    outFeatures: number,
+    inFeatures: number,
+    groupSize: number,
+  ): void;
+  /**
+   * y (rows, out) = epilogue(x' @ dequant(W)^T + bias) + residual, where x' is x under `activationMode`
+   * (ActivationMode). Returns the number of outlier features kept in fp32 (mixed mode), else 0.
+   */
+  linearInt8(
+    y: Float32Array,
+    x: Float32Array,
+    rows: number,
+    qRegion: NativeRegion,
+    qOffset: number,
+    sRegion: NativeRegion,
+    sOffset: number,
+    outFeatures: number,
+    inFeatures: number,
+    groupSize: number,
+    bias: Float32Array | null,
+    epilogue: number,
+    residual: Float32Array | null,
+    activationMode: number,
+    threshold: number,
+  ): number;
+  /** y (n, hidden) = dequant(table)[ids]. */
+  embeddingInt8(
+    y: Float32Array,
+    ids: Int32Array,
+    qRegion: NativeRegion,
+    qOffset: number,
+    sRegion: NativeRegion,
+    sOffset: number,
+    vocab: number,
+    hidden: number,
+    groupSize: number,
+  ): void;
 }
+
+/** What linearInt8 does to the activations (native/src/quant.h). */
+export const ActivationMode = { exact: 0, grouped: 1, mixed: 2 } as const;
 
 export const Epilogue = { none: 0, gelu: 1 } as const;
 

@@ -9,26 +9,35 @@ import { openCheckpoint } from "../checkpoint/checkpoint.js";
 import { BlossomError } from "../errors.js";
 import { kvBytesPerToken } from "../engine/kv-cache.js";
 import { formatBytes, predictBatchMemory, type ModelShape } from "../engine/memory.js";
-import { matrixDtype, type WeightDType } from "../engine/weights.js";
+import type { TensorView } from "../checkpoint/safetensors.js";
 import { loadModel, type LoadModelOptions, type Model, type ModelDType, type Strategy } from "../model.js";
 import { bloomTensors } from "../models/bloom-weights.js";
-import { bloomModules, matrixBytesAs } from "../parallel/modules.js";
+import { bloomModules } from "../parallel/modules.js";
 import { parseMaxMemory, planPlacement } from "../parallel/planner.js";
 import { BloomTokenizer } from "../tokenizer/tokenizer.js";
+import { isQuantScheme, quantizedMatrixBytes, quantSpec } from "../quant/scheme.js";
+import { isInt8ExtraTensor } from "../quant/store.js";
 import { messagePrefix, type CellResult, type ChildJob, type ChildMessage } from "./types.js";
 
 function send(message: ChildMessage): void {
   process.stdout.write(messagePrefix + JSON.stringify(message) + "\n");
 }
 
+const bytesPer: Record<string, number> = { f32: 4, f16: 2, bf16: 2, i8: 1, fp32: 4, fp16: 2 };
+
 /** Model shape and the weight bytes resident under the configuration, from the checkpoint's headers. */
 function expectedShape(job: ChildJob): { shape: ModelShape; sharedWeights: number } {
   const { config } = job;
   const ck = openCheckpoint(config.model);
   try {
-    const tensors = bloomTensors(ck);
-    const dtypeOf = matrixBytesAs((v) => matrixDtype(v.dtype, config.dtype as WeightDType));
-    const modules = bloomModules(tensors, dtypeOf);
+    // int8 dtypes quantize every matrix at load (src/quant/); a pre-quantized checkpoint is held as stored.
+    const dtype = config.dtype;
+    const int8 = isQuantScheme(dtype) && !ck.config.quantization ? quantSpec(dtype) : undefined;
+    const asStored = dtype === "auto" || ck.config.quantization !== undefined;
+    const matrixBytes = (v: TensorView) =>
+      int8 ? quantizedMatrixBytes(v.shape[0]!, v.shape[1]!, int8.groupSize) : v.shape.reduce((a, b) => a * b, 1) * (asStored ? bytesPer[v.dtype]! : bytesPer[dtype]!);
+    const tensors = bloomTensors(ck, ck.config.quantization ? { isExtraTensor: isInt8ExtraTensor } : {});
+    const modules = bloomModules(tensors, matrixBytes);
     let weightBytes = modules.reduce((a, m) => a + m.bytes, 0);
     if (config.strategy === "pipeline" && config.deviceMemory) {
       const plan = planPlacement(modules, parseMaxMemory(config.deviceMemory), "auto");

@@ -21,7 +21,7 @@ export function parseNumber(name: string) {
   };
 }
 
-export const dtypeChoices: ModelDType[] = ["auto", "fp32", "bf16", "fp16"];
+export const dtypeChoices: ModelDType[] = ["auto", "fp32", "bf16", "fp16", "int8", "int8-mixed"];
 
 export interface ModelCliOptions {
   model: string;
@@ -32,16 +32,20 @@ export interface ModelCliOptions {
   placement?: PlacementMode;
   offloadFolder?: string;
   replicas?: number;
+  int8GroupSize?: number;
+  int8Threshold?: number;
 }
 
-/** --model, --dtype, --threads, and the deployment strategy's options. */
+/** --model, --dtype (and its int8 options), --threads, and the deployment strategy's options. */
 export function addModelOptions(command: Command, options: { modelRequired?: boolean } = {}): Command {
   const model = new Option("-m, --model <ref>", "checkpoint folder (or Hugging Face id org/name[@revision])");
   if (options.modelRequired ?? true) model.makeOptionMandatory();
   return command
     .addOption(model)
-    .addOption(new Option("--dtype <dtype>", "in-memory weight format").choices(dtypeChoices).default("auto"))
+    .addOption(new Option("--dtype <dtype>", "in-memory weight format (int8: group-wise int8; int8-mixed: LLM.int8 with fp32 outliers)").choices(dtypeChoices).default("auto"))
     .option("--threads <n>", "compute threads (default: physical cores)", parseInteger("--threads", 1, 1024))
+    .option("--int8-group-size <n>", "--dtype int8: inputs per weight scale (multiple of 32; default 128)", parseInteger("--int8-group-size", 32))
+    .option("--int8-threshold <t>", "--dtype int8-mixed: |activation| from which a feature is computed in fp32 (default 6)", parseNumber("--int8-threshold"))
     .addOption(new Option("--strategy <name>", "deployment strategy").choices([...strategies]).default("single"))
     .option("--max-memory <budgets>", "pipeline: per-device budgets, e.g. 0:2GiB,1:2GiB,cpu:4GiB,disk")
     .addOption(new Option("--placement <mode>", "pipeline: how layers are spread (Accelerate's device_map modes)").choices([...placementModes]))
@@ -67,6 +71,8 @@ export function modelOptionsFromCli(o: ModelCliOptions): LoadModelOptions {
     ...(o.placement !== undefined ? { placement: o.placement } : {}),
     ...(o.offloadFolder !== undefined ? { offloadFolder: o.offloadFolder } : {}),
     ...(o.replicas !== undefined ? { replicas: o.replicas } : {}),
+    ...(o.int8GroupSize !== undefined ? { int8GroupSize: o.int8GroupSize } : {}),
+    ...(o.int8Threshold !== undefined ? { int8Threshold: o.int8Threshold } : {}),
   };
 }
 

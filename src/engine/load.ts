@@ -19,6 +19,7 @@ import { bloomModules, matrixBytesAs } from "../parallel/modules.js";
 import { PipelineWeightStore, type OffloadOptions } from "../parallel/offload.js";
 import { parseMaxMemory, planPlacement, reserveProcessMemory, type PlacementMode } from "../parallel/planner.js";
 import { matrixDtype, ResidentWeightStore, WeightBuilder, type WeightDType, type WeightStore } from "./weights.js";
+import { int8MatrixFactory, isInt8ExtraTensor } from "../quant/store.js";
 
 export interface EngineOptions {
   dtype?: WeightDType;
@@ -31,6 +32,10 @@ export interface EngineOptions {
   pipeline?: PipelineOptions;
   /** Tensor parallelism over MPI (strategy "tensor"): initialises MPI in this thread and loads this rank's slice. */
   tensorParallel?: boolean;
+  /** dtype int8: inputs per weight scale (default 128; a multiple of 32). */
+  int8GroupSize?: number;
+  /** dtype int8-mixed: |activation| from which an input feature is computed in fp32 (default 6). */
+  int8Threshold?: number;
 }
 
 export interface PipelineOptions extends OffloadOptions {
@@ -52,7 +57,7 @@ export interface LoadedEngine {
   dispose(): void;
 }
 
-export const weightDtypes: readonly WeightDType[] = ["auto", "fp32", "bf16", "fp16"];
+export const weightDtypes: readonly WeightDType[] = ["auto", "fp32", "bf16", "fp16", "int8", "int8-mixed"];
 
 export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngine {
   const started = performance.now();
@@ -71,9 +76,11 @@ export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngi
   const checkpoint = openCheckpoint(dir);
   let weights: WeightStore | undefined;
   try {
-    const tensors = bloomTensors(checkpoint);
+    // int8 is a store policy (src/quant/store.ts): quantized at load, or used in place if pre-quantized.
+    const int8 = int8MatrixFactory(checkpoint, backend, { dtype, groupSize: options.int8GroupSize, threshold: options.int8Threshold });
+    const tensors = bloomTensors(checkpoint, checkpoint.config.quantization ? { isExtraTensor: isInt8ExtraTensor } : {});
     const dtypeOf = (view: TensorView) => matrixDtype(view.dtype, dtype);
-    const builder = new WeightBuilder(backend, (view) => backend.matrix(view, dtypeOf(view)));
+    const builder = new WeightBuilder(backend, int8?.makeMatrix ?? ((view) => backend.matrix(view, dtypeOf(view))));
     const { config } = checkpoint;
     let comm: MpiCollectives | undefined;
     let shard: ModelShard | undefined;
@@ -112,7 +119,7 @@ export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngi
       model,
       engine,
       backend,
-      dtype,
+      dtype: int8?.scheme ?? dtype,
       loadSeconds: (performance.now() - started) / 1000,
       ...(comm ? { comm } : {}),
       dispose() {

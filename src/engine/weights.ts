@@ -51,11 +51,12 @@ export interface WeightStore {
 }
 
 /** In-memory weight formats, as the CLI's --dtype and loadModel's dtype name them. */
-export type WeightDType = "auto" | "fp32" | "bf16" | "fp16";
-const storageOf: Record<Exclude<WeightDType, "auto">, StorageDType> = { fp32: "f32", bf16: "bf16", fp16: "f16" };
+export type WeightDType = "auto" | "fp32" | "bf16" | "fp16" | "int8" | "int8-mixed";
+const storageOf: Record<"fp32" | "bf16" | "fp16", StorageDType> = { fp32: "f32", bf16: "bf16", fp16: "f16" };
 
-/** How a matrix stored as `stored` is held in memory under the requested dtype. */
+/** How a matrix stored as `stored` is held in memory under the requested dtype (int8 dtypes go through src/quant/store.ts). */
 export function matrixDtype(stored: StorageDType, requested: WeightDType): StorageDType {
+  if (requested === "int8" || requested === "int8-mixed") throw new Error(`internal: ${requested} matrices are built by the int8 store`);
   return requested === "auto" ? stored : storageOf[requested];
 }
 

@@ -102,11 +102,11 @@ export function bloomTensors(checkpoint: Checkpoint, options: { isExtraTensor?: 
       throw checkpointError(checkpoint.dir, `missing tensor "${name}" (expected shape [${shape.join(", ")}])`);
     }
     checkShape(view, shape, config);
-    if (expectedDtype && view.dtype !== expectedDtype) {
-      throw checkpointError(view.file, `tensor "${view.name}" is ${view.dtype} but config.json says torch_dtype ${config.torchDtype}`);
-    }
     if (view.dtype === "i8" && !config.quantization) {
       throw checkpointError(view.file, `tensor "${view.name}" is int8 but config.json has no quantization_config`);
+    }
+    if (expectedDtype && view.dtype !== expectedDtype) {
+      throw checkpointError(view.file, `tensor "${view.name}" is ${view.dtype} but config.json says torch_dtype ${config.torchDtype}`);
     }
   }
   if (lmHead) checkShape(lmHead, [config.vocabSize, config.hiddenSize], config);

@@ -8,6 +8,7 @@ import { registerServeCommand } from "./serve.js";
 import { registerChatCommand } from "./chat.js";
 import { registerGenerateCommand } from "./generate.js";
 import { registerPerplexityCommand } from "./perplexity.js";
+import { registerQuantizeCommand } from "./quantize.js";
 
 /** Each command module adds itself here. */
 export function registerCommands(program: Command): void {
@@ -20,4 +21,5 @@ export function registerCommands(program: Command): void {
   registerPlanCommand(program);
   registerServeCommand(program);
   registerChatCommand(program);
+  registerQuantizeCommand(program);
 }

@@ -1,0 +1,691 @@
+// int8 linear layers: y (rows, out) = epilogue(x' (rows, in) @ dequant(W)^T + bias) + residual
+//
+// W is stored as int8 q (out, in) with one fp16 scale per group of `group_size` inputs (quant.h).
+// x' is x itself (ActivationMode::Exact) or x quantized per token (Grouped, Mixed); see quant.h.
+//
+// Variants:
+//   linear_int8_scalar   the reference: one dot product per output and group, fp32 accumulation, over
+//                        x' materialised as fp32 (quantized activations are q_x * s_x).
+//   int8 (AVX2)          Grouped/Mixed, any batch, with int32 sums per group and one FMA per group
+//                        with s_w * s_x. Grouped: 16-bit activations times the int8 weights widened to
+//                        int16 (vpmovsxbw, vpmaddwd). Mixed: 8-bit activations, vpmaddubsw(|w|, x with
+//                        w's sign: the unsigned operand is |w| <= 128, so pairs cannot saturate), then
+//                        vpmaddwd; the outlier features are added in fp32 from the row already in cache.
+//                        Rows go 4 at a time over chunks of 32 outputs whose weight rows stay in L1/L2,
+//                        so larger batches reuse each weight byte from cache. This beats dequantizing in
+//                        registers (vpmovsxbd + vcvtdq2ps per 8 weights) at every batch size on the
+//                        bloom-560m shapes: bench/int8.ts.
+//   gemv (AVX2)          rows <= 4, Exact: int8 weights widened to fp32 in registers, scaled per group,
+//                        FMA with fp32 x (also the fallback when in_features is not a multiple of 32).
+//   gemm (AVX2)          rows > 4, Exact: bound by FMA throughput. Panels of 16 outputs are dequantized once
+//                        into fp32 (scales applied) and reused by a 6x16 register-tile microkernel for
+//                        every 6-row block of x'; the same structure as the bf16 kernels in matmul.cc,
+//                        so the int8 matrix costs what the bf16 one does when it no longer streams.
+//
+// Integer products are exact in fp32 (|q_x q_w| <= 127 * 128 and partial sums stay far below 2^24),
+// so computing x' @ W^T in fp32 over quantized activations is the int8 matmul LLM.int8() describes,
+// up to the rounding of the final scaling.
+#include "quant.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "simd.h"
+
+namespace blossom {
+
+uint16_t f32_to_f16_up(float f) {
+  uint16_t h = f32_to_f16(f);
+  // Positive finite values only: the next larger half is the next bit pattern.
+  if (f > 0.f && f16_to_f32(h) < f && (h & 0x7c00u) != 0x7c00u) ++h;
+  return h;
+}
+
+namespace {
+
+template <DType D>
+inline float load_weight(const void* base, int64_t i) {
+  if constexpr (D == DType::F32) return static_cast<const float*>(base)[i];
+  else if constexpr (D == DType::F16) return f16_to_f32(static_cast<const uint16_t*>(base)[i]);
+  else return bf16_to_f32(static_cast<const uint16_t*>(base)[i]);
+}
+
+inline int8_t quantize_value(float v, float scale) {
+  // fmin/fmax also turn NaN into a bound instead of an undefined conversion.
+  const float r = std::nearbyint(v / scale);
+  return static_cast<int8_t>(std::fmax(-127.f, std::fmin(127.f, r)));
+}
+
+template <DType D>
+void quantize_rows(int8_t* q, uint16_t* scales, const void* src, int64_t row_begin, int64_t row_end, int64_t in,
+                   int64_t group) {
+  const int64_t groups = (in + group - 1) / group;
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * group, k1 = std::min(in, k0 + group);
+      float absmax = 0.f;
+      for (int64_t k = k0; k < k1; ++k) absmax = std::fmax(absmax, std::fabs(load_weight<D>(src, o * in + k)));
+      const uint16_t sh = f32_to_f16_up(absmax / 127.f);
+      scales[o * groups + g] = sh;
+      const float s = f16_to_f32(sh);
+      int8_t* qr = q + o * in;
+      if (!(s > 0.f) || !std::isfinite(s)) {
+        for (int64_t k = k0; k < k1; ++k) qr[k] = 0;
+        continue;
+      }
+      for (int64_t k = k0; k < k1; ++k) qr[k] = quantize_value(load_weight<D>(src, o * in + k), s);
+    }
+  }
+}
+
+// ---- activations ------------------------------------------------------------------------------
+// Quantized activations, built once per call (rows * in work, small next to the matmul) and shared
+// read-only by the workers. Scalar and AVX2 builds give bit-identical values: the same IEEE division,
+// round-half-even and clamp.
+struct Prepared {
+  bool wide = false;                // Grouped: 16-bit values in x16; Mixed: 8-bit values in xq
+  std::vector<int8_t> xq;           // Mixed (rows, in): outlier features are 0
+  std::vector<int16_t> x16;         // Grouped (rows, in)
+  std::vector<float> sx;            // activation scale per row and weight group (rows, groups)
+  std::vector<float> xf;            // x' = value * sx, or x at outlier features (rows, in); float paths only
+  std::vector<float> keep;          // Mixed: 0 at outlier features, 1 elsewhere (in)
+  std::vector<int32_t> outliers;    // Mixed: outlier feature indices, ascending
+  std::vector<int32_t> outlier_group;  // their weight groups
+};
+
+constexpr float kLevels8 = 127.f;
+constexpr float kLevels16 = 32767.f;
+
+Prepared& prepared_scratch() {
+  static thread_local Prepared p;
+  return p;
+}
+
+// Mixed: an input feature is an outlier if any token of this batch reaches the threshold.
+void find_outliers(Prepared& p, const Int8LinearArgs& a) {
+  const int64_t rows = a.rows, in = a.w.in_features;
+  p.keep.assign(static_cast<size_t>(in), 1.f);
+  p.outliers.clear();
+  p.outlier_group.clear();
+  if (!(a.threshold > 0.f) || !std::isfinite(a.threshold)) return;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < in; ++k)
+      if (std::fabs(a.x[r * in + k]) >= a.threshold) p.keep[k] = 0.f;
+  for (int64_t k = 0; k < in; ++k) {
+    if (p.keep[k] == 0.f) {
+      p.outliers.push_back(static_cast<int32_t>(k));
+      p.outlier_group.push_back(static_cast<int32_t>(k / a.w.group_size));
+    }
+  }
+}
+
+inline int32_t quantize_level(float v, float scale, float levels) {
+  const float r = std::nearbyint(v / scale);
+  return static_cast<int32_t>(std::fmax(-levels, std::fmin(levels, r)));
+}
+
+// One row span [k0, k1): absmax (times keep), scale = absmax / levels, value = round(x * keep / scale),
+// stored as 8-bit (xq) or 16-bit (x16) values; exactly one of the two is non-null.
+float quantize_span_scalar(int8_t* xq, int16_t* x16, const float* x, const float* keep, int64_t k0, int64_t k1) {
+  const float levels = x16 ? kLevels16 : kLevels8;
+  float absmax = 0.f;
+  for (int64_t k = k0; k < k1; ++k) absmax = std::fmax(absmax, std::fabs(x[k]) * (keep ? keep[k] : 1.f));
+  const float s = absmax / levels;
+  for (int64_t k = k0; k < k1; ++k) {
+    const int32_t v = s > 0.f ? quantize_level(x[k] * (keep ? keep[k] : 1.f), s, levels) : 0;
+    if (x16) x16[k] = static_cast<int16_t>(v);
+    else xq[k] = static_cast<int8_t>(v);
+  }
+  return s;
+}
+
+void fill_xf(Prepared& p, const Int8LinearArgs& a) {
+  const int64_t rows = a.rows, in = a.w.in_features, G = a.w.group_size, groups = a.w.groups();
+  p.xf.resize(static_cast<size_t>(rows * in));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < in; ++k) {
+      const int64_t i = r * in + k;
+      const bool outlier = a.mode == ActivationMode::Mixed && p.keep[k] == 0.f;
+      const int32_t v = p.wide ? p.x16[i] : p.xq[i];
+      p.xf[i] = outlier ? a.x[i] : static_cast<float>(v) * p.sx[r * groups + k / G];
+    }
+}
+
+// quantize_span: the scalar or AVX2 span quantizer (bit-identical); rows are independent, so they run in parallel.
+template <typename SpanFn>
+void prepare_activations(ThreadPool& pool, Prepared& p, const Int8LinearArgs& a, SpanFn quantize_span) {
+  const int64_t rows = a.rows, in = a.w.in_features, G = a.w.group_size, groups = a.w.groups();
+  p.wide = a.mode == ActivationMode::Grouped;
+  p.xq.resize(p.wide ? 0 : static_cast<size_t>(rows * in));
+  p.x16.resize(p.wide ? static_cast<size_t>(rows * in) : 0);
+  p.sx.resize(static_cast<size_t>(rows * groups));
+  const float* keep = nullptr;
+  if (a.mode == ActivationMode::Mixed) {
+    find_outliers(p, a);
+    if (!p.outliers.empty()) keep = p.keep.data();
+  } else {
+    p.outliers.clear();
+    p.outlier_group.clear();
+  }
+  auto rows_range = [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      int8_t* xq = p.wide ? nullptr : p.xq.data() + r * in;
+      int16_t* x16 = p.wide ? p.x16.data() + r * in : nullptr;
+      const float* x = a.x + r * in;
+      float* sx = p.sx.data() + r * groups;
+      if (a.mode == ActivationMode::Grouped) {
+        for (int64_t g = 0; g < groups; ++g) sx[g] = quantize_span(xq, x16, x, keep, g * G, std::min(in, (g + 1) * G));
+      } else {  // per token
+        const float s = quantize_span(xq, x16, x, keep, 0, in);
+        for (int64_t g = 0; g < groups; ++g) sx[g] = s;
+      }
+    }
+  };
+  // A few rows (decoding) are quicker on the calling thread than a round trip through the pool.
+  if (rows <= 8) rows_range(0, rows);
+  else pool.parallel_for(rows, 4, rows_range);
+}
+
+void apply_epilogue_scalar(float* y, int64_t rows, int64_t out, int64_t c0, int64_t c1, const float* bias, int epilogue,
+                           const float* residual) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* yr = y + r * out;
+    const float* rr = residual ? residual + r * out : nullptr;
+    for (int64_t o = c0; o < c1; ++o) {
+      float v = yr[o] + (bias ? bias[o] : 0.f);
+      if (epilogue == kGelu) v = gelu_tanh(v);
+      if (rr) v += rr[o];
+      yr[o] = v;
+    }
+  }
+}
+
+}  // namespace
+
+void quantize_weights(ThreadPool& pool, int8_t* q, uint16_t* scales, const void* src, DType src_dtype, int64_t out,
+                      int64_t in, int64_t group_size) {
+  pool.parallel_for(out, 64, [&](int64_t b, int64_t e) {
+    switch (src_dtype) {
+      case DType::F32: quantize_rows<DType::F32>(q, scales, src, b, e, in, group_size); break;
+      case DType::F16: quantize_rows<DType::F16>(q, scales, src, b, e, in, group_size); break;
+      case DType::BF16: quantize_rows<DType::BF16>(q, scales, src, b, e, in, group_size); break;
+      case DType::I8: break;  // rejected by the caller
+    }
+  });
+}
+
+int64_t linear_int8_scalar(ThreadPool& pool, const Int8LinearArgs& a) {
+  const QuantWeights& w = a.w;
+  const int64_t in = w.in_features, out = w.out_features, G = w.group_size, groups = w.groups();
+  const float* xs = a.x;
+  Prepared* p = nullptr;
+  if (a.mode != ActivationMode::Exact) {
+    p = &prepared_scratch();
+    prepare_activations(pool, *p, a, quantize_span_scalar);
+    fill_xf(*p, a);
+    xs = p->xf.data();
+  }
+  pool.parallel_for(out, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const int8_t* qr = w.q + o * in;
+      for (int64_t r = 0; r < a.rows; ++r) {
+        const float* xr = xs + r * in;
+        float acc = 0.f;
+        for (int64_t g = 0; g < groups; ++g) {
+          float part = 0.f;
+          for (int64_t k = g * G; k < std::min(in, (g + 1) * G); ++k) part += xr[k] * static_cast<float>(qr[k]);
+          acc += f16_to_f32(w.scales[o * groups + g]) * part;
+        }
+        a.y[r * out + o] = acc;
+      }
+    }
+    apply_epilogue_scalar(a.y, a.rows, out, begin, end, a.bias, a.epilogue, a.residual);
+  });
+  return p ? static_cast<int64_t>(p->outliers.size()) : 0;
+}
+
+void embedding_int8(ThreadPool& pool, float* y, const int32_t* ids, int64_t n, const QuantWeights& t) {
+  const int64_t hidden = t.in_features, G = t.group_size, groups = t.groups();
+  pool.parallel_for(n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t row = ids[i];
+      for (int64_t g = 0; g < groups; ++g) {
+        const float s = f16_to_f32(t.scales[row * groups + g]);
+        for (int64_t k = g * G; k < std::min(hidden, (g + 1) * G); ++k)
+          y[i * hidden + k] = static_cast<float>(t.q[row * hidden + k]) * s;
+      }
+    }
+  });
+}
+
+#if defined(__x86_64__)
+namespace {
+
+using namespace simd;
+
+constexpr int64_t kGemvMaxRows = 4;
+
+BLOSSOM_AVX2 void apply_epilogue_avx2(float* y, int64_t rows, int64_t out, int64_t c0, int64_t c1, const float* bias,
+                                      int epilogue, const float* residual) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* yr = y + r * out;
+    const float* rr = residual ? residual + r * out : nullptr;
+    int64_t o = c0;
+    for (; o + 8 <= c1; o += 8) {
+      __m256 v = _mm256_loadu_ps(yr + o);
+      if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + o));
+      if (epilogue == kGelu) v = gelu8(v);
+      if (rr) v = _mm256_add_ps(v, _mm256_loadu_ps(rr + o));
+      _mm256_storeu_ps(yr + o, v);
+    }
+    for (; o < c1; ++o) {
+      float v = yr[o] + (bias ? bias[o] : 0.f);
+      if (epilogue == kGelu) v = gelu_tanh(v);
+      if (rr) v += rr[o];
+      yr[o] = v;
+    }
+  }
+}
+
+BLOSSOM_AVX2_INLINE __m256 widen8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+BLOSSOM_AVX2_INLINE float scale_at(const uint16_t* scales, int64_t i) { return _cvtsh_ss(scales[i]); }
+
+// --- gemv, float: R rows of fp32 x' against 4 int8 weight rows at a time --------------------------
+template <int R>
+BLOSSOM_AVX2 void gemv_float_block(float* y, const float* x, const QuantWeights& w, int64_t o_begin, int64_t o_end) {
+  const int64_t in = w.in_features, out = w.out_features, G = w.group_size, groups = w.groups();
+  int64_t o = o_begin;
+  for (; o + 4 <= o_end; o += 4) {
+    __m256 acc[R][4];
+    float tail[R][4] = {};
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
+    const int8_t* w0 = w.q + (o + 0) * in;
+    const int8_t* w1 = w.q + (o + 1) * in;
+    const int8_t* w2 = w.q + (o + 2) * in;
+    const int8_t* w3 = w.q + (o + 3) * in;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * G, k1 = std::min(in, k0 + G);
+      const float f0 = scale_at(w.scales, (o + 0) * groups + g), f1 = scale_at(w.scales, (o + 1) * groups + g);
+      const float f2 = scale_at(w.scales, (o + 2) * groups + g), f3 = scale_at(w.scales, (o + 3) * groups + g);
+      const __m256 s0 = _mm256_set1_ps(f0), s1 = _mm256_set1_ps(f1), s2 = _mm256_set1_ps(f2), s3 = _mm256_set1_ps(f3);
+      int64_t k = k0;
+      for (; k + 8 <= k1; k += 8) {
+        const __m256 a0 = _mm256_mul_ps(widen8(w0 + k), s0), a1 = _mm256_mul_ps(widen8(w1 + k), s1);
+        const __m256 a2 = _mm256_mul_ps(widen8(w2 + k), s2), a3 = _mm256_mul_ps(widen8(w3 + k), s3);
+        for (int r = 0; r < R; ++r) {
+          const __m256 xv = _mm256_loadu_ps(x + r * in + k);
+          acc[r][0] = _mm256_fmadd_ps(a0, xv, acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(a1, xv, acc[r][1]);
+          acc[r][2] = _mm256_fmadd_ps(a2, xv, acc[r][2]);
+          acc[r][3] = _mm256_fmadd_ps(a3, xv, acc[r][3]);
+        }
+      }
+      for (; k < k1; ++k) {
+        for (int r = 0; r < R; ++r) {
+          const float xv = x[r * in + k];
+          tail[r][0] += xv * w0[k] * f0;
+          tail[r][1] += xv * w1[k] * f1;
+          tail[r][2] += xv * w2[k] * f2;
+          tail[r][3] += xv * w3[k] * f3;
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 4; ++j) y[r * out + o + j] = hsum(acc[r][j]) + tail[r][j];
+  }
+  for (; o < o_end; ++o) {
+    const int8_t* wr = w.q + o * in;
+    for (int r = 0; r < R; ++r) {
+      __m256 acc = _mm256_setzero_ps();
+      float tail = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t k0 = g * G, k1 = std::min(in, k0 + G);
+        const float f = scale_at(w.scales, o * groups + g);
+        const __m256 s = _mm256_set1_ps(f);
+        int64_t k = k0;
+        for (; k + 8 <= k1; k += 8) acc = _mm256_fmadd_ps(_mm256_mul_ps(widen8(wr + k), s), _mm256_loadu_ps(x + r * in + k), acc);
+        for (; k < k1; ++k) tail += x[r * in + k] * wr[k] * f;
+      }
+      y[r * out + o] = hsum(acc) + tail;
+    }
+  }
+}
+
+BLOSSOM_AVX2 void gemv_float(float* y, const float* x, int64_t rows, const QuantWeights& w, int64_t b, int64_t e) {
+  switch (rows) {
+    case 1: gemv_float_block<1>(y, x, w, b, e); break;
+    case 2: gemv_float_block<2>(y, x, w, b, e); break;
+    case 3: gemv_float_block<3>(y, x, w, b, e); break;
+    default: gemv_float_block<4>(y, x, w, b, e); break;
+  }
+}
+
+// --- int8 weights x quantized activations: R rows against NO weight rows at a time ----------------
+// Needs group_size and in_features to be multiples of 32 (one step covers 32 inputs).
+//   WIDE (Grouped): weights widened to int16 (vpmovsxbw), times 16-bit activations with vpmaddwd.
+//   else (Mixed):   8-bit activations: vpmaddubsw(|w|, sign(x, w)), then vpmaddwd with ones.
+// Several outputs per tile share the activation loads and one horizontal reduction; per-output fixed
+// costs matter at batch 1, where the LM head alone has 250880 outputs of 1024 inputs.
+// Software prefetch distance for the weight stream. int8 rows are short (1 KiB at hidden 1024), so a
+// tile reads several short streams inside one page and the hardware prefetcher barely ramps up;
+// prefetching 16 KiB ahead took the bloom-560m shapes from ~0.61 to ~0.45 of bf16's time at batch 1.
+constexpr int64_t kPrefetchBytes = 16384;
+
+template <int R, int NO, bool WIDE>
+BLOSSOM_AVX2 void int8_tile(float* y, const Prepared& p, const float* x, int64_t r0, const QuantWeights& w, int64_t o,
+                            bool prefetch) {
+  const int64_t in = w.in_features, out = w.out_features, G = w.group_size, groups = w.groups();
+  const int8_t* xq = WIDE ? nullptr : p.xq.data() + r0 * in;
+  const int16_t* x16 = WIDE ? p.x16.data() + r0 * in : nullptr;
+  const float* sx = p.sx.data() + r0 * groups;
+  x += r0 * in;
+  y += r0 * out;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* wr[NO];
+  const uint16_t* sr[NO];
+  for (int j = 0; j < NO; ++j) {
+    wr[j] = w.q + (o + j) * in;
+    sr[j] = w.scales + (o + j) * groups;
+  }
+  // int32 sums are moved to fp32 at least every 512 inputs, so no group size can overflow them
+  // (512 * 128 * 32767 < 2^31).
+  constexpr int64_t kFlush = 512;
+  __m256 acc[R][NO];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NO; ++j) acc[r][j] = _mm256_setzero_ps();
+  // s_w * s_x for 8 groups at a time, computed with vector ops, so each (group, output, row) costs
+  // one convert and one FMA (with the broadcast folded into a load).
+  alignas(32) float comb[R][NO][8];
+  for (int64_t g = 0; g < groups; ++g) {
+    if (g % 8 == 0) {
+      if (g + 8 <= groups) {
+        for (int j = 0; j < NO; ++j) {
+          const __m256 swv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sr[j] + g)));
+          for (int r = 0; r < R; ++r) _mm256_store_ps(comb[r][j], _mm256_mul_ps(swv, _mm256_loadu_ps(sx + r * groups + g)));
+        }
+      } else {
+        for (int j = 0; j < NO; ++j)
+          for (int64_t t = g; t < groups; ++t)
+            for (int r = 0; r < R; ++r) comb[r][j][t - g] = scale_at(sr[j], t) * sx[r * groups + t];
+      }
+    }
+    const int64_t g1 = std::min(in, (g + 1) * G);
+    for (int64_t k0 = g * G; k0 < g1; k0 += kFlush) {
+      const int64_t k1 = std::min(g1, k0 + kFlush);
+      __m256i iacc[R][NO];
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < NO; ++j) iacc[r][j] = _mm256_setzero_si256();
+      for (int64_t k = k0; k < k1; k += 32) {
+        if (prefetch && (k & 63) == 0)
+          for (int j = 0; j < NO; ++j) _mm_prefetch(reinterpret_cast<const char*>(wr[j] + k + kPrefetchBytes), _MM_HINT_T0);
+        if constexpr (WIDE && R == 1) {
+          // One row: its activations are loaded once and shared by the NO outputs.
+          const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + k));
+          const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + k + 16));
+          for (int j = 0; j < NO; ++j) {
+            const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[j] + k)));
+            const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[j] + k + 16)));
+            iacc[0][j] = _mm256_add_epi32(iacc[0][j], _mm256_add_epi32(_mm256_madd_epi16(w0, a0), _mm256_madd_epi16(w1, a1)));
+          }
+        } else if constexpr (WIDE) {
+          // Activations are loaded where used (L1 hits): holding 2 registers per row would spill at R = 4.
+          for (int j = 0; j < NO; ++j) {
+            const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[j] + k)));
+            const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[j] + k + 16)));
+            for (int r = 0; r < R; ++r) {
+              const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + r * in + k));
+              const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + r * in + k + 16));
+              iacc[r][j] = _mm256_add_epi32(iacc[r][j], _mm256_add_epi32(_mm256_madd_epi16(w0, a0), _mm256_madd_epi16(w1, a1)));
+            }
+          }
+        } else {
+          __m256i xv[R];
+          for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * in + k));
+          for (int j = 0; j < NO; ++j) {
+            const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + k));
+            const __m256i aw = _mm256_abs_epi8(wv);
+            for (int r = 0; r < R; ++r) {
+              const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[r], wv));
+              iacc[r][j] = _mm256_add_epi32(iacc[r][j], _mm256_madd_epi16(pairs, ones));
+            }
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < NO; ++j)
+          acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r][j]), _mm256_broadcast_ss(&comb[r][j][g % 8]), acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float v[NO];
+    if constexpr (NO == 4) {
+      // Four horizontal sums at once.
+      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[r][0], acc[r][1]), _mm256_hadd_ps(acc[r][2], acc[r][3]));
+      _mm_storeu_ps(v, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+    } else {
+      for (int j = 0; j < NO; ++j) v[j] = hsum(acc[r][j]);
+    }
+    // Outlier features (Mixed): fp32 activations times the dequantized weight column.
+    for (size_t i = 0; i < p.outliers.size(); ++i) {
+      const int32_t k = p.outliers[i];
+      for (int j = 0; j < NO; ++j) v[j] += x[r * in + k] * static_cast<float>(wr[j][k]) * scale_at(sr[j], p.outlier_group[i]);
+    }
+    for (int j = 0; j < NO; ++j) y[r * out + o + j] = v[j];
+  }
+}
+
+template <int R, bool WIDE>
+BLOSSOM_AVX2 void int8_block(float* y, const Prepared& p, const float* x, int64_t r0, const QuantWeights& w,
+                             int64_t o_begin, int64_t o_end) {
+  constexpr int NO = R == 1 ? 4 : R == 2 ? 2 : 1;
+  // Later row blocks find the weights in cache: only the first pass streams (and prefetches) them.
+  const bool prefetch = r0 == 0;
+  int64_t o = o_begin;
+  for (; o + NO <= o_end; o += NO) int8_tile<R, NO, WIDE>(y, p, x, r0, w, o, prefetch);
+  for (; o < o_end; ++o) int8_tile<R, 1, WIDE>(y, p, x, r0, w, o, prefetch);
+}
+
+// All rows, 4 at a time, for outputs [b, e): the weight rows stay in L1/L2 across row blocks.
+template <bool WIDE>
+BLOSSOM_AVX2 void int8_rows(float* y, const Prepared& p, const float* x, int64_t rows, const QuantWeights& w, int64_t b,
+                            int64_t e) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+    switch (std::min<int64_t>(4, rows - r0)) {
+      case 1: int8_block<1, WIDE>(y, p, x, r0, w, b, e); break;
+      case 2: int8_block<2, WIDE>(y, p, x, r0, w, b, e); break;
+      case 3: int8_block<3, WIDE>(y, p, x, r0, w, b, e); break;
+      default: int8_block<4, WIDE>(y, p, x, r0, w, b, e); break;
+    }
+  }
+}
+
+// Vectorised quantize_span_scalar, bit-identical to it.
+BLOSSOM_AVX2 float quantize_span_avx2(int8_t* xq, int16_t* x16, const float* x, const float* keep, int64_t k0, int64_t k1) {
+  const float levels = x16 ? kLevels16 : kLevels8;
+  const __m256 sign_mask = _mm256_set1_ps(-0.f);
+  __m256 vmax = _mm256_setzero_ps();
+  int64_t k = k0;
+  for (; k + 8 <= k1; k += 8) {
+    __m256 v = _mm256_andnot_ps(sign_mask, _mm256_loadu_ps(x + k));
+    if (keep) v = _mm256_mul_ps(v, _mm256_loadu_ps(keep + k));
+    vmax = _mm256_max_ps(vmax, v);
+  }
+  float absmax = hmax(vmax);
+  for (; k < k1; ++k) absmax = std::fmax(absmax, std::fabs(x[k]) * (keep ? keep[k] : 1.f));
+  const float s = absmax / levels;
+  if (!(s > 0.f)) {
+    if (x16) std::memset(x16 + k0, 0, static_cast<size_t>(k1 - k0) * 2);
+    else std::memset(xq + k0, 0, static_cast<size_t>(k1 - k0));
+    return s;
+  }
+  const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-levels), hi = _mm256_set1_ps(levels);
+  k = k0;
+  for (; k + 8 <= k1; k += 8) {
+    __m256 v = _mm256_loadu_ps(x + k);
+    if (keep) v = _mm256_mul_ps(v, _mm256_loadu_ps(keep + k));
+    v = _mm256_round_ps(_mm256_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i i32 = _mm256_cvtps_epi32(_mm256_max_ps(lo, _mm256_min_ps(hi, v)));
+    // 8 int32 within +-levels -> 8 int16 (-> 8 int8).
+    const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+    if (x16) _mm_storeu_si128(reinterpret_cast<__m128i*>(x16 + k), i16);
+    else _mm_storel_epi64(reinterpret_cast<__m128i*>(xq + k), _mm_packs_epi16(i16, i16));
+  }
+  for (; k < k1; ++k) {
+    const int32_t v = quantize_level(x[k] * (keep ? keep[k] : 1.f), s, levels);
+    if (x16) x16[k] = static_cast<int16_t>(v);
+    else xq[k] = static_cast<int8_t>(v);
+  }
+  return s;
+}
+
+// --- gemm: dequantized fp32 panels and a 6x16 microkernel ------------------------------------------
+constexpr int MR = 6;
+constexpr int NR = 16;
+constexpr int64_t KC = 256;
+constexpr int64_t NB = 64;
+
+// Dequantizes W[o0 : o0+NR, k0 : k0+kc] into fp32 [kc][NR]; outputs past `out` are zero.
+BLOSSOM_AVX2 void pack_panel(float* dst, const QuantWeights& w, int64_t o0, int64_t k0, int64_t kc) {
+  const int64_t in = w.in_features, G = w.group_size, groups = w.groups();
+  const int64_t valid = std::min<int64_t>(NR, w.out_features - o0);
+  if (valid < NR) std::fill(dst, dst + kc * NR, 0.f);
+  for (int64_t j = 0; j < valid; ++j) {
+    const int8_t* src = w.q + (o0 + j) * in + k0;
+    const uint16_t* sr = w.scales + (o0 + j) * groups;
+    int64_t k = 0;
+    while (k < kc) {
+      // One span per group (one division per group, not per element).
+      const int64_t g = (k0 + k) / G;
+      const int64_t span_end = std::min(kc, (g + 1) * G - k0);
+      const float f = scale_at(sr, g);
+      const __m256 s = _mm256_set1_ps(f);
+      for (; k + 8 <= span_end; k += 8) {
+        alignas(32) float tmp[8];
+        _mm256_store_ps(tmp, _mm256_mul_ps(widen8(src + k), s));
+        for (int t = 0; t < 8; ++t) dst[(k + t) * NR + j] = tmp[t];
+      }
+      for (; k < span_end; ++k) dst[k * NR + j] = static_cast<float>(src[k]) * f;
+    }
+  }
+}
+
+template <int M>
+BLOSSOM_AVX2 void micro_kernel(float* c, int64_t ldc, const float* a, int64_t lda, const float* b, int64_t kc,
+                               bool accumulate, int ncols) {
+  __m256 acc[M][2];
+  for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_load_ps(b + k * NR);
+    const __m256 b1 = _mm256_load_ps(b + k * NR + 8);
+    for (int i = 0; i < M; ++i) {
+      const __m256 av = _mm256_broadcast_ss(a + i * lda + k);
+      acc[i][0] = _mm256_fmadd_ps(av, b0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
+    }
+  }
+  if (ncols == NR) {
+    for (int i = 0; i < M; ++i) {
+      float* ci = c + i * ldc;
+      if (accumulate) {
+        acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(ci));
+        acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(ci + 8));
+      }
+      _mm256_storeu_ps(ci, acc[i][0]);
+      _mm256_storeu_ps(ci + 8, acc[i][1]);
+    }
+  } else {
+    alignas(32) float tmp[NR];
+    for (int i = 0; i < M; ++i) {
+      _mm256_store_ps(tmp, acc[i][0]);
+      _mm256_store_ps(tmp + 8, acc[i][1]);
+      float* ci = c + i * ldc;
+      for (int j = 0; j < ncols; ++j) ci[j] = accumulate ? ci[j] + tmp[j] : tmp[j];
+    }
+  }
+}
+
+BLOSSOM_AVX2 void micro_dispatch(int m, float* c, int64_t ldc, const float* a, int64_t lda, const float* b, int64_t kc,
+                                 bool accumulate, int ncols) {
+  switch (m) {
+    case 6: micro_kernel<6>(c, ldc, a, lda, b, kc, accumulate, ncols); break;
+    case 5: micro_kernel<5>(c, ldc, a, lda, b, kc, accumulate, ncols); break;
+    case 4: micro_kernel<4>(c, ldc, a, lda, b, kc, accumulate, ncols); break;
+    case 3: micro_kernel<3>(c, ldc, a, lda, b, kc, accumulate, ncols); break;
+    case 2: micro_kernel<2>(c, ldc, a, lda, b, kc, accumulate, ncols); break;
+    default: micro_kernel<1>(c, ldc, a, lda, b, kc, accumulate, ncols); break;
+  }
+}
+
+BLOSSOM_AVX2 void gemm_task(float* y, const float* x, int64_t rows, const QuantWeights& w, int64_t o_begin, int64_t o_end,
+                            float* panel) {
+  const int64_t in = w.in_features, out = w.out_features;
+  for (int64_t k0 = 0; k0 < in; k0 += KC) {
+    const int64_t kc = std::min(KC, in - k0);
+    for (int64_t o0 = o_begin; o0 < o_end; o0 += NR) {
+      pack_panel(panel, w, o0, k0, kc);
+      const int ncols = static_cast<int>(std::min<int64_t>(NR, o_end - o0));
+      for (int64_t r0 = 0; r0 < rows; r0 += MR) {
+        const int m = static_cast<int>(std::min<int64_t>(MR, rows - r0));
+        micro_dispatch(m, y + r0 * out + o0, out, x + r0 * in + k0, in, panel, kc, k0 > 0, ncols);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+int64_t linear_int8_avx2(ThreadPool& pool, const Int8LinearArgs& a) {
+  const QuantWeights& w = a.w;
+  const int64_t out = w.out_features;
+  if (a.mode != ActivationMode::Exact) {
+    Prepared& p = prepared_scratch();
+    prepare_activations(pool, p, a, quantize_span_avx2);
+    // Many outliers (a low threshold) would make the per-output fp32 loop dominate: the float path
+    // computes the same x' @ W^T with the outliers folded into x'.
+    const bool few_outliers = static_cast<int64_t>(p.outliers.size()) * 16 <= w.in_features;
+    if (few_outliers && w.group_size % 32 == 0 && w.in_features % 32 == 0) {
+      // Chunks of 32 outputs: their weight rows are reused from cache by every block of 4 rows.
+      pool.parallel_for(out, 32, [&](int64_t begin, int64_t end) {
+        if (p.wide) int8_rows<true>(a.y, p, a.x, a.rows, w, begin, end);
+        else int8_rows<false>(a.y, p, a.x, a.rows, w, begin, end);
+        apply_epilogue_avx2(a.y, a.rows, out, begin, end, a.bias, a.epilogue, a.residual);
+      });
+      return static_cast<int64_t>(p.outliers.size());
+    }
+    // Shapes the 32-wide int8 path cannot tile: the same x', dequantized, through the float paths.
+    fill_xf(p, a);
+    Int8LinearArgs f = a;
+    f.x = p.xf.data();
+    f.mode = ActivationMode::Exact;
+    linear_int8_avx2(pool, f);
+    return static_cast<int64_t>(p.outliers.size());
+  }
+  if (a.rows <= kGemvMaxRows) {
+    pool.parallel_for(out, 32, [&](int64_t begin, int64_t end) {
+      gemv_float(a.y, a.x, a.rows, w, begin, end);
+      apply_epilogue_avx2(a.y, a.rows, out, begin, end, a.bias, a.epilogue, a.residual);
+    });
+  } else {
+    pool.parallel_for(out, NB, [&](int64_t begin, int64_t end) {
+      alignas(64) static thread_local float panel[KC * NR];
+      gemm_task(a.y, a.x, a.rows, w, begin, end, panel);
+      apply_epilogue_avx2(a.y, a.rows, out, begin, end, a.bias, a.epilogue, a.residual);
+    });
+  }
+  return 0;
+}
+#else
+int64_t linear_int8_avx2(ThreadPool& pool, const Int8LinearArgs& a) { return linear_int8_scalar(pool, a); }
+#endif
+
+int64_t linear_int8(ThreadPool& pool, const Int8LinearArgs& a) {
+  if (active_variant() == Variant::Avx2) return linear_int8_avx2(pool, a);
+  return linear_int8_scalar(pool, a);
+}
+
+}  // namespace blossom
