@@ -10,6 +10,8 @@ import { native } from "./backend/native.js";
 import type { EngineInfo, EngineStats, TokenUpdate, WorkerData } from "./engine/protocol.js";
 import type { PlacementMode } from "./parallel/planner.js";
 import { chooseStrategy, type AutoChoice } from "./parallel/auto.js";
+import { quantizedCopy } from "./quant/cache.js";
+import { isQuantScheme } from "./quant/scheme.js";
 import type { WeightDType } from "./engine/weights.js";
 import { resolveGenerationParams, type GenerationParams, type GenerationParamsInput } from "./generate/params.js";
 import { IncrementalDecoder, StopStringMatcher, type FinishReason } from "./generate/stopping.js";
@@ -157,6 +159,13 @@ export class Model {
         ...(choice.maxMemory !== undefined && options.maxMemory === undefined ? { maxMemory: choice.maxMemory } : {}),
         ...(choice.replicas !== undefined && options.replicas === undefined ? { replicas: choice.replicas } : {}),
       };
+    }
+    // Replicas share one mapping of the weights and pipeline offload streams them from disk: with an
+    // int8 dtype both use a quantized copy made once in the cache, rather than quantizing at load.
+    if ((options.strategy === "replicas" || options.strategy === "pipeline") && options.dtype && isQuantScheme(options.dtype) && !readBloomConfig(dir).quantization) {
+      dir = await quantizedCopy(dir, options.dtype, options.int8GroupSize);
+      const { int8GroupSize: _group, ...rest } = options;
+      options = { ...rest, dtype: "auto" };
     }
     const model = await Model.loadResolved(dir, options);
     model.strategyChoice = choice;

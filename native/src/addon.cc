@@ -711,6 +711,10 @@ Napi::Value MpiGather(const Napi::CallbackInfo& info) {
   });
 }
 
+Napi::Value MpiAbort(const Napi::CallbackInfo& info) {
+  mpi::abort(static_cast<int>(integer(info, 0, "mpiAbort: code")));
+}
+
 Napi::Value MpiFinalize(const Napi::CallbackInfo& info) {
   mpi::finalize();
   return info.Env().Undefined();
@@ -747,6 +751,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("mpiBroadcast", Napi::Function::New(env, MpiBroadcast));
   exports.Set("mpiGather", Napi::Function::New(env, MpiGather));
   exports.Set("mpiFinalize", Napi::Function::New(env, MpiFinalize));
+  exports.Set("mpiAbort", Napi::Function::New(env, MpiAbort));
   exports.Set("waitRead", Napi::Function::New(env, WaitRead));
   exports.Set("cpuInfo", Napi::Function::New(env, CpuInfo));
   exports.Set("setThreads", Napi::Function::New(env, SetThreads));

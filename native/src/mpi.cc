@@ -3,6 +3,7 @@
 // point reports that MPI is unavailable.
 #include "mpi_bindings.h"
 
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -63,6 +64,11 @@ void gather(const float* send, int64_t count, float* recv, const int* counts, co
   check(MPI_Gatherv(send, static_cast<int>(count), MPI_FLOAT, recv, counts, displs, MPI_FLOAT, root, MPI_COMM_WORLD), "MPI_Gatherv");
 }
 
+void abort(int code) {
+  MPI_Abort(MPI_COMM_WORLD, code);
+  std::_Exit(code);
+}
+
 void finalize() {
   if (g_initialized) {
     int finalized = 0;
@@ -82,6 +88,7 @@ void all_reduce_sum(float*, int64_t) { unavailable(); }
 void broadcast(void*, int64_t, int) { unavailable(); }
 void gather(const float*, int64_t, float*, const int*, const int*, int) { unavailable(); }
 void finalize() {}
+void abort(int code) { std::_Exit(code); }
 #endif
 
 }  // namespace blossom::mpi

@@ -143,9 +143,17 @@ export class CpuBackend implements Backend {
 
   embedding(out: DeviceBuffer, ids: Int32Array, table: DeviceMatrix, firstId?: number): void {
     if (table.dtype === "int8") {
-      if (firstId !== undefined) throw new BlossomError("parameter", "tensor parallelism does not shard int8 embeddings yet");
       const q = table as CpuQuantizedMatrix;
-      native().embeddingInt8(f32(out), ids, q.region, q.byteOffset, q.scalesRegion, q.scalesOffset, q.outFeatures, q.inFeatures, q.groupSize);
+      if (firstId === undefined) {
+        native().embeddingInt8(f32(out), ids, q.region, q.byteOffset, q.scalesRegion, q.scalesOffset, q.outFeatures, q.inFeatures, q.groupSize);
+        return;
+      }
+      // A vocabulary shard: look up the ids it holds, zero the rows of the others.
+      const local = Int32Array.from(ids, (id) => (id >= firstId && id < firstId + q.outFeatures ? id - firstId : 0));
+      native().embeddingInt8(f32(out), local, q.region, q.byteOffset, q.scalesRegion, q.scalesOffset, q.outFeatures, q.inFeatures, q.groupSize);
+      ids.forEach((id, i) => {
+        if (id < firstId || id >= firstId + q.outFeatures) f32(out).fill(0, i * q.inFeatures, (i + 1) * q.inFeatures);
+      });
       return;
     }
     const t = table as CpuMatrix;

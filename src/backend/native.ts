@@ -92,6 +92,8 @@ export interface NativeAddon {
   /** Rank `root` receives counts[r] floats from rank r at displs[r] into recv (null elsewhere). */
   mpiGather(send: Float32Array, count: number, recv: Float32Array | null, counts: Int32Array, displs: Int32Array, root: number): void;
   mpiFinalize(): void;
+  /** Ends every rank of the MPI job with `code` (a rank failed; the others would wait for it forever). */
+  mpiAbort(code: number): never;
   /**
    * Ragged-batch ALiBi attention over a paged KV cache (see native/src/attention.cc).
    * seqs holds (tokenStart, numNew, pastLen, blockTableOffset) per sequence.

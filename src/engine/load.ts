@@ -20,6 +20,7 @@ import { PipelineWeightStore, type OffloadOptions } from "../parallel/offload.js
 import { parseMaxMemory, planPlacement, reserveProcessMemory, type PlacementMode } from "../parallel/planner.js";
 import { matrixDtype, ResidentWeightStore, WeightBuilder, type WeightDType, type WeightStore } from "./weights.js";
 import { int8MatrixFactory, isInt8ExtraTensor } from "../quant/store.js";
+import { isQuantScheme, scaleTensorName } from "../quant/scheme.js";
 
 export interface EngineOptions {
   dtype?: WeightDType;
@@ -88,13 +89,20 @@ export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngi
       if (options.pipeline) throw new BlossomError("parameter", "strategy tensor cannot be combined with pipeline placement");
       shard = tensorShard(config, world.rank, world.size);
       comm = new MpiCollectives(world, config);
-      weights = new TensorParallelWeightStore(tensors, builder, backend, shard, config, dtypeOf);
+      if (checkpoint.config.quantization) {
+        throw new BlossomError("parameter", "tensor parallelism quantizes at load: load the original checkpoint with --dtype int8, not a pre-quantized one");
+      }
+      const quantized = isQuantScheme(dtype);
+      weights = new TensorParallelWeightStore(tensors, builder, backend, shard, config, (v) => (quantized ? v.dtype : dtypeOf(v)), quantized);
     } else if (options.pipeline) {
+      if (isQuantScheme(dtype)) {
+        throw new BlossomError("parameter", `dtype ${dtype} with pipeline offload reads a quantized checkpoint (loadModel makes one in the cache; or run \`blossom quantize\`)`);
+      }
       const { maxMemory, placement, ...offload } = options.pipeline;
       const modules = bloomModules(tensors, matrixBytesAs(dtypeOf));
       const budgets = reserveProcessMemory(parseMaxMemory(maxMemory), modules, native().residentBytes());
       const plan = planPlacement(modules, budgets, placement ?? "auto");
-      weights = new PipelineWeightStore(tensors, builder, backend, plan, dtypeOf, offload);
+      weights = new PipelineWeightStore(tensors, builder, backend, plan, dtypeOf, offload, (v) => checkpoint.tensors.get(scaleTensorName(v.name)));
     } else {
       weights = new ResidentWeightStore(tensors, builder);
     }

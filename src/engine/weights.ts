@@ -72,6 +72,14 @@ export class WeightBuilder {
     private readonly makeMatrix: (view: TensorView, role: "embedding" | "lm_head" | "linear") => DeviceMatrix,
   ) {}
 
+  /**
+   * The matrix makeMatrix would build, without holding it: for matrices used in place (as stored,
+   * or pre-quantized), a description of how to compute with their bytes wherever they are staged.
+   */
+  describe(view: TensorView, role: "embedding" | "lm_head" | "linear"): DeviceMatrix {
+    return this.makeMatrix(view, role);
+  }
+
   matrix(view: TensorView, role: "embedding" | "lm_head" | "linear"): DeviceMatrix {
     const m = this.makeMatrix(view, role);
     this.matrices.push(m);

@@ -5,6 +5,7 @@
  * Loop: handle one queued request, or run one scheduler step, then yield to the event loop so new
  * messages (submit, cancel) land between steps.
  */
+import { writeSync } from "node:fs";
 import { parentPort, workerData } from "node:worker_threads";
 import { native } from "../backend/native.js";
 import { BlossomError } from "../errors.js";
@@ -127,6 +128,8 @@ class Worker {
       if (updates.length) send({ type: "step", updates });
       for (const id of retiredCancelled) send({ type: "ended", id, finish: "cancelled" });
     } catch (err) {
+      // Followers may be inside a collective this rank abandoned: end the job rather than hang.
+      if (this.loaded.comm && !(err instanceof BlossomError && err.code !== "internal")) abortJob(err);
       // A failed step fails every sequence in it; the worker keeps serving.
       const error = serializeError(err);
       for (const id of this.scheduler.clear()) send({ type: "ended", id, finish: "cancelled", error });
@@ -247,4 +250,12 @@ try {
   port.close();
 } catch (err) {
   send({ type: "fatal", error: serializeError(err) });
+  if (data.options.tensorParallel) abortJob(err);
+}
+
+/** A tensor-parallel rank that fails ends the whole job: the other ranks would wait for it forever. */
+function abortJob(err: unknown): never {
+  writeSync(2, `blossom (tensor-parallel rank ${process.env.OMPI_COMM_WORLD_RANK ?? "?"}): ${err instanceof Error ? err.message : String(err)}\n`);
+  native().mpiAbort(1);
+  throw new Error("unreachable: MPI_Abort returned");
 }

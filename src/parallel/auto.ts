@@ -13,6 +13,7 @@ import { existsSync, readdirSync } from "node:fs";
 import { openCheckpoint } from "../checkpoint/checkpoint.js";
 import { availableMemory, formatBytes } from "../engine/memory.js";
 import { matrixDtype, type WeightDType } from "../engine/weights.js";
+import { isQuantScheme, quantizedMatrixBytes, quantSpec } from "../quant/scheme.js";
 
 export interface AutoChoice {
   strategy: "single" | "pipeline" | "tensor" | "replicas";
@@ -37,9 +38,12 @@ export function chooseStrategy(
   const checkpoint = openCheckpoint(dir);
   let weights = 0;
   try {
+    const int8 = isQuantScheme(dtype) ? quantSpec(dtype) : undefined;
     for (const t of checkpoint.tensors.values()) {
       const numel = t.shape.reduce((a, b) => a * b, 1);
-      weights += t.shape.length === 2 ? numel * { f32: 4, f16: 2, bf16: 2, i8: 1 }[matrixDtype(t.dtype, dtype)] : numel * 4;
+      if (t.shape.length !== 2) weights += numel * 4;
+      else if (int8) weights += quantizedMatrixBytes(t.shape[0]!, t.shape[1]!, int8.groupSize);
+      else weights += numel * { f32: 4, f16: 2, bf16: 2, i8: 1 }[matrixDtype(t.dtype, dtype)];
     }
   } finally {
     checkpoint.dispose();

@@ -12,7 +12,7 @@
 import { closeSync, mkdirSync, openSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import type { Backend, DeviceMatrix } from "../backend/backend.js";
-import type { CpuMatrix } from "../backend/cpu.js";
+import type { CpuMatrix, CpuQuantizedMatrix } from "../backend/cpu.js";
 import { native, type NativeRegion, type StorageDType } from "../backend/native.js";
 import type { TensorView } from "../checkpoint/safetensors.js";
 import { BlossomError } from "../errors.js";
@@ -40,14 +40,18 @@ export interface OffloadStats {
   stagingBytes: number;
 }
 
-/** Where an offloaded matrix's bytes are: a file range. */
+/** An offloaded matrix: the file ranges to read (int8 values and their scales, or one dense range), and how to use them once staged. */
 interface MatrixSource {
-  path: string;
-  offset: number;
-  bytes: number;
-  dtype: StorageDType;
-  outFeatures: number;
-  inFeatures: number;
+  parts: { path: string; offset: number; bytes: number }[];
+  /** The matrix over the staged parts (at `offsets` in `region`). */
+  place(region: NativeRegion, offsets: number[]): DeviceMatrix;
+}
+
+function denseSource(path: string, offset: number, bytes: number, dtype: StorageDType, outFeatures: number, inFeatures: number): MatrixSource {
+  return {
+    parts: [{ path, offset, bytes }],
+    place: (region, [byteOffset]) => ({ dtype, outFeatures, inFeatures, bytes, region, byteOffset: byteOffset!, owned: false }) satisfies CpuMatrix,
+  };
 }
 
 const linearNames = ["queryKeyValue", "dense", "denseHTo4h", "dense4hToH"] as const;
@@ -94,6 +98,8 @@ export class PipelineWeightStore implements WeightStore {
     plan: Plan,
     dtypeOf: (view: TensorView) => StorageDType,
     options: OffloadOptions = {},
+    /** The scales of a pre-quantized int8 matrix (blossom quantize's "<name>_scale" tensors). */
+    scalesOf: (view: TensorView) => TensorView | undefined = () => undefined,
   ) {
     this.plan = plan;
     this.prefetch = options.prefetch ?? true;
@@ -115,12 +121,16 @@ export class PipelineWeightStore implements WeightStore {
     // offload folder) whose pages are dropped after each step.
     this.headOnDisk = device("word_embeddings") === "disk";
     const emb = tensors.wordEmbeddings;
-    if (this.headOnDisk) {
+    if (this.headOnDisk && emb.dtype === "i8") {
+      // A pre-quantized head is used from its mapping (half the bytes of bf16); its pages are dropped after each step.
+      this.headRange = { region: emb.region, byteOffset: emb.byteOffset, byteLength: emb.byteLength };
+      this.wordEmbeddings = builder.describe(emb, "embedding");
+    } else if (this.headOnDisk) {
       const dtype = dtypeOf(emb);
       let region = emb.region, byteOffset = emb.byteOffset, bytes = emb.byteLength;
       if (dtype !== emb.dtype) {
         const folder = requireFolder(options, `offloading word_embeddings as ${dtype} (stored as ${emb.dtype})`);
-        const src = writeConverted(backend, emb, dtype, join(folder, "word_embeddings.bin"));
+        const src = writeConverted(backend, emb, dtype, join(folder, "word_embeddings.bin")).parts[0]!;
         this.ownedMapping = region = native().mapFile(src.path);
         byteOffset = 0;
         bytes = src.bytes;
@@ -151,13 +161,24 @@ export class PipelineWeightStore implements WeightStore {
         biases[name] = builder.vector(t.bias);
         const dtype = dtypeOf(t.weight);
         const [outFeatures, inFeatures] = t.weight.shape as [number, number];
-        if (dtype === t.weight.dtype) {
-          sources[name] = { path: t.weight.file, offset: t.weight.byteOffset, bytes: t.weight.byteLength, dtype, outFeatures, inFeatures };
+        const scales = t.weight.dtype === "i8" ? scalesOf(t.weight) : undefined;
+        if (scales) {
+          // Pre-quantized: the matrix as the int8 store describes it, its values and scales staged.
+          const proto = builder.describe(t.weight, "linear") as CpuQuantizedMatrix;
+          sources[name] = {
+            parts: [
+              { path: t.weight.file, offset: t.weight.byteOffset, bytes: t.weight.byteLength },
+              { path: scales.file, offset: scales.byteOffset, bytes: scales.byteLength },
+            ],
+            place: (region, [values, scaleOffset]) => ({ ...proto, region, byteOffset: values!, scalesRegion: region, scalesOffset: scaleOffset!, owned: false }),
+          };
+        } else if (dtype === t.weight.dtype) {
+          sources[name] = denseSource(t.weight.file, t.weight.byteOffset, t.weight.byteLength, dtype, outFeatures, inFeatures);
         } else {
           const folder = requireFolder(options, `offloading h.${i} as ${dtype} (stored as ${t.weight.dtype})`);
           sources[name] = writeConverted(backend, t.weight, dtype, join(folder, `h.${i}.${name}.bin`));
         }
-        bytes += align(sources[name].bytes);
+        for (const part of sources[name].parts) bytes += align(part.bytes);
       }
       this.disk.set(i, {
         index: i,
@@ -192,9 +213,10 @@ export class PipelineWeightStore implements WeightStore {
     let offset = 0;
     const tickets: number[] = [];
     for (const name of linearNames) {
-      const src = d.sources[name];
-      tickets.push(native().readFile(src.path, src.offset, src.bytes, this.slots[slot]!, offset, this.evict));
-      offset += align(src.bytes);
+      for (const part of d.sources[name].parts) {
+        tickets.push(native().readFile(part.path, part.offset, part.bytes, this.slots[slot]!, offset, this.evict));
+        offset += align(part.bytes);
+      }
     }
     this.inFlight.set(layer, [slot, tickets]);
     this.stats.bytesRead += d.bytes;
@@ -224,11 +246,14 @@ export class PipelineWeightStore implements WeightStore {
     }
     const region = this.slots[slot]!;
     let offset = 0;
-    const matrix = (name: LinearName): CpuMatrix => {
+    const matrix = (name: LinearName): DeviceMatrix => {
       const s = d.sources[name];
-      const m: CpuMatrix = { dtype: s.dtype, outFeatures: s.outFeatures, inFeatures: s.inFeatures, bytes: s.bytes, region, byteOffset: offset, owned: false };
-      offset += align(s.bytes);
-      return m;
+      const offsets = s.parts.map((part) => {
+        const at = offset;
+        offset += align(part.bytes);
+        return at;
+      });
+      return s.place(region, offsets);
     };
     const linear = (name: LinearName): DeviceLinear => ({ weight: matrix(name), bias: d.biases[name] });
     return {
@@ -300,5 +325,5 @@ function writeConverted(backend: Backend, view: TensorView, dtype: StorageDType,
     closeSync(fd);
     backend.freeMatrix(m);
   }
-  return { path: file, offset: 0, bytes: m.bytes, dtype, outFeatures: m.outFeatures, inFeatures: m.inFeatures };
+  return denseSource(file, 0, m.bytes, dtype, m.outFeatures, m.inFeatures);
 }

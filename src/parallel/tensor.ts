@@ -103,7 +103,15 @@ export class MpiCollectives implements Collectives {
 
 /** Followers' loop: compute every step rank 0 broadcasts, until it says stop. */
 export function followSteps(model: BloomModel, kvCache: KVCacheLayers, comm: MpiCollectives): void {
-  for (let step = comm.receiveStep(); step; step = comm.receiveStep()) model.forward(step, kvCache);
+  for (let step = comm.receiveStep(); step; step = comm.receiveStep()) {
+    try {
+      model.forward(step, kvCache);
+    } catch (err) {
+      // Rank 0 waits for this rank in the next collective: end the job rather than hang.
+      process.stderr.write(`blossom (tensor-parallel rank ${comm.rank}): ${(err as Error).message}\n`);
+      native().mpiAbort(1);
+    }
+  }
 }
 
 const elementBytes: Record<StorageDType, number> = { f32: 4, f16: 2, bf16: 2, i8: 1 };
@@ -137,7 +145,9 @@ export class TensorParallelWeightStore implements WeightStore {
     private readonly backend: Backend,
     shard: ModelShard,
     config: BloomConfig,
+    /** The dtype a column slice is copied into; with `quantized`, the builder then quantizes the copy. */
     dtypeOf: (view: TensorView) => StorageDType,
+    private readonly quantized = false,
   ) {
     const d = config.headDim;
     const rowParallel = (t: LinearTensors, start: number, count: number): DeviceLinear => ({
@@ -163,15 +173,21 @@ export class TensorParallelWeightStore implements WeightStore {
     this.lmHead = tensors.lmHeadTied ? this.wordEmbeddings : builder.matrix(rowSlice(tensors.lmHead, shard.vocabStart, shard.vocabSize), "lm_head");
   }
 
-  /** W[:, start : start+count] in `dtype`, copied into memory this store owns. */
+  /** W[:, start : start+count] in `dtype`, copied into memory this store owns (and quantized, for int8 dtypes). */
   private columns(view: TensorView, start: number, count: number, dtype: StorageDType): DeviceMatrix {
     const [rows, cols] = view.shape as [number, number];
-    if (view.dtype === "i8" || dtype === "i8") throw new BlossomError("parameter", "tensor parallelism does not slice int8 matrices yet");
+    if (view.dtype === "i8") throw new BlossomError("parameter", "tensor parallelism quantizes at load: load the original checkpoint with --dtype int8, not a pre-quantized one");
     const bytes = rows * count * elementBytes[dtype];
     const region = native().allocate(bytes);
     native().sliceColumns(region, 0, DTypeCode[dtype], view.region, view.byteOffset, DTypeCode[view.dtype], rows, cols, start, count);
     // The copy touched every row of the mapped matrix; drop those pages so this rank keeps only its slice.
     native().advise(view.region, view.byteOffset, view.byteLength, "dontneed");
+    if (this.quantized) {
+      const slice: TensorView = { ...view, name: `${view.name}[:, ${start}:${start + count}]`, shape: [rows, count], region, byteOffset: 0, byteLength: bytes };
+      const m = this.builder.matrix(slice, "linear");
+      native().release(region);
+      return m;
+    }
     const m: CpuMatrix = { dtype, outFeatures: rows, inFeatures: count, bytes, region, byteOffset: 0, owned: true };
     this.owned.push(m);
     this.ownedBytes += bytes;

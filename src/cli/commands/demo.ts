@@ -4,10 +4,10 @@
  * the guide's benchmark table for batch sizes 1, 8, 16, 32 and a chart.
  */
 import { existsSync, mkdirSync, readFileSync } from "node:fs";
-import { homedir } from "node:os";
 import { join } from "node:path";
 import type { Command } from "commander";
 import { runBenchmark } from "../../bench/bench.js";
+import { blossomCacheDir } from "../../cache.js";
 import { renderChart } from "../../bench/chart.js";
 import { createRandomCheckpoint, RANDOM_CHECKPOINT_MARKER } from "../../checkpoint/create-random.js";
 import { availableMemory, formatBytes } from "../../engine/memory.js";
@@ -16,11 +16,6 @@ import { writeFileSync } from "node:fs";
 import { parseInteger } from "../options.js";
 import { printReport } from "./bench.js";
 import { guideInputSentences } from "./generate.js";
-
-/** Where Blossom keeps what it creates: $BLOSSOM_CACHE, else $XDG_CACHE_HOME/blossom, else ~/.cache/blossom. */
-export function blossomCacheDir(): string {
-  return process.env.BLOSSOM_CACHE ?? join(process.env.XDG_CACHE_HOME ?? join(homedir(), ".cache"), "blossom");
-}
 
 export const defaultModel = { preset: "bloom-560m", dtype: "bf16" as const, seed: 0 };
 

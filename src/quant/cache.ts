@@ -1,0 +1,42 @@
+/**
+ * A quantized copy of a checkpoint in Blossom's cache, made once (as `blossom quantize` would) and
+ * then memory-mapped. Strategies that share or stream weights use it instead of quantizing at load:
+ * replicas map one int8 copy instead of quantizing one each, and pipeline offload reads int8 layers
+ * from disk.
+ */
+import { createHash } from "node:crypto";
+import { existsSync, realpathSync, renameSync, rmSync, statSync } from "node:fs";
+import { join, basename } from "node:path";
+import { Worker } from "node:worker_threads";
+import { blossomCacheDir } from "../cache.js";
+import { BlossomError } from "../errors.js";
+import { quantSpec, type QuantScheme } from "./scheme.js";
+
+export async function quantizedCopy(source: string, scheme: QuantScheme, groupSize?: number): Promise<string> {
+  const spec = quantSpec(scheme, scheme === "int8" ? { groupSize } : {});
+  const real = realpathSync(source);
+  // The source's identity: its path and its config's modification time.
+  const stamp = statSync(join(real, "config.json")).mtimeMs;
+  const key = createHash("sha256").update(`${real}\n${stamp}\n${scheme}\n${spec.groupSize}`).digest("hex").slice(0, 16);
+  const out = join(blossomCacheDir(), "quantized", `${basename(real)}-${scheme}-g${spec.groupSize}-${key}`);
+  if (existsSync(join(out, "config.json"))) return out;
+  const partial = `${out}.partial-${process.pid}`;
+  rmSync(partial, { recursive: true, force: true });
+  const result = await new Promise<{ ok: boolean; message?: string }>((resolve, reject) => {
+    const worker = new Worker(new URL("./cache-worker.js", import.meta.url), {
+      workerData: { source: real, out: partial, scheme, ...(scheme === "int8" ? { groupSize: spec.groupSize } : {}) },
+    });
+    worker.once("message", resolve);
+    worker.once("error", reject);
+  });
+  if (!result.ok) {
+    rmSync(partial, { recursive: true, force: true });
+    throw new BlossomError("checkpoint", `quantizing ${source} into the cache failed: ${result.message}`);
+  }
+  try {
+    renameSync(partial, out);
+  } catch {
+    rmSync(partial, { recursive: true, force: true }); // another process finished first
+  }
+  return out;
+}
