@@ -215,7 +215,7 @@ export async function runModel(argv: string[]): Promise<void> {
   const variants = variantsFor(dir, values.variants!.split(","));
   if (variants.some((v) => v.name === "int8-prequantized") && !existsSync(join(`${dir}-int8`, "config.json"))) {
     console.log(`writing its pre-quantized int8 copy to ${dir}-int8 ...`);
-    quantizeCheckpoint(dir, `${dir}-int8`, { scheme: "int8", threads });
+    await quantizeCheckpoint(dir, `${dir}-int8`, { scheme: "int8", threads });
   }
   const addon = native();
   const cpu = addon.cpuInfo();

@@ -90,7 +90,7 @@ describe("blossom quantize round trip", () => {
     test(`${name} ${scheme}${groupSize ? ` group ${groupSize}` : ""}: files and logits bit-exact`, async () => {
       const source = fixtureDir(name);
       const out = join(tmp, `${name}-${scheme}-${groupSize ?? "default"}`);
-      const result = quantizeCheckpoint(source, out, { scheme, groupSize, maxShardBytes: name === "tiny-bloom-b" ? 200_000 : undefined });
+      const result = await quantizeCheckpoint(source, out, { scheme, groupSize, maxShardBytes: name === "tiny-bloom-b" ? 200_000 : undefined });
       assert.ok(result.quantizedTensors > 0);
       const config = JSON.parse(readFileSync(join(out, "config.json"), "utf8"));
       assert.equal(config.quantization_config.quant_method, "blossom-int8");
@@ -171,9 +171,9 @@ describe("blossom quantize round trip", () => {
 
 describe("malformed quantized checkpoints fail clearly", () => {
   let good: string;
-  before(() => {
+  before(async () => {
     good = join(tmp, "malformed-source");
-    quantizeCheckpoint(fixtureDir("tiny-bloom-a"), good, { scheme: "int8" });
+    await quantizeCheckpoint(fixtureDir("tiny-bloom-a"), good, { scheme: "int8" });
   });
   const broken = (edit: (dir: string) => void) => {
     const copy = copyCheckpoint(good);
@@ -238,9 +238,9 @@ describe("malformed quantized checkpoints fail clearly", () => {
     });
   }
 
-  test("quantizing a quantized checkpoint, or into a folder that is not empty, is refused", () => {
-    assert.throws(() => quantizeCheckpoint(good, join(tmp, "twice"), { scheme: "int8" }), /already quantized \(int8\)/);
-    assert.throws(() => quantizeCheckpoint(fixtureDir("tiny-bloom-a"), good, { scheme: "int8" }), /exists and is not an empty folder/);
-    assert.throws(() => quantizeCheckpoint(fixtureDir("tiny-bloom-a"), join(tmp, "g48"), { scheme: "int8", groupSize: 48 }), /multiple of 32/);
+  test("quantizing a quantized checkpoint, or into a folder that is not empty, is refused", async () => {
+    await assert.rejects(quantizeCheckpoint(good, join(tmp, "twice"), { scheme: "int8" }), /already quantized \(int8\)/);
+    await assert.rejects(quantizeCheckpoint(fixtureDir("tiny-bloom-a"), good, { scheme: "int8" }), /exists and is not an empty folder/);
+    await assert.rejects(quantizeCheckpoint(fixtureDir("tiny-bloom-a"), join(tmp, "g48"), { scheme: "int8", groupSize: 48 }), /multiple of 32/);
   });
 });

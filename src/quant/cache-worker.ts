@@ -5,7 +5,7 @@ import type { QuantScheme } from "./scheme.js";
 
 const { source, out, scheme, groupSize } = workerData as { source: string; out: string; scheme: QuantScheme; groupSize?: number };
 try {
-  quantizeCheckpoint(source, out, { scheme, groupSize });
+  await quantizeCheckpoint(source, out, { scheme, groupSize });
   parentPort!.postMessage({ ok: true });
 } catch (err) {
   parentPort!.postMessage({ ok: false, message: (err as Error).message });

@@ -18,9 +18,9 @@ import type { SafetensorsDtype, TensorView } from "../checkpoint/safetensors.js"
 import { BlossomError, checkpointError, parameterError } from "../errors.js";
 import { bloomTensors } from "../models/bloom-weights.js";
 import type { StorageDType } from "../backend/native.js";
-import { native } from "../backend/native.js";
+import { native, type NativeRegion } from "../backend/native.js";
 import { groupsPerRow, quantMethod, quantSpec, scaleTensorName, type QuantScheme } from "./scheme.js";
-import { alignedOrder, SafetensorsWriter, tensorBytes, type TensorEntry } from "./safetensors-writer.js";
+import { planShards, SafetensorsWriter, shardIndexJson, tensorByteLength, type TensorSpec } from "../checkpoint/safetensors-writer.js";
 
 export interface QuantizeCheckpointOptions {
   scheme: QuantScheme;
@@ -48,13 +48,13 @@ function isWeightFile(name: string): boolean {
   return /\.(safetensors|bin|pt|pth|h5|msgpack|ckpt)$/.test(name) || name.endsWith(".index.json");
 }
 
-interface Planned extends TensorEntry {
+interface Planned extends TensorSpec {
   /** The source tensor, and whether this entry is its int8 values, its scales, or a copy. */
   source: TensorView;
   role: "values" | "scales" | "copy";
 }
 
-export function quantizeCheckpoint(sourceDir: string, outDir: string, options: QuantizeCheckpointOptions): QuantizeCheckpointResult {
+export async function quantizeCheckpoint(sourceDir: string, outDir: string, options: QuantizeCheckpointOptions): Promise<QuantizeCheckpointResult> {
   const started = performance.now();
   const spec = quantSpec(options.scheme, { groupSize: options.groupSize });
   const maxShardBytes = options.maxShardBytes ?? 5e9;
@@ -86,29 +86,25 @@ export function quantizeCheckpoint(sourceDir: string, outDir: string, options: Q
       plan.push({ name: scaleTensorName(name), dtype: "F16", shape: [out, groupsPerRow(inFeatures, spec.groupSize)], source: view, role: "scales" });
     }
 
-    // Shards in aligned order; each shard's data starts aligned, so offsets stay aligned within it.
-    const shards: Planned[][] = [[]];
-    let size = 0;
-    for (const entry of alignedOrder(plan)) {
-      const bytes = tensorBytes(entry);
-      if (size > 0 && size + bytes > maxShardBytes) {
-        shards.push([]);
-        size = 0;
-      }
-      shards.at(-1)!.push(entry);
-      size += bytes;
-    }
-    const shardName = (i: number) => (shards.length === 1 ? singleFileName : `model-${String(i + 1).padStart(5, "0")}-of-${String(shards.length).padStart(5, "0")}.safetensors`);
-
+    // Shards in state-dict order, as save_pretrained splits them; each file lays its tensors out by
+    // decreasing element size (the safetensors library's order), so every offset stays aligned.
+    const shards = planShards(plan, { maxShardBytes });
     mkdirSync(outDir, { recursive: true });
     const writerOf = new Map<string, SafetensorsWriter>();
-    shards.forEach((entries, i) => {
-      const file = join(outDir, shardName(i));
-      const writer = new SafetensorsWriter(file, entries);
+    for (const [i, entries] of shards.shards.entries()) {
+      const file = join(outDir, shards.files[i]!);
+      const writer = await SafetensorsWriter.create(file, entries, { metadata: { format: "pt" } });
       writers.push(writer);
       written.push(file);
       for (const e of entries) writerOf.set(e.name, writer);
-    });
+    }
+    /** Writes `byteLength` bytes of a native region (a mapping or an allocation) as tensor `name`, in chunks. */
+    const writeRegion = async (name: string, region: NativeRegion, byteOffset: number, byteLength: number) => {
+      const chunk = 64 * 2 ** 20;
+      for (let done = 0; done < byteLength; done += chunk) {
+        await writerOf.get(name)!.write(name, new Uint8Array(native().view(region, byteOffset + done, Math.min(chunk, byteLength - done))).slice());
+      }
+    };
 
     const total = checkpoint.tensors.size;
     let done = 0, quantizedTensors = 0;
@@ -116,29 +112,26 @@ export function quantizeCheckpoint(sourceDir: string, outDir: string, options: Q
       if (matrices.has(name)) {
         const m = backend.quantizedMatrix(view, { ...spec, releaseSource: true });
         try {
-          writerOf.get(name)!.writeRegion(name, m.region, m.byteOffset, m.outFeatures * m.inFeatures);
+          await writeRegion(name, m.region, m.byteOffset, m.outFeatures * m.inFeatures);
           const scalesBytes = m.outFeatures * groupsPerRow(m.inFeatures, spec.groupSize) * 2;
-          writerOf.get(scaleTensorName(name))!.writeRegion(scaleTensorName(name), m.scalesRegion, m.scalesOffset, scalesBytes);
+          await writeRegion(scaleTensorName(name), m.scalesRegion, m.scalesOffset, scalesBytes);
         } finally {
           backend.freeMatrix(m);
         }
         quantizedTensors++;
       } else {
-        writerOf.get(name)!.writeRegion(name, view.region, view.byteOffset, view.byteLength);
+        await writeRegion(name, view.region, view.byteOffset, view.byteLength);
       }
       // Read once: drop the source pages so a large checkpoint does not stay resident.
       native().advise(view.region, view.byteOffset, view.byteLength, "dontneed");
       options.onProgress?.(++done, total);
     }
-    for (const w of writers) w.close();
+    for (const w of writers) await w.close();
 
-    const bytes = writers.reduce((a, w) => a + w.dataBytes, 0);
-    if (shards.length > 1) {
-      const weightMap: Record<string, string> = {};
-      shards.forEach((entries, i) => entries.forEach((e) => (weightMap[e.name] = shardName(i))));
-      const sorted = Object.fromEntries(Object.entries(weightMap).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)));
+    const bytes = plan.reduce((a, e) => a + tensorByteLength(e), 0);
+    if (shards.files.length > 1) {
       const indexFile = join(outDir, indexFileName);
-      writeFileSync(indexFile, JSON.stringify({ metadata: { total_size: bytes }, weight_map: sorted }, null, 2) + "\n");
+      writeFileSync(indexFile, shardIndexJson(shards));
       written.push(indexFile);
     }
     const config = {
@@ -163,7 +156,7 @@ export function quantizeCheckpoint(sourceDir: string, outDir: string, options: Q
     }
     return { files: written, bytes, sourceBytes: checkpoint.totalBytes, quantizedTensors, seconds: (performance.now() - started) / 1000 };
   } catch (err) {
-    for (const w of writers) w.abort();
+    for (const w of writers) await w.abort();
     for (const f of written) rmSync(f, { force: true });
     if (err instanceof BlossomError) throw err;
     throw new BlossomError("internal", `quantize: ${(err as Error).message}`, { cause: err });

@@ -34,7 +34,7 @@ export function registerQuantizeCommand(program: Command): void {
     .action(async (o: QuantizeCliOptions) => {
       const dir = await resolveModelDir(o.model);
       let last = 0;
-      const result = quantizeCheckpoint(dir, o.out, {
+      const result = await quantizeCheckpoint(dir, o.out, {
         scheme: o.dtype,
         groupSize: o.int8GroupSize,
         maxShardBytes: o.maxShardSize,
