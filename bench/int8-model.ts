@@ -14,102 +14,20 @@
  * --json FILE.
  */
 import { fork } from "node:child_process";
-import { copyFileSync, existsSync, mkdirSync, writeFileSync } from "node:fs";
+import { existsSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
-import { DTypeCode, native } from "../src/backend/native.js";
+import { native } from "../src/backend/native.js";
 import { loadEngine, type EngineOptions, type LoadedEngine } from "../src/engine/load.js";
 import { quantizeCheckpoint } from "../src/quant/quantize.js";
-import { SafetensorsWriter, type TensorEntry } from "../src/quant/safetensors-writer.js";
-
-const shape = { vocab: 250880, hidden: 1024, layers: 24, heads: 16 };
+import { createRandomCheckpoint } from "../src/checkpoint/create-random.js";
 
 function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   const m = s.length >> 1;
   return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
-
-/** A random bf16 checkpoint with bloom-560m's shapes; weights uniform with scale 1/sqrt(in), gains ~1. */
-function writeRandomCheckpoint(dir: string): void {
-  mkdirSync(dir, { recursive: true });
-  const { vocab: V, hidden: H, layers: L, heads } = shape;
-  const entries: (TensorEntry & { init: "matrix" | "gain" | "bias" })[] = [
-    { name: "word_embeddings.weight", dtype: "BF16", shape: [V, H], init: "matrix" },
-    { name: "word_embeddings_layernorm.weight", dtype: "BF16", shape: [H], init: "gain" },
-    { name: "word_embeddings_layernorm.bias", dtype: "BF16", shape: [H], init: "bias" },
-    { name: "ln_f.weight", dtype: "BF16", shape: [H], init: "gain" },
-    { name: "ln_f.bias", dtype: "BF16", shape: [H], init: "bias" },
-  ];
-  for (let i = 0; i < L; i++) {
-    const p = `h.${i}.`;
-    for (const [n, s, init] of [
-      ["input_layernorm.weight", [H], "gain"],
-      ["input_layernorm.bias", [H], "bias"],
-      ["self_attention.query_key_value.weight", [3 * H, H], "matrix"],
-      ["self_attention.query_key_value.bias", [3 * H], "bias"],
-      ["self_attention.dense.weight", [H, H], "matrix"],
-      ["self_attention.dense.bias", [H], "bias"],
-      ["post_attention_layernorm.weight", [H], "gain"],
-      ["post_attention_layernorm.bias", [H], "bias"],
-      ["mlp.dense_h_to_4h.weight", [4 * H, H], "matrix"],
-      ["mlp.dense_h_to_4h.bias", [4 * H], "bias"],
-      ["mlp.dense_4h_to_h.weight", [H, 4 * H], "matrix"],
-      ["mlp.dense_4h_to_h.bias", [H], "bias"],
-    ] as const) {
-      entries.push({ name: p + n, dtype: "BF16", shape: [...s], init });
-    }
-  }
-  const writer = new SafetensorsWriter(join(dir, "model.safetensors"), entries);
-  const addon = native();
-  entries.forEach((e, i) => {
-    const n = e.shape.reduce((a, b) => a * b, 1);
-    const region = addon.allocate(n * 2);
-    const scale = e.init === "matrix" ? 1 / Math.sqrt(e.shape[1]!) : e.init === "bias" ? 0.02 : 0.1;
-    addon.fillRandom(region, 0, DTypeCode.bf16, n, 1000 + i, scale);
-    if (e.init === "gain") {
-      // 1 + noise: bf16 of 1 is 0x3f80; adding the noise's bits is not exact, so go through fp32.
-      const bits = new Uint16Array(addon.view(region, 0, n * 2));
-      const f = new Float32Array(1), u = new Uint32Array(f.buffer);
-      for (let k = 0; k < n; k++) {
-        u[0] = bits[k]! << 16;
-        f[0] = 1 + f[0]!;
-        bits[k] = u[0]! >>> 16;
-      }
-    }
-    writer.writeRegion(e.name, region, 0, n * 2);
-    addon.release(region);
-  });
-  writer.close();
-  writeFileSync(
-    join(dir, "config.json"),
-    JSON.stringify(
-      {
-        model_type: "bloom",
-        architectures: ["BloomForCausalLM"],
-        vocab_size: V,
-        hidden_size: H,
-        n_layer: L,
-        n_head: heads,
-        layer_norm_epsilon: 1e-5,
-        apply_residual_connection_post_layernorm: false,
-        bos_token_id: 1,
-        eos_token_id: 2,
-        pad_token_id: 3,
-        torch_dtype: "bfloat16",
-        note: "random weights with bloom-560m's shapes, written by bench/int8.ts model",
-      },
-      null,
-      2,
-    ),
-  );
-  // A tokenizer so the folder loads as a model (its vocabulary is smaller; the engine bench uses ids).
-  const fixture = resolve("../shared/fixtures/trained-bloom-small");
-  for (const f of ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]) {
-    if (existsSync(join(fixture, f))) copyFileSync(join(fixture, f), join(dir, f));
-  }
 }
 
 interface Variant {
@@ -210,7 +128,7 @@ export async function runModel(argv: string[]): Promise<void> {
   const threads = values.threads ? Number(values.threads) : undefined;
   if (!existsSync(join(dir, "model.safetensors"))) {
     console.log(`writing a random bloom-560m-shaped bf16 checkpoint to ${dir} ...`);
-    writeRandomCheckpoint(dir);
+    await createRandomCheckpoint({ preset: "bloom-560m", dtype: "bf16", out: dir });
   }
   const variants = variantsFor(dir, values.variants!.split(","));
   if (variants.some((v) => v.name === "int8-prequantized") && !existsSync(join(`${dir}-int8`, "config.json"))) {
