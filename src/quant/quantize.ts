@@ -13,7 +13,7 @@
 import { copyFileSync, existsSync, mkdirSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { CpuBackend } from "../backend/cpu.js";
-import { indexFileName, openCheckpoint, singleFileName } from "../checkpoint/checkpoint.js";
+import { indexFileName, openCheckpoint } from "../checkpoint/checkpoint.js";
 import type { SafetensorsDtype, TensorView } from "../checkpoint/safetensors.js";
 import { BlossomError, checkpointError, parameterError } from "../errors.js";
 import { bloomTensors } from "../models/bloom-weights.js";
