@@ -173,7 +173,7 @@ function main(): void {
   const list = (v: string | undefined, dflt: string[]) => (v ? v.split(",").map((s) => s.trim()) : dflt);
   const modelNames = list(values.models, quick ? ["bloom-560m"] : Object.keys(models));
   const dtypes = list(values.dtypes, quick ? ["bf16"] : ["bf16", "f16", "f32"]) as StorageDType[];
-  const batches = list(values.batches, quick ? ["1", "64"] : ["1", "8", "32", "64", "128"]).map(Number);
+  const batches = list(values.batches, quick ? ["1", "64"] : ["1", "8", "16", "32", "64", "128"]).map(Number);
   const layerFilter = values.layers ? list(values.layers, []) : null;
   for (const m of modelNames) if (!models[m]) throw parameterError("--models", `unknown model ${m}; expected some of ${Object.keys(models).join(", ")}`);
   for (const d of dtypes) if (d !== "f32" && d !== "f16" && d !== "bf16") throw parameterError("--dtypes", `expected f32, f16 or bf16, got ${d}`);
@@ -317,15 +317,24 @@ function main(): void {
   }
 }
 
-/** The issue's targets: GEMV (bf16/f16, batch 1) >= 85% of bandwidth; GEMM (batch >= 64) >= 70% of FMA peak. */
+/**
+ * The issue's targets: GEMV (bf16/f16, batch 1) >= 85% of read bandwidth; GEMM (batch >= 64) >= 70%
+ * of FMA peak. Rows timed while other processes took the CPU are left out (and counted).
+ */
 function summarize(rows: Row[]): void {
   const line = (name: string, picked: Row[], ratio: (r: Row) => number, target: number) => {
-    if (picked.length === 0) return;
-    const rs = picked.map(ratio);
-    const worst = picked[rs.indexOf(Math.min(...rs))]!;
+    const alone = picked.filter((r) => r.otherLoad <= 0.05);
+    const skipped = picked.length - alone.length;
+    if (alone.length === 0) {
+      if (picked.length > 0) console.log(`${name}: every row ran under load; no verdict`);
+      return;
+    }
+    const rs = alone.map(ratio);
+    const worst = alone[rs.indexOf(Math.min(...rs))]!;
     console.log(
-      `${name}: min ${pct(Math.min(...rs))} (${worst.model} ${worst.layer} ${worst.dtype}), median ${pct(median(rs))} over ${rs.length} rows; ` +
-        `target ${pct(target)}: ${Math.min(...rs) >= target ? "met" : median(rs) >= target ? "met at the median" : "not met"}`,
+      `${name}: min ${pct(Math.min(...rs))} (${worst.model} ${worst.layer} ${worst.dtype} batch ${worst.batch}), median ${pct(median(rs))} ` +
+        `over ${rs.length} rows${skipped ? ` (${skipped} run under load left out)` : ""}; target ${pct(target)}: ` +
+        `${Math.min(...rs) >= target ? "met" : median(rs) >= target ? "met at the median" : "not met"}`,
     );
   };
   console.log("");
