@@ -1,10 +1,19 @@
 // linear: y (rows, out) = epilogue(x (rows, in) @ W^T + bias) + residual
 //
-// Three variants:
-//   linear_scalar   the reference: one dot product per output, fp32 accumulation.
-//   gemv (AVX2)     rows <= kGemvMaxRows: decode. Bound by memory bandwidth: every weight is read
-//                   once per call, converted to fp32 in registers, and used for all rows of x.
-//   gemm (AVX2)     larger batches: bound by FMA throughput. See the gemm section.
+// W is (out, in) in f32, f16 or bf16, as nn.Linear stores it; accumulation is always fp32.
+// Variants:
+//   linear_scalar   the reference: one dot product per output, in order. Kept beside the fast
+//                   ones and selectable at run time (setKernelVariant('scalar')) for tests.
+//   AVX2+FMA+F16C, by batch (crossovers measured with bench/tune-linear.ts on the dev machine):
+//   gemv            rows <= 2 (decode). Bound by memory bandwidth: each thread streams whole
+//                   weight rows in address order with a software prefetch, converting in registers.
+//   gemm_small      3..48 rows while x fits in L2 (1 MiB). Compute-bound already from ~4 rows, so
+//                   weights are still converted in registers (packing would cost as much as using
+//                   them) and reused from L1 by every 4-row tile of x; the next group is prefetched.
+//   gemm            the rest (batch >= 64, or long rows). Weight panels converted to fp32 once per
+//                   k block and reused by every 3-row tile of x; x packed once per call.
+// Every variant computes each output with a fixed arithmetic order that does not depend on the
+// thread count or on how outputs were split between threads (tested bitwise).
 #include <algorithm>
 #include <new>
 #include <cmath>
@@ -57,8 +66,9 @@ namespace {
 
 using namespace simd;
 
-// Blocking and scheduling parameters. The defaults are the measured best on the development
-// machine (see bench/kernels.ts); set_linear_tuning() lets the tuning bench try others.
+// Blocking, crossover and prefetch parameters. The defaults are what measured best on the
+// development machine (2 Zen 5 cores, 48 KiB L1d and 1 MiB L2 each, 32 MiB L3), found with
+// bench/tune-linear.ts, which changes them through set_linear_tuning().
 struct Tuning {
   int64_t gemv_max_rows = 2;
   int64_t gemv_chunk_bytes = 1 << 20;
@@ -228,6 +238,14 @@ class Scratch {
     }
     return data_;
   }
+  // Frees the buffer if it grew past `floats` (a long prefill should not pin its scratch forever).
+  void trim(size_t floats) {
+    if (capacity_ > floats) {
+      std::free(data_);
+      data_ = nullptr;
+      capacity_ = 0;
+    }
+  }
 
  private:
   float* data_ = nullptr;
@@ -381,6 +399,7 @@ void gemm(ThreadPool& pool, float* y, const float* x, int64_t rows, const Weight
     gemm_task<D>(y, xp, rows, w, begin, end, panel.get(static_cast<size_t>(NR * round8(KC))));
     apply_epilogue_avx2(y, rows, out, begin, end, bias, epilogue, residual);
   });
+  xpack.trim(size_t(16) << 20);
 }
 
 // --- small batches: weights converted in registers, reused from L1 across row tiles ----------
