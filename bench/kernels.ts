@@ -50,6 +50,8 @@ interface Row {
   gflopPerS: number;
   /** The read bandwidth probed just before and after this row (the larger). */
   bandwidthGBs: number;
+  /** The FMA peak probed just before and after this row (the larger). */
+  fmaPeakGflops: number;
   bandwidthRatio: number;
   fmaRatio: number;
   rooflineRatio: number;
@@ -193,8 +195,6 @@ function main(): void {
     bandwidth: addon.probeReadBandwidth(probeBytes, threads, quick ? 3 : 7),
     fmaPeak: addon.probeFmaPeak(threads, quick ? 3 : 7),
   }));
-  // The FMA peak is a constant of the hardware: every row probes it again, and the best seen
-  // (never a disturbed, low one) is the limit.
   let fmaPeak = probe.value.fmaPeak;
   let bandwidth = probe.value.bandwidth;
   console.log(`probed read bandwidth: ${bandwidth.toFixed(1)} GB/s (best streaming AVX2 read of ${probeBytes / 2 ** 20} MiB, with and without prefetch)`);
@@ -206,11 +206,11 @@ function main(): void {
   const rows: Row[] = [];
   const header =
     `${pad("model", 11, false)} ${pad("layer", 13, false)} ${pad("dtype", 5, false)} ${pad("batch", 5)} ${pad("out x in", 12)} ` +
-    `${pad("copies", 6)} ${pad("ms", 9)} ${pad("GB/s", 6)} ${pad("probe", 5)} ${pad("%BW", 5)} ${pad("GFLOP/s", 7)} ${pad("%FMA", 5)} ${pad("%roof", 5)}`;
-  console.log(`\nlinear: y = epilogue(x @ W^T + bias). GB/s = weight bytes / time; probe = read bandwidth probed around the row`);
-  console.log(`(${rowProbeBytes / 2 ** 20} MiB, the larger of before and after); %BW = GB/s / probe; %FMA = GFLOP/s / FMA peak`);
-  console.log(`(the best probed so far: each row probes it again);`);
-  console.log(`%roof = max(bytes / probe, flops / peak) / time; * marks the limit that binds (the roofline).\n`);
+    `${pad("copies", 6)} ${pad("ms", 9)} ${pad("GB/s", 6)} ${pad("BWlim", 5)} ${pad("%BW", 5)} ${pad("GFLOP/s", 7)} ${pad("peak", 5)} ${pad("%FMA", 5)} ${pad("%roof", 5)}`;
+  console.log(`\nlinear: y = epilogue(x @ W^T + bias). GB/s = weight bytes / time; GFLOP/s = 2 batch out in / time.`);
+  console.log(`BWlim and peak: read bandwidth (${rowProbeBytes / 2 ** 20} MiB) and FMA peak probed just before and after the row (the larger);`);
+  console.log(`%BW = GB/s / BWlim; %FMA = GFLOP/s / peak; %roof = max(bytes / BWlim, flops / peak) / time;`);
+  console.log(`* marks the limit that binds at that batch (the roofline).\n`);
   console.log(header);
   console.log("-".repeat(header.length));
 
@@ -243,7 +243,7 @@ function main(): void {
           for (let i = 1; i < warm; i++) call();
           const iterations = Math.max(3, Math.min(quick ? 20 : 200, Math.round(targetMsPerConfig / Math.max(first, 1e-3))));
           const timed = quietest(attempts, () => {
-            const fma = addon.probeFmaPeak(threads, 1);
+            const fmaBefore = addon.probeFmaPeak(threads, 1);
             const before = addon.probeReadBandwidth(rowProbeBytes, threads, 1);
             for (let i = 0; i < Math.min(warm, 20); i++) call(); // settle again after the probe
             const ts: number[] = [];
@@ -253,16 +253,17 @@ function main(): void {
               ts.push(nowMs() - s);
             }
             const after = addon.probeReadBandwidth(rowProbeBytes, threads, 1);
-            return { ms: median(ts), probe: Math.max(before, after), fma };
+            const fmaAfter = addon.probeFmaPeak(threads, 1);
+            return { ms: median(ts), probe: Math.max(before, after), fma: Math.max(fmaBefore, fmaAfter) };
           });
-          const { ms, probe: rowBandwidth } = timed.value;
-          fmaPeak = Math.max(fmaPeak, timed.value.fma);
+          const { ms, probe: rowBandwidth, fma: rowFma } = timed.value;
+          fmaPeak = Math.max(fmaPeak, rowFma);
           bandwidth = Math.max(bandwidth, rowBandwidth);
           const flops = 2 * batch * shape.out * shape.in;
           const gbPerS = weightBytes / ms / 1e6;
           const gflopPerS = flops / ms / 1e6;
           const memoryMs = weightBytes / rowBandwidth / 1e6;
-          const computeMs = flops / fmaPeak / 1e6;
+          const computeMs = flops / rowFma / 1e6;
           const row: Row = {
             model,
             layer: shape.layer,
@@ -275,8 +276,9 @@ function main(): void {
             gbPerS,
             gflopPerS,
             bandwidthGBs: rowBandwidth,
+            fmaPeakGflops: rowFma,
             bandwidthRatio: gbPerS / rowBandwidth,
-            fmaRatio: gflopPerS / fmaPeak,
+            fmaRatio: gflopPerS / rowFma,
             rooflineRatio: Math.max(memoryMs, computeMs) / ms,
             bound: memoryMs >= computeMs ? "memory" : "compute",
             otherLoad: timed.others,
@@ -287,7 +289,7 @@ function main(): void {
             `${pad(model, 11, false)} ${pad(shape.layer, 13, false)} ${pad(dtype, 5, false)} ${pad(batch, 5)} ` +
               `${pad(`${shape.out}x${shape.in}`, 12)} ${pad(copies, 6)} ${pad(ms.toFixed(3), 9)} ${pad(gbPerS.toFixed(1), 6)} ` +
               `${pad(rowBandwidth.toFixed(0), 5)} ${mark(row.bandwidthRatio, row.bound === "memory")} ${pad(gflopPerS.toFixed(1), 7)} ` +
-              `${mark(row.fmaRatio, row.bound === "compute")} ${pad((row.rooflineRatio * 100).toFixed(0), 5)}${loadNote(timed.others)}`,
+              `${pad(rowFma.toFixed(0), 5)} ${mark(row.fmaRatio, row.bound === "compute")} ${pad((row.rooflineRatio * 100).toFixed(0), 5)}${loadNote(timed.others)}`,
           );
         }
         addon.release(region);
@@ -301,15 +303,10 @@ function main(): void {
     const others = Math.max(0, (busyEnd - runStart.busy - (c.user + c.system) / 1e6) / (cpus().length * wall));
     console.log(`\nother processes used ${(others * 100).toFixed(1)}% of the machine's CPU during the linear runs`);
   }
-  // Ratios against the final (best) FMA peak, for the summary and the JSON.
-  for (const r of rows) {
-    r.fmaRatio = r.gflopPerS / fmaPeak;
-    const memoryMs = (r.gbPerS * r.ms) / r.bandwidthGBs;
-    const computeMs = (r.gflopPerS * r.ms) / fmaPeak;
-    r.rooflineRatio = Math.max(memoryMs, computeMs) / r.ms;
-    r.bound = memoryMs >= computeMs ? "memory" : "compute";
-  }
-  console.log(`FMA peak: ${fmaPeak.toFixed(1)} GFLOP/s (the best of all probes; %FMA above used the best known at each row)`);
+  console.log(
+    `best probes of the run: read bandwidth ${bandwidth.toFixed(1)} GB/s, FMA peak ${fmaPeak.toFixed(1)} GFLOP/s ` +
+      `(the rows use the limits probed around them: other tenants move both)`,
+  );
   summarize(rows);
 
   const others = values["no-attention"] ? [] : benchOthers(quick, attempts, rows);
