@@ -410,6 +410,18 @@ void gemm(ThreadPool& pool, float* y, const float* x, int64_t rows, const Weight
 constexpr int SM = 4;  // rows of x per tile
 constexpr int SN = 3;  // weight rows (outputs) per group
 
+// One k step of a small tile: N weight vectors converted once, used by M rows of x.
+template <DType D, int M, int N>
+BLOSSOM_AVX2_INLINE void small_step(__m256 (&acc)[M][N], const float* x, int64_t in, const char* w, int64_t k) {
+  constexpr int64_t es = D == DType::F32 ? 4 : 2;
+  __m256 wv[N];
+  for (int j = 0; j < N; ++j) wv[j] = load8<D>(w + (j * in + k) * es);
+  for (int i = 0; i < M; ++i) {
+    const __m256 xv = _mm256_loadu_ps(x + i * in + k);
+    for (int j = 0; j < N; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+  }
+}
+
 template <DType D, int M, int N>
 BLOSSOM_AVX2 void small_tile(float* y, int64_t ldy, const float* x, int64_t in, const char* w, const char* prefetch) {
   constexpr int64_t es = D == DType::F32 ? 4 : 2;
@@ -417,23 +429,15 @@ BLOSSOM_AVX2 void small_tile(float* y, int64_t ldy, const float* x, int64_t in, 
   __m256 acc[M][N];
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j) acc[i][j] = _mm256_setzero_ps();
-  auto step = [&](int64_t k) BLOSSOM_AVX2_INLINE_LAMBDA {
-    __m256 wv[N];
-    for (int j = 0; j < N; ++j) wv[j] = load8<D>(w + (j * in + k) * es);
-    for (int i = 0; i < M; ++i) {
-      const __m256 xv = _mm256_loadu_ps(x + i * in + k);
-      for (int j = 0; j < N; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
-    }
-  };
   const int64_t in8 = in & ~int64_t(7);
   int64_t k = 0;
   if (prefetch) {
     for (; k + 8 * U <= in8; k += 8 * U) {
       for (int j = 0; j < SN; ++j) _mm_prefetch(prefetch + (j * in + k) * es, _MM_HINT_T0);
-      for (int u = 0; u < U; ++u) step(k + 8 * u);
+      for (int u = 0; u < U; ++u) small_step<D, M, N>(acc, x, in, w, k + 8 * u);
     }
   }
-  for (; k < in8; k += 8) step(k);
+  for (; k < in8; k += 8) small_step<D, M, N>(acc, x, in, w, k);
   for (int i = 0; i < M; ++i) {
     alignas(16) float s[4];
     const __m256 zero = _mm256_setzero_ps();
