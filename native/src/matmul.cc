@@ -7,7 +7,7 @@
 //   AVX2+FMA+F16C, by batch (crossovers measured with bench/tune-linear.ts on the dev machine):
 //   gemv            rows <= 2 (decode). Bound by memory bandwidth: each thread streams whole
 //                   weight rows in address order with a software prefetch, converting in registers.
-//   gemm_small      3..48 rows while x fits in L2 (1 MiB). Compute-bound already from ~4 rows, so
+//   gemm_small      3..64 rows while x takes at most half of L2 (512 KiB). Compute-bound already from ~4 rows, so
 //                   weights are still converted in registers (packing would cost as much as using
 //                   them) and reused from L1 by every 4-row tile of x; the next group is prefetched.
 //   gemm            the rest (batch >= 64, or long rows). Weight panels converted to fp32 once per
@@ -79,8 +79,8 @@ struct Tuning {
   int64_t mc = 192;
   int64_t gemm_prefetch_panels = 1;  // how many weight panels ahead to prefetch (0: none)
   int64_t gemm_prefetch_hint = 0;    // 0: into L1 (T0), 1: into L2 (T1)
-  int64_t small_max_rows = 48;
-  int64_t small_max_x_bytes = 1 << 20;  // x must stay in L2 across all groups
+  int64_t small_max_rows = 64;
+  int64_t small_max_x_bytes = 512 << 10;  // x must stay in L2 (with room) across all groups
   int64_t small_nb = 96;
 };
 Tuning g_tuning;
