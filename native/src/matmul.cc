@@ -7,10 +7,11 @@
 //   AVX2+FMA+F16C, by batch (crossovers measured with bench/tune-linear.ts on the dev machine):
 //   gemv            rows <= 2 (decode). Bound by memory bandwidth: each thread streams whole
 //                   weight rows in address order with a software prefetch, converting in registers.
-//   gemm_small      3..64 rows while x takes at most half of L2 (512 KiB). Compute-bound already from ~4 rows, so
-//                   weights are still converted in registers (packing would cost as much as using
-//                   them) and reused from L1 by every 4-row tile of x; the next group is prefetched.
-//   gemm            the rest (batch >= 64, or long rows). Weight panels converted to fp32 once per
+//   gemm_small      3..64 rows while x takes at most half of L2 (512 KiB). Compute-bound from
+//                   ~4 rows on, yet weights are still converted in registers (packing would cost
+//                   as much as using them) and reused from L1 by every 4-row tile of x; the next
+//                   group of weight rows is prefetched.
+//   gemm            the rest (more rows, or long rows). Weight panels converted to fp32 once per
 //                   k block and reused by every 3-row tile of x; x packed once per call.
 // Every variant computes each output with a fixed arithmetic order that does not depend on the
 // thread count or on how outputs were split between threads (tested bitwise).
