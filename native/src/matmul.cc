@@ -1,10 +1,20 @@
 // linear: y (rows, out) = epilogue(x (rows, in) @ W^T + bias) + residual
 //
-// Three variants:
-//   linear_scalar   the reference: one dot product per output, fp32 accumulation.
-//   gemv (AVX2)     rows <= kGemvMaxRows: decode. Bound by memory bandwidth: every weight is read
-//                   once per call, converted to fp32 in registers, and used for all rows of x.
-//   gemm (AVX2)     larger batches: bound by FMA throughput. See the gemm section.
+// W is (out, in) in f32, f16 or bf16, as nn.Linear stores it; accumulation is always fp32.
+// Variants:
+//   linear_scalar   the reference: one dot product per output, in order. Kept beside the fast
+//                   ones and selectable at run time (setKernelVariant('scalar')) for tests.
+//   AVX2+FMA+F16C, by batch (crossovers measured with bench/tune-linear.ts on the dev machine):
+//   gemv            rows <= 2 (decode). Bound by memory bandwidth: each thread streams whole
+//                   weight rows in address order with a software prefetch, converting in registers.
+//   gemm_small      3..64 rows while x takes at most half of L2 (512 KiB). Compute-bound from
+//                   ~4 rows on, yet weights are still converted in registers (packing would cost
+//                   as much as using them) and reused from L1 by every 4-row tile of x; the next
+//                   group of weight rows is prefetched.
+//   gemm            the rest (more rows, or long rows). Weight panels converted to fp32 once per
+//                   k block and reused by every 3-row tile of x; x packed once per call.
+// Every variant computes each output with a fixed arithmetic order that does not depend on the
+// thread count or on how outputs were split between threads (tested bitwise).
 #include <algorithm>
 #include <new>
 #include <cmath>
@@ -57,19 +67,21 @@ namespace {
 
 using namespace simd;
 
-// Blocking and scheduling parameters. The defaults are the measured best on the development
-// machine (see bench/kernels.ts); set_linear_tuning() lets the tuning bench try others.
+// Blocking, crossover and prefetch parameters. The defaults are what measured best on the
+// development machine (2 Zen 5 cores, 48 KiB L1d and 1 MiB L2 each, 32 MiB L3), found with
+// bench/tune-linear.ts, which changes them through set_linear_tuning().
 struct Tuning {
   int64_t gemv_max_rows = 2;
   int64_t gemv_chunk_bytes = 1 << 20;
   int64_t gemv_prefetch = 8192;
+  int64_t gemv_prefetch_nta = 0;
   int64_t kc = 512;
   int64_t nb = 96;
   int64_t mc = 192;
   int64_t gemm_prefetch_panels = 1;  // how many weight panels ahead to prefetch (0: none)
   int64_t gemm_prefetch_hint = 0;    // 0: into L1 (T0), 1: into L2 (T1)
-  int64_t small_max_rows = 48;
-  int64_t small_max_x_bytes = 1 << 20;  // x must stay in L2 across all groups
+  int64_t small_max_rows = 64;
+  int64_t small_max_x_bytes = 512 << 10;  // x must stay in L2 (with room) across all groups
   int64_t small_nb = 96;
 };
 Tuning g_tuning;
@@ -114,41 +126,62 @@ BLOSSOM_AVX2_INLINE __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
 }
 
 // --- gemv: one weight row at a time against R rows of x, weights converted in registers ------
-// Each thread streams its weight rows strictly in address order: one sequential stream per core
-// is what the hardware prefetchers follow best (measured: interleaving 4 rows at once lost 25-50%
-// of the bandwidth). U vectors per row per step give R*U independent accumulators.
-template <DType D, int R>
-BLOSSOM_AVX2 void gemv_rows(float* y, const float* x, const WeightMatrix& w, int64_t o_begin, int64_t o_end) {
+// Each thread streams its weight rows strictly in address order, with a software prefetch a fixed
+// distance ahead (a non-temporal hint: weights are used once and should not evict x from L1).
+// Measured on the development machine: the hardware prefetchers alone lose 10-45% (more for
+// long rows), and interleaving 2-4 rows per pass, or splitting long rows into k blocks so that
+// x stays in L1, both lost bandwidth against this single stream. U vectors per step give R*U
+// independent accumulators. G (rows per pass) is kept as a parameter for such experiments.
+template <DType D, int R, int G>
+BLOSSOM_AVX2_INLINE void gemv_group(float* y, const float* x, const WeightMatrix& w, int64_t o) {
   constexpr int U = R <= 2 ? 4 : 2;
   constexpr int64_t es = D == DType::F32 ? 4 : 2;
+  constexpr int64_t step_bytes = 8 * U * es;  // weight bytes per row per step: 64 or 128
   const int64_t in = w.in_features, out = w.out_features;
-  const char* base = static_cast<const char*>(w.data);
+  const char* wr = static_cast<const char*>(w.data) + o * in * es;
   const int64_t pf = tuning().gemv_prefetch;
-  for (int64_t o = o_begin; o < o_end; ++o) {
-    const char* wr = base + o * in * es;
-    __m256 acc[R][U];
+  __m256 acc[G][R][U];
+  for (int g = 0; g < G; ++g)
     for (int r = 0; r < R; ++r)
-      for (int j = 0; j < U; ++j) acc[r][j] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 8 * U <= in; k += 8 * U) {
-      if (pf) _mm_prefetch(wr + k * es + pf, _MM_HINT_T0);
-      for (int j = 0; j < U; ++j) {
-        const __m256 wv = load8<D>(wr + (k + 8 * j) * es);
-        for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * in + k + 8 * j), acc[r][j]);
+      for (int j = 0; j < U; ++j) acc[g][r][j] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 * U <= in; k += 8 * U) {
+    if (pf) {
+      for (int g = 0; g < G; ++g)
+        for (int64_t line = 0; line < step_bytes; line += 64) {
+          if (tuning().gemv_prefetch_nta) _mm_prefetch(wr + g * in * es + k * es + pf + line, _MM_HINT_NTA);
+          else _mm_prefetch(wr + g * in * es + k * es + pf + line, _MM_HINT_T0);
+        }
+    }
+    for (int j = 0; j < U; ++j) {
+      __m256 xv[R];
+      for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_ps(x + r * in + k + 8 * j);
+      for (int g = 0; g < G; ++g) {
+        const __m256 wv = load8<D>(wr + (g * in + k + 8 * j) * es);
+        for (int r = 0; r < R; ++r) acc[g][r][j] = _mm256_fmadd_ps(wv, xv[r], acc[g][r][j]);
       }
     }
-    for (; k + 8 <= in; k += 8) {
-      const __m256 wv = load8<D>(wr + k * es);
-      for (int r = 0; r < R; ++r) acc[r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * in + k), acc[r][0]);
-    }
-    for (int r = 0; r < R; ++r) {
-      __m256 v = acc[r][0];
-      for (int j = 1; j < U; ++j) v = _mm256_add_ps(v, acc[r][j]);
-      float s = hsum(v);
-      for (int64_t kk = k; kk < in; ++kk) s += x[r * in + kk] * load_as_f32(w.data, D, o * in + kk);
-      y[r * out + o] = s;
+  }
+  for (; k + 8 <= in; k += 8) {
+    for (int g = 0; g < G; ++g) {
+      const __m256 wv = load8<D>(wr + (g * in + k) * es);
+      for (int r = 0; r < R; ++r) acc[g][r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * in + k), acc[g][r][0]);
     }
   }
+  for (int g = 0; g < G; ++g) {
+    for (int r = 0; r < R; ++r) {
+      __m256 v = acc[g][r][0];
+      for (int j = 1; j < U; ++j) v = _mm256_add_ps(v, acc[g][r][j]);
+      float s = hsum(v);
+      for (int64_t kk = k; kk < in; ++kk) s += x[r * in + kk] * load_as_f32(w.data, D, (o + g) * in + kk);
+      y[r * out + o + g] = s;
+    }
+  }
+}
+
+template <DType D, int R>
+BLOSSOM_AVX2 void gemv_rows(float* y, const float* x, const WeightMatrix& w, int64_t o_begin, int64_t o_end) {
+  for (int64_t o = o_begin; o < o_end; ++o) gemv_group<D, R, 1>(y, x, w, o);
 }
 
 template <DType D>
@@ -205,6 +238,14 @@ class Scratch {
       capacity_ = bytes / sizeof(float);
     }
     return data_;
+  }
+  // Frees the buffer if it grew past `floats` (a long prefill should not pin its scratch forever).
+  void trim(size_t floats) {
+    if (capacity_ > floats) {
+      std::free(data_);
+      data_ = nullptr;
+      capacity_ = 0;
+    }
   }
 
  private:
@@ -359,6 +400,7 @@ void gemm(ThreadPool& pool, float* y, const float* x, int64_t rows, const Weight
     gemm_task<D>(y, xp, rows, w, begin, end, panel.get(static_cast<size_t>(NR * round8(KC))));
     apply_epilogue_avx2(y, rows, out, begin, end, bias, epilogue, residual);
   });
+  xpack.trim(size_t(16) << 20);
 }
 
 // --- small batches: weights converted in registers, reused from L1 across row tiles ----------
@@ -369,6 +411,18 @@ void gemm(ThreadPool& pool, float* y, const float* x, int64_t rows, const Weight
 constexpr int SM = 4;  // rows of x per tile
 constexpr int SN = 3;  // weight rows (outputs) per group
 
+// One k step of a small tile: N weight vectors converted once, used by M rows of x.
+template <DType D, int M, int N>
+BLOSSOM_AVX2_INLINE void small_step(__m256 (&acc)[M][N], const float* x, int64_t in, const char* w, int64_t k) {
+  constexpr int64_t es = D == DType::F32 ? 4 : 2;
+  __m256 wv[N];
+  for (int j = 0; j < N; ++j) wv[j] = load8<D>(w + (j * in + k) * es);
+  for (int i = 0; i < M; ++i) {
+    const __m256 xv = _mm256_loadu_ps(x + i * in + k);
+    for (int j = 0; j < N; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+  }
+}
+
 template <DType D, int M, int N>
 BLOSSOM_AVX2 void small_tile(float* y, int64_t ldy, const float* x, int64_t in, const char* w, const char* prefetch) {
   constexpr int64_t es = D == DType::F32 ? 4 : 2;
@@ -376,23 +430,15 @@ BLOSSOM_AVX2 void small_tile(float* y, int64_t ldy, const float* x, int64_t in, 
   __m256 acc[M][N];
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j) acc[i][j] = _mm256_setzero_ps();
-  auto step = [&](int64_t k) BLOSSOM_AVX2_INLINE_LAMBDA {
-    __m256 wv[N];
-    for (int j = 0; j < N; ++j) wv[j] = load8<D>(w + (j * in + k) * es);
-    for (int i = 0; i < M; ++i) {
-      const __m256 xv = _mm256_loadu_ps(x + i * in + k);
-      for (int j = 0; j < N; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
-    }
-  };
   const int64_t in8 = in & ~int64_t(7);
   int64_t k = 0;
   if (prefetch) {
     for (; k + 8 * U <= in8; k += 8 * U) {
       for (int j = 0; j < SN; ++j) _mm_prefetch(prefetch + (j * in + k) * es, _MM_HINT_T0);
-      for (int u = 0; u < U; ++u) step(k + 8 * u);
+      for (int u = 0; u < U; ++u) small_step<D, M, N>(acc, x, in, w, k + 8 * u);
     }
   }
-  for (; k < in8; k += 8) step(k);
+  for (; k < in8; k += 8) small_step<D, M, N>(acc, x, in, w, k);
   for (int i = 0; i < M; ++i) {
     alignas(16) float s[4];
     const __m256 zero = _mm256_setzero_ps();
@@ -455,6 +501,7 @@ bool set_linear_tuning(const std::string& name, int64_t value) {
   if (name == "gemvMaxRows") t.gemv_max_rows = value;
   else if (name == "gemvChunkBytes") t.gemv_chunk_bytes = value;
   else if (name == "gemvPrefetch") t.gemv_prefetch = value;
+  else if (name == "gemvPrefetchNta") t.gemv_prefetch_nta = value;
   else if (name == "kc" && value >= 8) t.kc = value / 8 * 8;
   else if (name == "nb" && value >= 4) t.nb = value;
   else if (name == "mc" && value >= 1) t.mc = value;

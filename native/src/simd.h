@@ -10,8 +10,6 @@
 
 #define BLOSSOM_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define BLOSSOM_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) inline
-// For lambdas inside AVX2 functions (placed after the parameter list).
-#define BLOSSOM_AVX2_INLINE_LAMBDA __attribute__((target("avx2,fma,f16c"), always_inline))
 
 namespace blossom::simd {
 
