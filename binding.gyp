@@ -30,7 +30,7 @@
       "libraries": ["-lpthread", "-ldl"],
       "conditions": [
         ["has_mpi==1", {
-          "defines": ["BLOSSOM_MPI"],
+          "defines": ["BLOSSOM_MPI", "OMPI_SKIP_MPICXX", "MPICH_SKIP_MPICXX"],
           "cflags_cc": ["<!@(mpicxx --showme:compile)"],
           "libraries": ["<!@(mpicxx --showme:link)"]
         }]

@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "simd.h"
@@ -543,98 +544,55 @@ BLOSSOM_AVX2 float quantize_span_avx2(int8_t* xq, int16_t* x16, const float* x, 
   return s;
 }
 
-// --- gemm: dequantized fp32 panels and a 6x16 microkernel ------------------------------------------
-constexpr int MR = 6;
-constexpr int NR = 16;
-constexpr int64_t KC = 256;
-constexpr int64_t NB = 64;
+// --- large batches: the fp32 GEMM of matmul.cc over dequantized chunks of W ----------------------
+// From about 16 rows of x (the measured crossover with the 16-bit integer path) the work is bound by
+// multiply-adds, not weight bytes, and the packed fp32 GEMM (matmul.cc) does them fastest. So W is
+// dequantized a chunk of output rows at a time into a
+// buffer that stays in L3 (one pass per call, shared by every row of x) and that chunk goes through
+// linear_avx2 as an fp32 matrix. x' is unchanged (exact, or the dequantized quantized activations),
+// so only the summation order differs from the integer paths.
+constexpr int64_t kDequantMinRows = 16;
+constexpr int64_t kDequantChunkBytes = 8 << 20;
 
-// Dequantizes W[o0 : o0+NR, k0 : k0+kc] into fp32 [kc][NR]; outputs past `out` are zero.
-BLOSSOM_AVX2 void pack_panel(float* dst, const QuantWeights& w, int64_t o0, int64_t k0, int64_t kc) {
+BLOSSOM_AVX2 void dequantize_rows(float* dst, const QuantWeights& w, int64_t o_begin, int64_t o_end) {
   const int64_t in = w.in_features, G = w.group_size, groups = w.groups();
-  const int64_t valid = std::min<int64_t>(NR, w.out_features - o0);
-  if (valid < NR) std::fill(dst, dst + kc * NR, 0.f);
-  for (int64_t j = 0; j < valid; ++j) {
-    const int8_t* src = w.q + (o0 + j) * in + k0;
-    const uint16_t* sr = w.scales + (o0 + j) * groups;
-    int64_t k = 0;
-    while (k < kc) {
-      // One span per group (one division per group, not per element).
-      const int64_t g = (k0 + k) / G;
-      const int64_t span_end = std::min(kc, (g + 1) * G - k0);
+  for (int64_t o = o_begin; o < o_end; ++o) {
+    const int8_t* src = w.q + o * in;
+    const uint16_t* sr = w.scales + o * groups;
+    float* d = dst + (o - o_begin) * in;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * G, k1 = std::min(in, k0 + G);
       const float f = scale_at(sr, g);
       const __m256 s = _mm256_set1_ps(f);
-      for (; k + 8 <= span_end; k += 8) {
-        alignas(32) float tmp[8];
-        _mm256_store_ps(tmp, _mm256_mul_ps(widen8(src + k), s));
-        for (int t = 0; t < 8; ++t) dst[(k + t) * NR + j] = tmp[t];
-      }
-      for (; k < span_end; ++k) dst[k * NR + j] = static_cast<float>(src[k]) * f;
+      int64_t k = k0;
+      for (; k + 8 <= k1; k += 8) _mm256_storeu_ps(d + k, _mm256_mul_ps(widen8(src + k), s));
+      for (; k < k1; ++k) d[k] = static_cast<float>(src[k]) * f;
     }
   }
 }
 
-template <int M>
-BLOSSOM_AVX2 void micro_kernel(float* c, int64_t ldc, const float* a, int64_t lda, const float* b, int64_t kc,
-                               bool accumulate, int ncols) {
-  __m256 acc[M][2];
-  for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < kc; ++k) {
-    const __m256 b0 = _mm256_load_ps(b + k * NR);
-    const __m256 b1 = _mm256_load_ps(b + k * NR + 8);
-    for (int i = 0; i < M; ++i) {
-      const __m256 av = _mm256_broadcast_ss(a + i * lda + k);
-      acc[i][0] = _mm256_fmadd_ps(av, b0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
-    }
-  }
-  if (ncols == NR) {
-    for (int i = 0; i < M; ++i) {
-      float* ci = c + i * ldc;
-      if (accumulate) {
-        acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(ci));
-        acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(ci + 8));
-      }
-      _mm256_storeu_ps(ci, acc[i][0]);
-      _mm256_storeu_ps(ci + 8, acc[i][1]);
-    }
-  } else {
-    alignas(32) float tmp[NR];
-    for (int i = 0; i < M; ++i) {
-      _mm256_store_ps(tmp, acc[i][0]);
-      _mm256_store_ps(tmp + 8, acc[i][1]);
-      float* ci = c + i * ldc;
-      for (int j = 0; j < ncols; ++j) ci[j] = accumulate ? ci[j] + tmp[j] : tmp[j];
-    }
-  }
-}
-
-BLOSSOM_AVX2 void micro_dispatch(int m, float* c, int64_t ldc, const float* a, int64_t lda, const float* b, int64_t kc,
-                                 bool accumulate, int ncols) {
-  switch (m) {
-    case 6: micro_kernel<6>(c, ldc, a, lda, b, kc, accumulate, ncols); break;
-    case 5: micro_kernel<5>(c, ldc, a, lda, b, kc, accumulate, ncols); break;
-    case 4: micro_kernel<4>(c, ldc, a, lda, b, kc, accumulate, ncols); break;
-    case 3: micro_kernel<3>(c, ldc, a, lda, b, kc, accumulate, ncols); break;
-    case 2: micro_kernel<2>(c, ldc, a, lda, b, kc, accumulate, ncols); break;
-    default: micro_kernel<1>(c, ldc, a, lda, b, kc, accumulate, ncols); break;
-  }
-}
-
-BLOSSOM_AVX2 void gemm_task(float* y, const float* x, int64_t rows, const QuantWeights& w, int64_t o_begin, int64_t o_end,
-                            float* panel) {
+void dequantized_gemm(ThreadPool& pool, float* y, const float* x, int64_t rows, const QuantWeights& w, const float* bias,
+                      int epilogue, const float* residual) {
   const int64_t in = w.in_features, out = w.out_features;
-  for (int64_t k0 = 0; k0 < in; k0 += KC) {
-    const int64_t kc = std::min(KC, in - k0);
-    for (int64_t o0 = o_begin; o0 < o_end; o0 += NR) {
-      pack_panel(panel, w, o0, k0, kc);
-      const int ncols = static_cast<int>(std::min<int64_t>(NR, o_end - o0));
-      for (int64_t r0 = 0; r0 < rows; r0 += MR) {
-        const int m = static_cast<int>(std::min<int64_t>(MR, rows - r0));
-        micro_dispatch(m, y + r0 * out + o0, out, x + r0 * in + k0, in, panel, kc, k0 > 0, ncols);
-      }
-    }
+  const int64_t chunk = std::min(out, std::max<int64_t>(64, kDequantChunkBytes / (4 * in)));
+  // The caller's buffers (thread_local: the pool's threads must see these, not their own, so they
+  // are passed to the lambdas as plain pointers).
+  static thread_local std::vector<float> weights_buffer, part_buffer;
+  weights_buffer.resize(static_cast<size_t>(chunk * in));
+  part_buffer.resize(static_cast<size_t>(rows * chunk));
+  float* weights = weights_buffer.data();
+  float* part = part_buffer.data();
+  for (int64_t o0 = 0; o0 < out; o0 += chunk) {
+    const int64_t c = std::min(chunk, out - o0);
+    pool.parallel_for(c, 16, [&](int64_t b, int64_t e) { dequantize_rows(weights + b * in, w, o0 + b, o0 + e); });
+    const WeightMatrix dense{weights, DType::F32, c, in};
+    linear_avx2(pool, part, x, rows, dense, nullptr, kNone, nullptr);
+    pool.parallel_for(rows, 16, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) std::memcpy(y + r * out + o0, part + r * c, sizeof(float) * c);
+    });
   }
+  pool.parallel_for(out, 256, [&](int64_t b, int64_t e) { apply_epilogue_avx2(y, rows, out, b, e, bias, epilogue, residual); });
+  if (weights_buffer.size() > static_cast<size_t>(kDequantChunkBytes / 4)) weights_buffer = {};  // after a long-row matrix
 }
 
 }  // namespace
@@ -648,7 +606,9 @@ int64_t linear_int8_avx2(ThreadPool& pool, const Int8LinearArgs& a) {
     // Many outliers (a low threshold) would make the per-output fp32 loop dominate: the float path
     // computes the same x' @ W^T with the outliers folded into x'.
     const bool few_outliers = static_cast<int64_t>(p.outliers.size()) * 16 <= w.in_features;
-    if (few_outliers && w.group_size % 32 == 0 && w.in_features % 32 == 0) {
+    // Grouped (16-bit) activations: the integer path wins only while weight bytes dominate.
+    const bool integer_bound = a.mode == ActivationMode::Mixed || a.rows < kDequantMinRows;
+    if (few_outliers && integer_bound && w.group_size % 32 == 0 && w.in_features % 32 == 0) {
       // Chunks of 32 outputs: their weight rows are reused from cache by every block of 4 rows.
       pool.parallel_for(out, 32, [&](int64_t begin, int64_t end) {
         if (p.wide) int8_rows<true>(a.y, p, a.x, a.rows, w, begin, end);
@@ -671,11 +631,7 @@ int64_t linear_int8_avx2(ThreadPool& pool, const Int8LinearArgs& a) {
       apply_epilogue_avx2(a.y, a.rows, out, begin, end, a.bias, a.epilogue, a.residual);
     });
   } else {
-    pool.parallel_for(out, NB, [&](int64_t begin, int64_t end) {
-      alignas(64) static thread_local float panel[KC * NR];
-      gemm_task(a.y, a.x, a.rows, w, begin, end, panel);
-      apply_epilogue_avx2(a.y, a.rows, out, begin, end, a.bias, a.epilogue, a.residual);
-    });
+    dequantized_gemm(pool, a.y, a.x, a.rows, w, a.bias, a.epilogue, a.residual);
   }
   return 0;
 }
