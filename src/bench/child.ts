@@ -56,6 +56,11 @@ function expectedShape(job: ChildJob): { shape: ModelShape; sharedWeights: numbe
   }
 }
 
+/** Tokens a sequence reserves in the KV cache: whole blocks of 16 (the engine's block size). */
+function kvBlockRounded(tokens: number): number {
+  return Math.ceil(tokens / 16) * 16;
+}
+
 function isOutOfMemory(err: unknown): boolean {
   if (err instanceof BlossomError) return err.code === "memory";
   const message = (err as Error)?.message ?? "";
@@ -138,7 +143,7 @@ async function run(job: ChildJob): Promise<void> {
     // BLOSSOM_BENCH_KV_TOKENS overrides the pool size (to reproduce a KV cache that runs out at run time).
     kvCacheTokens: process.env.BLOSSOM_BENCH_KV_TOKENS
       ? Number(process.env.BLOSSOM_BENCH_KV_TOKENS)
-      : Math.max(256, Math.min(largest * (promptTokens + settings.newTokens), Math.floor(room / shape.kvBytesPerToken))),
+      : Math.max(256, Math.min(largest * kvBlockRounded(promptTokens + settings.newTokens), Math.floor(room / shape.kvBytesPerToken))),
     maxBatchSize: largest,
   };
   const started = performance.now();

@@ -133,13 +133,14 @@ export function planPlacement(modules: PlannedModule[], maxMemory: Map<DeviceId,
 export const streamedHeadBytes = 2 * 32 * 2 ** 20;
 
 /**
- * On the CPU backend the "cpu" budget (or, without one, the last numbered device's) is the whole
- * process's memory: what the process already holds (runtime, tokenizer) and the offload staging
- * buffers come out of it before layers are placed, so a budget of X keeps the process within X.
+ * On the CPU backend the "cpu" budget is the whole process's memory: what the process already holds
+ * (runtime, tokenizer) and the offload staging buffers come out of it before layers are placed, so
+ * a budget of cpu:X keeps the process within X. Numbered devices' budgets are for weights, as in
+ * Accelerate.
  */
 export function reserveProcessMemory(budgets: Map<DeviceId, number>, modules: PlannedModule[], processBytes: number): Map<DeviceId, number> {
   const out = new Map(budgets);
-  const key: DeviceId | undefined = out.has("cpu") ? "cpu" : orderedDevices(out).filter((d) => typeof d === "number").pop();
+  const key: DeviceId | undefined = out.has("cpu") ? "cpu" : undefined;
   if (key === undefined) return out;
   const largestBlock = Math.max(0, ...modules.filter((m) => /^h\.\d+$/.test(m.name)).map((m) => m.bytes));
   const reserved = processBytes + (out.has("disk") ? 2 * largestBlock + streamedHeadBytes : 0);
