@@ -13,7 +13,8 @@ import { linearInt8Reference, quantizeWeightsReference, f32ToF16Bits, roundHalfE
 import type { ActivationModeName } from "../src/quant/scheme.js";
 
 const addon = native();
-const variants: KernelVariant[] = addon.cpuInfo().avx2 ? ["scalar", "avx2"] : ["scalar"];
+const cpu = addon.cpuInfo();
+const variants: KernelVariant[] = ["scalar", ...(cpu.avx2 ? (["avx2"] as const) : []), ...(cpu.avx2 && cpu.avxVnni ? (["avx2-vnni"] as const) : [])];
 after(() => addon.setKernelVariant("auto"));
 
 function rng(seed: number): () => number {
@@ -153,7 +154,7 @@ describe("linearInt8 against the reference", () => {
     const G = Math.min(group, n);
     for (const mode of modes) {
       test(`[${out}, ${n}] group ${group}, ${mode}: every variant and batch size`, () => {
-        for (const rows of [1, 2, 3, 4, 5, 8, 13]) {
+        for (const rows of [1, 2, 3, 4, 5, 8, 13, 17]) {
           const x = randomF32(rows * n, rows * 7 + n, 2);
           // Two features that exceed the mixed threshold in some token.
           x[3] = 9;
@@ -162,10 +163,16 @@ describe("linearInt8 against the reference", () => {
           const residual = randomF32(rows * out, 4);
           for (const [gelu, withResidual] of [[false, false], [true, false], [false, true]] as const) {
             const ref = linearInt8Reference({ x, rows, q: nat.q, scales: nat.scales, outFeatures: out, inFeatures: n, groupSize: G, bias, gelu, residual: withResidual ? residual : null, mode, threshold: 6 });
+            let simd: Float32Array | undefined;
             for (const variant of variants) {
               addon.setKernelVariant(variant);
               const y = new Float32Array(rows * out);
               const outliers = addon.linearInt8(y, x, rows, nat.region, 0, nat.region, nat.scalesOffset, out, n, G, bias, gelu ? Epilogue.gelu : Epilogue.none, withResidual ? residual : null, ActivationMode[mode], 6);
+              // AVX-VNNI only fuses exact integer operations: bit-identical to plain AVX2.
+              if (variant !== "scalar") {
+                if (simd) assert.deepEqual(y, simd, `${variant} differs from avx2 at rows ${rows}`);
+                simd = y;
+              }
               const diff = maxDiff(y, ref.y);
               const tol = 2e-5 * Math.max(1, maxAbs(ref.y));
               assert.ok(diff <= tol, `${variant} rows ${rows} gelu ${gelu} residual ${withResidual}: max |diff| ${diff} > ${tol}`);

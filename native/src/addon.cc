@@ -231,6 +231,7 @@ Napi::Value CpuInfo(const Napi::CallbackInfo& info) {
   o.Set("fma", f.fma);
   o.Set("f16c", f.f16c);
   o.Set("avx512f", f.avx512f);
+  o.Set("avxVnni", f.avx_vnni);
   o.Set("logicalCores", f.logical_cores);
   o.Set("physicalCores", f.physical_cores);
   return o;
@@ -295,18 +296,24 @@ Napi::Value GetThreads(const Napi::CallbackInfo& info) {
 
 Napi::Value SetVariant(const Napi::CallbackInfo& info) {
   std::string v = info[0].As<Napi::String>().Utf8Value();
-  if (v == "scalar") set_variant(Variant::Scalar);
-  else if (v == "avx2") {
+  const CpuFeatures& f = cpu_features();
+  if (v == "scalar") {
+    set_variant(Variant::Scalar);
+    set_avx_vnni(false);
+  } else if (v == "avx2" || v == "avx2-vnni") {
     if (!set_variant(Variant::Avx2)) range_error(info.Env(), "setKernelVariant: this CPU lacks AVX2/FMA/F16C");
+    if (!set_avx_vnni(v == "avx2-vnni")) range_error(info.Env(), "setKernelVariant: this CPU lacks AVX-VNNI");
   } else if (v == "auto") {
-    const CpuFeatures& f = cpu_features();
-    set_variant(f.avx2 && f.fma && f.f16c ? Variant::Avx2 : Variant::Scalar);
-  } else type_error(info.Env(), "setKernelVariant: expected 'scalar', 'avx2' or 'auto'");
+    const bool avx2 = f.avx2 && f.fma && f.f16c;
+    set_variant(avx2 ? Variant::Avx2 : Variant::Scalar);
+    set_avx_vnni(avx2 && f.avx_vnni);
+  } else type_error(info.Env(), "setKernelVariant: expected 'scalar', 'avx2', 'avx2-vnni' or 'auto'");
   return info.Env().Undefined();
 }
 
 Napi::Value GetVariant(const Napi::CallbackInfo& info) {
-  return Napi::String::New(info.Env(), active_variant() == Variant::Avx2 ? "avx2" : "scalar");
+  if (active_variant() == Variant::Scalar) return Napi::String::New(info.Env(), "scalar");
+  return Napi::String::New(info.Env(), use_avx_vnni() ? "avx2-vnni" : "avx2");
 }
 
 // ---- kernels ---------------------------------------------------------------------------------

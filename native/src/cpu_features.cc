@@ -32,6 +32,7 @@ CpuFeatures detect() {
     }
   }
   if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) f.avx2 = osxsave_avx && ((b >> 5) & 1);
+  if (__get_cpuid_count(7, 1, &a, &b, &c, &d)) f.avx_vnni = osxsave_avx && ((a >> 4) & 1);
   if (!osxsave_avx) f.fma = f.f16c = false;
   // Brand string.
   unsigned brand[12];
@@ -67,6 +68,10 @@ Variant initial_variant(const CpuFeatures& f) {
 
 Variant g_variant = initial_variant(cpu_features());
 
+// BLOSSOM_KERNELS=avx2 keeps AVX2 without VNNI.
+bool g_vnni = g_variant == Variant::Avx2 && cpu_features().avx_vnni &&
+              !(std::getenv("BLOSSOM_KERNELS") && std::strcmp(std::getenv("BLOSSOM_KERNELS"), "avx2") == 0);
+
 }  // namespace
 
 const CpuFeatures& cpu_features() {
@@ -75,6 +80,14 @@ const CpuFeatures& cpu_features() {
 }
 
 Variant active_variant() { return g_variant; }
+
+bool use_avx_vnni() { return g_vnni; }
+
+bool set_avx_vnni(bool on) {
+  if (on && !cpu_features().avx_vnni) return false;
+  g_vnni = on;
+  return true;
+}
 
 bool set_variant(Variant v) {
   const CpuFeatures& f = cpu_features();

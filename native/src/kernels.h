@@ -9,7 +9,7 @@
 namespace blossom {
 
 struct CpuFeatures {
-  bool avx2 = false, fma = false, f16c = false, avx512f = false;
+  bool avx2 = false, fma = false, f16c = false, avx512f = false, avx_vnni = false;
   int logical_cores = 1, physical_cores = 1;
   char model[64] = {0};
 };
@@ -19,6 +19,9 @@ const CpuFeatures& cpu_features();
 enum class Variant : int { Scalar = 0, Avx2 = 1 };
 Variant active_variant();
 bool set_variant(Variant v);  // false if the CPU lacks it
+// Within Avx2: the int8 tiles use AVX-VNNI (vpdpwssd, vpdpbusd) where the CPU has it; same results.
+bool use_avx_vnni();
+bool set_avx_vnni(bool on);  // false if the CPU lacks it
 
 // Weight matrix W (out, in) stored row-major in `dtype`, as nn.Linear keeps it.
 struct WeightMatrix {

@@ -11,16 +11,15 @@
 //                        int16 (vpmovsxbw, vpmaddwd). Mixed: 8-bit activations, vpmaddubsw(|w|, x with
 //                        w's sign: the unsigned operand is |w| <= 128, so pairs cannot saturate), then
 //                        vpmaddwd; the outlier features are added in fp32 from the row already in cache.
-//                        Rows go 4 at a time over chunks of 32 outputs whose weight rows stay in L1/L2,
-//                        so larger batches reuse each weight byte from cache. This beats dequantizing in
-//                        registers (vpmovsxbd + vcvtdq2ps per 8 weights) at every batch size on the
-//                        bloom-560m shapes: bench/int8.ts.
+//                        Rows go 4 at a time over chunks of outputs whose weight rows stay in L1/L2,
+//                        so larger batches reuse each weight byte from cache. This beats dequantizing
+//                        (in registers, or into fp32 panels for matmul.cc's GEMM) at every batch size
+//                        on the bloom-560m shapes: bench/int8.ts. Where the CPU has AVX-VNNI the same
+//                        tiles use vpdpwssd / vpdpbusd (quant_tile.inc), with identical results.
 //   gemv (AVX2)          rows <= 4, Exact: int8 weights widened to fp32 in registers, scaled per group,
 //                        FMA with fp32 x (also the fallback when in_features is not a multiple of 32).
-//   gemm (AVX2)          rows > 4, Exact: bound by FMA throughput. Panels of 16 outputs are dequantized once
-//                        into fp32 (scales applied) and reused by a 6x16 register-tile microkernel for
-//                        every 6-row block of x'; the same structure as the bf16 kernels in matmul.cc,
-//                        so the int8 matrix costs what the bf16 one does when it no longer streams.
+//   gemm (AVX2)          rows > 4, Exact: chunks of W dequantized to fp32 and run through matmul.cc's
+//                        GEMM. Exact is no dtype's mode: the float fallback and a bench variant.
 //
 // Integer products are exact in fp32 (|q_x q_w| <= 127 * 128 and partial sums stay far below 2^24),
 // so computing x' @ W^T in fp32 over quantized activations is the int8 matmul LLM.int8() describes,
@@ -377,133 +376,29 @@ BLOSSOM_AVX2 void gemv_float(float* y, const float* x, int64_t rows, const Quant
 // prefetching 16 KiB ahead took the bloom-560m shapes from ~0.61 to ~0.45 of bf16's time at batch 1.
 constexpr int64_t kPrefetchBytes = 16384;
 
-template <int R, int NO, bool WIDE>
-BLOSSOM_AVX2 void int8_tile(float* y, const Prepared& p, const float* x, int64_t r0, const QuantWeights& w, int64_t o,
-                            bool prefetch) {
-  const int64_t in = w.in_features, out = w.out_features, G = w.group_size, groups = w.groups();
-  const int8_t* xq = WIDE ? nullptr : p.xq.data() + r0 * in;
-  const int16_t* x16 = WIDE ? p.x16.data() + r0 * in : nullptr;
-  const float* sx = p.sx.data() + r0 * groups;
-  x += r0 * in;
-  y += r0 * out;
-  const __m256i ones = _mm256_set1_epi16(1);
-  const int8_t* wr[NO];
-  const uint16_t* sr[NO];
-  for (int j = 0; j < NO; ++j) {
-    wr[j] = w.q + (o + j) * in;
-    sr[j] = w.scales + (o + j) * groups;
-  }
-  // int32 sums are moved to fp32 at least every 512 inputs, so no group size can overflow them
-  // (512 * 128 * 32767 < 2^31).
-  constexpr int64_t kFlush = 512;
-  __m256 acc[R][NO];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NO; ++j) acc[r][j] = _mm256_setzero_ps();
-  // s_w * s_x for 8 groups at a time, computed with vector ops, so each (group, output, row) costs
-  // one convert and one FMA (with the broadcast folded into a load).
-  alignas(32) float comb[R][NO][8];
-  for (int64_t g = 0; g < groups; ++g) {
-    if (g % 8 == 0) {
-      if (g + 8 <= groups) {
-        for (int j = 0; j < NO; ++j) {
-          const __m256 swv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sr[j] + g)));
-          for (int r = 0; r < R; ++r) _mm256_store_ps(comb[r][j], _mm256_mul_ps(swv, _mm256_loadu_ps(sx + r * groups + g)));
-        }
-      } else {
-        for (int j = 0; j < NO; ++j)
-          for (int64_t t = g; t < groups; ++t)
-            for (int r = 0; r < R; ++r) comb[r][j][t - g] = scale_at(sr[j], t) * sx[r * groups + t];
-      }
-    }
-    const int64_t g1 = std::min(in, (g + 1) * G);
-    for (int64_t k0 = g * G; k0 < g1; k0 += kFlush) {
-      const int64_t k1 = std::min(g1, k0 + kFlush);
-      __m256i iacc[R][NO];
-      for (int r = 0; r < R; ++r)
-        for (int j = 0; j < NO; ++j) iacc[r][j] = _mm256_setzero_si256();
-      for (int64_t k = k0; k < k1; k += 32) {
-        if (prefetch && (k & 63) == 0)
-          for (int j = 0; j < NO; ++j) _mm_prefetch(reinterpret_cast<const char*>(wr[j] + k + kPrefetchBytes), _MM_HINT_T0);
-        if constexpr (WIDE && R == 1) {
-          // One row: its activations are loaded once and shared by the NO outputs.
-          const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + k));
-          const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + k + 16));
-          for (int j = 0; j < NO; ++j) {
-            const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[j] + k)));
-            const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[j] + k + 16)));
-            iacc[0][j] = _mm256_add_epi32(iacc[0][j], _mm256_add_epi32(_mm256_madd_epi16(w0, a0), _mm256_madd_epi16(w1, a1)));
-          }
-        } else if constexpr (WIDE) {
-          // Activations are loaded where used (L1 hits): holding 2 registers per row would spill at R = 4.
-          for (int j = 0; j < NO; ++j) {
-            const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[j] + k)));
-            const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[j] + k + 16)));
-            for (int r = 0; r < R; ++r) {
-              const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + r * in + k));
-              const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + r * in + k + 16));
-              iacc[r][j] = _mm256_add_epi32(iacc[r][j], _mm256_add_epi32(_mm256_madd_epi16(w0, a0), _mm256_madd_epi16(w1, a1)));
-            }
-          }
-        } else {
-          __m256i xv[R];
-          for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * in + k));
-          for (int j = 0; j < NO; ++j) {
-            const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + k));
-            const __m256i aw = _mm256_abs_epi8(wv);
-            for (int r = 0; r < R; ++r) {
-              const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[r], wv));
-              iacc[r][j] = _mm256_add_epi32(iacc[r][j], _mm256_madd_epi16(pairs, ones));
-            }
-          }
-        }
-      }
-      for (int r = 0; r < R; ++r)
-        for (int j = 0; j < NO; ++j)
-          acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r][j]), _mm256_broadcast_ss(&comb[r][j][g % 8]), acc[r][j]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    float v[NO];
-    if constexpr (NO == 4) {
-      // Four horizontal sums at once.
-      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[r][0], acc[r][1]), _mm256_hadd_ps(acc[r][2], acc[r][3]));
-      _mm_storeu_ps(v, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-    } else {
-      for (int j = 0; j < NO; ++j) v[j] = hsum(acc[r][j]);
-    }
-    // Outlier features (Mixed): fp32 activations times the dequantized weight column.
-    for (size_t i = 0; i < p.outliers.size(); ++i) {
-      const int32_t k = p.outliers[i];
-      for (int j = 0; j < NO; ++j) v[j] += x[r * in + k] * static_cast<float>(wr[j][k]) * scale_at(sr[j], p.outlier_group[i]);
-    }
-    for (int j = 0; j < NO; ++j) y[r * out + o + j] = v[j];
-  }
+#define BLOSSOM_TILE BLOSSOM_AVX2
+namespace tile_avx2 {
+BLOSSOM_AVX2_INLINE __m256i dot16(__m256i acc, __m256i w0, __m256i a0, __m256i w1, __m256i a1) {
+  return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(w0, a0), _mm256_madd_epi16(w1, a1)));
 }
+// u = |w| <= 128, so vpmaddubsw's pairs (at most 2 * 128 * 127) cannot saturate.
+BLOSSOM_AVX2_INLINE __m256i dot8(__m256i acc, __m256i u, __m256i s) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+#include "quant_tile.inc"
+}  // namespace tile_avx2
+#undef BLOSSOM_TILE
 
-template <int R, bool WIDE>
-BLOSSOM_AVX2 void int8_block(float* y, const Prepared& p, const float* x, int64_t r0, const QuantWeights& w,
-                             int64_t o_begin, int64_t o_end) {
-  constexpr int NO = R == 1 ? 4 : R == 2 ? 2 : 1;
-  // Later row blocks find the weights in cache: only the first pass streams (and prefetches) them.
-  const bool prefetch = r0 == 0;
-  int64_t o = o_begin;
-  for (; o + NO <= o_end; o += NO) int8_tile<R, NO, WIDE>(y, p, x, r0, w, o, prefetch);
-  for (; o < o_end; ++o) int8_tile<R, 1, WIDE>(y, p, x, r0, w, o, prefetch);
+#define BLOSSOM_VNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
+#define BLOSSOM_TILE BLOSSOM_VNNI
+namespace tile_vnni {
+BLOSSOM_VNNI inline __m256i dot16(__m256i acc, __m256i w0, __m256i a0, __m256i w1, __m256i a1) {
+  return _mm256_dpwssd_avx_epi32(_mm256_dpwssd_avx_epi32(acc, w0, a0), w1, a1);
 }
-
-// All rows, 4 at a time, for outputs [b, e): the weight rows stay in L1/L2 across row blocks.
-template <bool WIDE>
-BLOSSOM_AVX2 void int8_rows(float* y, const Prepared& p, const float* x, int64_t rows, const QuantWeights& w, int64_t b,
-                            int64_t e) {
-  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
-    switch (std::min<int64_t>(4, rows - r0)) {
-      case 1: int8_block<1, WIDE>(y, p, x, r0, w, b, e); break;
-      case 2: int8_block<2, WIDE>(y, p, x, r0, w, b, e); break;
-      case 3: int8_block<3, WIDE>(y, p, x, r0, w, b, e); break;
-      default: int8_block<4, WIDE>(y, p, x, r0, w, b, e); break;
-    }
-  }
-}
+BLOSSOM_VNNI inline __m256i dot8(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
+#include "quant_tile.inc"
+}  // namespace tile_vnni
+#undef BLOSSOM_TILE
 
 // Vectorised quantize_span_scalar, bit-identical to it.
 BLOSSOM_AVX2 float quantize_span_avx2(int8_t* xq, int16_t* x16, const float* x, const float* keep, int64_t k0, int64_t k1) {
@@ -544,14 +439,22 @@ BLOSSOM_AVX2 float quantize_span_avx2(int8_t* xq, int16_t* x16, const float* x, 
   return s;
 }
 
-// --- large batches: the fp32 GEMM of matmul.cc over dequantized chunks of W ----------------------
-// From about 16 rows of x (the measured crossover with the 16-bit integer path) the work is bound by
-// multiply-adds, not weight bytes, and the packed fp32 GEMM (matmul.cc) does them fastest. So W is
-// dequantized a chunk of output rows at a time into a
-// buffer that stays in L3 (one pass per call, shared by every row of x) and that chunk goes through
-// linear_avx2 as an fp32 matrix. x' is unchanged (exact, or the dequantized quantized activations),
-// so only the summation order differs from the integer paths.
-constexpr int64_t kDequantMinRows = 16;
+// Outputs per chunk handed to a thread: contiguous runs of weight rows long enough for the hardware
+// prefetchers to ramp up (chunks of 32 rows alternating between the two cores cut the LM head's
+// stream into 32 KiB pieces and ran 2 threads no faster than one), short enough that both threads
+// finish together and, with several row blocks, that the chunk is reused from L2.
+int64_t output_chunk(const ThreadPool& pool, int64_t rows, int64_t in, int64_t out) {
+  const int64_t bytes = rows <= 4 ? (int64_t{1} << 20) : (int64_t{256} << 10);
+  int64_t chunk = std::max<int64_t>(32, bytes / std::max<int64_t>(1, in) / 32 * 32);
+  const int64_t balanced = std::max<int64_t>(32, out / (4 * pool.size()) / 32 * 32);
+  return std::min(chunk, balanced);
+}
+
+// --- Exact mode at more than kGemvMaxRows rows: the fp32 GEMM of matmul.cc over dequantized chunks --
+// Exact (fp32 activations) is no dtype's mode, only the float fallback and a bench variant; the
+// integer tiles above beat this at every batch size for Grouped and Mixed (bench/int8.ts: at batch
+// 16-64, 1.2x bf16's time against 1.4-2.2x here). W is dequantized a chunk of output rows at a time
+// into a buffer that stays in L3, and the chunk goes through linear_avx2 as an fp32 matrix.
 constexpr int64_t kDequantChunkBytes = 8 << 20;
 
 BLOSSOM_AVX2 void dequantize_rows(float* dst, const QuantWeights& w, int64_t o_begin, int64_t o_end) {
@@ -606,13 +509,17 @@ int64_t linear_int8_avx2(ThreadPool& pool, const Int8LinearArgs& a) {
     // Many outliers (a low threshold) would make the per-output fp32 loop dominate: the float path
     // computes the same x' @ W^T with the outliers folded into x'.
     const bool few_outliers = static_cast<int64_t>(p.outliers.size()) * 16 <= w.in_features;
-    // Grouped (16-bit) activations: the integer path wins only while weight bytes dominate.
-    const bool integer_bound = a.mode == ActivationMode::Mixed || a.rows < kDequantMinRows;
-    if (few_outliers && integer_bound && w.group_size % 32 == 0 && w.in_features % 32 == 0) {
-      // Chunks of 32 outputs: their weight rows are reused from cache by every block of 4 rows.
-      pool.parallel_for(out, 32, [&](int64_t begin, int64_t end) {
-        if (p.wide) int8_rows<true>(a.y, p, a.x, a.rows, w, begin, end);
-        else int8_rows<false>(a.y, p, a.x, a.rows, w, begin, end);
+    if (few_outliers && w.group_size % 32 == 0 && w.in_features % 32 == 0) {
+      // Chunks of outputs whose weight rows are reused from cache by every block of 4 rows.
+      const bool vnni = use_avx_vnni();
+      pool.parallel_for(out, output_chunk(pool, a.rows, w.in_features, out), [&](int64_t begin, int64_t end) {
+        if (vnni) {
+          if (p.wide) tile_vnni::int8_rows<true>(a.y, p, a.x, a.rows, w, begin, end);
+          else tile_vnni::int8_rows<false>(a.y, p, a.x, a.rows, w, begin, end);
+        } else {
+          if (p.wide) tile_avx2::int8_rows<true>(a.y, p, a.x, a.rows, w, begin, end);
+          else tile_avx2::int8_rows<false>(a.y, p, a.x, a.rows, w, begin, end);
+        }
         apply_epilogue_avx2(a.y, a.rows, out, begin, end, a.bias, a.epilogue, a.residual);
       });
       return static_cast<int64_t>(p.outliers.size());
@@ -626,7 +533,7 @@ int64_t linear_int8_avx2(ThreadPool& pool, const Int8LinearArgs& a) {
     return static_cast<int64_t>(p.outliers.size());
   }
   if (a.rows <= kGemvMaxRows) {
-    pool.parallel_for(out, 32, [&](int64_t begin, int64_t end) {
+    pool.parallel_for(out, output_chunk(pool, a.rows, w.in_features, out), [&](int64_t begin, int64_t end) {
       gemv_float(a.y, a.x, a.rows, w, begin, end);
       apply_epilogue_avx2(a.y, a.rows, out, begin, end, a.bias, a.epilogue, a.residual);
     });

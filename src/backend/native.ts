@@ -18,11 +18,14 @@ export interface CpuInfo {
   fma: boolean;
   f16c: boolean;
   avx512f: boolean;
+  /** AVX-VNNI (vpdpwssd/vpdpbusd, VEX-encoded): the int8 kernels use it where present. */
+  avxVnni: boolean;
   logicalCores: number;
   physicalCores: number;
 }
 
-export type KernelVariant = "scalar" | "avx2";
+/** scalar reference; AVX2/FMA/F16C; the same plus AVX-VNNI in the int8 kernels (identical results). */
+export type KernelVariant = "scalar" | "avx2" | "avx2-vnni";
 
 export interface NativeAddon {
   // memory
