@@ -27,7 +27,7 @@ export function describeMachine(options: { probe: boolean; threads?: number }): 
   const n = native();
   const info = n.cpuInfo();
   const threads = options.threads ?? info.physicalCores;
-  const simd = (["avx2", "fma", "f16c", "avx512f"] as const).filter((f) => info[f]);
+  const simd = (["avx2", "fma", "f16c", "avxVnni", "avx512f"] as const).filter((f) => info[f]);
   return {
     cpuModel: info.model || cpus()[0]?.model || "unknown",
     logicalCores: info.logicalCores,
