@@ -23,12 +23,11 @@
 #include <string>
 #include <vector>
 
+#include "epilogue.h"
 #include "kernels.h"
 #include "simd.h"
 
 namespace blossom {
-
-namespace {
 
 void apply_epilogue_scalar(float* y, int64_t rows, int64_t out, int64_t col_begin, int64_t col_end,
                            const float* bias, int epilogue, const float* residual) {
@@ -43,8 +42,6 @@ void apply_epilogue_scalar(float* y, int64_t rows, int64_t out, int64_t col_begi
     }
   }
 }
-
-}  // namespace
 
 void linear_scalar(ThreadPool& pool, float* y, const float* x, int64_t rows, const WeightMatrix& w,
                    const float* bias, int epilogue, const float* residual) {
@@ -87,7 +84,9 @@ struct Tuning {
 Tuning g_tuning;
 const Tuning& tuning() { return g_tuning; }
 
-// --- epilogue, vectorised over a column range ---------------------------------------------
+}  // namespace
+
+// --- epilogue, vectorised over a column range (epilogue.h) ----------------------------------
 // The ragged end of a range goes through the same vector code (via a padded copy), so an
 // output's value never depends on where a thread's range happened to end.
 BLOSSOM_AVX2_INLINE __m256 epilogue8(__m256 v, const float* bias, int epilogue, const float* residual) {
@@ -116,6 +115,10 @@ BLOSSOM_AVX2 void apply_epilogue_avx2(float* y, int64_t rows, int64_t out, int64
     }
   }
 }
+
+namespace {
+
+using namespace simd;
 
 // Sums of 4 vectors, lane i of the result = sum of v[i]'s 8 lanes.
 BLOSSOM_AVX2_INLINE __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {

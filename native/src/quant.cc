@@ -31,6 +31,7 @@
 #include <cstring>
 #include <vector>
 
+#include "epilogue.h"
 #include "simd.h"
 
 namespace blossom {
@@ -187,20 +188,6 @@ void prepare_activations(ThreadPool& pool, Prepared& p, const Int8LinearArgs& a,
   else pool.parallel_for(rows, 4, rows_range);
 }
 
-void apply_epilogue_scalar(float* y, int64_t rows, int64_t out, int64_t c0, int64_t c1, const float* bias, int epilogue,
-                           const float* residual) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* yr = y + r * out;
-    const float* rr = residual ? residual + r * out : nullptr;
-    for (int64_t o = c0; o < c1; ++o) {
-      float v = yr[o] + (bias ? bias[o] : 0.f);
-      if (epilogue == kGelu) v = gelu_tanh(v);
-      if (rr) v += rr[o];
-      yr[o] = v;
-    }
-  }
-}
-
 }  // namespace
 
 void quantize_weights(ThreadPool& pool, int8_t* q, uint16_t* scales, const void* src, DType src_dtype, int64_t out,
@@ -265,28 +252,6 @@ namespace {
 using namespace simd;
 
 constexpr int64_t kGemvMaxRows = 4;
-
-BLOSSOM_AVX2 void apply_epilogue_avx2(float* y, int64_t rows, int64_t out, int64_t c0, int64_t c1, const float* bias,
-                                      int epilogue, const float* residual) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* yr = y + r * out;
-    const float* rr = residual ? residual + r * out : nullptr;
-    int64_t o = c0;
-    for (; o + 8 <= c1; o += 8) {
-      __m256 v = _mm256_loadu_ps(yr + o);
-      if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + o));
-      if (epilogue == kGelu) v = gelu8(v);
-      if (rr) v = _mm256_add_ps(v, _mm256_loadu_ps(rr + o));
-      _mm256_storeu_ps(yr + o, v);
-    }
-    for (; o < c1; ++o) {
-      float v = yr[o] + (bias ? bias[o] : 0.f);
-      if (epilogue == kGelu) v = gelu_tanh(v);
-      if (rr) v += rr[o];
-      yr[o] = v;
-    }
-  }
-}
 
 BLOSSOM_AVX2_INLINE __m256 widen8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
