@@ -23,12 +23,7 @@ import { native } from "../src/backend/native.js";
 import { loadEngine, type EngineOptions, type LoadedEngine } from "../src/engine/load.js";
 import { quantizeCheckpoint } from "../src/quant/quantize.js";
 import { createRandomCheckpoint } from "../src/checkpoint/create-random.js";
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
+import { median } from "./stats.js";
 
 interface Variant {
   name: string;

@@ -27,6 +27,7 @@ import { parseArgs } from "node:util";
 import { ActivationMode, DTypeCode, Epilogue, native, type NativeRegion } from "../src/backend/native.js";
 import { runModel } from "./int8-model.js";
 import { runQuality } from "./int8-quality.js";
+import { median, nowMs } from "./stats.js";
 
 interface Shape {
   layer: string;
@@ -44,16 +45,6 @@ const shapes: Shape[] = [
   { layer: "4h_to_h", out: hidden, in: 4 * hidden, epilogue: Epilogue.none, bias: true },
   { layer: "lm_head", out: vocab, in: hidden, epilogue: Epilogue.none, bias: false },
 ];
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
-
-function nowMs(): number {
-  return Number(process.hrtime.bigint()) / 1e6;
-}
 
 /** Activations like a layer-norm output: mostly N(0,1)-ish, with a few large features (outliers). */
 function activations(n: number, cols: number, seed: number): Float32Array {

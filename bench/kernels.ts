@@ -27,6 +27,7 @@ import { cpus } from "node:os";
 import { parseArgs } from "node:util";
 import { DTypeCode, Epilogue, native, type NativeRegion, type StorageDType } from "../src/backend/native.js";
 import { parameterError } from "../src/errors.js";
+import { median, nowMs } from "./stats.js";
 
 interface LayerShape {
   model: string;
@@ -87,16 +88,6 @@ function layersOf(model: string): LayerShape[] {
 }
 
 const bytesPerElement: Record<StorageDType, number> = { f32: 4, f16: 2, bf16: 2, i8: 1 };
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
-
-function nowMs(): number {
-  return Number(process.hrtime.bigint()) / 1e6;
-}
 
 function randomArray(n: number, seed: number): Float32Array {
   const a = new Float32Array(n);

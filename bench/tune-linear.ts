@@ -9,12 +9,7 @@
  */
 import { parseArgs } from "node:util";
 import { DTypeCode, native, type StorageDType } from "../src/backend/native.js";
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
+import { median } from "./stats.js";
 
 const { values } = parseArgs({
   options: {
