@@ -4,6 +4,8 @@ import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
+import type { FileHandle } from "node:fs/promises";
+import { HugePageWriter } from "../src/checkpoint/huge-page-writer.js";
 import { bloomTensorShapes } from "../src/checkpoint/presets.js";
 import {
   planSafetensors,
@@ -225,4 +227,37 @@ test("one shard is model.safetensors with no index; async chunk sources work", a
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
+});
+
+test("HugePageWriter fills every aligned 2 MiB range of the file with one write, bytes unchanged", async () => {
+  const MiB = 1024 * 1024;
+  const file = new Uint8Array(9 * MiB);
+  const writes: { position: number; length: number }[] = [];
+  const handle = {
+    async write(buffer: Uint8Array, offset: number, length: number, position: number) {
+      file.set(buffer.subarray(offset, offset + length), position);
+      writes.push({ position, length });
+      return { bytesWritten: length, buffer };
+    },
+  } as unknown as FileHandle;
+  const expected = new Uint8Array(file.length);
+  const out = new HugePageWriter(handle, 0);
+  // A header, then pieces of odd sizes, then a jump (a tensor written out of order), then a large piece.
+  const pieces: [number, number][] = [[0, 123], [123, 65_536], [65_659, 3 * MiB + 7], [6 * MiB + 5, 100], [3 * MiB + 65_666, 1_500_000]];
+  let seed = 1;
+  for (const [position, length] of pieces) {
+    const data = Uint8Array.from({ length }, () => (seed = (seed * 48271) % 2147483647) & 255);
+    expected.set(data, position);
+    await out.write(data, position);
+  }
+  await out.flush();
+  assert.deepEqual(file, expected);
+  // A write ends on a 2 MiB boundary unless the run of sequential bytes it belongs to ends there.
+  writes.forEach((w, i) => {
+    const end = w.position + w.length;
+    const runEnds = i === writes.length - 1 || writes[i + 1]!.position !== end;
+    assert.ok(w.length <= 4 * MiB, `write of ${w.length} bytes`);
+    assert.ok(runEnds || end % (2 * MiB) === 0, `write ${i} ends at ${end}, inside a 2 MiB page, mid-run`);
+  });
+  assert.deepEqual(writes.slice(0, 2), [{ position: 0, length: 2 * MiB }, { position: 2 * MiB, length: 65_659 + 3 * MiB + 7 - 2 * MiB }]);
 });

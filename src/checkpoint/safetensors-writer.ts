@@ -13,6 +13,7 @@
 import { mkdir, open, rename, rm, writeFile, type FileHandle } from "node:fs/promises";
 import { basename, join } from "node:path";
 import { BlossomError, checkpointError, parameterError } from "../errors.js";
+import { HugePageWriter } from "./huge-page-writer.js";
 import { compareCodePoints, sortedMap, stringifyJson } from "./json-text.js";
 
 /** Element sizes; the key order is the reference's dtype order (its sort puts later ones first). */
@@ -154,12 +155,14 @@ export class SafetensorsWriter {
   readonly layout: SafetensorsLayout;
   private readonly written = new Map<string, number>();
   private handle: FileHandle | undefined;
+  private readonly out: HugePageWriter;
   private readonly temporaryPath: string;
 
   private constructor(path: string, layout: SafetensorsLayout, handle: FileHandle, temporaryPath: string) {
     this.path = path;
     this.layout = layout;
     this.handle = handle;
+    this.out = new HugePageWriter(handle);
     this.temporaryPath = temporaryPath;
     for (const spec of layout.order) this.written.set(spec.name, 0);
   }
@@ -173,7 +176,6 @@ export class SafetensorsWriter {
     const temporaryPath = `${path}.partial`;
     const handle = await open(temporaryPath, "w");
     try {
-      await handle.write(layout.header, 0, layout.header.length, 0);
       // Sizing the file up front lets tensors be written in any order without sparse surprises
       // when a tensor is empty (the last bytes may otherwise never be written).
       await handle.truncate(layout.fileSize);
@@ -182,7 +184,10 @@ export class SafetensorsWriter {
       await rm(temporaryPath, { force: true });
       throw err;
     }
-    return new SafetensorsWriter(path, layout, handle, temporaryPath);
+    const writer = new SafetensorsWriter(path, layout, handle, temporaryPath);
+    // Staged with the first tensor's bytes, so the file's first 2 MiB are one write too.
+    await writer.out.write(layout.header, 0);
+    return writer;
   }
 
   /** Tensors in file order: writing them in this order writes the file sequentially. */
@@ -192,7 +197,7 @@ export class SafetensorsWriter {
 
   /** Appends `chunk` to tensor `name`. */
   async write(name: string, chunk: Uint8Array): Promise<void> {
-    const handle = this.requireOpen();
+    this.requireOpen();
     const range = this.layout.offsets.get(name);
     if (!range) throw checkpointError(basename(this.path), `tensor ${name} is not in this file's header`);
     const done = this.written.get(name)!;
@@ -200,13 +205,7 @@ export class SafetensorsWriter {
     if (done + chunk.byteLength > capacity) {
       throw checkpointError(basename(this.path), `tensor ${name}: got ${done + chunk.byteLength} bytes, its dtype and shape hold ${capacity}`);
     }
-    let position = this.layout.dataStart + range[0] + done;
-    let offset = 0;
-    while (offset < chunk.byteLength) {
-      const { bytesWritten } = await handle.write(chunk, offset, chunk.byteLength - offset, position);
-      offset += bytesWritten;
-      position += bytesWritten;
-    }
+    await this.out.write(chunk, this.layout.dataStart + range[0] + done);
     this.written.set(name, done + chunk.byteLength);
   }
 
@@ -232,6 +231,7 @@ export class SafetensorsWriter {
   async close(): Promise<void> {
     const handle = this.requireOpen();
     for (const spec of this.layout.order) this.checkComplete(spec.name);
+    await this.out.flush();
     this.handle = undefined;
     await handle.close();
     await rename(this.temporaryPath, this.path);

@@ -7,6 +7,7 @@ import { createHash, type Hash } from "node:crypto";
 import { createReadStream } from "node:fs";
 import { open, rename, rm, stat } from "node:fs/promises";
 import { setTimeout as sleep } from "node:timers/promises";
+import { HugePageWriter } from "../checkpoint/huge-page-writer.js";
 import { BlossomError } from "../errors.js";
 import { abortedError, HubClient, HubConnectionError, HubTransientError, type FileMetadata } from "./api.js";
 
@@ -151,7 +152,9 @@ async function transferOnce(
   }
   options.onBytes?.(start, true);
 
-  const file = await open(incompletePath, start === 0 ? "w" : "a");
+  const file = await open(incompletePath, start === 0 ? "w" : "r+");
+  // Written in aligned 2 MiB pieces, so the checkpoint lands in the page cache as huge folios.
+  const out = new HugePageWriter(file, start);
   let received = 0;
   try {
     if (response.body === null) throw new PrematureEndError("empty response body");
@@ -160,7 +163,7 @@ async function transferOnce(
     const flush = async (): Promise<void> => {
       if (batchBytes === 0) return;
       const data = batch.length === 1 ? batch[0]! : Buffer.concat(batch, batchBytes);
-      await file.write(data);
+      await out.write(data);
       hasher?.update(data);
       options.onBytes?.(data.length, false);
       received += data.length;
@@ -188,7 +191,8 @@ async function transferOnce(
     }
     await flush();
   } finally {
-    await file.close();
+    // What was received before a failure is a valid prefix: it goes to disk for the resume.
+    await out.flush().finally(() => file.close());
   }
   if (meta.size !== undefined && start + received < meta.size) {
     throw new PrematureEndError(`connection ended at byte ${start + received} of ${meta.size}`);
