@@ -92,6 +92,8 @@ export interface Backend {
    * pre-quantized int8 tensor and its fp16 scales in place. Backends without int8 leave it out.
    */
   quantizedMatrix?(view: TensorView, options: QuantizeOptions, scales?: TensorView): QuantizedMatrix;
+  /** Hint: nothing will read `view`'s bytes again (its data was copied or quantized); a backend may drop its pages. */
+  releaseSource?(view: TensorView): void;
   /** Frees what matrix() allocated (a no-op for matrices used in place). */
   freeMatrix(matrix: DeviceMatrix): void;
 

@@ -105,6 +105,12 @@ export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngi
       weights = new PipelineWeightStore(tensors, builder, backend, plan, dtypeOf, offload, (v) => checkpoint.tensors.get(scaleTensorName(v.name)));
     } else {
       weights = new ResidentWeightStore(tensors, builder);
+      if (int8?.quantizesAtLoad && backend.releaseSource) {
+        // Every matrix now lives in its int8 copy and every small tensor in an fp32 one: drop the
+        // mapped checkpoint's pages. (The matrices dropped theirs as they were quantized; the small
+        // tensors between them would otherwise keep whole pages resident: with 2 MiB pages, tens of MiB.)
+        for (const view of checkpoint.tensors.values()) backend.releaseSource(view);
+      }
     }
     const model = new BloomModel(config, weights, backend, comm && shard ? { shard, comm } : undefined);
     const blockSize = options.kvBlockSize ?? 16;

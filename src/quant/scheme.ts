@@ -4,8 +4,8 @@
  *
  *   int8        group-wise int8 weights: every matrix (the block linears and the tied embedding / LM
  *               head) stored as int8 with one fp16 scale per group of `groupSize` inputs of a row.
- *               Activations are quantized on the fly per token and per group to 15 bits, held as
- *               two int8 planes, so the kernels multiply int8 by int8 (vpmaddubsw) at close to fp32
+ *               Activations are quantized on the fly per token and per group to 16 bits, so the
+ *               kernels multiply int8 by int16 (vpmaddwd / AVX-VNNI vpdpwssd) at close to fp32
  *               activation precision; see native/src/quant.cc and bench/int8.ts for why that beats
  *               dequantizing in registers, and why 8-bit activations were not enough.
  *   int8-mixed  LLM.int8() (Dettmers et al., 2022; bitsandbytes' Linear8bitLt in inference mode):
@@ -20,13 +20,18 @@ export const quantSchemes = ["int8", "int8-mixed"] as const;
 export type QuantScheme = (typeof quantSchemes)[number];
 
 /**
- * Chosen by measurement (`npm run bench:int8 -- kernels | model | quality`). Against 64, 128 keeps
- * every quality target (fixtures' next-token cosine to fp32 >= 0.9991, trained model's perplexity
- * -0.1%, KL to fp32 6.2e-5 per token vs 4.9e-5) and is 15-20% faster at batch 32-128, where one
- * convert + FMA per group, row and output weighs on compute-bound kernels; it also stores fewer
- * scales (fp16: 1.016 bytes per weight, 0.508 of bf16; 64: 0.516, 32: 0.531).
+ * Chosen by measurement (`npm run bench:int8 -- kernels | model | quality`). With 16-bit
+ * activations the integer kernels are compute-bound from batch 8 up, and every group costs one
+ * int32 -> fp32 convert and one FMA per row and output. On the bloom-560m shapes, interleaved in
+ * one run: group 128 took 1.09-1.24x bf16's time at batch 8 / 32 / 128, group 256 0.97-1.13x
+ * (kernel bench, 4 runs; model level 1.17 / 0.99 / 1.05 against 1.06 / 0.90 / 0.88). 256 keeps
+ * every quality target: the fixtures' next-token cosine to fp32 >= 0.9992 (128: >= 0.9991), the
+ * trained model's perplexity -0.03 % (128: -0.08 %), KL to fp32 6.7e-5 per token (128: 6.2e-5),
+ * greedy text agreeing on >= 10 tokens for 8 of its 9 prompts (128: 9 of 9); and it stores fewer
+ * scales (1.008 bytes per weight, 0.504 of bf16). BLOOM's widths (1024 ... 14336) are all multiples
+ * of 256.
  */
-export const defaultGroupSize = 128;
+export const defaultGroupSize = 256;
 /** LLM.int8()'s default outlier threshold (bitsandbytes' llm_int8_threshold). */
 export const defaultThreshold = 6.0;
 

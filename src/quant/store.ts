@@ -80,7 +80,11 @@ function requireInt8Backend(backend: Backend): NonNullable<Backend["quantizedMat
  * The matrix factory for an int8 store, or undefined when neither the request nor the checkpoint
  * involves int8 (the caller then uses its ordinary factory). Throws on conflicting requests.
  */
-export function int8MatrixFactory(checkpoint: Checkpoint, backend: Backend, options: Int8Options): { makeMatrix: MakeMatrix; scheme: QuantScheme } | undefined {
+export function int8MatrixFactory(
+  checkpoint: Checkpoint,
+  backend: Backend,
+  options: Int8Options,
+): { makeMatrix: MakeMatrix; scheme: QuantScheme; quantizesAtLoad: boolean } | undefined {
   const stored = checkpointQuantSpec(checkpoint, options.threshold);
   if (stored) {
     if (options.dtype !== "auto" && options.dtype !== stored.scheme) {
@@ -95,7 +99,7 @@ export function int8MatrixFactory(checkpoint: Checkpoint, backend: Backend, opti
       if (view.dtype !== "i8") return backend.matrix(view, view.dtype); // a matrix `blossom quantize` left as it was
       return quantized(view, stored, checkpoint.tensors.get(scaleTensorName(view.name))!);
     };
-    return { makeMatrix, scheme: stored.scheme };
+    return { makeMatrix, scheme: stored.scheme, quantizesAtLoad: false };
   }
   for (const view of checkpoint.tensors.values()) {
     if (view.dtype === "i8") throw checkpointError(view.file, `tensor "${view.name}" is int8 but config.json has no quantization_config (\`blossom quantize\` records the scheme there)`);
@@ -108,5 +112,5 @@ export function int8MatrixFactory(checkpoint: Checkpoint, backend: Backend, opti
   const quantized = requireInt8Backend(backend);
   // Each source matrix is read once to quantize; its pages are dropped so only the int8 copy stays resident.
   const makeMatrix: MakeMatrix = (view) => quantized(view, { ...spec, releaseSource: true });
-  return { makeMatrix, scheme: spec.scheme };
+  return { makeMatrix, scheme: spec.scheme, quantizesAtLoad: true };
 }
