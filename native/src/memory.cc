@@ -6,8 +6,8 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <cstdlib>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -22,9 +22,7 @@ size_t page_size() {
   return p;
 }
 uintptr_t page_floor(uintptr_t p) { return p & ~(page_size() - 1); }
-}  // namespace
 
-namespace {
 constexpr size_t kHugePage = size_t{2} << 20;
 
 bool huge_file_mappings() {
