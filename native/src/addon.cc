@@ -204,7 +204,7 @@ Napi::Value Release(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(info.Env(), true);
 }
 
-// advise(region, byteOffset, byteLength, 'willneed' | 'dontneed')
+// advise(region, byteOffset, byteLength, 'willneed' | 'dontneed' | 'nohugepage')
 Napi::Value Advise(const Napi::CallbackInfo& info) {
   Tracked* t = region_arg(info, 0, "advise");
   int64_t offset = integer(info, 1, "advise: byteOffset");
@@ -213,7 +213,8 @@ Napi::Value Advise(const Napi::CallbackInfo& info) {
   std::string how = info[3].As<Napi::String>().Utf8Value();
   if (how == "willneed") advise_willneed(p, static_cast<size_t>(length));
   else if (how == "dontneed") advise_dontneed(p, static_cast<size_t>(length));
-  else type_error(info.Env(), "advise: expected 'willneed' or 'dontneed'");
+  else if (how == "nohugepage") advise_nohugepage(p, static_cast<size_t>(length));
+  else type_error(info.Env(), "advise: expected 'willneed', 'dontneed' or 'nohugepage'");
   return info.Env().Undefined();
 }
 

@@ -134,6 +134,14 @@ void advise_dontneed(void* data, size_t size) {
   madvise(reinterpret_cast<void*>(start), size + (reinterpret_cast<uintptr_t>(data) - start), MADV_DONTNEED);
 }
 
+void advise_nohugepage(void* data, size_t size) {
+#ifdef MADV_NOHUGEPAGE
+  if (!data || !size) return;
+  uintptr_t start = page_floor(reinterpret_cast<uintptr_t>(data));
+  madvise(reinterpret_cast<void*>(start), size + (reinterpret_cast<uintptr_t>(data) - start), MADV_NOHUGEPAGE);
+#endif
+}
+
 size_t resident_bytes() {
   FILE* f = std::fopen("/proc/self/statm", "r");
   if (!f) return 0;

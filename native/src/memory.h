@@ -22,6 +22,9 @@ void release_region(const Region& r);
 // Hints to the kernel: bring pages in ahead of use, or drop them (file-backed pages are re-read on demand).
 void advise_willneed(void* data, size_t size);
 void advise_dontneed(void* data, size_t size);
+// Map these pages 4 KiB at a time even where the page cache holds them in 2 MiB folios (offloading
+// reads and drops small pieces of a checkpoint; 2 MiB mappings would keep whole huge pages resident).
+void advise_nohugepage(void* data, size_t size);
 // Resident set size of this process in bytes (from /proc/self/statm), 0 if unknown.
 size_t resident_bytes();
 

@@ -36,7 +36,7 @@ export interface NativeAddon {
   regionSize(region: NativeRegion): number;
   /** An ArrayBuffer over [byteOffset, byteOffset+byteLength) of the region, without copying (< 4 GiB). */
   view(region: NativeRegion, byteOffset: number, byteLength: number): ArrayBuffer;
-  advise(region: NativeRegion, byteOffset: number, byteLength: number, how: "willneed" | "dontneed"): void;
+  advise(region: NativeRegion, byteOffset: number, byteLength: number, how: "willneed" | "dontneed" | "nohugepage"): void;
   residentBytes(): number;
   /**
    * Queues a background read of [fileOffset, fileOffset+byteLength) of `path` into the region at
