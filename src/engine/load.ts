@@ -81,6 +81,9 @@ export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngi
     const int8 = int8MatrixFactory(checkpoint, backend, { dtype, groupSize: options.int8GroupSize, threshold: options.int8Threshold });
     const tensors = bloomTensors(checkpoint, checkpoint.config.quantization ? { isExtraTensor: isInt8ExtraTensor } : {});
     const dtypeOf = (view: TensorView) => matrixDtype(view.dtype, dtype);
+    const releaseCheckpointPages = () => {
+      for (const view of checkpoint.tensors.values()) backend.releaseSource?.(view);
+    };
     const builder = new WeightBuilder(backend, int8?.makeMatrix ?? ((view) => backend.matrix(view, dtypeOf(view))));
     const { config } = checkpoint;
     let comm: MpiCollectives | undefined;
@@ -110,15 +113,13 @@ export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngi
       // cache holds the file in large folios, reading one mapped the folio's neighbours too. Drop
       // every page: what is used in place is faulted back in on use. (bench:offload with the file in
       // 2 MiB folios: peak RSS 580-590 MiB against a 520 MiB budget without this, 397-409 with it.)
-      for (const view of checkpoint.tensors.values()) native().advise(view.region, view.byteOffset, view.byteLength, "dontneed");
+      releaseCheckpointPages();
     } else {
       weights = new ResidentWeightStore(tensors, builder);
-      if (int8?.quantizesAtLoad && backend.releaseSource) {
-        // Every matrix now lives in its int8 copy and every small tensor in an fp32 one: drop the
-        // mapped checkpoint's pages. (The matrices dropped theirs as they were quantized; the small
-        // tensors between them would otherwise keep whole pages resident: with 2 MiB pages, tens of MiB.)
-        for (const view of checkpoint.tensors.values()) backend.releaseSource(view);
-      }
+      // Every matrix now lives in its int8 copy and every small tensor in an fp32 one: drop the
+      // mapped checkpoint's pages. (The matrices dropped theirs as they were quantized; the small
+      // tensors between them would otherwise keep whole pages resident: with 2 MiB pages, tens of MiB.)
+      if (int8?.quantizesAtLoad) releaseCheckpointPages();
     }
     const model = new BloomModel(config, weights, backend, comm && shard ? { shard, comm } : undefined);
     const blockSize = options.kvBlockSize ?? 16;
