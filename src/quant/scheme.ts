@@ -21,11 +21,11 @@ export type QuantScheme = (typeof quantSchemes)[number];
 
 /**
  * Chosen by measurement (`npm run bench:int8 -- kernels | model | quality`). With 16-bit
- * activations the integer kernels are compute-bound from batch 8 up, and every group costs one
- * int32 -> fp32 convert and one FMA per row and output. On the bloom-560m shapes, interleaved in
- * one run: group 128 took 1.09-1.24x bf16's time at batch 8 / 32 / 128, group 256 0.97-1.13x
- * (kernel bench, 4 runs; at model level 256 ran 0.84 / 0.85 / 0.90x in one run, 0.93-1.14x at a
- * moment of high bandwidth). 256 keeps
+ * activations the integer kernels are compute-bound from batch 8 up (and at batch 1 when the
+ * machine's bandwidth is high), and every group costs one int32 -> fp32 convert and one FMA per row
+ * and output. On the bloom-560m shapes, interleaved in one run of the kernel bench at batch
+ * 1 / 8 / 32 / 128: group 128 took 1.00 / 1.01 / 0.97 / 1.01x bf16's time, group 256 0.73 / 0.88 /
+ * 0.84 / 0.87x (at model level 256 runs 0.48-0.56 / 0.90-0.92 / 0.82 / 0.83-0.93x). 256 keeps
  * every quality target: the fixtures' next-token cosine to fp32 >= 0.9992 (128: >= 0.9991), the
  * trained model's perplexity -0.03 % (128: -0.08 %), KL to fp32 6.7e-5 per token (128: 6.2e-5),
  * greedy text agreeing on >= 10 tokens for 8 of its 9 prompts (128: 9 of 9); and it stores fewer
