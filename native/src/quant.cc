@@ -11,8 +11,9 @@
 //                        int16 (vpmovsxbw, vpmaddwd). Mixed: 8-bit activations, vpmaddubsw(|w|, x with
 //                        w's sign: the unsigned operand is |w| <= 128, so pairs cannot saturate), then
 //                        vpmaddwd; the outlier features are added in fp32 from the row already in cache.
-//                        Rows go 4 at a time over chunks of outputs whose weight rows stay in L1/L2,
-//                        so larger batches reuse each weight byte from cache. This beats dequantizing
+//                        Batch 1 streams one weight row at a time; larger batches go 4 rows at a time
+//                        over chunks of outputs whose weight rows stay in L1/L2, so each weight byte is
+//                        reused from cache (quant_tile.inc). This beats dequantizing
 //                        (in registers, or into fp32 panels for matmul.cc's GEMM) at every batch size
 //                        on the bloom-560m shapes: bench/int8.ts. Where the CPU has AVX-VNNI the same
 //                        tiles use vpdpwssd / vpdpbusd (quant_tile.inc), with identical results.
