@@ -8,6 +8,8 @@
 #endif
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <vector>
 #include <mutex>
@@ -155,6 +157,29 @@ Napi::Value Allocate(const Napi::CallbackInfo& info) {
   } catch (const std::exception& e) {
     throw Napi::Error::New(info.Env(), e.what());
   }
+}
+
+// allocAligned(bytes) -> a zeroed ArrayBuffer whose data starts on a 64-byte boundary, freed when
+// collected. Activations go in these: the kernels' 32-byte loads of x then never split a cache line
+// (a 16-byte-aligned x costs the bf16 GEMV ~17 % of its compute-bound rate).
+Napi::Value AllocAligned(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  int64_t bytes = integer(info, 0, "allocAligned: bytes");
+  need(env, bytes <= (int64_t(1) << 32) - 1, "allocAligned: a buffer must be smaller than 4 GiB");
+  if (bytes == 0) return Napi::ArrayBuffer::New(env, 0);
+  const size_t size = (static_cast<size_t>(bytes) + 63) & ~size_t(63);
+  void* p = std::aligned_alloc(64, size);
+  if (!p) throw Napi::Error::New(env, "allocAligned: cannot allocate " + std::to_string(bytes) + " bytes");
+  std::memset(p, 0, size);
+  Napi::MemoryManagement::AdjustExternalMemory(env, static_cast<int64_t>(size));
+  return Napi::ArrayBuffer::New(
+      env, p, static_cast<size_t>(bytes),
+      [](Napi::Env e, void* data, size_t* hint) {
+        Napi::MemoryManagement::AdjustExternalMemory(e, -static_cast<int64_t>(*hint));
+        std::free(data);
+        delete hint;
+      },
+      new size_t(size));
 }
 
 Napi::Value RegionSize(const Napi::CallbackInfo& info) {
@@ -744,6 +769,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   env.SetInstanceData<Instance>(inst);
   exports.Set("mapFile", Napi::Function::New(env, MapFile));
   exports.Set("allocate", Napi::Function::New(env, Allocate));
+  exports.Set("allocAligned", Napi::Function::New(env, AllocAligned));
   exports.Set("release", Napi::Function::New(env, Release));
   exports.Set("regionSize", Napi::Function::New(env, RegionSize));
   exports.Set("view", Napi::Function::New(env, View_));

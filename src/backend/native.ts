@@ -31,6 +31,8 @@ export interface NativeAddon {
   // memory
   mapFile(path: string): NativeRegion;
   allocate(bytes: number): NativeRegion;
+  /** A zeroed ArrayBuffer starting on a 64-byte boundary, freed by the garbage collector. */
+  allocAligned(bytes: number): ArrayBuffer;
   /** Frees the region now and detaches its views. Returns false if it was already released. */
   release(region: NativeRegion): boolean;
   regionSize(region: NativeRegion): number;
