@@ -6,7 +6,8 @@
 //                   ones and selectable at run time (setKernelVariant('scalar')) for tests.
 //   AVX2+FMA+F16C, by batch (crossovers measured with bench/tune-linear.ts on the dev machine):
 //   gemv            rows <= 2 (decode). Bound by memory bandwidth: each thread streams whole
-//                   weight rows in address order with a software prefetch, converting in registers.
+//                   weight rows of its own contiguous share in address order with a software
+//                   prefetch, converting in registers.
 //   gemm_small      3..64 rows while x takes at most half of L2 (512 KiB). Compute-bound from
 //                   ~4 rows on, yet weights are still converted in registers (packing would cost
 //                   as much as using them) and reused from L1 by every 4-row tile of x; the next
@@ -202,16 +203,20 @@ void gemv(ThreadPool& pool, float* y, const float* x, int64_t rows, const Weight
           int epilogue, const float* residual) {
   const int64_t out = w.out_features;
   const int64_t row_bytes = w.in_features * static_cast<int64_t>(dtype_size(D));
-  // Chunks of contiguous weight rows handed out dynamically, so both cores finish together; each
-  // chunk is long enough for the hardware prefetchers to ramp up on it.
+  // Each thread streams its own contiguous share of the rows, claimed a chunk at a time, and takes
+  // chunks from the back of the other's share when its own is done, so both cores finish together.
+  // Measured against chunks handed out in any order (1 MiB, alternating between the threads): the
+  // LM head streamed at 0.89 -> 0.96 of the read probe, fc1 0.89 -> 0.93; a decode step 3-4 %
+  // faster. Every restart of a stream costs its ramp-up.
   int64_t chunk = std::max<int64_t>(1, tuning().gemv_chunk_bytes / row_bytes);
   chunk = std::min(chunk, std::max<int64_t>(1, out / (4 * pool.size())));
   for (int64_t r0 = 0; r0 < rows; r0 += 4) {
     const int64_t rn = std::min<int64_t>(4, rows - r0);
-    pool.parallel_for(out, chunk, [&](int64_t begin, int64_t end) {
+    auto body = [&](int64_t begin, int64_t end) {
       gemv_range<D>(y + r0 * out, x + r0 * w.in_features, rn, w, begin, end);
       apply_epilogue_avx2(y + r0 * out, rn, out, begin, end, bias, epilogue, residual ? residual + r0 * out : nullptr);
-    });
+    };
+    pool.parallel_streams(out, chunk, body);
   }
 }
 

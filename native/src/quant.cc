@@ -483,7 +483,7 @@ int64_t linear_int8_avx2(ThreadPool& pool, const Int8LinearArgs& a) {
     if (few_outliers && w.group_size % 32 == 0 && w.in_features % 32 == 0) {
       // Chunks of outputs whose weight rows are reused from cache by every block of 4 rows.
       const bool vnni = use_avx_vnni();
-      pool.parallel_for(out, output_chunk(pool, a.rows, w.in_features, out), [&](int64_t begin, int64_t end) {
+      auto body = [&](int64_t begin, int64_t end) {
         if (vnni) {
           if (p.wide) tile_vnni::int8_rows<true>(a.y, p, a.x, a.rows, w, begin, end);
           else tile_vnni::int8_rows<false>(a.y, p, a.x, a.rows, w, begin, end);
@@ -492,7 +492,12 @@ int64_t linear_int8_avx2(ThreadPool& pool, const Int8LinearArgs& a) {
           else tile_avx2::int8_rows<false>(a.y, p, a.x, a.rows, w, begin, end);
         }
         apply_epilogue_avx2(a.y, a.rows, out, begin, end, a.bias, a.epilogue, a.residual);
-      });
+      };
+      // Up to 4 rows the kernels stream the weights (bandwidth-bound): each thread keeps to one
+      // contiguous run of rows; beyond, chunks are handed out in any order.
+      const int64_t chunk = output_chunk(pool, a.rows, w.in_features, out);
+      if (a.rows <= 4) pool.parallel_streams(out, chunk, body);
+      else pool.parallel_for(out, chunk, body);
       return static_cast<int64_t>(p.outliers.size());
     }
     // Shapes the 32-wide int8 path cannot tile: the same x', dequantized, through the float paths.

@@ -36,6 +36,11 @@ class ThreadPool {
   // even when one core is slower (another process, frequency).
   void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
+  // For streaming kernels: each thread owns a contiguous share of [0, n) and works through it
+  // front to back in chunks of `grain`, so that its reads stay one stream; a thread whose share
+  // is done takes chunks from the back of the share with the most left.
+  void parallel_streams(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
+
  private:
   void worker_main(int index);
 
