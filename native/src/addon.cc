@@ -161,25 +161,31 @@ Napi::Value Allocate(const Napi::CallbackInfo& info) {
 
 // allocAligned(bytes) -> a zeroed ArrayBuffer whose data starts on a 64-byte boundary, freed when
 // collected. Activations go in these: the kernels' 32-byte loads of x then never split a cache line
-// (a 16-byte-aligned x costs the bf16 GEMV ~17 % of its compute-bound rate).
+// (a 16-byte-aligned x costs the bf16 GEMV ~17 % of its compute-bound rate). calloc, as V8's own
+// buffers: a large one is fresh mmap'd memory, resident only where it is touched (a KV cache sized
+// for its capacity costs only the tokens written).
 Napi::Value AllocAligned(const Napi::CallbackInfo& info) {
   auto env = info.Env();
   int64_t bytes = integer(info, 0, "allocAligned: bytes");
   need(env, bytes <= (int64_t(1) << 32) - 1, "allocAligned: a buffer must be smaller than 4 GiB");
   if (bytes == 0) return Napi::ArrayBuffer::New(env, 0);
-  const size_t size = (static_cast<size_t>(bytes) + 63) & ~size_t(63);
-  void* p = std::aligned_alloc(64, size);
-  if (!p) throw Napi::Error::New(env, "allocAligned: cannot allocate " + std::to_string(bytes) + " bytes");
-  std::memset(p, 0, size);
+  const size_t size = static_cast<size_t>(bytes) + 64;
+  void* base = std::calloc(1, size);
+  if (!base) throw Napi::Error::New(env, "allocAligned: cannot allocate " + std::to_string(bytes) + " bytes");
+  void* p = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(base) + 63) & ~uintptr_t(63));
   Napi::MemoryManagement::AdjustExternalMemory(env, static_cast<int64_t>(size));
+  struct Block {
+    void* base;
+    size_t size;
+  };
   return Napi::ArrayBuffer::New(
       env, p, static_cast<size_t>(bytes),
-      [](Napi::Env e, void* data, size_t* hint) {
-        Napi::MemoryManagement::AdjustExternalMemory(e, -static_cast<int64_t>(*hint));
-        std::free(data);
-        delete hint;
+      [](Napi::Env e, void*, Block* block) {
+        Napi::MemoryManagement::AdjustExternalMemory(e, -static_cast<int64_t>(block->size));
+        std::free(block->base);
+        delete block;
       },
-      new size_t(size));
+      new Block{base, size});
 }
 
 Napi::Value RegionSize(const Napi::CallbackInfo& info) {
