@@ -288,6 +288,32 @@ describe("probes and fills", () => {
   });
 });
 
+describe("allocAligned (the CPU backend's activation and KV-cache buffers)", () => {
+  test("zeroed, the requested length, and resident only where touched", () => {
+    for (const bytes of [1, 4, 100, 4096, 1000 * 4]) {
+      const b = new Uint8Array(addon.allocAligned(bytes));
+      assert.equal(b.length, bytes);
+      assert.ok(b.every((v) => v === 0), `allocAligned(${bytes}) is not zeroed`);
+    }
+    // A KV cache is sized for its capacity and filled token by token: 48 MiB must not become
+    // resident before it is written (an allocator that clears it eagerly would make it so).
+    const size = 48 << 20;
+    const before = addon.residentBytes();
+    const big = new Float32Array(addon.allocAligned(size));
+    const untouched = addon.residentBytes() - before;
+    assert.ok(untouched < 8 << 20, `48 MiB allocation made ${untouched} bytes resident before use`);
+    big.fill(1);
+    const touched = addon.residentBytes() - before;
+    assert.ok(touched > 40 << 20, `writing 48 MiB raised the resident set by only ${touched} bytes`);
+    assert.equal(big[big.length - 1], 1);
+  });
+
+  test("a bad size is refused with the parameter's name", () => {
+    assert.throws(() => addon.allocAligned(-1), /allocAligned: bytes/);
+    assert.throws(() => addon.allocAligned(2 ** 33), /allocAligned: a buffer must be smaller than 4 GiB/);
+  });
+});
+
 describe("layerNorm", () => {
   test("matches the fp64 reference", () => {
     for (const variant of variants) {
