@@ -212,11 +212,10 @@ void gemv(ThreadPool& pool, float* y, const float* x, int64_t rows, const Weight
   chunk = std::min(chunk, std::max<int64_t>(1, out / (4 * pool.size())));
   for (int64_t r0 = 0; r0 < rows; r0 += 4) {
     const int64_t rn = std::min<int64_t>(4, rows - r0);
-    auto body = [&](int64_t begin, int64_t end) {
+    pool.parallel_streams(out, chunk, [&](int64_t begin, int64_t end) {
       gemv_range<D>(y + r0 * out, x + r0 * w.in_features, rn, w, begin, end);
       apply_epilogue_avx2(y + r0 * out, rn, out, begin, end, bias, epilogue, residual ? residual + r0 * out : nullptr);
-    };
-    pool.parallel_streams(out, chunk, body);
+    });
   }
 }
 

@@ -120,13 +120,9 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void
 }
 
 void ThreadPool::parallel_streams(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
-  if (n <= 0) return;
-  if (grain < 1) grain = 1;
-  if (threads_ == 1 || n <= grain) {
-    fn(0, n);
-    return;
-  }
-  if (n >= (int64_t(1) << 32)) return parallel_for(n, grain, fn);
+  // Nothing to share out (one thread, one chunk, nothing at all), or more rows than a share's
+  // packed bounds can count: plain chunks.
+  if (threads_ == 1 || n <= std::max<int64_t>(grain, 1) || n >= (int64_t(1) << 32)) return parallel_for(n, grain, fn);
   // A share's remaining range [front, back) packed in one word: front in the low half, back in
   // the high half, so the owner (front) and a thief (back) claim with one compare-and-swap.
   struct alignas(64) Share {
@@ -139,7 +135,7 @@ void ThreadPool::parallel_streams(int64_t n, int64_t grain, const std::function<
     const uint64_t b = static_cast<uint64_t>(n * t / t_count), e = static_cast<uint64_t>(n * (t + 1) / t_count);
     shares[static_cast<size_t>(t)].range.store(pack(b, e), std::memory_order_relaxed);
   }
-  const uint64_t g = static_cast<uint64_t>(grain);
+  const uint64_t g = static_cast<uint64_t>(std::max<int64_t>(grain, 1));
   run([&](int t, int) {
     std::atomic<uint64_t>& own = shares[static_cast<size_t>(t)].range;
     for (uint64_t r = own.load(std::memory_order_relaxed);;) {
