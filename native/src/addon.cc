@@ -248,8 +248,23 @@ Napi::Value Advise(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// residentBytes() -> this process's resident set; residentBytes(buffer) -> how much of that
+// ArrayBuffer or typed array lies in resident pages (unaffected by anything else the process frees).
 Napi::Value ResidentBytes(const Napi::CallbackInfo& info) {
-  return Napi::Number::New(info.Env(), static_cast<double>(resident_bytes()));
+  auto env = info.Env();
+  if (info.Length() == 0 || info[0].IsUndefined()) return Napi::Number::New(env, static_cast<double>(resident_bytes()));
+  const void* data = nullptr;
+  size_t size = 0;
+  if (info[0].IsArrayBuffer()) {
+    auto ab = info[0].As<Napi::ArrayBuffer>();
+    data = ab.Data(), size = ab.ByteLength();
+  } else if (info[0].IsTypedArray()) {
+    auto ta = info[0].As<Napi::TypedArray>();
+    data = static_cast<const uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset(), size = ta.ByteLength();
+  } else {
+    type_error(env, "residentBytes: expected nothing, an ArrayBuffer or a typed array");
+  }
+  return Napi::Number::New(env, static_cast<double>(resident_bytes_in(data, size)));
 }
 
 // ---- machine and threads ---------------------------------------------------------------------

@@ -13,6 +13,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <tuple>
+#include <vector>
 
 namespace blossom {
 
@@ -140,6 +141,18 @@ void advise_nohugepage(void* data, size_t size) {
   uintptr_t start = page_floor(reinterpret_cast<uintptr_t>(data));
   madvise(reinterpret_cast<void*>(start), size + (reinterpret_cast<uintptr_t>(data) - start), MADV_NOHUGEPAGE);
 #endif
+}
+
+size_t resident_bytes_in(const void* data, size_t size) {
+  if (!data || !size) return 0;
+  const size_t page = page_size();
+  const uintptr_t start = page_floor(reinterpret_cast<uintptr_t>(data));
+  const size_t length = size + (reinterpret_cast<uintptr_t>(data) - start);
+  std::vector<unsigned char> vec((length + page - 1) / page);
+  if (mincore(reinterpret_cast<void*>(start), length, vec.data()) != 0) return 0;
+  size_t pages = 0;
+  for (unsigned char v : vec) pages += v & 1;
+  return pages * page;
 }
 
 size_t resident_bytes() {

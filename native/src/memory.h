@@ -27,5 +27,7 @@ void advise_dontneed(void* data, size_t size);
 void advise_nohugepage(void* data, size_t size);
 // Resident set size of this process in bytes (from /proc/self/statm), 0 if unknown.
 size_t resident_bytes();
+// Bytes of [data, data+size) in resident pages (mincore), whole pages counted.
+size_t resident_bytes_in(const void* data, size_t size);
 
 }  // namespace blossom

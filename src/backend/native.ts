@@ -39,7 +39,8 @@ export interface NativeAddon {
   /** An ArrayBuffer over [byteOffset, byteOffset+byteLength) of the region, without copying (< 4 GiB). */
   view(region: NativeRegion, byteOffset: number, byteLength: number): ArrayBuffer;
   advise(region: NativeRegion, byteOffset: number, byteLength: number, how: "willneed" | "dontneed" | "nohugepage"): void;
-  residentBytes(): number;
+  /** The process's resident set in bytes; with a buffer, the bytes of it in resident pages. */
+  residentBytes(buffer?: ArrayBufferLike | ArrayBufferView): number;
   /**
    * Queues a background read of [fileOffset, fileOffset+byteLength) of `path` into the region at
    * dstOffset (disk offload); with evictAfter the pages are then dropped from the page cache.
