@@ -71,7 +71,7 @@ using namespace simd;
 struct Tuning {
   int64_t gemv_max_rows = 2;
   int64_t gemv_chunk_bytes = 1 << 20;
-  int64_t gemv_prefetch = 8192;
+  int64_t gemv_prefetch = 6144;  // bytes ahead; with contiguous shares 6 KiB beat 8 KiB by 2-3 % per decode step
   int64_t gemv_prefetch_nta = 0;
   int64_t kc = 512;
   int64_t nb = 96;
