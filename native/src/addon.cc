@@ -160,31 +160,47 @@ Napi::Value Allocate(const Napi::CallbackInfo& info) {
 
 // allocAligned(bytes) -> a zeroed ArrayBuffer whose data starts on a 64-byte boundary, freed when
 // collected. Activations go in these: the kernels' 32-byte loads of x then never split a cache line
-// (a 16-byte-aligned x costs the bf16 GEMV ~17 % of its compute-bound rate). calloc, as V8's own
-// buffers: a large one is fresh mmap'd memory, resident only where it is touched (a KV cache sized
-// for its capacity costs only the tokens written).
+// (a 16-byte-aligned x costs the bf16 GEMV ~17 % of its compute-bound rate). From 1 MiB up the
+// buffer is fresh anonymous memory of its own, resident only where it is written (a KV cache sized
+// for its capacity costs only the tokens written; calloc may hand back recycled, resident memory).
 Napi::Value AllocAligned(const Napi::CallbackInfo& info) {
   auto env = info.Env();
   int64_t bytes = integer(info, 0, "allocAligned: bytes");
   need(env, bytes <= (int64_t(1) << 32) - 1, "allocAligned: a buffer must be smaller than 4 GiB");
   if (bytes == 0) return Napi::ArrayBuffer::New(env, 0);
-  const size_t size = static_cast<size_t>(bytes) + 64;
-  void* base = std::calloc(1, size);
-  if (!base) throw Napi::Error::New(env, "allocAligned: cannot allocate " + std::to_string(bytes) + " bytes");
-  void* p = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(base) + 63) & ~uintptr_t(63));
-  Napi::MemoryManagement::AdjustExternalMemory(env, static_cast<int64_t>(size));
   struct Block {
-    void* base;
+    Region pages;  // set for page-backed buffers
+    void* base;    // else the calloc'd block
     size_t size;
   };
+  Block* block;
+  void* data;
+  if (bytes >= (int64_t(1) << 20)) {
+    Region pages;
+    try {
+      pages = allocate_pages(static_cast<size_t>(bytes), /*huge=*/false);  // KV caches fill token by token
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, std::string("allocAligned: ") + e.what());
+    }
+    block = new Block{pages, nullptr, pages.size};
+    data = pages.data;
+  } else {
+    const size_t size = static_cast<size_t>(bytes) + 64;
+    void* base = std::calloc(1, size);
+    if (!base) throw Napi::Error::New(env, "allocAligned: cannot allocate " + std::to_string(bytes) + " bytes");
+    block = new Block{Region{}, base, size};
+    data = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(base) + 63) & ~uintptr_t(63));
+  }
+  Napi::MemoryManagement::AdjustExternalMemory(env, static_cast<int64_t>(block->size));
   return Napi::ArrayBuffer::New(
-      env, p, static_cast<size_t>(bytes),
-      [](Napi::Env e, void*, Block* block) {
-        Napi::MemoryManagement::AdjustExternalMemory(e, -static_cast<int64_t>(block->size));
-        std::free(block->base);
-        delete block;
+      env, data, static_cast<size_t>(bytes),
+      [](Napi::Env e, void*, Block* b) {
+        Napi::MemoryManagement::AdjustExternalMemory(e, -static_cast<int64_t>(b->size));
+        if (b->base) std::free(b->base);
+        else release_region(b->pages);
+        delete b;
       },
-      new Block{base, size});
+      block);
 }
 
 Napi::Value RegionSize(const Napi::CallbackInfo& info) {

@@ -106,14 +106,14 @@ std::shared_ptr<Region> map_file_shared(const std::string& path) {
   return mapping;
 }
 
-Region allocate_pages(size_t bytes) {
+Region allocate_pages(size_t bytes, bool huge) {
   Region r;
   r.size = bytes;
   if (bytes == 0) return r;
   void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) throw std::runtime_error("cannot allocate " + std::to_string(bytes) + " bytes (" + std::strerror(errno) + ")");
 #ifdef MADV_HUGEPAGE
-  if (bytes >= (2u << 20)) madvise(p, bytes, MADV_HUGEPAGE);
+  if (huge && bytes >= (2u << 20)) madvise(p, bytes, MADV_HUGEPAGE);
 #endif
   r.data = p;
   return r;

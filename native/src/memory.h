@@ -16,8 +16,9 @@ Region map_file(const std::string& path);
 // The same, but one mapping per file per process: engine workers (replicas) that map the same
 // checkpoint share its pages instead of each counting them. Unmapped when the last owner drops it.
 std::shared_ptr<Region> map_file_shared(const std::string& path);
-// Anonymous, zero-filled, page-aligned memory; transparent huge pages requested.
-Region allocate_pages(size_t bytes);
+// Anonymous, zero-filled, page-aligned memory, resident only once touched; transparent huge pages
+// requested unless `huge` is false (buffers filled a little at a time: each touch would make 2 MiB resident).
+Region allocate_pages(size_t bytes, bool huge = true);
 void release_region(const Region& r);
 // Hints to the kernel: bring pages in ahead of use, or drop them (file-backed pages are re-read on demand).
 void advise_willneed(void* data, size_t size);
