@@ -123,33 +123,39 @@ void release_region(const Region& r) {
   if (r.data && r.size) munmap(r.data, r.size);
 }
 
-void advise_willneed(void* data, size_t size) {
-  if (!data || !size) return;
-  uintptr_t start = page_floor(reinterpret_cast<uintptr_t>(data));
-  madvise(reinterpret_cast<void*>(start), size + (reinterpret_cast<uintptr_t>(data) - start), MADV_WILLNEED);
+namespace {
+// [data, data+size) widened to start on a page boundary, as madvise and mincore require.
+struct PageRange {
+  void* start;
+  size_t length;
+};
+PageRange page_range(const void* data, size_t size) {
+  const uintptr_t start = page_floor(reinterpret_cast<uintptr_t>(data));
+  return {reinterpret_cast<void*>(start), size + (reinterpret_cast<uintptr_t>(data) - start)};
 }
+void advise(void* data, size_t size, int advice) {
+  if (!data || !size) return;
+  const PageRange r = page_range(data, size);
+  madvise(r.start, r.length, advice);
+}
+}  // namespace
 
-void advise_dontneed(void* data, size_t size) {
-  if (!data || !size) return;
-  uintptr_t start = page_floor(reinterpret_cast<uintptr_t>(data));
-  madvise(reinterpret_cast<void*>(start), size + (reinterpret_cast<uintptr_t>(data) - start), MADV_DONTNEED);
-}
+void advise_willneed(void* data, size_t size) { advise(data, size, MADV_WILLNEED); }
+
+void advise_dontneed(void* data, size_t size) { advise(data, size, MADV_DONTNEED); }
 
 void advise_nohugepage(void* data, size_t size) {
 #ifdef MADV_NOHUGEPAGE
-  if (!data || !size) return;
-  uintptr_t start = page_floor(reinterpret_cast<uintptr_t>(data));
-  madvise(reinterpret_cast<void*>(start), size + (reinterpret_cast<uintptr_t>(data) - start), MADV_NOHUGEPAGE);
+  advise(data, size, MADV_NOHUGEPAGE);
 #endif
 }
 
 size_t resident_bytes_in(const void* data, size_t size) {
   if (!data || !size) return 0;
   const size_t page = page_size();
-  const uintptr_t start = page_floor(reinterpret_cast<uintptr_t>(data));
-  const size_t length = size + (reinterpret_cast<uintptr_t>(data) - start);
-  std::vector<unsigned char> vec((length + page - 1) / page);
-  if (mincore(reinterpret_cast<void*>(start), length, vec.data()) != 0) return 0;
+  const PageRange r = page_range(data, size);
+  std::vector<unsigned char> vec((r.length + page - 1) / page);
+  if (mincore(r.start, r.length, vec.data()) != 0) return 0;
   size_t pages = 0;
   for (unsigned char v : vec) pages += v & 1;
   return pages * page;
