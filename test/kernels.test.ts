@@ -428,6 +428,66 @@ describe("attention", () => {
     return out;
   }
 
+  /** Random data for a ragged batch over a shuffled pool of blocks: spec rows are (tokenStart, numNew, pastLen). */
+  function raggedBatch(spec: readonly (readonly [number, number, number])[], blockSize: number, numBlocks: number) {
+    const pool = Array.from({ length: numBlocks }, (_, i) => i);
+    const shuffle = rng(5);
+    for (let i = pool.length - 1; i > 0; i--) {
+      const k = Math.floor(shuffle() * (i + 1));
+      [pool[i], pool[k]] = [pool[k]!, pool[i]!];
+    }
+    const seqs = new Int32Array(spec.length * 4);
+    const tableList: number[] = [];
+    spec.forEach(([start, numNew, past], i) => {
+      seqs.set([start, numNew, past, tableList.length], 4 * i);
+      for (let b = 0; b < Math.ceil((past + numNew) / blockSize); b++) tableList.push(pool.pop()!);
+    });
+    return { seqs, table: Int32Array.from(tableList) };
+  }
+
+  function checkAgainstReference(label: string, spec: readonly (readonly [number, number, number])[], heads: number, d: number, blockSize: number, numBlocks: number) {
+    const numTokens = spec.reduce((n, [, numNew]) => n + numNew, 0);
+    const { seqs, table } = raggedBatch(spec, blockSize, numBlocks);
+    const slopes = Float32Array.from({ length: heads }, (_, h) => 2 ** ((-8 * (h + 1)) / heads));
+    for (const variant of variants) {
+      addon.setKernelVariant(variant);
+      const qkv = randomF32(numTokens * heads * 3 * d, 31, 2);
+      const kCache = randomF32(numBlocks * heads * blockSize * d, 32);
+      const vCache = randomF32(numBlocks * heads * blockSize * d, 33);
+      const kRef = Float64Array.from(kCache), vRef = Float64Array.from(vCache);
+      const want = referenceAttention(qkv, heads, d, kRef, vRef, blockSize, seqs, table, slopes, numTokens);
+      const out = new Float32Array(numTokens * heads * d);
+      addon.attention(out, qkv, numTokens, heads, d, kCache, vCache, blockSize, seqs, table, slopes);
+      assert.deepEqual(Float64Array.from(kCache), kRef, `${variant}: k cache after append`);
+      assert.deepEqual(Float64Array.from(vCache), vRef, `${variant}: v cache after append`);
+      let worst = 0;
+      for (let i = 0; i < out.length; i++) {
+        // Outputs are convex combinations of |v| <= 1: softmax weights carry a relative error of
+        // a few ulps per score (|score| < ~50 here) plus the d-term dot products.
+        const diff = Math.abs(out[i]! - want[i]!);
+        assert.ok(diff <= 2e-5, `${variant} attention out[${i}] = ${out[i]} vs ${want[i]}`);
+        worst = Math.max(worst, diff);
+      }
+      console.log(`  attention ${label} heads=${heads} d=${d} blockSize=${blockSize} ${variant}: max |diff| ${worst.toExponential(2)}`);
+    }
+    addon.setKernelVariant(initialVariant);
+  }
+
+  // Decoding batches (one new token per sequence) go through the one-pass kernel: head groups of
+  // one sequence (batch 1: the heads are split among the threads), of all heads (many sequences),
+  // groups that do not divide the heads, a first token, ends inside and at the end of a block.
+  for (const [heads, d, blockSize, spec] of [
+    [16, 64, 16, [[0, 1, 100]]],
+    [6, 24, 16, [[0, 1, 0], [1, 1, 15], [2, 1, 16], [3, 1, 40], [4, 1, 100]]],
+    [5, 16, 8, [[0, 1, 30], [1, 1, 7]]],
+    [2, 128, 16, [[0, 1, 33], [1, 1, 64], [2, 1, 5]]],
+    [4, 80, 4, [[0, 1, 21]]],
+  ] as const) {
+    test(`decoding batch (${spec.length} sequences) matches the fp64 reference (heads ${heads}, headDim ${d}, blockSize ${blockSize})`, () => {
+      checkAgainstReference("decode", spec, heads, d, blockSize, 48);
+    });
+  }
+
   for (const [heads, d, blockSize] of [
     [3, 12, 4],
     [4, 64, 16], // 8-key groups within blocks, one 64-wide value pass
@@ -436,52 +496,9 @@ describe("attention", () => {
   ] as const) {
     test(`ragged batch over a paged cache matches the fp64 reference (heads ${heads}, headDim ${d}, blockSize ${blockSize})`, () => {
       // Four sequences (tokenStart, numNew, pastLen): a prefill of 6 after nothing, one decode
-      // token after 9, three tokens after 2, two tokens after 37 (several blocks of keys).
-      const spec = [
-        [0, 6, 0],
-        [6, 1, 9],
-        [7, 3, 2],
-        [10, 2, 37],
-      ] as const;
-      const numTokens = 12;
-      // Each sequence's blocks come from a shuffled pool, so block tables are not contiguous.
-      const numBlocks = 40;
-      const pool = Array.from({ length: numBlocks }, (_, i) => i);
-      const shuffle = rng(5);
-      for (let i = pool.length - 1; i > 0; i--) {
-        const k = Math.floor(shuffle() * (i + 1));
-        [pool[i], pool[k]] = [pool[k]!, pool[i]!];
-      }
-      const seqs = new Int32Array(spec.length * 4);
-      const tableList: number[] = [];
-      spec.forEach(([start, numNew, past], i) => {
-        seqs.set([start, numNew, past, tableList.length], 4 * i);
-        for (let b = 0; b < Math.ceil((past + numNew) / blockSize); b++) tableList.push(pool.pop()!);
-      });
-      const table = Int32Array.from(tableList);
-      const slopes = Float32Array.from({ length: heads }, (_, h) => 2 ** ((-8 * (h + 1)) / heads));
-      for (const variant of variants) {
-        addon.setKernelVariant(variant);
-        const qkv = randomF32(numTokens * heads * 3 * d, 31, 2);
-        const kCache = randomF32(numBlocks * heads * blockSize * d, 32);
-        const vCache = randomF32(numBlocks * heads * blockSize * d, 33);
-        const kRef = Float64Array.from(kCache), vRef = Float64Array.from(vCache);
-        const want = referenceAttention(qkv, heads, d, kRef, vRef, blockSize, seqs, table, slopes, numTokens);
-        const out = new Float32Array(numTokens * heads * d);
-        addon.attention(out, qkv, numTokens, heads, d, kCache, vCache, blockSize, seqs, table, slopes);
-        assert.deepEqual(Float64Array.from(kCache), kRef, `${variant}: k cache after append`);
-        assert.deepEqual(Float64Array.from(vCache), vRef, `${variant}: v cache after append`);
-        let worst = 0;
-        for (let i = 0; i < out.length; i++) {
-          // Outputs are convex combinations of |v| <= 1: softmax weights carry a relative error of
-          // a few ulps per score (|score| < ~50 here) plus the d-term dot products.
-          const diff = Math.abs(out[i]! - want[i]!);
-          assert.ok(diff <= 2e-5, `${variant} attention out[${i}] = ${out[i]} vs ${want[i]}`);
-          worst = Math.max(worst, diff);
-        }
-        console.log(`  attention heads=${heads} d=${d} blockSize=${blockSize} ${variant}: max |diff| ${worst.toExponential(2)}`);
-      }
-      addon.setKernelVariant(initialVariant);
+      // token after 9, three tokens after 2, two tokens after 37 (several blocks of keys). Each
+      // sequence's blocks come from a shuffled pool, so block tables are not contiguous.
+      checkAgainstReference("ragged", [[0, 6, 0], [6, 1, 9], [7, 3, 2], [10, 2, 37]], heads, d, blockSize, 40);
     });
   }
 });
