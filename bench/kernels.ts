@@ -66,6 +66,9 @@ interface OtherRow {
   op: string;
   batch: number;
   ms: number;
+  /** attention: keys and values read per second, and the read bandwidth probed around it */
+  kvGBs?: number;
+  bandwidthGBs?: number;
   otherLoad: number;
 }
 
@@ -336,23 +339,33 @@ function summarize(rows: Row[]): void {
   line("GEMM batch >= 64, % of FMA peak          ", rows.filter((r) => r.batch >= 64), (r) => r.fmaRatio, 0.7);
 }
 
-/** attention over a ~100-token paged KV cache and layer_norm at batch 1 and 128 (one decode step each). */
+/**
+ * attention over a ~100-token paged KV cache and layer_norm at batch 1 and 128 (one decode step each).
+ * Decoding reads the cache cold (a whole step of weights streams between one layer's attention calls),
+ * so attention cycles through copies of the cache that together exceed the last-level cache, and its
+ * KV bytes per second are set against the read bandwidth probed just before and after.
+ */
 function benchOthers(quick: boolean, attempts: number, linearRows: Row[]): OtherRow[] {
   const addon = native();
   const out: OtherRow[] = [];
   const pastLen = 100;
   const blockSize = 16;
-  console.log(`\nattention (a decode step: 1 new token per sequence over ${pastLen} cached) and layer_norm, against the`);
-  console.log(`bf16 matmuls of one decoder layer (qkv + dense + h_to_4h + 4h_to_h, measured above) at the same batch:\n`);
-  console.log(`${pad("model", 11, false)} ${pad("batch", 5)} ${pad("attention ms", 12)} ${pad("layer_norm ms", 13)} ${pad("matmuls ms", 10)} ${pad("share", 6)}`);
+  const threads = addon.getThreads();
+  console.log(`\nattention (a decode step: 1 new token per sequence over ${pastLen} cached, the cache read cold) and layer_norm,`);
+  console.log(`against the bf16 matmuls of one decoder layer (qkv + dense + h_to_4h + 4h_to_h, measured above) at the same batch:\n`);
+  console.log(
+    `${pad("model", 11, false)} ${pad("batch", 5)} ${pad("attention ms", 12)} ${pad("KV GB/s", 7)} ${pad("BWlim", 5)} ${pad("%BW", 4)} ` +
+      `${pad("layer_norm ms", 13)} ${pad("matmuls ms", 10)} ${pad("share", 6)}`,
+  );
   for (const model of quick ? ["bloom-560m"] : Object.keys(models)) {
     const { hidden, heads } = models[model]!;
     const headDim = hidden / heads;
     for (const batch of [1, 128]) {
       const blocksPerSeq = Math.ceil((pastLen + 1) / blockSize);
       const numBlocks = blocksPerSeq * batch;
-      const kCache = randomArray(numBlocks * heads * blockSize * headDim, 5);
-      const vCache = randomArray(numBlocks * heads * blockSize * headDim, 6);
+      const cacheFloats = numBlocks * heads * blockSize * headDim;
+      const copies = Math.max(1, Math.ceil((96 * 2 ** 20) / (cacheFloats * 8)));
+      const caches = Array.from({ length: copies }, (_, c) => [randomArray(cacheFloats, 5 + 2 * c), randomArray(cacheFloats, 6 + 2 * c)] as const);
       const qkv = randomArray(batch * 3 * hidden, 7);
       const o = new Float32Array(batch * hidden);
       const seqs = new Int32Array(batch * 4);
@@ -360,34 +373,47 @@ function benchOthers(quick: boolean, attempts: number, linearRows: Row[]): Other
       for (let i = 0; i < numBlocks; i++) table[i] = i;
       for (let s = 0; s < batch; s++) seqs.set([s, 1, pastLen, s * blocksPerSeq], s * 4);
       const slopes = new Float32Array(heads).map((_, h) => 2 ** ((-8 * (h + 1)) / heads));
-      const time = (f: () => void) =>
+      const kvBytes = batch * (pastLen + 1) * hidden * 4 * 2;
+      let copy = 0;
+      const attend = () => {
+        const [k, v] = caches[copy]!;
+        addon.attention(o, qkv, batch, heads, headDim, k, v, blockSize, seqs, table, slopes);
+        copy = (copy + 1) % copies;
+      };
+      const time = (f: () => void, calls: number) =>
         quietest(attempts, () => {
-          f();
+          for (let i = 0; i < Math.min(calls, copies); i++) f();
+          const before = addon.probeReadBandwidth(256 * 2 ** 20, threads, 1);
           const ts: number[] = [];
-          for (let i = 0; i < (quick ? 10 : 30); i++) {
+          for (let i = 0; i < calls; i++) {
             const s = nowMs();
             f();
             ts.push(nowMs() - s);
           }
-          return median(ts);
+          const after = addon.probeReadBandwidth(256 * 2 ** 20, threads, 1);
+          return { ms: median(ts), probe: Math.max(before, after) };
         });
-      const att = time(() => addon.attention(o, qkv, batch, heads, headDim, kCache, vCache, blockSize, seqs, table, slopes));
+      const att = time(attend, Math.max(quick ? 10 : 30, 2 * copies));
       const xs = randomArray(batch * hidden, 9);
       const ys = new Float32Array(batch * hidden);
       const gamma = randomArray(hidden, 10);
       const beta = randomArray(hidden, 12);
-      const ln = time(() => addon.layerNorm(ys, xs, batch, hidden, gamma, beta, 1e-5));
-      out.push({ model, op: "attention", batch, ms: att.value, otherLoad: att.others });
-      out.push({ model, op: "layer_norm", batch, ms: ln.value, otherLoad: ln.others });
+      const ln = time(() => addon.layerNorm(ys, xs, batch, hidden, gamma, beta, 1e-5), quick ? 10 : 30);
+      const attMs = att.value.ms, lnMs = ln.value.ms;
+      const kvGBs = kvBytes / attMs / 1e6;
+      out.push({ model, op: "attention", batch, ms: attMs, kvGBs, bandwidthGBs: att.value.probe, otherLoad: att.others });
+      out.push({ model, op: "layer_norm", batch, ms: lnMs, otherLoad: ln.others });
       const mm = linearRows.filter((r) => r.model === model && r.batch === batch && r.dtype === "bf16" && r.layer !== "lm_head");
       const matmulMs = mm.length === 4 ? mm.reduce((a, r) => a + r.ms, 0) : NaN;
-      const share = (att.value + 2 * ln.value) / (att.value + 2 * ln.value + matmulMs);
+      const share = (attMs + 2 * lnMs) / (attMs + 2 * lnMs + matmulMs);
       console.log(
-        `${pad(model, 11, false)} ${pad(batch, 5)} ${pad(att.value.toFixed(3), 12)} ${pad(ln.value.toFixed(3), 13)} ` +
+        `${pad(model, 11, false)} ${pad(batch, 5)} ${pad(attMs.toFixed(3), 12)} ${pad(kvGBs.toFixed(1), 7)} ${pad(att.value.probe.toFixed(0), 5)} ` +
+          `${pad(pct(kvGBs / att.value.probe), 4)} ${pad(lnMs.toFixed(3), 13)} ` +
           `${pad(Number.isNaN(matmulMs) ? "-" : matmulMs.toFixed(3), 10)} ${pad(Number.isNaN(share) ? "-" : pct(share), 6)}${loadNote(Math.max(att.others, ln.others))}`,
       );
     }
   }
+  console.log(`KV GB/s = keys and values read / time; BWlim: read bandwidth probed just before and after;`);
   console.log(`share = (attention + 2 layer_norms) / (that + the layer's matmuls)`);
   return out;
 }
