@@ -74,6 +74,56 @@ BLOSSOM_AVX2_INLINE __m256 hsum8x8(const __m256* v) {
   return _mm256_add_ps(lo, hi);
 }
 
+// Scores of jn contiguous keys of one head, at positions j0.., into sc[0..jn):
+// slope * position + (q . k) * scale, 8 keys at a time; returns their max. While it scores 8 keys it
+// prefetches the same byte range of pf_a and pf_b (either may be null).
+BLOSSOM_AVX2_INLINE float score_keys_avx2(float* sc, const float* q, const float* kb, int64_t jn, int64_t j0, float slope,
+                                          float scale, int d, const char* pf_a, const char* pf_b) {
+  __m256 vmax = _mm256_set1_ps(-INFINITY);
+  float mx = -INFINITY;
+  int64_t j = 0;
+  for (; j + 8 <= jn; j += 8) {
+    for (int64_t line = j * d * 4; line < (j + 8) * d * 4; line += 64) {
+      if (pf_a) _mm_prefetch(pf_a + line, _MM_HINT_T0);
+      if (pf_b) _mm_prefetch(pf_b + line, _MM_HINT_T0);
+    }
+    __m256 acc[8];
+    for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
+    for (int e = 0; e < d; e += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + e);
+      for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kb + (j + u) * d + e), acc[u]);
+    }
+    const __m256 pos = _mm256_add_ps(_mm256_set1_ps(static_cast<float>(j0 + j)), _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 v = _mm256_fmadd_ps(_mm256_set1_ps(slope), pos, _mm256_mul_ps(hsum8x8(acc), _mm256_set1_ps(scale)));
+    _mm256_storeu_ps(sc + j, v);
+    vmax = _mm256_max_ps(vmax, v);
+  }
+  for (; j < jn; ++j) {
+    const float v = slope * static_cast<float>(j0 + j) + dot_avx2(q, kb + j * d, d) * scale;
+    sc[j] = v;
+    mx = std::max(mx, v);
+  }
+  return std::max(mx, simd::hmax(vmax));
+}
+
+// sc[j] = exp(sc[j] - mx) over n scores, 8 at a time; returns their sum.
+BLOSSOM_AVX2_INLINE float exp_sum_avx2(float* sc, int64_t n, float mx) {
+  const __m256 vmx = _mm256_set1_ps(mx);
+  __m256 vsum = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = simd::exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), vmx));
+    _mm256_storeu_ps(sc + j, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  float sum = simd::hsum(vsum);
+  for (; j < n; ++j) {
+    sc[j] = std::exp(sc[j] - mx);
+    sum += sc[j];
+  }
+  return sum;
+}
+
 // The AVX2 version of attend_head for head_dim a multiple of 8. Same three passes as the
 // reference (scores and their max, exponentials and their sum, weighted sum of values), each
 // vectorised across keys: 8 keys' dot products at a time, exp over 8 scores, and the value sum
@@ -91,53 +141,17 @@ BLOSSOM_AVX2 void attend_head_avx2(const AttentionArgs& a, const Seq& s, int h, 
     if (static_cast<int64_t>(scores.size()) < n + 8) scores.resize(n + 8);
     float* sc = scores.data();
     // 1. scores_j = slope * j + (q . k_j) * scale, 8 keys at a time within each block.
-    __m256 vmax = _mm256_set1_ps(-INFINITY);
     float mx = -INFINITY;
     for (int64_t j0 = 0; j0 < n; j0 += bs) {
       const float* kb = a.k_cache + cache_offset(a, s, j0, h);  // bs keys of this head, contiguous
-      const int64_t jn = std::min<int64_t>(bs, n - j0);
       // Blocks are scattered, so the hardware prefetchers restart at each one: fetch the next
       // block's keys and this block's values (for pass 3) while these keys are being scored.
       const char* next_k = j0 + bs < n ? reinterpret_cast<const char*>(a.k_cache + cache_offset(a, s, j0 + bs, h)) : nullptr;
       const char* this_v = reinterpret_cast<const char*>(a.v_cache + cache_offset(a, s, j0, h));
-      int64_t j = 0;
-      for (; j + 8 <= jn; j += 8) {
-        for (int64_t line = j * d * 4; line < (j + 8) * d * 4; line += 64) {
-          if (next_k) _mm_prefetch(next_k + line, _MM_HINT_T0);
-          _mm_prefetch(this_v + line, _MM_HINT_T0);
-        }
-        __m256 acc[8];
-        for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
-        for (int e = 0; e < d; e += 8) {
-          const __m256 qv = _mm256_loadu_ps(q + e);
-          for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kb + (j + u) * d + e), acc[u]);
-        }
-        const __m256 pos = _mm256_add_ps(_mm256_set1_ps(static_cast<float>(j0 + j)), _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7));
-        const __m256 v = _mm256_fmadd_ps(_mm256_set1_ps(slope), pos, _mm256_mul_ps(hsum8x8(acc), _mm256_set1_ps(scale)));
-        _mm256_storeu_ps(sc + j0 + j, v);
-        vmax = _mm256_max_ps(vmax, v);
-      }
-      for (; j < jn; ++j) {
-        const float v = slope * static_cast<float>(j0 + j) + dot_avx2(q, kb + j * d, d) * scale;
-        sc[j0 + j] = v;
-        mx = std::max(mx, v);
-      }
+      mx = std::max(mx, score_keys_avx2(sc + j0, q, kb, std::min<int64_t>(bs, n - j0), j0, slope, scale, d, next_k, this_v));
     }
-    mx = std::max(mx, simd::hmax(vmax));
     // 2. e_j = exp(score_j - max) and their sum.
-    const __m256 vmx = _mm256_set1_ps(mx);
-    __m256 vsum = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-      const __m256 e = simd::exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), vmx));
-      _mm256_storeu_ps(sc + j, e);
-      vsum = _mm256_add_ps(vsum, e);
-    }
-    float sum = simd::hsum(vsum);
-    for (; j < n; ++j) {
-      sc[j] = std::exp(sc[j] - mx);
-      sum += sc[j];
-    }
+    const float sum = exp_sum_avx2(sc, n, mx);
     // 3. out = (sum_j e_j v_j) / sum, 64 dimensions per pass with the accumulators in registers.
     float* o = a.out + t * static_cast<int64_t>(a.num_heads) * d + static_cast<int64_t>(h) * d;
     const __m256 inv = _mm256_set1_ps(1.0f / sum);
@@ -207,45 +221,12 @@ BLOSSOM_AVX2 void attend_decode_avx2(const AttentionArgs& a, const Seq& s, int h
       const char* nk = hh + 1 < nh ? reinterpret_cast<const char*>(kb + bs * d) : next_k;
       if (nk) for (int64_t line = 0; line < head_bytes; line += 64) _mm_prefetch(nk + line, _MM_HINT_T0);
       for (int64_t line = 0; line < head_bytes; line += 64) _mm_prefetch(reinterpret_cast<const char*>(vb) + line, _MM_HINT_T0);
-      // Scores of this block's keys, 8 at a time.
-      __m256 vmax = _mm256_set1_ps(-INFINITY);
-      float bmax = -INFINITY;
-      int64_t j = 0;
-      for (; j + 8 <= jn; j += 8) {
-        __m256 dots[8];
-        for (int u = 0; u < 8; ++u) dots[u] = _mm256_setzero_ps();
-        for (int e = 0; e < d; e += 8) {
-          const __m256 qv = _mm256_loadu_ps(q + e);
-          for (int u = 0; u < 8; ++u) dots[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kb + (j + u) * d + e), dots[u]);
-        }
-        const __m256 pos = _mm256_add_ps(_mm256_set1_ps(static_cast<float>(j0 + j)), _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7));
-        const __m256 v = _mm256_fmadd_ps(_mm256_set1_ps(a.slopes[h]), pos, _mm256_mul_ps(hsum8x8(dots), _mm256_set1_ps(scale)));
-        _mm256_storeu_ps(sc + j, v);
-        vmax = _mm256_max_ps(vmax, v);
-      }
-      for (; j < jn; ++j) {
-        const float v = a.slopes[h] * static_cast<float>(j0 + j) + dot_avx2(q, kb + j * d, d) * scale;
-        sc[j] = v;
-        bmax = std::max(bmax, v);
-      }
-      bmax = std::max(bmax, simd::hmax(vmax));
-      // Rescale what came before if this block raised the max; weights of this block's keys.
+      // Scores of this block's keys; rescale what came before if they raise the max.
+      const float bmax = score_keys_avx2(sc, q, kb, jn, j0, a.slopes[h], scale, d, nullptr, nullptr);
       const float m_old = st[per - 2];
       const float m_new = std::max(m_old, bmax);
       const float corr = std::exp(m_old - m_new);  // 0 for the first block (m_old = -inf)
-      const __m256 vm = _mm256_set1_ps(m_new);
-      __m256 vsum = _mm256_setzero_ps();
-      j = 0;
-      for (; j + 8 <= jn; j += 8) {
-        const __m256 e = simd::exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), vm));
-        _mm256_storeu_ps(sc + j, e);
-        vsum = _mm256_add_ps(vsum, e);
-      }
-      float sum = simd::hsum(vsum);
-      for (; j < jn; ++j) {
-        sc[j] = std::exp(sc[j] - m_new);
-        sum += sc[j];
-      }
+      const float sum = exp_sum_avx2(sc, jn, m_new);
       st[per - 2] = m_new;
       st[per - 1] = st[per - 1] * corr + sum;
       // acc = acc * corr + sum_j p_j v_j, 64 dimensions at a time in registers.
