@@ -182,7 +182,7 @@ BLOSSOM_AVX2 void attend_head_avx2(const AttentionArgs& a, const Seq& s, int h, 
 // by exp(m_old - m_new) when a block raises the max). In the cache layout (blocks, heads, block_size,
 // head_dim) heads h0..h1-1 of one block are one contiguous run of keys (and one of values), so each
 // thread streams runs of (h1 - h0) * block_size * head_dim floats instead of one head's 4 KiB at a
-// time, and the next block's runs are prefetched while this one is used.
+// time, prefetching a head's worth ahead.
 BLOSSOM_AVX2 void attend_decode_avx2(const AttentionArgs& a, const Seq& s, int h0, int h1, std::vector<float>& state) {
   const int d = a.head_dim, bs = a.block_size;
   const int nh = h1 - h0;
@@ -339,19 +339,18 @@ void attention(ThreadPool& pool, const AttentionArgs& a) {
 #if defined(__x86_64__)
   // 2. Sequences decoding one token: one task per (sequence, group of heads), as many groups as
   // give every thread two tasks, at most one per head; each task streams its heads' cache runs.
-  int64_t decoding = 0;
-  for (int s = 0; s < a.num_seqs; ++s) decoding += seq_at(a, s).num_new == 1;
+  static thread_local std::vector<int32_t> order;
+  order.clear();
+  for (int s = 0; s < a.num_seqs; ++s)
+    if (seq_at(a, s).num_new == 1) order.push_back(s);
+  const int64_t decoding = static_cast<int64_t>(order.size());
   const bool stream = fast && d % 8 == 0 && decoding > 0;
   if (stream) {
     const int64_t want = 2 * pool.size();
     const int groups = static_cast<int>(std::min<int64_t>(a.num_heads, (want + decoding - 1) / decoding));
     const int per_group = (a.num_heads + groups - 1) / groups;
-    static thread_local std::vector<int32_t> order;
-    order.clear();
-    for (int s = 0; s < a.num_seqs; ++s)
-      if (seq_at(a, s).num_new == 1) order.push_back(s);
     const int32_t* decode_seqs = order.data();  // the caller's; the lambda runs on every thread
-    pool.parallel_streams(static_cast<int64_t>(order.size()) * groups, 1, [&](int64_t begin, int64_t end) {
+    pool.parallel_streams(decoding * groups, 1, [&](int64_t begin, int64_t end) {
       static thread_local std::vector<float> state;
       for (int64_t task = begin; task < end; ++task) {
         const Seq s = seq_at(a, decode_seqs[task / groups]);
