@@ -18,6 +18,10 @@
  * the kernel), and a row timed while other processes took more than 10% of the CPU is re-timed
  * (--attempts) and flagged with `!` if it never ran alone.
  *
+ * Matrices the engine stores in column panels (src/backend/cpu.ts defaultLinearPanels: bf16/fp16 rows
+ * longer than 4096) are timed in that layout, their layer marked "pN" (panels of N inputs);
+ * --layout both times them row-major as well, --layout rows only row-major.
+ *
  * Options: --threads N (default: physical cores), --quick (fewer shapes and iterations),
  * --json FILE (every row as JSON), filters --models a,b --dtypes f32,f16,bf16 --batches 1,8
  * --layers qkv,lm_head, --no-attention, --attempts N (default 2).
@@ -27,6 +31,7 @@ import { cpus } from "node:os";
 import { parseArgs } from "node:util";
 import { DTypeCode, Epilogue, native, type NativeRegion, type StorageDType } from "../src/backend/native.js";
 import { parameterError } from "../src/errors.js";
+import { defaultLinearPanels, linearPanelWidth } from "../src/backend/cpu.js";
 import { median, nowMs } from "./stats.js";
 
 interface LayerShape {
@@ -59,6 +64,8 @@ interface Row {
   bound: "memory" | "compute";
   /** Fraction of the machine's CPU other processes used while this row was timed. */
   otherLoad: number;
+  /** > 0: the weights were laid out in column panels of this many inputs. */
+  panelK: number;
 }
 
 interface OtherRow {
@@ -161,8 +168,11 @@ function main(): void {
       layers: { type: "string" },
       "no-attention": { type: "boolean", default: false },
       attempts: { type: "string" },
+      layout: { type: "string", default: "engine" },
     },
   });
+  const layout = values.layout!;
+  if (!["engine", "rows", "both"].includes(layout)) throw parameterError("--layout", `expected engine, rows or both, got ${layout}`);
   const addon = native();
   const cpu = addon.cpuInfo();
   const threads = values.threads ? Number(values.threads) : cpu.physicalCores;
@@ -221,12 +231,15 @@ function main(): void {
         // Fills (and so pages in) every copy; scale 1/sqrt(in) keeps outputs O(1) like trained weights.
         addon.fillRandom(region, 0, DTypeCode[dtype], shape.out * shape.in * copies, 7, 1 / Math.sqrt(shape.in));
         const bias = shape.bias ? randomArray(shape.out, 3) : null;
-        for (const batch of batches) {
+        // The same random bytes serve either layout: only the order of reading them changes.
+        const enginePanelK = linearPanelWidth(defaultLinearPanels, dtype, shape.in);
+        const layouts = enginePanelK === 0 || layout === "rows" ? [0] : layout === "both" ? [0, enginePanelK] : [enginePanelK];
+        for (const batch of batches) for (const panelK of layouts) {
           const x = randomArray(batch * shape.in, 11 + batch);
           const y = new Float32Array(batch * shape.out);
           let copy = 0;
           const call = () => {
-            addon.linear(y, x, batch, region, copy * weightBytes, DTypeCode[dtype], shape.out, shape.in, bias, shape.epilogue, null);
+            addon.linear(y, x, batch, region, copy * weightBytes, DTypeCode[dtype], shape.out, shape.in, bias, shape.epilogue, null, panelK);
             copy = (copy + 1) % copies;
           };
           // Warm-up: up to one pass over the copies (at most ~0.3 s) so pages, caches and the pool are settled.
@@ -276,11 +289,12 @@ function main(): void {
             rooflineRatio: Math.max(memoryMs, computeMs) / ms,
             bound: memoryMs >= computeMs ? "memory" : "compute",
             otherLoad: timed.others,
+            panelK,
           };
           rows.push(row);
           const mark = (r: number, on: boolean) => pad(`${(r * 100).toFixed(0)}${on ? "*" : " "}`, 5);
           console.log(
-            `${pad(model, 11, false)} ${pad(shape.layer, 13, false)} ${pad(dtype, 5, false)} ${pad(batch, 5)} ` +
+            `${pad(model, 11, false)} ${pad(panelK ? `${shape.layer} p${panelK}` : shape.layer, 13, false)} ${pad(dtype, 5, false)} ${pad(batch, 5)} ` +
               `${pad(`${shape.out}x${shape.in}`, 12)} ${pad(copies, 6)} ${pad(ms.toFixed(3), 9)} ${pad(gbPerS.toFixed(1), 6)} ` +
               `${pad(rowBandwidth.toFixed(0), 5)} ${mark(row.bandwidthRatio, row.bound === "memory")} ${pad(gflopPerS.toFixed(1), 7)} ` +
               `${pad(rowFma.toFixed(0), 5)} ${mark(row.fmaRatio, row.bound === "compute")} ${pad((row.rooflineRatio * 100).toFixed(0), 5)}${loadNote(timed.others)}`,
@@ -301,9 +315,9 @@ function main(): void {
     `best probes of the run: read bandwidth ${bandwidth.toFixed(1)} GB/s, FMA peak ${fmaPeak.toFixed(1)} GFLOP/s ` +
       `(the rows use the limits probed around them: other tenants move both)`,
   );
-  summarize(rows);
+  summarize(layout === "both" ? rows.filter(engineLayout) : rows);
 
-  const others = values["no-attention"] ? [] : benchOthers(quick, attempts, rows);
+  const others = values["no-attention"] ? [] : benchOthers(quick, attempts, layout === "both" ? rows.filter(engineLayout) : rows);
 
   if (values.json) {
     writeFileSync(
@@ -313,6 +327,9 @@ function main(): void {
     console.log(`wrote ${values.json}`);
   }
 }
+
+/** Whether a row was timed in the layout the engine computes with (--layout both times the other too). */
+const engineLayout = (r: Row) => r.panelK === linearPanelWidth(defaultLinearPanels, r.dtype, r.in);
 
 /**
  * The issue's targets: GEMV (bf16/f16, batch 1) >= 85% of read bandwidth; GEMM (batch >= 64) >= 70%
@@ -329,7 +346,7 @@ function summarize(rows: Row[]): void {
     const rs = alone.map(ratio);
     const worst = alone[rs.indexOf(Math.min(...rs))]!;
     console.log(
-      `${name}: min ${pct(Math.min(...rs))} (${worst.model} ${worst.layer} ${worst.dtype} batch ${worst.batch}), median ${pct(median(rs))} ` +
+      `${name}: min ${pct(Math.min(...rs))} (${worst.model} ${worst.layer}${worst.panelK ? ` in panels of ${worst.panelK}` : ""} ${worst.dtype} batch ${worst.batch}), median ${pct(median(rs))} ` +
         `over ${rs.length} rows${skipped ? ` (${skipped} run under load left out)` : ""}; target ${pct(target)}: ` +
         `${Math.min(...rs) >= target ? "met" : median(rs) >= target ? "met at the median" : "not met"}`,
     );

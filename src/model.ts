@@ -13,6 +13,7 @@ import { chooseStrategy, type AutoChoice } from "./parallel/auto.js";
 import { quantizedCopy } from "./quant/cache.js";
 import { isQuantScheme } from "./quant/scheme.js";
 import type { WeightDType } from "./engine/weights.js";
+import type { LinearPanels } from "./backend/cpu.js";
 import { resolveGenerationParams, type GenerationParams, type GenerationParamsInput } from "./generate/params.js";
 import { IncrementalDecoder, StopStringMatcher, type FinishReason } from "./generate/stopping.js";
 import { resolveModel } from "./hub/resolve.js";
@@ -50,6 +51,12 @@ export interface LoadModelOptions {
   evictPageCache?: boolean;
   /** Replicas: how many engine workers (default 2); threads are shared out among them. */
   replicas?: number;
+  /**
+   * Advanced: which weight matrices that only linear layers read are copied at load into column
+   * panels, a layout the kernels stream faster when rows are long (default: the measured policy,
+   * bf16/fp16 matrices with more than 4096 inputs, in panels of 4096; null: none).
+   */
+  linearPanels?: LinearPanels | null;
 }
 
 export type Strategy = "single" | "pipeline" | "tensor" | "replicas" | "auto";

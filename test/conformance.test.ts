@@ -3,13 +3,14 @@
  * PyTorch implementation): full-sequence logits, left-padded batches, masks with holes, KV-cache
  * decoding (single and batched), greedy generation from ids and from text, and the trained
  * model's perplexity — each within the tolerances of the fixtures' README. Runs with the default
- * thread count and with one thread.
+ * thread count, with one thread, and with every linear weight in column panels (the layout the CPU
+ * backend gives long rows; here panels of 40 inputs, the last one ragged, on every matrix).
  */
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
-import { loadModel, type Model } from "../src/index.js";
+import { loadModel, type LoadModelOptions, type Model } from "../src/index.js";
 import { fixtureDir, fixtureNames, Golden, logitTolerance, maxAbsDiff, type FixtureName } from "./helpers/fixtures.js";
 
 function argmax(row: Float32Array): number {
@@ -18,15 +19,21 @@ function argmax(row: Float32Array): number {
   return best;
 }
 
-for (const threads of [undefined, 1]) {
+const runs: Array<{ label: string; options: LoadModelOptions }> = [
+  { label: "", options: {} },
+  { label: " (threads 1)", options: { threads: 1 } },
+  { label: " (linear weights in column panels)", options: { linearPanels: { width: 40, above: 40, dtypes: ["f32", "f16", "bf16"] } } },
+];
+
+for (const { label, options } of runs) {
   for (const name of fixtureNames) {
-    describe(`${name}${threads ? ` (threads ${threads})` : ""}`, () => {
+    describe(`${name}${label}`, () => {
       let model: Model;
       let golden: Golden;
       const tol = logitTolerance(name as FixtureName);
       before(async () => {
         golden = new Golden(name);
-        model = await loadModel(fixtureDir(name), threads ? { threads } : {});
+        model = await loadModel(fixtureDir(name), options);
       });
       after(async () => {
         await model.dispose();

@@ -16,6 +16,9 @@
 import assert from "node:assert/strict";
 import { after, describe, test } from "node:test";
 import { DTypeCode, Epilogue, native, type NativeRegion, type StorageDType } from "../src/backend/native.js";
+import { CpuBackend } from "../src/backend/cpu.js";
+import type { MatrixOptions } from "../src/backend/backend.js";
+import type { TensorView } from "../src/checkpoint/safetensors.js";
 
 const addon = native();
 const u = 2 ** -24;
@@ -255,11 +258,143 @@ describe("linear", () => {
     addon.setKernelVariant(initialVariant);
   });
 
+  /** A copy of row-major weights (out, inF) in column panels of panelK inputs (native/src/kernels.h WeightMatrix). */
+  function inPanels(w: { region: NativeRegion; byteOffset: number }, dtype: StorageDType, out: number, inF: number, panelK: number): NativeRegion {
+    const es = dtype === "f32" ? 4 : 2;
+    const region = addon.allocate(out * inF * es);
+    for (let k0 = 0; k0 < inF; k0 += panelK) {
+      addon.sliceColumns(region, out * k0 * es, DTypeCode[dtype], w.region, w.byteOffset, DTypeCode[dtype], out, inF, k0, Math.min(panelK, inF - k0));
+    }
+    return region;
+  }
+
+  test("a matrix in column panels matches the fp64 reference (every variant, dtype, epilogue; ragged last panel)", () => {
+    let seed = 500, calls = 0, worst = 0;
+    for (const dtype of ["f32", "f16", "bf16"] as const) {
+      for (const [out, inF, panelK] of [
+        [5, 17, 8], // panels 8, 8, 1
+        [37, 100, 32],
+        [64, 257, 64],
+        [19, 1030, 512], // the last panel narrower than a vector
+        [30, 2048, 1024],
+      ] as const) {
+        const w = makeWeights(dtype, out, inF, seed++, dtype === "f32" ? 4 : 2);
+        const panels = inPanels(w, dtype, out, inF, panelK);
+        const bias = randomF32(out, seed++);
+        for (const rows of [1, 2, 3, 5, 9, 64, 130]) {
+          if (rows * out * inF > 3_000_000) continue;
+          const x = randomF32(rows * inF, seed++);
+          const ref = referenceDots(x, w.values, rows, out, inF);
+          const residual = randomF32(rows * out, seed++);
+          for (const epi of epilogues) {
+            for (const variant of variants) {
+              addon.setKernelVariant(variant);
+              const y = new Float32Array(rows * out).fill(NaN);
+              const b = epi.bias ? bias : null, res = epi.residual ? residual : null;
+              addon.linear(y, x, rows, panels, 0, DTypeCode[dtype], out, inF, b, epi.gelu ? Epilogue.gelu : Epilogue.none, res, panelK);
+              const label = `panels of ${panelK}: ${variant} ${dtype} out=${out} in=${inF} rows=${rows} bias=${epi.bias} gelu=${epi.gelu} residual=${epi.residual}`;
+              worst = Math.max(worst, compareLinear(y, ref, { dtype, out, inF, rows }, b, epi.gelu, res, label).worstRatio);
+              calls++;
+            }
+          }
+        }
+        addon.release(panels);
+        addon.release(w.region);
+      }
+    }
+    console.log(`  linear in column panels: ${calls} calls, max diff/tol ${worst.toFixed(4)}`);
+    addon.setKernelVariant(initialVariant);
+  });
+
+  test("column panels: results do not depend on the thread count (bitwise); panelK >= in is the row-major layout", () => {
+    for (const variant of variants) {
+      addon.setKernelVariant(variant);
+      for (const dtype of ["f32", "bf16"] as const) {
+        for (const [out, inF, rows, panelK] of [
+          [1000, 300, 1, 128],
+          [517, 1030, 9, 512],
+          [1000, 600, 70, 256],
+        ] as const) {
+          const w = makeWeights(dtype, out, inF, out + inF + rows);
+          const panels = inPanels(w, dtype, out, inF, panelK);
+          const x = randomF32(rows * inF, 9);
+          const bias = randomF32(out, 10);
+          const run = (region: NativeRegion, k: number, threads: number) => {
+            addon.setThreads(threads);
+            const y = new Float32Array(rows * out);
+            addon.linear(y, x, rows, region, 0, DTypeCode[dtype], out, inF, bias, Epilogue.gelu, null, k);
+            return y;
+          };
+          const one = run(panels, panelK, 1);
+          assert.deepEqual(run(panels, panelK, 2), one, `${variant} ${dtype} ${out}x${inF} rows=${rows}: 2 threads differ from 1`);
+          assert.deepEqual(run(panels, panelK, 3), one, `${variant} ${dtype} ${out}x${inF} rows=${rows}: 3 threads differ from 1`);
+          assert.deepEqual(run(w.region, inF, 2), run(w.region, 0, 2), `${variant} ${dtype}: panelK = in differs from row-major`);
+          assert.deepEqual(run(w.region, inF + 8, 2), run(w.region, 0, 2), `${variant} ${dtype}: panelK > in differs from row-major`);
+          addon.release(panels);
+          addon.release(w.region);
+        }
+      }
+    }
+    addon.setThreads(initialThreads);
+    addon.setKernelVariant(initialVariant);
+  });
+
   test("y overlapping the residual is rejected", () => {
     const w = makeWeights("f32", 4, 4, 1);
     const y = new Float32Array(4);
     assert.throws(() => addon.linear(y, new Float32Array(4), 1, w.region, 0, DTypeCode.f32, 4, 4, null, 0, y), /overlap/);
     addon.release(w.region);
+  });
+});
+
+describe("CpuBackend: weights only linear() reads, in column panels", () => {
+  const view = (dtype: StorageDType, out: number, inF: number, seed: number): TensorView => {
+    const w = makeWeights(dtype, out, inF, seed);
+    return { name: `w${seed}`, file: "test", dtype, shape: [out, inF], region: w.region, byteOffset: 0, byteLength: out * inF * (dtype === "f32" ? 4 : 2) };
+  };
+
+  test("the default policy: bf16/fp16 matrices with more than 4096 inputs, for use by linear() only", () => {
+    const backend = new CpuBackend();
+    const cases: Array<[StorageDType, StorageDType, number, MatrixOptions, number | undefined]> = [
+      ["bf16", "bf16", 16384, { use: "linear" }, 4096],
+      ["f16", "f16", 10240, { use: "linear" }, 4096], // panels 4096, 4096, 2048
+      ["f32", "bf16", 8192, { use: "linear" }, 4096], // converted, then in panels
+      ["bf16", "bf16", 16384, { use: "embedding" }, undefined],
+      ["bf16", "bf16", 16384, {}, undefined],
+      ["bf16", "bf16", 4096, { use: "linear" }, undefined],
+      ["f32", "f32", 16384, { use: "linear" }, undefined],
+    ];
+    for (const [stored, dtype, inF, options, panelK] of cases) {
+      const v = view(stored, 3, inF, inF);
+      const m = backend.matrix(v, dtype, options);
+      assert.equal(m.panelK, panelK, `${stored} -> ${dtype} in=${inF} ${JSON.stringify(options)}`);
+      backend.freeMatrix(m);
+      addon.release(v.region);
+    }
+  });
+
+  test("linear() through a matrix in panels equals the row-major one, and releaseSource drops the source's pages", () => {
+    const backend = new CpuBackend({ linearPanels: { width: 96, above: 100, dtypes: ["f32", "f16", "bf16"] } });
+    for (const dtype of ["f32", "f16", "bf16"] as const) {
+      const [out, inF, rows] = [70, 300, 3];
+      const v = view(dtype, out, inF, 41);
+      const rowMajor = backend.matrix(v, dtype);
+      const x = randomF32(rows * inF, 5), bias = randomF32(out, 6), residual = randomF32(rows * out, 7);
+      const want = new Float32Array(rows * out);
+      backend.linear(want, x, rows, rowMajor, bias, { gelu: true, residual });
+      const panelled = backend.matrix(v, dtype, { use: "linear", releaseSource: true });
+      assert.equal(panelled.panelK, 96);
+      assert.equal(addon.residentBytes(new Uint8Array(addon.view(v.region, 0, v.byteLength))), 0, `${dtype}: source pages still resident`);
+      const got = new Float32Array(rows * out);
+      backend.linear(got, x, rows, panelled, bias, { gelu: true, residual });
+      for (let i = 0; i < got.length; i++) assert.ok(Math.abs(got[i]! - want[i]!) <= 1e-5 * (1 + Math.abs(want[i]!)), `${dtype}: y[${i}] ${got[i]} vs ${want[i]}`);
+      backend.freeMatrix(panelled);
+      addon.release(v.region);
+    }
+  });
+
+  test("a bad policy is refused with the parameter's name", () => {
+    assert.throws(() => new CpuBackend({ linearPanels: { width: 0, above: 0, dtypes: ["bf16"] } }), /linearPanels/);
   });
 });
 

@@ -380,7 +380,8 @@ Napi::Value GetVariant(const Napi::CallbackInfo& info) {
 
 // ---- kernels ---------------------------------------------------------------------------------
 
-// linear(y, x, rows, wRegion, wOffset, wDtype, outFeatures, inFeatures, bias|null, epilogue, residual|null)
+// linear(y, x, rows, wRegion, wOffset, wDtype, outFeatures, inFeatures, bias|null, epilogue, residual|null[, panelK])
+// panelK (default 0): W is stored in column panels of panelK inputs (kernels.h WeightMatrix).
 Napi::Value Linear(const Napi::CallbackInfo& info) {
   auto env = info.Env();
   auto y = f32(info, 0, "linear: y");
@@ -394,6 +395,7 @@ Napi::Value Linear(const Napi::CallbackInfo& info) {
   auto bias = f32(info, 8, "linear: bias", true);
   int64_t epi = integer(info, 9, "linear: epilogue");
   auto res = f32(info, 10, "linear: residual", true);
+  const int64_t panel_k = info.Length() > 11 && !info[11].IsUndefined() ? integer(info, 11, "linear: panelK") : 0;
   need(env, dt != DType::I8, "linear: int8 weights need linearInt8");
   const uint8_t* wdata = region_bytes(info, wr, woff, out * in * static_cast<int64_t>(dtype_size(dt)), "linear: weight");
   need(env, x.length >= static_cast<size_t>(rows * in), "linear: x is shorter than rows*in");
@@ -403,7 +405,7 @@ Napi::Value Linear(const Napi::CallbackInfo& info) {
   need(env, epi == kNone || epi == kGelu, "linear: unknown epilogue");
   need(env, !overlaps(y.data, rows * out, x.data, rows * in), "linear: y must not overlap x");
   need(env, !overlaps(y.data, rows * out, res.data, res.data ? rows * out : 0), "linear: y must not overlap residual");
-  WeightMatrix wm{wdata, dt, out, in};
+  WeightMatrix wm{wdata, dt, out, in, panel_k};
   linear(compute(env), y.data, x.data, rows, wm, bias.data, static_cast<int>(epi), res.data);
   return env.Undefined();
 }
@@ -676,6 +678,29 @@ Napi::Value SliceColumns(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// toPanels(dst, dstOffset, dstDtype, src, srcOffset, srcDtype, out, in, panelK, rowBegin, rowEnd)
+// src and dst each hold a whole (out, in) matrix: src row-major, dst in column panels of panelK.
+Napi::Value ToPanels(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  Tracked* dr = region_arg(info, 0, "toPanels: dst");
+  int64_t doff = integer(info, 1, "toPanels: dst offset");
+  DType dd = dtype_arg(info, 2, "toPanels: dst dtype");
+  Tracked* sr = region_arg(info, 3, "toPanels: src");
+  int64_t soff = integer(info, 4, "toPanels: src offset");
+  DType sd = dtype_arg(info, 5, "toPanels: src dtype");
+  int64_t out = integer(info, 6, "toPanels: out", 1);
+  int64_t in = integer(info, 7, "toPanels: in", 1);
+  int64_t panel_k = integer(info, 8, "toPanels: panelK", 1);
+  int64_t row_begin = integer(info, 9, "toPanels: rowBegin");
+  int64_t row_end = integer(info, 10, "toPanels: rowEnd");
+  need(env, dd != DType::I8 && sd != DType::I8, "toPanels: int8 is not supported");
+  need(env, row_begin <= row_end && row_end <= out, "toPanels: row range past the matrix");
+  uint8_t* dst = region_bytes(info, dr, doff, out * in * static_cast<int64_t>(dtype_size(dd)), "toPanels: dst");
+  const uint8_t* src = region_bytes(info, sr, soff, out * in * static_cast<int64_t>(dtype_size(sd)), "toPanels: src");
+  to_panels(compute(env), dst, dd, src, sd, out, in, panel_k, row_begin, row_end);
+  return env.Undefined();
+}
+
 // embeddingShard(y, ids, tableRegion, tableOffset, dtype, vocab, hidden, firstId)
 Napi::Value EmbeddingShard(const Napi::CallbackInfo& info) {
   auto env = info.Env();
@@ -813,6 +838,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("residentBytes", Napi::Function::New(env, ResidentBytes));
   exports.Set("readFile", Napi::Function::New(env, ReadFile));
   exports.Set("sliceColumns", Napi::Function::New(env, SliceColumns));
+  exports.Set("toPanels", Napi::Function::New(env, ToPanels));
   exports.Set("embeddingShard", Napi::Function::New(env, EmbeddingShard));
   exports.Set("greedyRows", Napi::Function::New(env, GreedyRows));
   exports.Set("mpiAvailable", Napi::Function::New(env, MpiAvailable));

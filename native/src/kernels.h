@@ -23,18 +23,23 @@ bool set_variant(Variant v);  // false if the CPU lacks it
 bool use_avx_vnni();
 bool set_avx_vnni(bool on);  // false if the CPU lacks it
 
-// Weight matrix W (out, in) stored row-major in `dtype`, as nn.Linear keeps it.
+// Weight matrix W (out, in) in `dtype`. panel_k == 0: row-major, as nn.Linear keeps it.
+// panel_k > 0: in column panels of panel_k inputs (the last one narrower), panel after panel; panel p
+// (inputs [p*panel_k, p*panel_k + n)) is its own row-major (out, n) matrix at element out * p*panel_k.
+// Long rows are stored so (at load, src/backend/cpu.ts): a row of x then fits in L1 beside the weight
+// stream (see linear_panels in matmul.cc).
 struct WeightMatrix {
   const void* data;
   DType dtype;
   int64_t out_features;
   int64_t in_features;
+  int64_t panel_k = 0;
 };
 
 enum Epilogue : int { kNone = 0, kGelu = 1 };
 
 // y (rows, out) = epilogue(x (rows, in) @ W^T + bias) + residual
-// bias (out) and residual (rows, out) may be null. y may alias residual.
+// bias (out) and residual (rows, out) may be null; y must not overlap x or residual.
 void linear(ThreadPool& pool, float* y, const float* x, int64_t rows, const WeightMatrix& w,
             const float* bias, int epilogue, const float* residual);
 void linear_scalar(ThreadPool& pool, float* y, const float* x, int64_t rows, const WeightMatrix& w,
@@ -56,6 +61,11 @@ void convert(ThreadPool& pool, void* dst, DType dst_dtype, const void* src, DTyp
 // dst (rows, count) = src (rows, cols)[:, first : first+count], converted (a tensor-parallel row-split shard).
 void slice_columns(ThreadPool& pool, void* dst, DType dst_dtype, const void* src, DType src_dtype, int64_t rows, int64_t cols,
                    int64_t first, int64_t count);
+
+// Rows [row_begin, row_end) of src (out, in), converted, written to where dst, a whole (out, in)
+// matrix in column panels of panel_k inputs (WeightMatrix), keeps them; each source row read once.
+void to_panels(ThreadPool& pool, void* dst, DType dst_dtype, const void* src, DType src_dtype, int64_t out, int64_t in,
+               int64_t panel_k, int64_t row_begin, int64_t row_end);
 
 // Like embedding(), for a vocabulary shard: table holds ids [first_id, first_id + vocab); other ids give zero rows.
 void embedding_shard(ThreadPool& pool, float* y, const int32_t* ids, int64_t n, const void* table, DType dtype, int64_t hidden,

@@ -134,7 +134,8 @@ BLOSSOM_AVX2_INLINE __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
 // distance ahead (a non-temporal hint: weights are used once and should not evict x from L1).
 // Measured on the development machine: the hardware prefetchers alone lose 10-45% (more for
 // long rows), and interleaving 2-4 rows per pass, or splitting long rows into k blocks so that
-// x stays in L1, both lost bandwidth against this single stream. U vectors per step give R*U
+// x stays in L1, both lost bandwidth against this single stream (in the row-major layout; a matrix
+// stored in column panels gets the same effect from one stream per panel: linear_panels). U vectors per step give R*U
 // independent accumulators. G (rows per pass) is kept as a parameter for such experiments.
 template <DType D, int R, int G>
 BLOSSOM_AVX2_INLINE void gemv_group(float* y, const float* x, const WeightMatrix& w, int64_t o) {
@@ -538,9 +539,64 @@ void linear_avx2(ThreadPool& pool, float* y, const float* x, int64_t rows, const
 }
 #endif
 
+namespace {
+
+using LinearFn = void (*)(ThreadPool&, float*, const float*, int64_t, const WeightMatrix&, const float*, int, const float*);
+using EpilogueFn = void (*)(float*, int64_t, int64_t, int64_t, int64_t, const float*, int, const float*);
+
+// --- a matrix stored in column panels (kernels.h) --------------------------------------------
+// y = epilogue(sum over panels p of x[:, panel p] @ W_p^T + bias) + residual, the panels' sums
+// added in panel order (so, like every variant, independent of the thread count). Each panel is
+// an ordinary row-major matrix for `fn` with rows of at most panel_k inputs: at batch 1, a
+// bf16/fp16 row of 16384 inputs against 64 KiB of fp32 x (more than L1) streamed at 73-85 % of the
+// read bandwidth, as 4 panels of 4096 at 90-95 % (bench:kernels, bloom-7b1 dense_4h_to_h).
+// Panel p's sum goes to one of two buffers with the running sum as its residual (the kernels
+// write y before adding the residual, so the two must differ), starting in the one that makes
+// the last panel land in y; bias, GELU and the caller's residual follow in one pass.
+void linear_panels(ThreadPool& pool, float* y, const float* x, int64_t rows, const WeightMatrix& w, const float* bias,
+                   int epilogue, const float* residual, LinearFn fn, EpilogueFn apply_epilogue) {
+  const int64_t in = w.in_features, out = w.out_features, kc = w.panel_k;
+  const int64_t es = static_cast<int64_t>(dtype_size(w.dtype));
+  const int64_t panels = (in + kc - 1) / kc;
+  static thread_local std::vector<float> x_panel, partial;
+  partial.resize(static_cast<size_t>(rows * out));
+  float* sums[2] = {y, partial.data()};
+  int target = static_cast<int>((panels - 1) & 1);
+  const float* running = nullptr;
+  for (int64_t k0 = 0; k0 < in; k0 += kc) {
+    const int64_t n = std::min(kc, in - k0);
+    const WeightMatrix panel{static_cast<const char*>(w.data) + out * k0 * es, w.dtype, out, n};
+    const float* xp = x + k0;
+    if (rows > 1) {
+      x_panel.resize(static_cast<size_t>(rows * n));
+      float* dst = x_panel.data();  // (inside the tasks, the name x_panel would be the pool thread's own)
+      pool.parallel_for(rows, 16, [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) std::memcpy(dst + r * n, x + r * in + k0, sizeof(float) * n);
+      });
+      xp = dst;
+    }
+    fn(pool, sums[target], xp, rows, panel, nullptr, kNone, running);
+    running = sums[target];
+    target ^= 1;
+  }
+  if (bias || epilogue != kNone || residual)
+    pool.parallel_for(out, 256, [&](int64_t b, int64_t e) { apply_epilogue(y, rows, out, b, e, bias, epilogue, residual); });
+  if (partial.capacity() > (size_t(4) << 20)) std::vector<float>().swap(partial);
+  if (x_panel.capacity() > (size_t(4) << 20)) std::vector<float>().swap(x_panel);
+}
+
+}  // namespace
+
 void linear(ThreadPool& pool, float* y, const float* x, int64_t rows, const WeightMatrix& w, const float* bias,
             int epilogue, const float* residual) {
-  if (active_variant() == Variant::Avx2) linear_avx2(pool, y, x, rows, w, bias, epilogue, residual);
+  const bool avx2 = active_variant() == Variant::Avx2;
+  if (w.panel_k > 0 && w.panel_k < w.in_features) {
+#if defined(__x86_64__)
+    if (avx2) return linear_panels(pool, y, x, rows, w, bias, epilogue, residual, linear_avx2, apply_epilogue_avx2);
+#endif
+    return linear_panels(pool, y, x, rows, w, bias, epilogue, residual, linear_scalar, apply_epilogue_scalar);
+  }
+  if (avx2) linear_avx2(pool, y, x, rows, w, bias, epilogue, residual);
   else linear_scalar(pool, y, x, rows, w, bias, epilogue, residual);
 }
 

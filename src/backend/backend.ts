@@ -11,7 +11,19 @@ export interface DeviceBuffer {
   readonly length: number;
 }
 
-/** A weight matrix (out, in), nn.Linear layout, in some storage dtype. */
+/** How Backend.matrix may hold a weight matrix. */
+export interface MatrixOptions {
+  /**
+   * "linear": only ever passed to linear(), so the backend may copy it into a layout of its own that
+   * linear() computes faster with; "embedding" (the default) keeps nn.Linear's row-major layout, for
+   * tables that embedding() also reads by row.
+   */
+  use?: "linear" | "embedding";
+  /** The caller will not read the source again: where the backend copies it, it may drop its pages as it goes. */
+  releaseSource?: boolean;
+}
+
+/** A weight matrix (out, in) in some storage dtype: nn.Linear's layout, or one of the backend's own (MatrixOptions.use). */
 export interface DeviceMatrix {
   readonly dtype: StorageDType | "int8";
   readonly outFeatures: number;
@@ -84,7 +96,7 @@ export interface Backend {
   download(buffer: DeviceBuffer, offset: number, length: number): Float32Array;
 
   /** A weight matrix, converted to `dtype` if that differs from how it is stored (an explicit, measured choice). */
-  matrix(view: TensorView, dtype: StorageDType): DeviceMatrix;
+  matrix(view: TensorView, dtype: StorageDType, options?: MatrixOptions): DeviceMatrix;
   /** A small parameter vector (bias, layer-norm gain), converted to fp32. */
   vector(view: TensorView): DeviceBuffer;
   /**

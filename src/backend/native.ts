@@ -60,7 +60,10 @@ export interface NativeAddon {
   setKernelVariant(variant: KernelVariant | "auto"): void;
   getKernelVariant(): KernelVariant;
   // kernels
-  /** y (rows, out) = epilogue(x (rows, in) @ W^T + bias) + residual; W is (out, in) at (region, offset). */
+  /**
+   * y (rows, out) = epilogue(x (rows, in) @ W^T + bias) + residual; W is (out, in) at (region, offset),
+   * row-major, or with panelK > 0 in column panels of panelK inputs (native/src/kernels.h WeightMatrix).
+   */
   linear(
     y: Float32Array,
     x: Float32Array,
@@ -73,6 +76,7 @@ export interface NativeAddon {
     bias: Float32Array | null,
     epilogue: number,
     residual: Float32Array | null,
+    panelK?: number,
   ): void;
   /** y (rows, cols) = layer_norm(x) * gamma + beta, fp32. */
   layerNorm(y: Float32Array, x: Float32Array, rows: number, cols: number, gamma: Float32Array, beta: Float32Array, eps: number): void;
@@ -80,6 +84,8 @@ export interface NativeAddon {
   embedding(y: Float32Array, ids: Int32Array, table: NativeRegion, tableOffset: number, dtype: number, vocab: number, hidden: number): void;
   convert(dst: NativeRegion, dstOffset: number, dstDtype: number, src: NativeRegion, srcOffset: number, srcDtype: number, n: number): void;
   /** dst (rows, count) = src (rows, cols)[:, first : first+count], converted: a row-split tensor-parallel shard. */
+  /** Rows [rowBegin, rowEnd) of a row-major (out, in) matrix at src, converted, into dst's copy of it in column panels of panelK inputs. */
+  toPanels(dst: NativeRegion, dstOffset: number, dstDtype: number, src: NativeRegion, srcOffset: number, srcDtype: number, out: number, inF: number, panelK: number, rowBegin: number, rowEnd: number): void;
   sliceColumns(dst: NativeRegion, dstOffset: number, dstDtype: number, src: NativeRegion, srcOffset: number, srcDtype: number, rows: number, cols: number, first: number, count: number): void;
   /** Embedding lookup in a vocabulary shard holding ids [firstId, firstId+vocab); other ids give zero rows. */
   embeddingShard(y: Float32Array, ids: Int32Array, table: NativeRegion, tableOffset: number, dtype: number, vocab: number, hidden: number, firstId: number): void;

@@ -4,7 +4,7 @@
  */
 import { freemem } from "node:os";
 import type { Backend } from "../backend/backend.js";
-import { CpuBackend } from "../backend/cpu.js";
+import { CpuBackend, type LinearPanels } from "../backend/cpu.js";
 import { native } from "../backend/native.js";
 import { MpiCollectives, TensorParallelWeightStore, tensorShard } from "../parallel/tensor.js";
 import type { ModelShard } from "../models/bloom.js";
@@ -37,6 +37,8 @@ export interface EngineOptions {
   int8GroupSize?: number;
   /** dtype int8-mixed: |activation| from which an input feature is computed in fp32 (default 6). */
   int8Threshold?: number;
+  /** Which matrices only linear() reads are stored in column panels (default: the measured policy; null: none). */
+  linearPanels?: LinearPanels | null;
 }
 
 export interface PipelineOptions extends OffloadOptions {
@@ -73,7 +75,7 @@ export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngi
   if (options.tensorParallel) world = native().mpiInit();
   // Ranks sharing a machine share its cores.
   const threads = options.threads ?? (world ? Math.max(1, Math.floor(native().cpuInfo().physicalCores / world.localSize)) : undefined);
-  const backend = options.backend ?? new CpuBackend(threads === undefined ? {} : { threads });
+  const backend = options.backend ?? new CpuBackend({ ...(threads === undefined ? {} : { threads }), ...(options.linearPanels !== undefined ? { linearPanels: options.linearPanels } : {}) });
   const checkpoint = openCheckpoint(dir);
   let weights: WeightStore | undefined;
   try {
@@ -84,7 +86,12 @@ export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngi
     const releaseCheckpointPages = () => {
       for (const view of checkpoint.tensors.values()) backend.releaseSource?.(view);
     };
-    const builder = new WeightBuilder(backend, int8?.makeMatrix ?? ((view) => backend.matrix(view, dtypeOf(view))));
+    // Matrices only linear() reads may take a layout of the backend's own (the embedding table keeps
+    // its rows); every tensor is built once, so a copy may drop its source's pages as it goes.
+    const builder = new WeightBuilder(
+      backend,
+      int8?.makeMatrix ?? ((view, role) => backend.matrix(view, dtypeOf(view), { use: role === "embedding" ? "embedding" : "linear", releaseSource: true })),
+    );
     const { config } = checkpoint;
     let comm: MpiCollectives | undefined;
     let shard: ModelShard | undefined;
