@@ -373,28 +373,38 @@ describe("CpuBackend: weights only linear() reads, in column panels", () => {
     }
   });
 
-  test("linear() through a matrix in panels equals the row-major one, and releaseSource drops the source's pages", () => {
+  test("linear() through a matrix in panels equals the row-major one (as stored or converted), and releaseSource drops the source's pages", () => {
     const backend = new CpuBackend({ linearPanels: { width: 96, above: 100, dtypes: ["f32", "f16", "bf16"] } });
-    for (const dtype of ["f32", "f16", "bf16"] as const) {
+    const pairs: Array<[StorageDType, StorageDType]> = [["f32", "f32"], ["f16", "f16"], ["bf16", "bf16"], ["f32", "bf16"], ["f32", "f16"], ["bf16", "f32"]];
+    for (const [stored, dtype] of pairs) {
       const [out, inF, rows] = [70, 300, 3];
-      const v = view(dtype, out, inF, 41);
+      const v = view(stored, out, inF, 41);
       const rowMajor = backend.matrix(v, dtype);
       const x = randomF32(rows * inF, 5), bias = randomF32(out, 6), residual = randomF32(rows * out, 7);
       const want = new Float32Array(rows * out);
       backend.linear(want, x, rows, rowMajor, bias, { gelu: true, residual });
       const panelled = backend.matrix(v, dtype, { use: "linear", releaseSource: true });
       assert.equal(panelled.panelK, 96);
-      assert.equal(addon.residentBytes(new Uint8Array(addon.view(v.region, 0, v.byteLength))), 0, `${dtype}: source pages still resident`);
+      assert.equal(addon.residentBytes(new Uint8Array(addon.view(v.region, 0, v.byteLength))), 0, `${stored} -> ${dtype}: source pages still resident`);
       const got = new Float32Array(rows * out);
       backend.linear(got, x, rows, panelled, bias, { gelu: true, residual });
-      for (let i = 0; i < got.length; i++) assert.ok(Math.abs(got[i]! - want[i]!) <= 1e-5 * (1 + Math.abs(want[i]!)), `${dtype}: y[${i}] ${got[i]} vs ${want[i]}`);
+      for (let i = 0; i < got.length; i++) assert.ok(Math.abs(got[i]! - want[i]!) <= 1e-5 * (1 + Math.abs(want[i]!)), `${stored} -> ${dtype}: y[${i}] ${got[i]} vs ${want[i]}`);
       backend.freeMatrix(panelled);
+      backend.freeMatrix(rowMajor);
       addon.release(v.region);
     }
   });
 
-  test("a bad policy is refused with the parameter's name", () => {
+  test("bad arguments are refused with the parameter's name", () => {
     assert.throws(() => new CpuBackend({ linearPanels: { width: 0, above: 0, dtypes: ["bf16"] } }), /linearPanels/);
+    const w = makeWeights("bf16", 4, 64, 3);
+    const dst = addon.allocate(4 * 64 * 2);
+    assert.throws(() => addon.toPanels(dst, 0, DTypeCode.bf16, w.region, 0, DTypeCode.bf16, 4, 64, 16, 2, 5), /toPanels: row range/);
+    assert.throws(() => addon.toPanels(dst, 0, DTypeCode.bf16, w.region, 0, DTypeCode.bf16, 4, 64, 0, 0, 4), /toPanels: panelK/);
+    assert.throws(() => addon.toPanels(dst, 8, DTypeCode.bf16, w.region, 0, DTypeCode.bf16, 4, 64, 16, 0, 4), /toPanels: dst/);
+    assert.throws(() => addon.linear(new Float32Array(4), new Float32Array(64), 1, w.region, 0, DTypeCode.bf16, 4, 64, null, 0, null, -1), /linear: panelK/);
+    addon.release(dst);
+    addon.release(w.region);
   });
 });
 
