@@ -5,7 +5,8 @@
  * measured in the same run.
  *
  * Options: --model DIR (another checkpoint), --dtype, --new-tokens N (100), --runs N (3, median
- * reported), --threads N, --json FILE.
+ * reported), --threads N, --json FILE, --row-major (keep every matrix row-major: no column panels
+ * for long rows, src/backend/cpu.ts — to measure what they bring).
  */
 import { readFileSync, writeFileSync } from "node:fs";
 import { parseArgs } from "node:util";
@@ -23,6 +24,7 @@ const { values: o } = parseArgs({
     runs: { type: "string", default: "3" },
     threads: { type: "string" },
     json: { type: "string" },
+    "row-major": { type: "boolean", default: false },
   },
 });
 const newTokens = Number(o["new-tokens"]);
@@ -42,7 +44,7 @@ function filePmdMappedBytes(): number | undefined {
 
 const dir = o.model ?? (await ensureDefaultModel(log));
 const threads = o.threads ? Number(o.threads) : native().cpuInfo().physicalCores;
-const model = await loadModel(dir, { dtype: o.dtype as WeightDType, threads });
+const model = await loadModel(dir, { dtype: o.dtype as WeightDType, threads, ...(o["row-major"] ? { linearPanels: null } : {}) });
 try {
   const info = model.info;
   const prompt = "DeepSpeed is a machine learning framework";
@@ -80,7 +82,7 @@ try {
   const ratio = med(runsMeasured.map((r) => r.ratio));
   const stepRatio = med(runsMeasured.map((r) => r.medianStepRatio));
   const hugeBytes = filePmdMappedBytes();
-  log(`model: ${dir} (${info.numLayers} layers, hidden ${info.hiddenSize}, vocab ${info.vocabSize}), ${info.storedDtypes.join("/")} as ${info.dtype}, ${info.threads} threads, ${info.kernels} kernels`);
+  log(`model: ${dir} (${info.numLayers} layers, hidden ${info.hiddenSize}, vocab ${info.vocabSize}), ${info.storedDtypes.join("/")} as ${info.dtype}, ${info.threads} threads, ${info.kernels} kernels${o["row-major"] ? ", every matrix row-major" : ""}`);
   log(`bytes read per decode step: ${formatBytes(stepBytes)} (weights ${formatBytes(weightBytes)}, KV cache ${formatBytes(kvBytes)} at ${meanKvTokens} tokens)`);
   if (hugeBytes !== undefined) log(`checkpoint pages mapped 2 MiB at a time: ${formatBytes(hugeBytes)}`);
   log(`greedy decode, batch 1, ${newTokens} tokens, ${runs} runs, each between two bandwidth probes:`);
