@@ -29,14 +29,15 @@ const ready = hasMpirun() && native().mpiAvailable();
 const why = !hasMpirun() ? "mpirun is not installed (npm test installs openmpi-bin through apt)" : "the addon was built without MPI";
 
 describe("tensor parallelism", { skip: ready ? false : why }, () => {
-  for (const [np, fixture] of [
-    [2, "tiny-bloom-a"],
-    [3, "tiny-bloom-a"],
-    [2, "tiny-bloom-b"],
-    [3, "trained-bloom-small"],
+  for (const [np, fixture, layout] of [
+    [2, "tiny-bloom-a", ""],
+    [3, "tiny-bloom-a", ""],
+    [2, "tiny-bloom-b", ""],
+    [3, "trained-bloom-small", ""],
+    [2, "tiny-bloom-b", "panels"],
   ] as const) {
-    test(`${np} ranks on ${fixture}: golden logits, KV decode and greedy tokens`, async () => {
-      const { stdout } = await mpirun(np, [helper, fixture]);
+    test(`${np} ranks on ${fixture}${layout ? " (linear weights in column panels)" : ""}: golden logits, KV decode and greedy tokens`, async () => {
+      const { stdout } = await mpirun(np, layout ? [helper, fixture, layout] : [helper, fixture]);
       const lines = stdout.trim().split("\n").filter((l) => l.startsWith("{"));
       assert.equal(lines.length, 1, `only rank 0 reports:\n${stdout}`);
       const r = JSON.parse(lines[0]!) as { ranks: { size: number }; tolerance: number; single: number; padded: number; kvDecode: number; greedy: boolean };

@@ -182,15 +182,18 @@ export class TensorParallelWeightStore implements WeightStore {
     native().sliceColumns(region, 0, DTypeCode[dtype], view.region, view.byteOffset, DTypeCode[view.dtype], rows, cols, start, count);
     // The copy touched every row of the mapped matrix; drop those pages so this rank keeps only its slice.
     native().advise(view.region, view.byteOffset, view.byteLength, "dontneed");
+    const slice: TensorView = { ...view, name: `${view.name}[:, ${start}:${start + count}]`, dtype, shape: [rows, count], region, byteOffset: 0, byteLength: bytes };
     if (this.quantized) {
-      const slice: TensorView = { ...view, name: `${view.name}[:, ${start}:${start + count}]`, shape: [rows, count], region, byteOffset: 0, byteLength: bytes };
       const m = this.builder.matrix(slice, "linear");
       native().release(region);
       return m;
     }
-    const m: CpuMatrix = { dtype, outFeatures: rows, inFeatures: count, bytes, region, byteOffset: 0, owned: true };
+    // The slice as it is, or (long rows) the backend's copy in column panels, made from it.
+    const made = this.backend.matrix(slice, dtype, { use: "linear", releaseSource: true }) as CpuMatrix;
+    if (made.region !== region) native().release(region);
+    const m: CpuMatrix = made.region === region ? { ...made, owned: true } : made;
     this.owned.push(m);
-    this.ownedBytes += bytes;
+    this.ownedBytes += m.bytes;
     return m;
   }
 

@@ -1,14 +1,16 @@
 /**
  * Run under mpirun by test/tensor-parallel.test.ts: loads a fixture with strategy "tensor" and, on
  * rank 0, prints one JSON line with the largest logit differences against the golden tensors and
- * whether greedy generation reproduced the golden tokens.
+ * whether greedy generation reproduced the golden tokens. With a third argument "panels", every
+ * linear weight (each rank's shards included) is stored in column panels of 40 inputs.
  */
 import { loadModel } from "../../src/index.js";
 import { Golden, logitTolerance, maxAbsDiff, type FixtureName, fixtureDir } from "./fixtures.js";
 
 const name = process.argv[2] as FixtureName;
 const golden = new Golden(name);
-const model = await loadModel(fixtureDir(name), { strategy: "tensor" });
+const panels = process.argv[3] === "panels" ? { linearPanels: { width: 40, above: 40, dtypes: ["f32", "f16", "bf16"] as const } } : {};
+const model = await loadModel(fixtureDir(name), { strategy: "tensor", ...panels });
 const V = model.config.vocabSize;
 const c = golden.manifest.cases;
 
