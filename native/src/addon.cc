@@ -448,19 +448,31 @@ Napi::Value Embedding(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// The (dst, dstOffset, dstDtype, src, srcOffset, srcDtype) arguments that open convert,
+// sliceColumns and toPanels; each checks its byte ranges once it knows the lengths.
+struct CopyArgs {
+  Tracked* dst_region;
+  int64_t dst_offset;
+  DType dst;
+  Tracked* src_region;
+  int64_t src_offset;
+  DType src;
+};
+CopyArgs copy_args(const Napi::CallbackInfo& info, const std::string& fn) {
+  return CopyArgs{region_arg(info, 0, (fn + ": dst").c_str()), integer(info, 1, (fn + ": dst offset").c_str()),
+                  dtype_arg(info, 2, (fn + ": dst dtype").c_str()), region_arg(info, 3, (fn + ": src").c_str()),
+                  integer(info, 4, (fn + ": src offset").c_str()), dtype_arg(info, 5, (fn + ": src dtype").c_str())};
+}
+
 // convert(dstRegion, dstOffset, dstDtype, srcRegion, srcOffset, srcDtype, n)
 Napi::Value Convert(const Napi::CallbackInfo& info) {
   auto env = info.Env();
-  Tracked* dr = region_arg(info, 0, "convert: dst");
-  int64_t doff = integer(info, 1, "convert: dst offset");
-  DType dd = dtype_arg(info, 2, "convert: dst dtype");
-  Tracked* sr = region_arg(info, 3, "convert: src");
-  int64_t soff = integer(info, 4, "convert: src offset");
-  DType sd = dtype_arg(info, 5, "convert: src dtype");
+  const CopyArgs a = copy_args(info, "convert");
+  const DType dd = a.dst, sd = a.src;
   int64_t n = integer(info, 6, "convert: n");
   need(env, dd != DType::I8 && sd != DType::I8, "convert: int8 goes through quantize");
-  uint8_t* dst = region_bytes(info, dr, doff, n * static_cast<int64_t>(dtype_size(dd)), "convert: dst");
-  const uint8_t* src = region_bytes(info, sr, soff, n * static_cast<int64_t>(dtype_size(sd)), "convert: src");
+  uint8_t* dst = region_bytes(info, a.dst_region, a.dst_offset, n * static_cast<int64_t>(dtype_size(dd)), "convert: dst");
+  const uint8_t* src = region_bytes(info, a.src_region, a.src_offset, n * static_cast<int64_t>(dtype_size(sd)), "convert: src");
   convert(compute(env), dst, dd, src, sd, n);
   return env.Undefined();
 }
@@ -660,20 +672,16 @@ Napi::Value WaitRead(const Napi::CallbackInfo& info) {
 // sliceColumns(dstRegion, dstOffset, dstDtype, srcRegion, srcOffset, srcDtype, rows, cols, first, count)
 Napi::Value SliceColumns(const Napi::CallbackInfo& info) {
   auto env = info.Env();
-  Tracked* dr = region_arg(info, 0, "sliceColumns: dst");
-  int64_t doff = integer(info, 1, "sliceColumns: dst offset");
-  DType dd = dtype_arg(info, 2, "sliceColumns: dst dtype");
-  Tracked* sr = region_arg(info, 3, "sliceColumns: src");
-  int64_t soff = integer(info, 4, "sliceColumns: src offset");
-  DType sd = dtype_arg(info, 5, "sliceColumns: src dtype");
+  const CopyArgs a = copy_args(info, "sliceColumns");
+  const DType dd = a.dst, sd = a.src;
   int64_t rows = integer(info, 6, "sliceColumns: rows");
   int64_t cols = integer(info, 7, "sliceColumns: cols", 1);
   int64_t first = integer(info, 8, "sliceColumns: first");
   int64_t count = integer(info, 9, "sliceColumns: count");
   need(env, dd != DType::I8 && sd != DType::I8, "sliceColumns: int8 is not supported");
   need(env, first + count <= cols, "sliceColumns: column range past the matrix");
-  uint8_t* dst = region_bytes(info, dr, doff, rows * count * static_cast<int64_t>(dtype_size(dd)), "sliceColumns: dst");
-  const uint8_t* src = region_bytes(info, sr, soff, rows * cols * static_cast<int64_t>(dtype_size(sd)), "sliceColumns: src");
+  uint8_t* dst = region_bytes(info, a.dst_region, a.dst_offset, rows * count * static_cast<int64_t>(dtype_size(dd)), "sliceColumns: dst");
+  const uint8_t* src = region_bytes(info, a.src_region, a.src_offset, rows * cols * static_cast<int64_t>(dtype_size(sd)), "sliceColumns: src");
   slice_columns(compute(env), dst, dd, src, sd, rows, cols, first, count);
   return env.Undefined();
 }
@@ -682,12 +690,8 @@ Napi::Value SliceColumns(const Napi::CallbackInfo& info) {
 // src and dst each hold a whole (out, in) matrix: src row-major, dst in column panels of panelK.
 Napi::Value ToPanels(const Napi::CallbackInfo& info) {
   auto env = info.Env();
-  Tracked* dr = region_arg(info, 0, "toPanels: dst");
-  int64_t doff = integer(info, 1, "toPanels: dst offset");
-  DType dd = dtype_arg(info, 2, "toPanels: dst dtype");
-  Tracked* sr = region_arg(info, 3, "toPanels: src");
-  int64_t soff = integer(info, 4, "toPanels: src offset");
-  DType sd = dtype_arg(info, 5, "toPanels: src dtype");
+  const CopyArgs a = copy_args(info, "toPanels");
+  const DType dd = a.dst, sd = a.src;
   int64_t out = integer(info, 6, "toPanels: out", 1);
   int64_t in = integer(info, 7, "toPanels: in", 1);
   int64_t panel_k = integer(info, 8, "toPanels: panelK", 1);
@@ -695,8 +699,8 @@ Napi::Value ToPanels(const Napi::CallbackInfo& info) {
   int64_t row_end = integer(info, 10, "toPanels: rowEnd");
   need(env, dd != DType::I8 && sd != DType::I8, "toPanels: int8 is not supported");
   need(env, row_begin <= row_end && row_end <= out, "toPanels: row range past the matrix");
-  uint8_t* dst = region_bytes(info, dr, doff, out * in * static_cast<int64_t>(dtype_size(dd)), "toPanels: dst");
-  const uint8_t* src = region_bytes(info, sr, soff, out * in * static_cast<int64_t>(dtype_size(sd)), "toPanels: src");
+  uint8_t* dst = region_bytes(info, a.dst_region, a.dst_offset, out * in * static_cast<int64_t>(dtype_size(dd)), "toPanels: dst");
+  const uint8_t* src = region_bytes(info, a.src_region, a.src_offset, out * in * static_cast<int64_t>(dtype_size(sd)), "toPanels: src");
   to_panels(compute(env), dst, dd, src, sd, out, in, panel_k, row_begin, row_end);
   return env.Undefined();
 }
