@@ -18,8 +18,8 @@
  * the kernel), and a row timed while other processes took more than 10% of the CPU is re-timed
  * (--attempts) and flagged with `!` if it never ran alone.
  *
- * Matrices the engine stores in column panels (src/backend/cpu.ts defaultLinearPanels: bf16/fp16 rows
- * longer than 4096) are timed in that layout, their layer marked "pN" (panels of N inputs);
+ * Matrices the engine stores in column panels (src/backend/cpu.ts defaultLinearPanels: bf16/fp16
+ * rows longer than 4096) are timed in that layout, their layer marked "pN" (panels of N inputs);
  * --layout both times them row-major as well, --layout rows only row-major.
  *
  * Options: --threads N (default: physical cores), --quick (fewer shapes and iterations),

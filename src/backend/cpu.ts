@@ -49,13 +49,16 @@ const largeAllocation = 64 * 2 ** 20;
 
 /**
  * Which matrices used only by linear() are copied at load into column panels (native/src/kernels.h):
- * those in `dtypes` with more than `above` inputs, in panels of `width` inputs. At batch 1 a row of
- * x (fp32, 4 bytes per input) then fits in L1 beside the weight stream. Measured on the development
- * machine (bench:kernels, and the two layouts alternated in one process): bf16 rows of 16384 inputs
- * (bloom-7b1 dense_4h_to_h) 73-85 % of the read bandwidth as rows, 90-95 % in panels of 4096 (+10-25 %);
- * 10240 inputs (bloom-3b) +10 %, 8192 (bloom-1b7) +4-7 %; 4096 inputs gain nothing; fp32 weights
- * (as many bytes as x) gain nothing either. Panels of 4096 beat 2048 and 8192 at batch 8-128 (+3-9 %
- * over rows there too) and tie 2048 at batch 1.
+ * those in `dtypes` with more than `above` inputs, in panels of `width` inputs. A row of x (fp32, 4
+ * bytes per input) then fits in L1 beside the weight stream. Measured on the development machine
+ * (bench:kernels --layout both, and the two layouts alternated in one process): bf16/fp16 rows of
+ * 16384 inputs (bloom-7b1 dense_4h_to_h) at batch 1 79-86 % of the read bandwidth as rows, 95-99 % in
+ * panels of 4096; 10240 inputs (bloom-3b) +10 %, 8192 (bloom-1b7) +4-7 %; batch 16-32 +10-30 %.
+ * Batch 2-3 lose 3-4 % in the low-bandwidth state and gain ~20 % in the high one; batch 64 is even.
+ * Rows of 4096 inputs gain nothing. Panels of 4096 beat 2048 and 8192 at batch 8-128 and tie 2048 at
+ * batch 1. (Taking all panels in one parallel region, each thread's rows of every panel in turn,
+ * measured 7-13 % slower than one region per panel.) fp32 weights (as many bytes as x) stay row-major:
+ * in panels they gain nothing at batch 1, lose 3-8 % at batch 4-8 and gain 14-15 % at batch 16-32.
  */
 export interface LinearPanels {
   width: number;
