@@ -28,8 +28,11 @@ export class ReplicaSet implements EngineHandle {
       throw new BlossomError("parameter", `replicas: expected an integer from 1 to 64, got ${replicas}`);
     }
     const threads = Math.max(1, Math.floor(totalThreads / replicas));
+    // Column panels (src/backend/cpu.ts) are a private copy per engine: replicas keep long rows in
+    // the shared mapping unless asked otherwise, so memory stays one copy of the weights.
+    const linearPanels = data.options.linearPanels === undefined ? null : data.options.linearPanels;
     const started = await Promise.allSettled(
-      Array.from({ length: replicas }, () => EngineClient.start({ ...data, options: { ...data.options, threads } })),
+      Array.from({ length: replicas }, () => EngineClient.start({ ...data, options: { ...data.options, threads, linearPanels } })),
     );
     const clients = started.flatMap((r) => (r.status === "fulfilled" ? [r.value] : []));
     const failed = started.find((r) => r.status === "rejected");
