@@ -62,8 +62,9 @@ void convert(ThreadPool& pool, void* dst, DType dst_dtype, const void* src, DTyp
 void slice_columns(ThreadPool& pool, void* dst, DType dst_dtype, const void* src, DType src_dtype, int64_t rows, int64_t cols,
                    int64_t first, int64_t count);
 
-// Rows [row_begin, row_end) of src (out, in), converted, written to where dst, a whole (out, in)
-// matrix in column panels of panel_k inputs (WeightMatrix), keeps them; each source row read once.
+// Copies rows [row_begin, row_end) of src (out, in, row-major), converted, to their places in dst,
+// the whole (out, in) matrix in column panels of panel_k inputs (WeightMatrix); each source row is
+// read once.
 void to_panels(ThreadPool& pool, void* dst, DType dst_dtype, const void* src, DType src_dtype, int64_t out, int64_t in,
                int64_t panel_k, int64_t row_begin, int64_t row_end);
 

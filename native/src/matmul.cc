@@ -134,9 +134,9 @@ BLOSSOM_AVX2_INLINE __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
 // distance ahead (a non-temporal hint: weights are used once and should not evict x from L1).
 // Measured on the development machine: the hardware prefetchers alone lose 10-45% (more for
 // long rows), and interleaving 2-4 rows per pass, or splitting long rows into k blocks so that
-// x stays in L1, both lost bandwidth against this single stream (in the row-major layout; a matrix
-// stored in column panels gets the same effect from one stream per panel: linear_panels). U vectors per step give R*U
-// independent accumulators. G (rows per pass) is kept as a parameter for such experiments.
+// x stays in L1, both lost bandwidth against this single stream (in the row-major layout; a
+// matrix stored in column panels keeps x in L1 with one stream per panel: linear_panels). U
+// vectors per step give R*U independent accumulators. G (rows per pass) is kept as a parameter for such experiments.
 template <DType D, int R, int G>
 BLOSSOM_AVX2_INLINE void gemv_group(float* y, const float* x, const WeightMatrix& w, int64_t o) {
   constexpr int U = R <= 2 ? 4 : 2;
@@ -548,8 +548,8 @@ using EpilogueFn = void (*)(float*, int64_t, int64_t, int64_t, int64_t, const fl
 // y = epilogue(sum over panels p of x[:, panel p] @ W_p^T + bias) + residual, the panels' sums
 // added in panel order (so, like every variant, independent of the thread count). Each panel is
 // an ordinary row-major matrix for `fn` with rows of at most panel_k inputs: at batch 1, a
-// bf16/fp16 row of 16384 inputs against 64 KiB of fp32 x (more than L1) streamed at 73-85 % of the
-// read bandwidth, as 4 panels of 4096 at 90-95 % (bench:kernels, bloom-7b1 dense_4h_to_h).
+// bf16/fp16 row of 16384 inputs against 64 KiB of fp32 x (more than L1) streamed at 73-86 % of the
+// read bandwidth, as 4 panels of 4096 at 95-99 % (bench:kernels, bloom-7b1 dense_4h_to_h).
 // Panel p's sum goes to one of two buffers with the running sum as its residual (the kernels
 // write y before adding the residual, so the two must differ), starting in the one that makes
 // the last panel land in y; bias, GELU and the caller's residual follow in one pass.
