@@ -1,7 +1,8 @@
 /**
  * Pipeline placement with offload: layers on "cpu" and "disk" give exactly the logits of the
  * fully resident model (same kernels, same bytes), with and without conversion to another dtype,
- * and with and without read-ahead; the offload figures are reported; bad budgets fail clearly.
+ * and with and without read-ahead; resident layers may be in column panels beside row-major disk
+ * layers; the offload figures are reported; bad budgets fail clearly.
  */
 import assert from "node:assert/strict";
 import { mkdtempSync, readdirSync, rmSync } from "node:fs";
@@ -58,6 +59,28 @@ describe("pipeline offload", () => {
       }
     });
   }
+
+  test("resident layers in column panels beside offloaded row-major ones: the resident model's logits and tokens", () => {
+    const r = run({
+      linearPanels: { width: 100, above: 100, dtypes: ["f32", "f16", "bf16"] },
+      pipeline: { maxMemory: "0:6MB,cpu:1MB,disk", placement: "sequential", prefetch: true, evictPageCache: true },
+    });
+    try {
+      const w = r.loaded.weights;
+      const panelled = Array.from({ length: w.numLayers }, (_, i) => {
+        const k = (w.layer(i).dense4hToH.weight as { panelK?: number }).panelK ?? 0;
+        w.releaseLayer(i);
+        return k;
+      });
+      assert.ok(panelled.some((k) => k === 100), `no resident layer in panels: ${panelled}`);
+      assert.ok(panelled.some((k) => k === 0), `no offloaded layer row-major: ${panelled}`);
+      // Same weights, other summation order in the panelled layers: fp32 rounding only.
+      assert.ok(maxAbsDiff(r.logits, resident.logits) <= 1e-4, `max |diff| ${maxAbsDiff(r.logits, resident.logits)}`);
+      assert.deepEqual(r.tokens, resident.tokens);
+    } finally {
+      r.loaded.dispose();
+    }
+  });
 
   test("offloading as another dtype writes converted weights to the offload folder", () => {
     const folder = mkdtempSync(join(tmpdir(), "blossom-offload-"));
