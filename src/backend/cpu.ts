@@ -75,6 +75,32 @@ export function linearPanelWidth(policy: LinearPanels | null, dtype: StorageDTyp
 
 const bytesPerElement: Record<StorageDType, number> = { f32: 4, f16: 2, bf16: 2, i8: 1 };
 
+/** A region of `bytes` from the addon, or a memory error naming what it was for. */
+function allocateRegion(bytes: number, what: string): NativeRegion {
+  try {
+    return native().allocate(bytes);
+  } catch (err) {
+    throw new BlossomError("memory", `cannot allocate ${bytes} bytes${what}: ${(err as Error).message}`);
+  }
+}
+
+/**
+ * Calls `copy(r0, rows, sourceOffset)` for the rows of a row-major matrix `view` in slices of ~32 MiB
+ * of source; with `release`, each slice's pages are dropped once copied, so a load that converts,
+ * quantizes or re-lays out a matrix never holds more than a slice of it twice.
+ */
+function inSourceSlices(view: TensorView, release: boolean, copy: (r0: number, rows: number, sourceOffset: number) => void): void {
+  const [outFeatures, inFeatures] = view.shape as [number, number];
+  const rowBytes = inFeatures * bytesPerElement[view.dtype];
+  const sliceRows = Math.max(1, Math.floor(32 * 2 ** 20 / rowBytes));
+  for (let r0 = 0; r0 < outFeatures; r0 += sliceRows) {
+    const rows = Math.min(sliceRows, outFeatures - r0);
+    const source = view.byteOffset + r0 * rowBytes;
+    copy(r0, rows, source);
+    if (release) native().advise(view.region, source, rows * rowBytes, "dontneed");
+  }
+}
+
 function f32(buffer: DeviceBuffer): Float32Array {
   return buffer as Float32Array;
 }
@@ -106,12 +132,7 @@ export class CpuBackend implements Backend {
     // Smaller ones start on a cache line, as the kernels' vector loads of activations expect.
     if (bytes < largeAllocation) return new Float32Array(native().allocAligned(bytes));
     if (bytes >= 2 ** 32) throw new BlossomError("memory", `a single buffer of ${bytes} bytes exceeds the 4 GiB limit of one view`);
-    let region: NativeRegion;
-    try {
-      region = native().allocate(bytes);
-    } catch (err) {
-      throw new BlossomError("memory", `cannot allocate ${bytes} bytes: ${(err as Error).message}`);
-    }
+    const region = allocateRegion(bytes, "");
     const buffer = new Float32Array(native().view(region, 0, bytes));
     this.regions.set(buffer, region);
     return buffer;
@@ -148,29 +169,14 @@ export class CpuBackend implements Backend {
     return { dtype, outFeatures, inFeatures, bytes, region, byteOffset: 0, owned: true };
   }
 
-  /**
-   * `view` converted to `dtype` and copied into column panels of `panelK` inputs, in slices of ~32 MiB
-   * of source; with releaseSource each slice's pages are dropped after use, so a load never holds
-   * more than a slice of a matrix twice.
-   */
+  /** `view` converted to `dtype` and copied into column panels of `panelK` inputs (in source slices, inSourceSlices). */
   private panelledMatrix(view: TensorView, dtype: StorageDType, panelK: number, releaseSource: boolean): CpuMatrix {
     const [outFeatures, inFeatures] = view.shape as [number, number];
-    const es = bytesPerElement[dtype];
-    const bytes = outFeatures * inFeatures * es;
-    let region: NativeRegion;
-    try {
-      region = native().allocate(bytes);
-    } catch (err) {
-      throw new BlossomError("memory", `cannot allocate ${bytes} bytes for "${view.name}": ${(err as Error).message}`);
-    }
-    const rowBytes = inFeatures * bytesPerElement[view.dtype];
-    const sliceRows = Math.max(1, Math.floor(32 * 2 ** 20 / rowBytes));
-    for (let r0 = 0; r0 < outFeatures; r0 += sliceRows) {
-      const rows = Math.min(sliceRows, outFeatures - r0);
-      const source = view.byteOffset + r0 * rowBytes;
-      native().toPanels(region, 0, DTypeCode[dtype], view.region, view.byteOffset, DTypeCode[view.dtype], outFeatures, inFeatures, panelK, r0, r0 + rows);
-      if (releaseSource) native().advise(view.region, source, rows * rowBytes, "dontneed");
-    }
+    const bytes = outFeatures * inFeatures * bytesPerElement[dtype];
+    const region = allocateRegion(bytes, ` for "${view.name}"`);
+    inSourceSlices(view, releaseSource, (r0, rows) =>
+      native().toPanels(region, 0, DTypeCode[dtype], view.region, view.byteOffset, DTypeCode[view.dtype], outFeatures, inFeatures, panelK, r0, r0 + rows),
+    );
     return { dtype, outFeatures, inFeatures, bytes, region, byteOffset: 0, owned: true, panelK };
   }
 
@@ -193,15 +199,9 @@ export class CpuBackend implements Backend {
     const { arena, offset: base } = this.arenaAllocate(scalesAt + outFeatures * groups * 2);
     const region = arena.region;
     const scalesOffset = base + scalesAt;
-    // In slices of ~32 MiB of source, so a released source never has more than a slice resident.
-    const rowBytes = inFeatures * bytesPerElement[view.dtype];
-    const sliceRows = Math.max(1, Math.floor(32 * 2 ** 20 / rowBytes));
-    for (let r0 = 0; r0 < outFeatures; r0 += sliceRows) {
-      const rows = Math.min(sliceRows, outFeatures - r0);
-      const source = view.byteOffset + r0 * rowBytes;
-      native().quantizeWeights(region, base + r0 * inFeatures, region, scalesOffset + r0 * groups * 2, view.region, source, DTypeCode[view.dtype], rows, inFeatures, groupSize);
-      if (releaseSource) native().advise(view.region, source, rows * rowBytes, "dontneed");
-    }
+    inSourceSlices(view, releaseSource ?? false, (r0, rows, source) =>
+      native().quantizeWeights(region, base + r0 * inFeatures, region, scalesOffset + r0 * groups * 2, view.region, source, DTypeCode[view.dtype], rows, inFeatures, groupSize),
+    );
     return { ...common, bytes, region, byteOffset: base, scalesRegion: region, scalesOffset, owned: true, arena };
   }
 
@@ -212,13 +212,7 @@ export class CpuBackend implements Backend {
     const offset = arena ? Math.ceil(arena.used / 64) * 64 : 0;
     if (!arena || offset + bytes > arena.size) {
       const size = Math.max(arenaBytes, Math.ceil(bytes / 2 ** 21) * 2 ** 21);
-      let region: NativeRegion;
-      try {
-        region = native().allocate(size);
-      } catch (err) {
-        throw new BlossomError("memory", `cannot allocate ${size} bytes for int8 weights: ${(err as Error).message}`);
-      }
-      arena = this.arena = { region, size, used: 0, live: 0 };
+      arena = this.arena = { region: allocateRegion(size, " for int8 weights"), size, used: 0, live: 0 };
       return this.arenaAllocate(bytes);
     }
     arena.used = offset + bytes;

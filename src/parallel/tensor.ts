@@ -190,8 +190,9 @@ export class TensorParallelWeightStore implements WeightStore {
     }
     // The slice as it is, or (long rows) the backend's copy in column panels, made from it.
     const made = this.backend.matrix(slice, dtype, { use: "linear", releaseSource: true }) as CpuMatrix;
-    if (made.region !== region) native().release(region);
-    const m: CpuMatrix = made.region === region ? { ...made, owned: true } : made;
+    const inPlace = made.region === region;
+    if (!inPlace) native().release(region);
+    const m: CpuMatrix = inPlace ? { ...made, owned: true } : made;
     this.owned.push(m);
     this.ownedBytes += m.bytes;
     return m;
