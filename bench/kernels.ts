@@ -315,9 +315,11 @@ function main(): void {
     `best probes of the run: read bandwidth ${bandwidth.toFixed(1)} GB/s, FMA peak ${fmaPeak.toFixed(1)} GFLOP/s ` +
       `(the rows use the limits probed around them: other tenants move both)`,
   );
-  summarize(layout === "both" ? rows.filter(engineLayout) : rows);
+  // Verdicts and the attention share use the layout the engine computes with (--layout both times both).
+  const engineRows = layout === "both" ? rows.filter(engineLayout) : rows;
+  summarize(engineRows);
 
-  const others = values["no-attention"] ? [] : benchOthers(quick, attempts, layout === "both" ? rows.filter(engineLayout) : rows);
+  const others = values["no-attention"] ? [] : benchOthers(quick, attempts, engineRows);
 
   if (values.json) {
     writeFileSync(
