@@ -14,6 +14,7 @@ import { quantizedCopy } from "./quant/cache.js";
 import { isQuantScheme } from "./quant/scheme.js";
 import type { WeightDType } from "./engine/weights.js";
 import type { LinearPanels } from "./backend/cpu.js";
+import type { KVDType } from "./backend/backend.js";
 import { resolveGenerationParams, type GenerationParams, type GenerationParamsInput } from "./generate/params.js";
 import { IncrementalDecoder, StopStringMatcher, type FinishReason } from "./generate/stopping.js";
 import { resolveModel } from "./hub/resolve.js";
@@ -33,6 +34,11 @@ export interface LoadModelOptions {
   threads?: number;
   /** KV-cache capacity in tokens, across all sequences. */
   kvCacheTokens?: number;
+  /**
+   * How the KV cache stores keys and values: "fp32" (default), or "fp16" / "bf16", which take half
+   * the memory (twice the tokens in the same capacity) and half the bytes per decode step.
+   */
+  kvDtype?: KVDType;
   /** Most sequences decoded together. */
   maxBatchSize?: number;
   /** Cap on prompt + max_new_tokens over running sequences. */

@@ -17,7 +17,8 @@ import assert from "node:assert/strict";
 import { after, describe, test } from "node:test";
 import { DTypeCode, Epilogue, native, type NativeRegion, type StorageDType } from "../src/backend/native.js";
 import { CpuBackend } from "../src/backend/cpu.js";
-import type { MatrixOptions } from "../src/backend/backend.js";
+import type { KVDType, MatrixOptions } from "../src/backend/backend.js";
+import { float32ToBfloat16, float32ToFloat16 } from "../src/checkpoint/half-float.js";
 import type { TensorView } from "../src/checkpoint/safetensors.js";
 
 const addon = native();
@@ -533,6 +534,7 @@ describe("attention", () => {
     table: Int32Array,
     slopes: Float32Array,
     numTokens: number,
+    store: (x: number) => number = (x) => x,
   ): Float64Array {
     const out = new Float64Array(numTokens * heads * d);
     const stride = heads * 3 * d;
@@ -544,8 +546,8 @@ describe("attention", () => {
         for (let h = 0; h < heads; h++) {
           const o = at(off, past + i, h);
           for (let e = 0; e < d; e++) {
-            kCache[o + e] = qkv[(start + i) * stride + h * 3 * d + d + e]!;
-            vCache[o + e] = qkv[(start + i) * stride + h * 3 * d + 2 * d + e]!;
+            kCache[o + e] = store(qkv[(start + i) * stride + h * 3 * d + d + e]!);
+            vCache[o + e] = store(qkv[(start + i) * stride + h * 3 * d + 2 * d + e]!);
           }
         }
       }
@@ -590,30 +592,63 @@ describe("attention", () => {
     return { seqs, table: Int32Array.from(tableList) };
   }
 
-  function checkAgainstReference(label: string, spec: readonly (readonly [number, number, number])[], heads: number, d: number, blockSize: number, numBlocks: number) {
+  /**
+   * A KV cache of `dtype` filled from fp32 values: the array the addon takes (16-bit caches hold the
+   * rounded bits) and how the reference reads an entry and rounds a stored one.
+   */
+  const kvFormats = {
+    fp32: { code: DTypeCode.f32, make: (x: Float32Array) => x, read: (c: Float32Array | Uint16Array) => Float64Array.from(c), store: (x: number) => Math.fround(x) },
+    fp16: {
+      code: DTypeCode.f16,
+      make: (x: Float32Array) => Uint16Array.from(x, float32ToFloat16),
+      read: (c: Float32Array | Uint16Array) => Float64Array.from(c, f16ToNumber),
+      store: (x: number) => f16ToNumber(float32ToFloat16(x)),
+    },
+    bf16: {
+      code: DTypeCode.bf16,
+      make: (x: Float32Array) => Uint16Array.from(x, float32ToBfloat16),
+      read: (c: Float32Array | Uint16Array) => Float64Array.from(c, bf16ToNumber),
+      store: (x: number) => bf16ToNumber(float32ToBfloat16(x)),
+    },
+  } as const;
+
+  function checkAgainstReference(
+    label: string,
+    spec: readonly (readonly [number, number, number])[],
+    heads: number,
+    d: number,
+    blockSize: number,
+    numBlocks: number,
+    kvDtypes: readonly KVDType[] = ["fp32", "fp16", "bf16"],
+  ) {
     const numTokens = spec.reduce((n, [, numNew]) => n + numNew, 0);
     const { seqs, table } = raggedBatch(spec, blockSize, numBlocks);
     const slopes = Float32Array.from({ length: heads }, (_, h) => 2 ** ((-8 * (h + 1)) / heads));
-    for (const variant of variants) {
-      addon.setKernelVariant(variant);
-      const qkv = randomF32(numTokens * heads * 3 * d, 31, 2);
-      const kCache = randomF32(numBlocks * heads * blockSize * d, 32);
-      const vCache = randomF32(numBlocks * heads * blockSize * d, 33);
-      const kRef = Float64Array.from(kCache), vRef = Float64Array.from(vCache);
-      const want = referenceAttention(qkv, heads, d, kRef, vRef, blockSize, seqs, table, slopes, numTokens);
-      const out = new Float32Array(numTokens * heads * d);
-      addon.attention(out, qkv, numTokens, heads, d, kCache, vCache, blockSize, seqs, table, slopes);
-      assert.deepEqual(Float64Array.from(kCache), kRef, `${variant}: k cache after append`);
-      assert.deepEqual(Float64Array.from(vCache), vRef, `${variant}: v cache after append`);
-      let worst = 0;
-      for (let i = 0; i < out.length; i++) {
-        // Outputs are convex combinations of |v| <= 1: softmax weights carry a relative error of
-        // a few ulps per score (|score| < ~50 here) plus the d-term dot products.
-        const diff = Math.abs(out[i]! - want[i]!);
-        assert.ok(diff <= 2e-5, `${variant} attention out[${i}] = ${out[i]} vs ${want[i]}`);
-        worst = Math.max(worst, diff);
+    for (const kv of kvDtypes) {
+      const format = kvFormats[kv];
+      for (const variant of variants) {
+        addon.setKernelVariant(variant);
+        const qkv = randomF32(numTokens * heads * 3 * d, 31, 2);
+        const kCache = format.make(randomF32(numBlocks * heads * blockSize * d, 32));
+        const vCache = format.make(randomF32(numBlocks * heads * blockSize * d, 33));
+        // The reference attends over exactly what the cache holds: 16-bit entries widened, and the
+        // new keys and values rounded (to nearest even) as they are appended.
+        const kRef = format.read(kCache), vRef = format.read(vCache);
+        const want = referenceAttention(qkv, heads, d, kRef, vRef, blockSize, seqs, table, slopes, numTokens, format.store);
+        const out = new Float32Array(numTokens * heads * d);
+        addon.attention(out, qkv, numTokens, heads, d, kCache, vCache, blockSize, seqs, table, slopes, format.code);
+        assert.deepEqual(format.read(kCache), kRef, `${variant} ${kv}: k cache after append`);
+        assert.deepEqual(format.read(vCache), vRef, `${variant} ${kv}: v cache after append`);
+        let worst = 0;
+        for (let i = 0; i < out.length; i++) {
+          // Outputs are convex combinations of |v| <= 1: softmax weights carry a relative error of
+          // a few ulps per score (|score| < ~50 here) plus the d-term dot products.
+          const diff = Math.abs(out[i]! - want[i]!);
+          assert.ok(diff <= 2e-5, `${variant} ${kv} attention out[${i}] = ${out[i]} vs ${want[i]}`);
+          worst = Math.max(worst, diff);
+        }
+        console.log(`  attention ${label} heads=${heads} d=${d} blockSize=${blockSize} kv ${kv} ${variant}: max |diff| ${worst.toExponential(2)}`);
       }
-      console.log(`  attention ${label} heads=${heads} d=${d} blockSize=${blockSize} ${variant}: max |diff| ${worst.toExponential(2)}`);
     }
     addon.setKernelVariant(initialVariant);
   }
@@ -646,4 +681,19 @@ describe("attention", () => {
       checkAgainstReference("ragged", [[0, 6, 0], [6, 1, 9], [7, 3, 2], [10, 2, 37]], heads, d, blockSize, 40);
     });
   }
+
+  test("a KV cache of the wrong array type for its dtype, or an unknown dtype, is refused by name", () => {
+    const [heads, d, blockSize] = [2, 8, 4];
+    const qkv = new Float32Array(3 * heads * d), out = new Float32Array(heads * d);
+    const seqs = Int32Array.from([0, 1, 0, 0]), table = Int32Array.from([0]), slopes = new Float32Array(heads);
+    const call = (k: Float32Array | Uint16Array, v: Float32Array | Uint16Array, code?: number) => () =>
+      addon.attention(out, qkv, 1, heads, d, k, v, blockSize, seqs, table, slopes, code);
+    const f32 = () => new Float32Array(heads * blockSize * d), u16 = () => new Uint16Array(heads * blockSize * d);
+    assert.throws(call(u16(), u16()), /attention: kCache \(fp32: a Float32Array\): wrong typed array type/);
+    assert.throws(call(f32(), f32(), DTypeCode.f16), /attention: kCache \(fp16\/bf16: a Uint16Array\): wrong typed array type/);
+    assert.throws(call(u16(), f32(), DTypeCode.bf16), /attention: vCache \(fp16\/bf16: a Uint16Array\)/);
+    assert.throws(call(u16(), u16(), DTypeCode.i8), /attention: kvDtype must be F32, F16 or BF16/);
+    assert.throws(call(u16(), u16(), 9), /attention: kvDtype: unknown dtype code 9/);
+    assert.doesNotThrow(call(u16(), u16(), DTypeCode.bf16));
+  });
 });

@@ -477,7 +477,8 @@ Napi::Value Convert(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// attention(out, qkv, numTokens, numHeads, headDim, kCache, vCache, blockSize, seqs, blockTable, slopes)
+// attention(out, qkv, numTokens, numHeads, headDim, kCache, vCache, blockSize, seqs, blockTable, slopes, kvDtype?)
+// kvDtype (default F32): the caches' dtype, F32 (Float32Array) or F16 / BF16 (Uint16Array).
 Napi::Value Attention(const Napi::CallbackInfo& info) {
   auto env = info.Env();
   AttentionArgs a{};
@@ -486,8 +487,14 @@ Napi::Value Attention(const Napi::CallbackInfo& info) {
   a.num_tokens = integer(info, 2, "attention: numTokens");
   a.num_heads = static_cast<int>(integer(info, 3, "attention: numHeads", 1));
   a.head_dim = static_cast<int>(integer(info, 4, "attention: headDim", 1));
-  auto kc = f32(info, 5, "attention: kCache");
-  auto vc = f32(info, 6, "attention: vCache");
+  a.kv_dtype = info.Length() > 11 && !info[11].IsUndefined() ? dtype_arg(info, 11, "attention: kvDtype") : DType::F32;
+  need(env, a.kv_dtype != DType::I8, "attention: kvDtype must be F32, F16 or BF16");
+  const bool wide = a.kv_dtype == DType::F32;
+  const napi_typedarray_type cache_type = wide ? napi_float32_array : napi_uint16_array;
+  const char* k_name = wide ? "attention: kCache (fp32: a Float32Array)" : "attention: kCache (fp16/bf16: a Uint16Array)";
+  const char* v_name = wide ? "attention: vCache (fp32: a Float32Array)" : "attention: vCache (fp16/bf16: a Uint16Array)";
+  auto kc = typed<uint8_t>(info, 5, k_name, cache_type);
+  auto vc = typed<uint8_t>(info, 6, v_name, cache_type);
   a.block_size = static_cast<int>(integer(info, 7, "attention: blockSize", 1));
   auto seqs = i32(info, 8, "attention: seqs");
   auto table = i32(info, 9, "attention: blockTable");
@@ -496,8 +503,8 @@ Napi::Value Attention(const Napi::CallbackInfo& info) {
   need(env, out.length >= static_cast<size_t>(a.num_tokens * width), "attention: out is shorter than tokens*heads*headDim");
   need(env, qkv.length >= static_cast<size_t>(a.num_tokens * width * 3), "attention: qkv is shorter than tokens*3*heads*headDim");
   need(env, kc.length == vc.length, "attention: k and v caches differ in size");
-  const int64_t block_floats = width * a.block_size;
-  need(env, kc.length % block_floats == 0, "attention: cache size is not a whole number of blocks");
+  const int64_t block_entries = width * a.block_size;
+  need(env, kc.length % block_entries == 0, "attention: cache size is not a whole number of blocks");
   need(env, seqs.length % 4 == 0, "attention: seqs must hold 4 ints per sequence");
   need(env, slopes.length >= static_cast<size_t>(a.num_heads), "attention: fewer slopes than heads");
   need(env, !overlaps(out.data, out.length, qkv.data, qkv.length), "attention: out must not overlap qkv");
@@ -505,7 +512,7 @@ Napi::Value Attention(const Napi::CallbackInfo& info) {
   a.qkv = qkv.data;
   a.k_cache = kc.data;
   a.v_cache = vc.data;
-  a.num_blocks = static_cast<int64_t>(kc.length) / block_floats;
+  a.num_blocks = static_cast<int64_t>(kc.length) / block_entries;
   a.seqs = seqs.data;
   a.num_seqs = static_cast<int>(seqs.length / 4);
   a.block_table = table.data;

@@ -1,4 +1,5 @@
-// Ragged-batch causal attention with ALiBi over a paged fp32 KV cache.
+// Ragged-batch causal attention with ALiBi over a paged KV cache of fp32, fp16 or bf16 keys and
+// values (each kernel is a template on the cache's dtype; 16-bit entries are widened in registers).
 //
 // For each sequence, the new tokens' k and v are first written into the cache at positions
 // past_len .. past_len+num_new-1, then every new query attends to keys 0 .. its own position:
@@ -12,6 +13,7 @@
 // each head's keys in three passes (attend_head_avx2). Both agree to float rounding (~1e-7).
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <stdexcept>
 #include <vector>
 
@@ -26,42 +28,72 @@ struct Seq {
   int64_t token_start, num_new, past_len, table_offset;
 };
 
+// One cache entry of dtype D: fp32, or the 16 bits of fp16 / bf16.
+template <DType D>
+using Kv = std::conditional_t<D == DType::F32, float, uint16_t>;
+
+template <DType D>
+inline float kv_get(const Kv<D>* p) {
+  if constexpr (D == DType::F32) return *p;
+  else if constexpr (D == DType::F16) return f16_to_f32(*p);
+  else return bf16_to_f32(*p);
+}
+
+// Appends n floats to the cache, rounded to nearest-even when it holds 16-bit entries.
+template <DType D>
+inline void kv_put(Kv<D>* dst, const float* src, int n) {
+  if constexpr (D == DType::F32) {
+    std::memcpy(dst, src, sizeof(float) * n);
+  } else {
+    for (int i = 0; i < n; ++i) dst[i] = D == DType::F16 ? f32_to_f16(src[i]) : f32_to_bf16(src[i]);
+  }
+}
+
+template <DType D>
+inline Kv<D>* kv_cache(void* p) {
+  return static_cast<Kv<D>*>(p);
+}
+
 inline Seq seq_at(const AttentionArgs& a, int s) {
   const int32_t* d = a.seqs + 4 * s;
   return Seq{d[0], d[1], d[2], d[3]};
 }
 
-// Offset (in floats) of position `pos` of head `h` in a cache laid out (blocks, heads, block_size, head_dim).
+// Offset (in entries) of position `pos` of head `h` in a cache laid out (blocks, heads, block_size, head_dim).
 inline int64_t cache_offset(const AttentionArgs& a, const Seq& s, int64_t pos, int h) {
   const int64_t block = a.block_table[s.table_offset + pos / a.block_size];
   return ((block * a.num_heads + h) * a.block_size + pos % a.block_size) * a.head_dim;
 }
 
-float dot_scalar(const float* a, const float* b, int n) {
+template <DType D>
+float dot_scalar(const float* a, const Kv<D>* b, int n) {
   float s = 0.f;
-  for (int i = 0; i < n; ++i) s += a[i] * b[i];
+  for (int i = 0; i < n; ++i) s += a[i] * kv_get<D>(b + i);
   return s;
 }
 
-void axpy_scalar(float* y, float alpha, const float* x, int n) {
-  for (int i = 0; i < n; ++i) y[i] += alpha * x[i];
+template <DType D>
+void axpy_scalar(float* y, float alpha, const Kv<D>* x, int n) {
+  for (int i = 0; i < n; ++i) y[i] += alpha * kv_get<D>(x + i);
 }
 
 #if defined(__x86_64__)
-BLOSSOM_AVX2 float dot_avx2(const float* a, const float* b, int n) {
+template <DType D>
+BLOSSOM_AVX2 float dot_avx2(const float* a, const Kv<D>* b, int n) {
   __m256 acc = _mm256_setzero_ps();
   int i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), simd::load8<D>(b + i), acc);
   float s = simd::hsum(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += a[i] * kv_get<D>(b + i);
   return s;
 }
 
-BLOSSOM_AVX2 void axpy_avx2(float* y, float alpha, const float* x, int n) {
+template <DType D>
+BLOSSOM_AVX2 void axpy_avx2(float* y, float alpha, const Kv<D>* x, int n) {
   const __m256 va = _mm256_set1_ps(alpha);
   int i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += alpha * x[i];
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, simd::load8<D>(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += alpha * kv_get<D>(x + i);
 }
 
 // Sums of 8 vectors: lane t of the result is the sum of v[t]'s 8 lanes.
@@ -77,13 +109,15 @@ BLOSSOM_AVX2_INLINE __m256 hsum8x8(const __m256* v) {
 // Scores of jn contiguous keys of one head, at positions j0.., into sc[0..jn):
 // slope * position + (q . k) * scale, 8 keys at a time; returns their max. While it scores 8 keys it
 // prefetches the same byte range of pf_a and pf_b (either may be null).
-BLOSSOM_AVX2_INLINE float score_keys_avx2(float* sc, const float* q, const float* kb, int64_t jn, int64_t j0, float slope,
+template <DType D>
+BLOSSOM_AVX2_INLINE float score_keys_avx2(float* sc, const float* q, const Kv<D>* kb, int64_t jn, int64_t j0, float slope,
                                           float scale, int d, const char* pf_a, const char* pf_b) {
+  constexpr int64_t entry = sizeof(Kv<D>);
   __m256 vmax = _mm256_set1_ps(-INFINITY);
   float mx = -INFINITY;
   int64_t j = 0;
   for (; j + 8 <= jn; j += 8) {
-    for (int64_t line = j * d * 4; line < (j + 8) * d * 4; line += 64) {
+    for (int64_t line = j * d * entry; line < (j + 8) * d * entry; line += 64) {
       if (pf_a) _mm_prefetch(pf_a + line, _MM_HINT_T0);
       if (pf_b) _mm_prefetch(pf_b + line, _MM_HINT_T0);
     }
@@ -91,7 +125,7 @@ BLOSSOM_AVX2_INLINE float score_keys_avx2(float* sc, const float* q, const float
     for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
     for (int e = 0; e < d; e += 8) {
       const __m256 qv = _mm256_loadu_ps(q + e);
-      for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kb + (j + u) * d + e), acc[u]);
+      for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qv, simd::load8<D>(kb + (j + u) * d + e), acc[u]);
     }
     const __m256 pos = _mm256_add_ps(_mm256_set1_ps(static_cast<float>(j0 + j)), _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7));
     const __m256 v = _mm256_fmadd_ps(_mm256_set1_ps(slope), pos, _mm256_mul_ps(hsum8x8(acc), _mm256_set1_ps(scale)));
@@ -99,7 +133,7 @@ BLOSSOM_AVX2_INLINE float score_keys_avx2(float* sc, const float* q, const float
     vmax = _mm256_max_ps(vmax, v);
   }
   for (; j < jn; ++j) {
-    const float v = slope * static_cast<float>(j0 + j) + dot_avx2(q, kb + j * d, d) * scale;
+    const float v = slope * static_cast<float>(j0 + j) + dot_avx2<D>(q, kb + j * d, d) * scale;
     sc[j] = v;
     mx = std::max(mx, v);
   }
@@ -128,7 +162,10 @@ BLOSSOM_AVX2_INLINE float exp_sum_avx2(float* sc, int64_t n, float mx) {
 // reference (scores and their max, exponentials and their sum, weighted sum of values), each
 // vectorised across keys: 8 keys' dot products at a time, exp over 8 scores, and the value sum
 // held in registers 64 dimensions at a time and divided by the sum once at the end.
+template <DType D>
 BLOSSOM_AVX2 void attend_head_avx2(const AttentionArgs& a, const Seq& s, int h, std::vector<float>& scores) {
+  const Kv<D>* const k_cache = kv_cache<D>(a.k_cache);
+  const Kv<D>* const v_cache = kv_cache<D>(a.v_cache);
   const int d = a.head_dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const float slope = a.slopes[h];
@@ -143,12 +180,12 @@ BLOSSOM_AVX2 void attend_head_avx2(const AttentionArgs& a, const Seq& s, int h, 
     // 1. scores_j = slope * j + (q . k_j) * scale, 8 keys at a time within each block.
     float mx = -INFINITY;
     for (int64_t j0 = 0; j0 < n; j0 += bs) {
-      const float* kb = a.k_cache + cache_offset(a, s, j0, h);  // bs keys of this head, contiguous
+      const Kv<D>* kb = k_cache + cache_offset(a, s, j0, h);  // bs keys of this head, contiguous
       // Blocks are scattered, so the hardware prefetchers restart at each one: fetch the next
       // block's keys and this block's values (for pass 3) while these keys are being scored.
-      const char* next_k = j0 + bs < n ? reinterpret_cast<const char*>(a.k_cache + cache_offset(a, s, j0 + bs, h)) : nullptr;
-      const char* this_v = reinterpret_cast<const char*>(a.v_cache + cache_offset(a, s, j0, h));
-      mx = std::max(mx, score_keys_avx2(sc + j0, q, kb, std::min<int64_t>(bs, n - j0), j0, slope, scale, d, next_k, this_v));
+      const char* next_k = j0 + bs < n ? reinterpret_cast<const char*>(k_cache + cache_offset(a, s, j0 + bs, h)) : nullptr;
+      const char* this_v = reinterpret_cast<const char*>(v_cache + cache_offset(a, s, j0, h));
+      mx = std::max(mx, score_keys_avx2<D>(sc + j0, q, kb, std::min<int64_t>(bs, n - j0), j0, slope, scale, d, next_k, this_v));
     }
     // 2. e_j = exp(score_j - max) and their sum.
     const float sum = exp_sum_avx2(sc, n, mx);
@@ -160,15 +197,15 @@ BLOSSOM_AVX2 void attend_head_avx2(const AttentionArgs& a, const Seq& s, int h, 
       __m256 acc[8];
       for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
       for (int64_t j0 = 0; j0 < n; j0 += bs) {
-        const float* vb = a.v_cache + cache_offset(a, s, j0, h) + e0;
+        const Kv<D>* vb = v_cache + cache_offset(a, s, j0, h) + e0;
         const int64_t jn = std::min<int64_t>(bs, n - j0);
         for (int64_t jj = 0; jj < jn; ++jj) {
           const __m256 p = _mm256_set1_ps(sc[j0 + jj]);
-          const float* v = vb + jj * d;
+          const Kv<D>* v = vb + jj * d;
           if (chunks == 8) {
-            for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * c), acc[c]);
+            for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(p, simd::load8<D>(v + 8 * c), acc[c]);
           } else {
-            for (int c = 0; c < chunks; ++c) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * c), acc[c]);
+            for (int c = 0; c < chunks; ++c) acc[c] = _mm256_fmadd_ps(p, simd::load8<D>(v + 8 * c), acc[c]);
           }
         }
       }
@@ -183,7 +220,10 @@ BLOSSOM_AVX2 void attend_head_avx2(const AttentionArgs& a, const Seq& s, int h, 
 // head_dim) heads h0..h1-1 of one block are one contiguous run of keys (and one of values), so each
 // thread streams runs of (h1 - h0) * block_size * head_dim floats instead of one head's 4 KiB at a
 // time, prefetching a head's worth ahead.
+template <DType D>
 BLOSSOM_AVX2 void attend_decode_avx2(const AttentionArgs& a, const Seq& s, int h0, int h1, std::vector<float>& state) {
+  const Kv<D>* const k_cache = kv_cache<D>(a.k_cache);
+  const Kv<D>* const v_cache = kv_cache<D>(a.v_cache);
   const int d = a.head_dim, bs = a.block_size;
   const int nh = h1 - h0;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
@@ -199,20 +239,20 @@ BLOSSOM_AVX2 void attend_decode_avx2(const AttentionArgs& a, const Seq& s, int h
     st[per - 2] = -INFINITY;
     st[per - 1] = 0.f;
   }
-  const int64_t head_bytes = static_cast<int64_t>(bs) * d * 4;  // one head's keys (or values) in a block
+  const int64_t head_bytes = static_cast<int64_t>(bs) * d * static_cast<int64_t>(sizeof(Kv<D>));  // one head's keys (or values) in a block
   for (int64_t j0 = 0; j0 < n; j0 += bs) {
     const int64_t jn = std::min<int64_t>(bs, n - j0);
-    const float* kb0 = a.k_cache + cache_offset(a, s, j0, h0);
-    const float* vb0 = a.v_cache + cache_offset(a, s, j0, h0);
-    const char* next_k = j0 + bs < n ? reinterpret_cast<const char*>(a.k_cache + cache_offset(a, s, j0 + bs, h0)) : nullptr;
+    const Kv<D>* kb0 = k_cache + cache_offset(a, s, j0, h0);
+    const Kv<D>* vb0 = v_cache + cache_offset(a, s, j0, h0);
+    const char* next_k = j0 + bs < n ? reinterpret_cast<const char*>(k_cache + cache_offset(a, s, j0 + bs, h0)) : nullptr;
     for (int hh = 0; hh < nh; ++hh) {
       const int h = h0 + hh;
       float* st = state.data() + hh * per;
       float* acc = st;
       float* sc = st + d;
       const float* q = a.qkv + t * stride + static_cast<int64_t>(h) * 3 * d;
-      const float* kb = kb0 + static_cast<int64_t>(hh) * bs * d;
-      const float* vb = vb0 + static_cast<int64_t>(hh) * bs * d;
+      const Kv<D>* kb = kb0 + static_cast<int64_t>(hh) * bs * d;
+      const Kv<D>* vb = vb0 + static_cast<int64_t>(hh) * bs * d;
       // Prefetch the next head's keys (after the last head, the next block's first) and this head's
       // values, used once its scores are done. Measured at batch 8-128 over 100-400 cached tokens
       // (in-process, alternating; high-bandwidth state): 65-78 % of the read bandwidth; next head's
@@ -222,7 +262,7 @@ BLOSSOM_AVX2 void attend_decode_avx2(const AttentionArgs& a, const Seq& s, int h
       if (nk) for (int64_t line = 0; line < head_bytes; line += 64) _mm_prefetch(nk + line, _MM_HINT_T0);
       for (int64_t line = 0; line < head_bytes; line += 64) _mm_prefetch(reinterpret_cast<const char*>(vb) + line, _MM_HINT_T0);
       // Scores of this block's keys; rescale what came before if they raise the max.
-      const float bmax = score_keys_avx2(sc, q, kb, jn, j0, a.slopes[h], scale, d, nullptr, nullptr);
+      const float bmax = score_keys_avx2<D>(sc, q, kb, jn, j0, a.slopes[h], scale, d, nullptr, nullptr);
       const float m_old = st[per - 2];
       const float m_new = std::max(m_old, bmax);
       const float corr = std::exp(m_old - m_new);  // 0 for the first block (m_old = -inf)
@@ -237,11 +277,11 @@ BLOSSOM_AVX2 void attend_decode_avx2(const AttentionArgs& a, const Seq& s, int h
         for (int c = 0; c < chunks; ++c) r[c] = _mm256_mul_ps(_mm256_loadu_ps(acc + e0 + 8 * c), vc);
         for (int64_t jj = 0; jj < jn; ++jj) {
           const __m256 p = _mm256_set1_ps(sc[jj]);
-          const float* v = vb + jj * d + e0;
+          const Kv<D>* v = vb + jj * d + e0;
           if (chunks == 8) {
-            for (int c = 0; c < 8; ++c) r[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * c), r[c]);
+            for (int c = 0; c < 8; ++c) r[c] = _mm256_fmadd_ps(p, simd::load8<D>(v + 8 * c), r[c]);
           } else {
-            for (int c = 0; c < chunks; ++c) r[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * c), r[c]);
+            for (int c = 0; c < chunks; ++c) r[c] = _mm256_fmadd_ps(p, simd::load8<D>(v + 8 * c), r[c]);
           }
         }
         for (int c = 0; c < chunks; ++c) _mm256_storeu_ps(acc + e0 + 8 * c, r[c]);
@@ -257,8 +297,10 @@ BLOSSOM_AVX2 void attend_decode_avx2(const AttentionArgs& a, const Seq& s, int h
 }
 #endif
 
-template <bool Fast>
+template <bool Fast, DType D>
 void attend_head(const AttentionArgs& a, const Seq& s, int h, std::vector<float>& scores) {
+  const Kv<D>* const k_cache = kv_cache<D>(a.k_cache);
+  const Kv<D>* const v_cache = kv_cache<D>(a.v_cache);
   const int d = a.head_dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const float slope = a.slopes[h];
@@ -270,11 +312,11 @@ void attend_head(const AttentionArgs& a, const Seq& s, int h, std::vector<float>
     if (static_cast<int64_t>(scores.size()) < pos + 1) scores.resize(pos + 1);
     float mx = -INFINITY;
     for (int64_t j = 0; j <= pos; ++j) {
-      const float* k = a.k_cache + cache_offset(a, s, j, h);
+      const Kv<D>* k = k_cache + cache_offset(a, s, j, h);
 #if defined(__x86_64__)
-      const float qk = Fast ? dot_avx2(q, k, d) : dot_scalar(q, k, d);
+      const float qk = Fast ? dot_avx2<D>(q, k, d) : dot_scalar<D>(q, k, d);
 #else
-      const float qk = dot_scalar(q, k, d);
+      const float qk = dot_scalar<D>(q, k, d);
 #endif
       const float sc = slope * static_cast<float>(j) + qk * scale;
       scores[j] = sc;
@@ -290,37 +332,23 @@ void attend_head(const AttentionArgs& a, const Seq& s, int h, std::vector<float>
     std::fill(o, o + d, 0.f);
     const float inv = 1.0f / sum;
     for (int64_t j = 0; j <= pos; ++j) {
-      const float* v = a.v_cache + cache_offset(a, s, j, h);
+      const Kv<D>* v = v_cache + cache_offset(a, s, j, h);
 #if defined(__x86_64__)
-      if (Fast) axpy_avx2(o, scores[j] * inv, v, d);
-      else axpy_scalar(o, scores[j] * inv, v, d);
+      if (Fast) axpy_avx2<D>(o, scores[j] * inv, v, d);
+      else axpy_scalar<D>(o, scores[j] * inv, v, d);
 #else
-      axpy_scalar(o, scores[j] * inv, v, d);
+      axpy_scalar<D>(o, scores[j] * inv, v, d);
 #endif
     }
   }
 }
 
-}  // namespace
-
-void attention(ThreadPool& pool, const AttentionArgs& a) {
+template <DType D>
+void attention_in(ThreadPool& pool, const AttentionArgs& a) {
+  Kv<D>* const k_cache = kv_cache<D>(a.k_cache);
+  Kv<D>* const v_cache = kv_cache<D>(a.v_cache);
   const int d = a.head_dim;
   const int64_t stride = static_cast<int64_t>(a.num_heads) * 3 * d;
-  // Validate the ragged batch description against the cache and token count before touching memory.
-  for (int s = 0; s < a.num_seqs; ++s) {
-    const Seq q = seq_at(a, s);
-    if (q.token_start < 0 || q.num_new < 0 || q.token_start + q.num_new > a.num_tokens || q.past_len < 0)
-      throw std::range_error("attention: sequence " + std::to_string(s) + " describes tokens outside the batch");
-    const int64_t blocks_needed = (q.past_len + q.num_new + a.block_size - 1) / a.block_size;
-    if (q.table_offset < 0 || q.table_offset + blocks_needed > a.block_table_len)
-      throw std::range_error("attention: sequence " + std::to_string(s) + " block table is shorter than its length");
-    for (int64_t b = 0; b < blocks_needed; ++b) {
-      const int32_t blk = a.block_table[q.table_offset + b];
-      if (blk < 0 || blk >= a.num_blocks)
-        throw std::range_error("attention: sequence " + std::to_string(s) + " refers to cache block " +
-                               std::to_string(blk) + " outside the pool of " + std::to_string(a.num_blocks));
-    }
-  }
   // 1. Append the new keys and values.
   pool.parallel_for(a.num_seqs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t si = begin; si < end; ++si) {
@@ -329,8 +357,8 @@ void attention(ThreadPool& pool, const AttentionArgs& a) {
         const float* row = a.qkv + (s.token_start + i) * stride;
         for (int h = 0; h < a.num_heads; ++h) {
           const int64_t off = cache_offset(a, s, s.past_len + i, h);
-          std::memcpy(a.k_cache + off, row + static_cast<int64_t>(h) * 3 * d + d, sizeof(float) * d);
-          std::memcpy(a.v_cache + off, row + static_cast<int64_t>(h) * 3 * d + 2 * d, sizeof(float) * d);
+          kv_put<D>(k_cache + off, row + static_cast<int64_t>(h) * 3 * d + d, d);
+          kv_put<D>(v_cache + off, row + static_cast<int64_t>(h) * 3 * d + 2 * d, d);
         }
       }
     }
@@ -356,7 +384,7 @@ void attention(ThreadPool& pool, const AttentionArgs& a) {
         const Seq s = seq_at(a, decode_seqs[task / groups]);
         const int h0 = static_cast<int>(task % groups) * per_group;
         const int h1 = std::min(a.num_heads, h0 + per_group);
-        if (h0 < h1) attend_decode_avx2(a, s, h0, h1, state);
+        if (h0 < h1) attend_decode_avx2<D>(a, s, h0, h1, state);
       }
     });
     if (decoding == a.num_seqs) return;
@@ -373,14 +401,40 @@ void attention(ThreadPool& pool, const AttentionArgs& a) {
       if (stream && s.num_new == 1) continue;
 #if defined(__x86_64__)
       if (fast && a.head_dim % 8 == 0) {
-        attend_head_avx2(a, s, h, scores);
+        attend_head_avx2<D>(a, s, h, scores);
         continue;
       }
 #endif
-      if (fast) attend_head<true>(a, s, h, scores);
-      else attend_head<false>(a, s, h, scores);
+      if (fast) attend_head<true, D>(a, s, h, scores);
+      else attend_head<false, D>(a, s, h, scores);
     }
   });
+}
+
+}  // namespace
+
+void attention(ThreadPool& pool, const AttentionArgs& a) {
+  // Validate the ragged batch description against the cache and token count before touching memory.
+  for (int s = 0; s < a.num_seqs; ++s) {
+    const Seq q = seq_at(a, s);
+    if (q.token_start < 0 || q.num_new < 0 || q.token_start + q.num_new > a.num_tokens || q.past_len < 0)
+      throw std::range_error("attention: sequence " + std::to_string(s) + " describes tokens outside the batch");
+    const int64_t blocks_needed = (q.past_len + q.num_new + a.block_size - 1) / a.block_size;
+    if (q.table_offset < 0 || q.table_offset + blocks_needed > a.block_table_len)
+      throw std::range_error("attention: sequence " + std::to_string(s) + " block table is shorter than its length");
+    for (int64_t b = 0; b < blocks_needed; ++b) {
+      const int32_t blk = a.block_table[q.table_offset + b];
+      if (blk < 0 || blk >= a.num_blocks)
+        throw std::range_error("attention: sequence " + std::to_string(s) + " refers to cache block " +
+                               std::to_string(blk) + " outside the pool of " + std::to_string(a.num_blocks));
+    }
+  }
+  switch (a.kv_dtype) {
+    case DType::F32: return attention_in<DType::F32>(pool, a);
+    case DType::F16: return attention_in<DType::F16>(pool, a);
+    case DType::BF16: return attention_in<DType::BF16>(pool, a);
+    default: throw std::invalid_argument("attention: the KV cache holds fp32, fp16 or bf16");
+  }
 }
 
 }  // namespace blossom

@@ -80,7 +80,9 @@ void greedy_rows(ThreadPool& pool, float* logits, int64_t rows, int64_t stride, 
 
 // Ragged-batch attention with a paged KV cache.
 //   qkv (tokens, heads, 3, head_dim): fused projection output, BLOOM's per-head layout.
-//   k_cache/v_cache (blocks, heads, block_size, head_dim) fp32.
+//   k_cache/v_cache (blocks, heads, block_size, head_dim) in kv_dtype: F32, or F16 / BF16 (half
+//   the bytes; new keys and values are rounded to nearest-even as they are appended, and widened
+//   to fp32 in registers when read; every product and sum stays fp32).
 //   seqs: for each of num_seqs sequences, 4 ints: token_start, num_new, past_len, block_table_offset.
 //   block_table: block indices; a sequence's entries start at its offset.
 // Writes the new tokens' k,v into the cache, then out (tokens, heads*head_dim) =
@@ -91,8 +93,9 @@ struct AttentionArgs {
   int64_t num_tokens;
   int num_heads;
   int head_dim;
-  float* k_cache;
-  float* v_cache;
+  void* k_cache;
+  void* v_cache;
+  DType kv_dtype;
   int block_size;
   int64_t num_blocks;
   const int32_t* seqs;

@@ -61,10 +61,28 @@ export interface LinearOptions {
   residual?: DeviceBuffer;
 }
 
-/** One layer's paged KV cache: (blocks, heads, blockSize, headDim) fp32 for keys and for values. */
+/**
+ * How the KV cache holds keys and values: fp32, or fp16 / bf16 (half the memory, and half the
+ * bytes each decode step reads from it; attention widens them to fp32 and computes in fp32).
+ */
+export type KVDType = "fp32" | "fp16" | "bf16";
+export const kvDtypes: readonly KVDType[] = ["fp32", "fp16", "bf16"];
+
+/** Bytes of one KV-cache entry. */
+export function kvEntryBytes(dtype: KVDType): number {
+  return dtype === "fp32" ? 4 : 2;
+}
+
+/** A KV-cache buffer of `length` entries of its layer's dtype. */
+export interface KVBuffer {
+  readonly length: number;
+}
+
+/** One layer's paged KV cache: (blocks, heads, blockSize, headDim) entries of `dtype` for keys and for values. */
 export interface KVLayer {
-  k: DeviceBuffer;
-  v: DeviceBuffer;
+  readonly dtype: KVDType;
+  k: KVBuffer;
+  v: KVBuffer;
 }
 
 /**
@@ -88,6 +106,9 @@ export interface Backend {
 
   alloc(length: number): DeviceBuffer;
   free(buffer: DeviceBuffer): void;
+  /** A KV-cache buffer of `length` entries of `dtype` (large ones are resident only once touched). */
+  allocKV(length: number, dtype: KVDType): KVBuffer;
+  freeKV(buffer: KVBuffer): void;
   upload(data: Float32Array): DeviceBuffer;
   /**
    * `length` floats starting at `offset`, on the host. The result may be a view that stays valid

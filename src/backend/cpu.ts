@@ -1,7 +1,7 @@
 /** The CPU backend: buffers are Float32Arrays, kernels run in the native addon's thread pool. */
 import { BlossomError } from "../errors.js";
 import type { TensorView } from "../checkpoint/safetensors.js";
-import type { AttentionBatch, AttentionShape, Backend, DeviceBuffer, DeviceMatrix, KVLayer, LinearOptions, MatrixOptions, QuantizedMatrix, QuantizeOptions } from "./backend.js";
+import { kvEntryBytes, type AttentionBatch, type AttentionShape, type Backend, type DeviceBuffer, type DeviceMatrix, type KVBuffer, type KVDType, type KVLayer, type LinearOptions, type MatrixOptions, type QuantizedMatrix, type QuantizeOptions } from "./backend.js";
 import { ActivationMode, DTypeCode, Epilogue, native, type NativeRegion, type StorageDType } from "./native.js";
 
 export interface CpuMatrix extends DeviceMatrix {
@@ -105,6 +105,8 @@ function f32(buffer: DeviceBuffer): Float32Array {
   return buffer as Float32Array;
 }
 
+const kvStorage: Record<KVDType, StorageDType> = { fp32: "f32", fp16: "f16", bf16: "bf16" };
+
 export class CpuBackend implements Backend {
   readonly name = "cpu";
 
@@ -125,24 +127,38 @@ export class CpuBackend implements Backend {
   }
 
   /** Large buffers (the KV cache) come from the addon: page-aligned, huge pages, resident only once touched, freed at once. */
-  private readonly regions = new WeakMap<Float32Array, NativeRegion>();
+  private readonly regions = new WeakMap<object, NativeRegion>();
 
-  alloc(length: number): DeviceBuffer {
-    const bytes = length * 4;
+  private allocBytes(bytes: number): ArrayBuffer {
     // Smaller ones start on a cache line, as the kernels' vector loads of activations expect.
-    if (bytes < largeAllocation) return new Float32Array(native().allocAligned(bytes));
+    if (bytes < largeAllocation) return native().allocAligned(bytes);
     if (bytes >= 2 ** 32) throw new BlossomError("memory", `a single buffer of ${bytes} bytes exceeds the 4 GiB limit of one view`);
     const region = allocateRegion(bytes, "");
-    const buffer = new Float32Array(native().view(region, 0, bytes));
+    const buffer = native().view(region, 0, bytes);
     this.regions.set(buffer, region);
     return buffer;
   }
-  free(buffer: DeviceBuffer): void {
-    const region = this.regions.get(f32(buffer));
+  private freeBytes(buffer: ArrayBufferLike): void {
+    const region = this.regions.get(buffer);
     if (region) {
-      this.regions.delete(f32(buffer));
+      this.regions.delete(buffer);
       native().release(region);
     }
+  }
+
+  alloc(length: number): DeviceBuffer {
+    return new Float32Array(this.allocBytes(length * 4));
+  }
+  free(buffer: DeviceBuffer): void {
+    this.freeBytes(f32(buffer).buffer);
+  }
+  /** fp32 caches are Float32Arrays, fp16 / bf16 ones Uint16Arrays of the raw 16-bit values. */
+  allocKV(length: number, dtype: KVDType): KVBuffer {
+    const bytes = this.allocBytes(length * kvEntryBytes(dtype));
+    return dtype === "fp32" ? new Float32Array(bytes) : new Uint16Array(bytes);
+  }
+  freeKV(buffer: KVBuffer): void {
+    this.freeBytes((buffer as Float32Array | Uint16Array).buffer);
   }
   upload(data: Float32Array): DeviceBuffer {
     return Float32Array.from(data);
@@ -345,12 +361,13 @@ export class CpuBackend implements Backend {
       numTokens,
       shape.numHeads,
       shape.headDim,
-      f32(cache.k),
-      f32(cache.v),
+      cache.k as Float32Array | Uint16Array,
+      cache.v as Float32Array | Uint16Array,
       shape.blockSize,
       batch.seqs,
       batch.blockTable,
       f32(slopes),
+      DTypeCode[kvStorage[cache.dtype]],
     );
   }
 

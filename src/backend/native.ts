@@ -108,7 +108,8 @@ export interface NativeAddon {
   mpiAbort(code: number): never;
   /**
    * Ragged-batch ALiBi attention over a paged KV cache (see native/src/attention.cc).
-   * seqs holds (tokenStart, numNew, pastLen, blockTableOffset) per sequence.
+   * seqs holds (tokenStart, numNew, pastLen, blockTableOffset) per sequence. kvDtype (default
+   * DTypeCode.f32): the caches' dtype, f32 in Float32Arrays or f16 / bf16 bits in Uint16Arrays.
    */
   attention(
     out: Float32Array,
@@ -116,12 +117,13 @@ export interface NativeAddon {
     numTokens: number,
     numHeads: number,
     headDim: number,
-    kCache: Float32Array,
-    vCache: Float32Array,
+    kCache: Float32Array | Uint16Array,
+    vCache: Float32Array | Uint16Array,
     blockSize: number,
     seqs: Int32Array,
     blockTable: Int32Array,
     slopes: Float32Array,
+    kvDtype?: number,
   ): void;
   // probes and benchmark inputs (native/src/probes.cc)
   /** GB/s: best of `runs` (default 5) multi-threaded AVX2 streaming reads over a fresh `bytes` buffer. */

@@ -6,7 +6,8 @@
  */
 import { BlossomError } from "../errors.js";
 import type { TensorView } from "../checkpoint/safetensors.js";
-import type { AttentionBatch, AttentionShape, Backend, DeviceBuffer, DeviceMatrix, KVLayer, LinearOptions } from "./backend.js";
+import type { AttentionBatch, AttentionShape, Backend, DeviceBuffer, DeviceMatrix, KVBuffer, KVDType, KVLayer, LinearOptions } from "./backend.js";
+import { float32ToBfloat16, float32ToFloat16 } from "../checkpoint/half-float.js";
 import { native, type StorageDType } from "./native.js";
 
 interface RefMatrix extends DeviceMatrix {
@@ -61,6 +62,10 @@ export class ReferenceBackend implements Backend {
     return new Float32Array(length);
   }
   free(): void {}
+  allocKV(length: number, dtype: KVDType): KVBuffer {
+    return dtype === "fp32" ? new Float32Array(length) : new Uint16Array(length);
+  }
+  freeKV(): void {}
   upload(data: Float32Array): DeviceBuffer {
     return Float32Array.from(data);
   }
@@ -131,7 +136,15 @@ export class ReferenceBackend implements Backend {
 
   attention(out: DeviceBuffer, qkv: DeviceBuffer, numTokens: number, cache: KVLayer, batch: AttentionBatch, slopes: DeviceBuffer, shape: AttentionShape): void {
     const { numHeads, headDim: d, blockSize } = shape;
-    const Q = f32(qkv), O = f32(out), K = f32(cache.k), V = f32(cache.v), S = f32(slopes);
+    const Q = f32(qkv), O = f32(out), S = f32(slopes);
+    // The cache's entries as fp32 (16-bit ones widened exactly) and how a new value is stored.
+    const cacheOf = (b: KVBuffer) => {
+      const raw = b as Float32Array | Uint16Array;
+      if (cache.dtype === "fp32") return { get: (i: number) => raw[i]!, put: (i: number, x: number) => void (raw[i] = x) };
+      const [widen, narrow] = cache.dtype === "fp16" ? [f16ToF32, float32ToFloat16] : [bf16ToF32, float32ToBfloat16];
+      return { get: (i: number) => widen(raw[i]!), put: (i: number, x: number) => void (raw[i] = narrow(x)) };
+    };
+    const K = cacheOf(cache.k), V = cacheOf(cache.v);
     const stride = numHeads * 3 * d;
     const offset = (tableOffset: number, pos: number, h: number) => {
       const block = batch.blockTable[tableOffset + Math.floor(pos / blockSize)]!;
@@ -145,8 +158,10 @@ export class ReferenceBackend implements Backend {
         for (let h = 0; h < numHeads; h++) {
           const o = offset(table, past + i, h);
           const row = (start + i) * stride + h * 3 * d;
-          K.set(Q.subarray(row + d, row + 2 * d), o);
-          V.set(Q.subarray(row + 2 * d, row + 3 * d), o);
+          for (let e = 0; e < d; e++) {
+            K.put(o + e, Q[row + d + e]!);
+            V.put(o + e, Q[row + 2 * d + e]!);
+          }
         }
       }
       const scale = 1 / Math.sqrt(d);
@@ -159,7 +174,7 @@ export class ReferenceBackend implements Backend {
           for (let j = 0; j <= pos; j++) {
             const k = offset(table, j, h);
             let dot = 0;
-            for (let e = 0; e < d; e++) dot += Q[q + e]! * K[k + e]!;
+            for (let e = 0; e < d; e++) dot += Q[q + e]! * K.get(k + e);
             scores[j] = S[h]! * j + dot * scale;
             max = Math.max(max, scores[j]!);
           }
@@ -168,7 +183,7 @@ export class ReferenceBackend implements Backend {
           const o = (start + i) * numHeads * d + h * d;
           for (let e = 0; e < d; e++) {
             let acc = 0;
-            for (let j = 0; j <= pos; j++) acc += scores[j]! * V[offset(table, j, h) + e]!;
+            for (let j = 0; j <= pos; j++) acc += scores[j]! * V.get(offset(table, j, h) + e);
             O[o + e] = acc / sum;
           }
         }

@@ -7,7 +7,7 @@
 import { native } from "../backend/native.js";
 import { openCheckpoint } from "../checkpoint/checkpoint.js";
 import { BlossomError } from "../errors.js";
-import { kvBytesPerToken } from "../engine/kv-cache.js";
+import { kvBytesPerToken, resolveKvDtype } from "../engine/kv-cache.js";
 import { formatBytes, predictBatchMemory, type ModelShape } from "../engine/memory.js";
 import type { TensorView } from "../checkpoint/safetensors.js";
 import { loadModel, type LoadModelOptions, type Model, type ModelDType, type Strategy } from "../model.js";
@@ -48,7 +48,7 @@ function expectedShape(job: ChildJob): { shape: ModelShape; sharedWeights: numbe
     }
     const c = ck.config;
     return {
-      shape: { vocabSize: c.vocabSize, hiddenSize: c.hiddenSize, numLayers: c.numLayers, numHeads: c.numHeads, kvBytesPerToken: kvBytesPerToken(c), weightBytes },
+      shape: { vocabSize: c.vocabSize, hiddenSize: c.hiddenSize, numLayers: c.numLayers, numHeads: c.numHeads, kvBytesPerToken: kvBytesPerToken(c, resolveKvDtype(config.kvDtype)), weightBytes },
       sharedWeights: weightBytes,
     };
   } finally {
@@ -136,6 +136,7 @@ async function run(job: ChildJob): Promise<void> {
   const largest = Math.max(...settings.batchSizes);
   const options: LoadModelOptions = {
     dtype: config.dtype as ModelDType,
+    ...(config.kvDtype !== undefined ? { kvDtype: resolveKvDtype(config.kvDtype) } : {}),
     strategy: config.strategy as Strategy,
     ...(config.threads !== undefined ? { threads: config.threads } : {}),
     ...(config.strategy === "pipeline" ? { maxMemory: config.deviceMemory ?? "cpu:1TiB,disk" } : {}),

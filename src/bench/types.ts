@@ -8,6 +8,8 @@ export interface BenchConfig {
   label: string;
   model: string;
   dtype: string;
+  /** How the KV cache stores keys and values (fp32 when absent). */
+  kvDtype?: string;
   /** single | pipeline | tensor | replicas | auto */
   strategy: string;
   threads: number | undefined;

@@ -2,6 +2,7 @@
 import { InvalidArgumentError, Option, type Command } from "commander";
 import { loadModel, strategies, type LoadModelOptions, type Model, type ModelDType, type Strategy } from "../model.js";
 import { placementModes, type PlacementMode } from "../parallel/planner.js";
+import { kvDtypes, type KVDType } from "../backend/backend.js";
 
 export function parseInteger(name: string, min: number, max = Number.MAX_SAFE_INTEGER) {
   return (value: string): number => {
@@ -34,6 +35,7 @@ export interface ModelCliOptions {
   replicas?: number;
   int8GroupSize?: number;
   int8Threshold?: number;
+  kvDtype?: KVDType;
 }
 
 /** --model, --dtype (and its int8 options), --threads, and the deployment strategy's options. */
@@ -46,6 +48,7 @@ export function addModelOptions(command: Command, options: { modelRequired?: boo
     .option("--threads <n>", "compute threads (default: physical cores)", parseInteger("--threads", 1, 1024))
     .option("--int8-group-size <n>", "--dtype int8: inputs per weight scale (multiple of 32; default 128)", parseInteger("--int8-group-size", 32))
     .option("--int8-threshold <t>", "--dtype int8-mixed: |activation| from which a feature is computed in fp32 (default 6)", parseNumber("--int8-threshold"))
+    .addOption(new Option("--kv-dtype <dtype>", "how the KV cache stores keys and values (fp16/bf16: half the memory; default fp32)").choices([...kvDtypes]))
     .addOption(new Option("--strategy <name>", "deployment strategy").choices([...strategies]).default("single"))
     .option("--max-memory <budgets>", "pipeline: per-device budgets, e.g. 0:2GiB,1:2GiB,cpu:4GiB,disk")
     .addOption(new Option("--placement <mode>", "pipeline: how layers are spread (Accelerate's device_map modes)").choices([...placementModes]))
@@ -73,6 +76,7 @@ export function modelOptionsFromCli(o: ModelCliOptions): LoadModelOptions {
     ...(o.replicas !== undefined ? { replicas: o.replicas } : {}),
     ...(o.int8GroupSize !== undefined ? { int8GroupSize: o.int8GroupSize } : {}),
     ...(o.int8Threshold !== undefined ? { int8Threshold: o.int8Threshold } : {}),
+    ...(o.kvDtype !== undefined ? { kvDtype: o.kvDtype } : {}),
   };
 }
 

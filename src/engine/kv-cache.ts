@@ -1,11 +1,11 @@
 /**
  * The KV cache: a preallocated pool of fixed-size blocks per layer, handed out to sequences, so
  * its use can be counted and capped and sequences of any length can come and go (continuous
- * batching) without fragmentation. Layout per layer: (blocks, heads, blockSize, headDim) fp32 for
- * keys and the same for values. The pool's memory is reserved up front but only touched pages
- * become resident.
+ * batching) without fragmentation. Layout per layer: (blocks, heads, blockSize, headDim) entries
+ * for keys and the same for values, fp32 or (option kvDtype) fp16 / bf16. The pool's memory is
+ * reserved up front but only touched pages become resident.
  */
-import type { Backend, KVLayer } from "../backend/backend.js";
+import { kvDtypes, kvEntryBytes, type Backend, type KVDType, type KVLayer } from "../backend/backend.js";
 import { BlossomError } from "../errors.js";
 import type { KVCacheLayers } from "../models/bloom.js";
 
@@ -15,11 +15,19 @@ export interface KVCacheShape {
   headDim: number;
   blockSize: number;
   numBlocks: number;
+  dtype: KVDType;
 }
 
-/** Bytes one cached token takes across all layers (keys and values, fp32). */
-export function kvBytesPerToken(shape: Pick<KVCacheShape, "numLayers" | "numHeads" | "headDim">): number {
-  return 2 * shape.numLayers * shape.numHeads * shape.headDim * 4;
+/** Bytes one cached token takes across all layers (keys and values). */
+export function kvBytesPerToken(shape: Pick<KVCacheShape, "numLayers" | "numHeads" | "headDim">, dtype: KVDType = "fp32"): number {
+  return 2 * shape.numLayers * shape.numHeads * shape.headDim * kvEntryBytes(dtype);
+}
+
+/** The KV-cache dtype option, validated ("fp32" when absent). */
+export function resolveKvDtype(value: unknown): KVDType {
+  if (value === undefined) return "fp32";
+  if (typeof value === "string" && (kvDtypes as readonly string[]).includes(value)) return value as KVDType;
+  throw new BlossomError("parameter", `kvDtype: expected one of ${kvDtypes.join(", ")}, got ${JSON.stringify(value)}`);
 }
 
 export class KVCachePool implements KVCacheLayers {
@@ -36,9 +44,9 @@ export class KVCachePool implements KVCacheLayers {
     this.shape = shape;
     this.blockSize = shape.blockSize;
     this.numBlocks = shape.numBlocks;
-    const floats = shape.numBlocks * shape.numHeads * shape.blockSize * shape.headDim;
+    const entries = shape.numBlocks * shape.numHeads * shape.blockSize * shape.headDim;
     this.layers = [];
-    for (let i = 0; i < shape.numLayers; i++) this.layers.push({ k: backend.alloc(floats), v: backend.alloc(floats) });
+    for (let i = 0; i < shape.numLayers; i++) this.layers.push({ dtype: shape.dtype, k: backend.allocKV(entries, shape.dtype), v: backend.allocKV(entries, shape.dtype) });
     // Popped from the end: low block numbers first, and recently freed (still resident) blocks reused first.
     this.freeBlocks = Array.from({ length: shape.numBlocks }, (_, i) => shape.numBlocks - 1 - i);
   }
@@ -73,8 +81,8 @@ export class KVCachePool implements KVCacheLayers {
 
   dispose(): void {
     for (const l of this.layers) {
-      this.backend.free(l.k);
-      this.backend.free(l.v);
+      this.backend.freeKV(l.k);
+      this.backend.freeKV(l.v);
     }
     this.layers.length = 0;
   }

@@ -13,7 +13,8 @@ import { BlossomError } from "../errors.js";
 import { BloomModel } from "../models/bloom.js";
 import { bloomTensors } from "../models/bloom-weights.js";
 import { Engine } from "./engine.js";
-import { KVCachePool, kvBytesPerToken } from "./kv-cache.js";
+import { KVCachePool, kvBytesPerToken, resolveKvDtype } from "./kv-cache.js";
+import type { KVDType } from "../backend/backend.js";
 import type { TensorView } from "../checkpoint/safetensors.js";
 import { bloomModules, matrixBytesAs } from "../parallel/modules.js";
 import { PipelineWeightStore, type OffloadOptions } from "../parallel/offload.js";
@@ -29,6 +30,8 @@ export interface EngineOptions {
   /** KV-cache capacity in tokens across all sequences (default: fits in a quarter of free memory, at most 1M tokens). */
   kvCacheTokens?: number;
   kvBlockSize?: number;
+  /** How the KV cache stores keys and values (default fp32; fp16 / bf16 take half the memory and bandwidth). */
+  kvDtype?: KVDType;
   /** Pipeline placement with offload (strategy "pipeline"); absent: every layer resident. */
   pipeline?: PipelineOptions;
   /** Tensor parallelism over MPI (strategy "tensor"): initialises MPI in this thread and loads this rank's slice. */
@@ -71,6 +74,7 @@ export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngi
   if (options.threads !== undefined && (!Number.isInteger(options.threads) || options.threads < 1 || options.threads > 1024)) {
     throw new BlossomError("parameter", `threads: expected an integer from 1 to 1024, got ${options.threads}`);
   }
+  const kvDtype = resolveKvDtype(options.kvDtype);
   let world: { rank: number; size: number; localSize: number } | undefined;
   if (options.tensorParallel) world = native().mpiInit();
   // Ranks sharing a machine share its cores.
@@ -131,7 +135,7 @@ export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngi
     const model = new BloomModel(config, weights, backend, comm && shard ? { shard, comm } : undefined);
     const blockSize = options.kvBlockSize ?? 16;
     const numHeads = shard?.numHeads ?? config.numHeads;
-    const perToken = kvBytesPerToken({ numLayers: config.numLayers, numHeads, headDim: config.headDim });
+    const perToken = kvBytesPerToken({ numLayers: config.numLayers, numHeads, headDim: config.headDim }, kvDtype);
     const tokens = options.kvCacheTokens ?? Math.min(1 << 20, Math.max(4096, Math.floor(freemem() / 4 / perToken)));
     const kvCache = new KVCachePool(backend, {
       numLayers: config.numLayers,
@@ -139,6 +143,7 @@ export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngi
       headDim: config.headDim,
       blockSize,
       numBlocks: Math.max(1, Math.ceil(tokens / blockSize)),
+      dtype: kvDtype,
     });
     const leader = comm && comm.rank === 0 ? comm : undefined;
     const engine = new Engine(model, kvCache, leader ? (step) => leader.broadcastStep(step) : undefined);

@@ -8,6 +8,7 @@ import type { GenerationParams } from "../generate/params.js";
 import type { FinishReason } from "../generate/stopping.js";
 import type { EngineOptions } from "./load.js";
 import type { OffloadStats } from "../parallel/offload.js";
+import type { KVDType } from "../backend/backend.js";
 
 export interface EngineInfo {
   dir: string;
@@ -22,6 +23,8 @@ export interface EngineInfo {
   numHeads: number;
   weightBytes: number;
   kvCacheTokens: number;
+  /** How the KV cache stores keys and values. */
+  kvDtype: KVDType;
   kvBytesPerToken: number;
   loadSeconds: number;
   /** Engine workers serving this model (strategy "replicas"); absent for one. */

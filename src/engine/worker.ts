@@ -78,7 +78,8 @@ class Worker {
       numHeads: c.numHeads,
       weightBytes: weights.weightBytes,
       kvCacheTokens: engine.kvCache.capacityTokens,
-      kvBytesPerToken: kvBytesPerToken(c),
+      kvDtype: engine.kvCache.shape.dtype,
+      kvBytesPerToken: kvBytesPerToken(c, engine.kvCache.shape.dtype),
       loadSeconds,
       ...(this.loaded.comm ? { tensorParallel: { rank: this.loaded.comm.rank, size: this.loaded.comm.size } } : {}),
     };

@@ -11,6 +11,7 @@ import { resolveModelDir } from "../../model.js";
 import { parseMaxMemory } from "../../parallel/planner.js";
 import { readBloomConfig } from "../../checkpoint/config.js";
 import { dtypeChoices, parseInteger } from "../options.js";
+import { kvDtypes } from "../../backend/backend.js";
 
 export const strategyChoices = ["single", "pipeline", "tensor", "replicas", "auto"];
 
@@ -33,6 +34,7 @@ function parseBatchSizes(value: string): number[] {
 export interface BenchCliOptions {
   model: string;
   dtype: string[];
+  kvDtype: string[];
   strategy: string[];
   batchSizes: number[];
   newTokens: number;
@@ -78,6 +80,7 @@ export function registerBenchCommand(program: Command): void {
     .description("the BLOOM inference guide's benchmark: ms/token by batch size, load time, OOM where memory runs out")
     .requiredOption("-m, --model <ref>", "checkpoint folder (or Hugging Face id)")
     .option("--dtype <list>", `comma-separated in-memory weight formats (${dtypeChoices.join(", ")})`, parseList("--dtype", dtypeChoices), ["auto"])
+    .option("--kv-dtype <list>", `comma-separated KV-cache formats (${kvDtypes.join(", ")})`, parseList("--kv-dtype", kvDtypes), ["fp32"])
     .option("--strategy <list>", `comma-separated deployment strategies (${strategyChoices.join(", ")})`, parseList("--strategy", strategyChoices), ["single"])
     .option("--batch-sizes <list>", "comma-separated batch sizes", parseBatchSizes, [1, 8, 16, 32, 64, 128, 256, 512])
     .option("--new-tokens <n>", "tokens generated per sequence", parseInteger("--new-tokens", 1), 100)
@@ -108,16 +111,19 @@ export function registerBenchCommand(program: Command): void {
       for (const strategy of o.strategy) {
         const name = strategy === "single" ? "" : strategy === "tensor" ? `tensor x${o.ranks} ` : strategy === "replicas" ? `replicas x${o.replicas} ` : `${strategy} `;
         for (const dtype of o.dtype) {
-          configs.push({
-            label: `blossom ${name}${dtypeLabel(dtype)}`,
-            model: dir,
-            dtype,
-            strategy,
-            threads: o.threads,
-            ...(strategy === "pipeline" ? { deviceMemory: deviceMemory ?? `cpu:${maxMemoryBytes}B,disk` } : {}),
-            ...(strategy === "replicas" ? { replicas: o.replicas } : {}),
-            ...(strategy === "tensor" ? { ranks: o.ranks } : {}),
-          });
+          for (const kvDtype of o.kvDtype) {
+            configs.push({
+              label: `blossom ${name}${dtypeLabel(dtype)}${kvDtype === "fp32" ? "" : ` kv ${kvDtype}`}`,
+              model: dir,
+              dtype,
+              ...(kvDtype === "fp32" ? {} : { kvDtype }),
+              strategy,
+              threads: o.threads,
+              ...(strategy === "pipeline" ? { deviceMemory: deviceMemory ?? `cpu:${maxMemoryBytes}B,disk` } : {}),
+              ...(strategy === "replicas" ? { replicas: o.replicas } : {}),
+              ...(strategy === "tensor" ? { ranks: o.ranks } : {}),
+            });
+          }
         }
       }
       const report = await runBenchmark({

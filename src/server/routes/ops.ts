@@ -80,6 +80,7 @@ export function registerOpsRoutes(app: FastifyInstance, context: ServerContext):
       vocab_size: info?.vocabSize ?? null,
       weight_bytes: info?.weightBytes ?? null,
       kv_cache_tokens: info?.kvCacheTokens ?? null,
+      kv_dtype: info?.kvDtype ?? null,
       threads: info?.threads ?? null,
       kernels: info?.kernels ?? null,
       load_seconds: info?.loadSeconds ?? null,
