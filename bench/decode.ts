@@ -6,7 +6,9 @@
  *
  * Options: --model DIR (another checkpoint), --dtype, --new-tokens N (100), --runs N (3, median
  * reported), --threads N, --json FILE, --row-major (keep every matrix row-major: no column panels
- * for long rows, src/backend/cpu.ts — to measure what they bring).
+ * for long rows, src/backend/cpu.ts — to measure what they bring), --kv-dtype fp32|fp16|bf16 (the
+ * KV cache's format), --prompt-tokens N (a longer prompt, the default one repeated to N tokens: the
+ * KV cache's share of the step grows with it).
  */
 import { readFileSync, writeFileSync } from "node:fs";
 import { parseArgs } from "node:util";
@@ -14,6 +16,7 @@ import { native } from "../src/backend/native.js";
 import { ensureDefaultModel } from "../src/cli/commands/demo.js";
 import { formatBytes } from "../src/engine/memory.js";
 import type { WeightDType } from "../src/engine/weights.js";
+import type { KVDType } from "../src/backend/backend.js";
 import { loadModel } from "../src/index.js";
 
 const { values: o } = parseArgs({
@@ -25,6 +28,8 @@ const { values: o } = parseArgs({
     threads: { type: "string" },
     json: { type: "string" },
     "row-major": { type: "boolean", default: false },
+    "kv-dtype": { type: "string" },
+    "prompt-tokens": { type: "string" },
   },
 });
 const newTokens = Number(o["new-tokens"]);
@@ -44,11 +49,21 @@ function filePmdMappedBytes(): number | undefined {
 
 const dir = o.model ?? (await ensureDefaultModel(log));
 const threads = o.threads ? Number(o.threads) : native().cpuInfo().physicalCores;
-const model = await loadModel(dir, { dtype: o.dtype as WeightDType, threads, ...(o["row-major"] ? { linearPanels: null } : {}) });
+const model = await loadModel(dir, {
+  dtype: o.dtype as WeightDType,
+  threads,
+  ...(o["row-major"] ? { linearPanels: null } : {}),
+  ...(o["kv-dtype"] ? { kvDtype: o["kv-dtype"] as KVDType } : {}),
+});
 try {
   const info = model.info;
-  const prompt = "DeepSpeed is a machine learning framework";
-  const promptTokens = (await model.tokenizer.encode(prompt)).length;
+  const sentence = "DeepSpeed is a machine learning framework";
+  let prompt: string | number[] = sentence;
+  if (o["prompt-tokens"]) {
+    const ids = await model.tokenizer.encode(sentence + ". ");
+    prompt = Array.from({ length: Number(o["prompt-tokens"]) }, (_, i) => ids[i % ids.length]!);
+  }
+  const promptTokens = typeof prompt === "string" ? (await model.tokenizer.encode(prompt)).length : prompt.length;
   // Bytes a decode step reads: every weight matrix once (the tied head is the embedding, read once
   // as the head; the lookup touches one row), plus the KV cache of the tokens so far.
   const weightBytes = info.weightBytes;
@@ -82,7 +97,8 @@ try {
   const ratio = med(runsMeasured.map((r) => r.ratio));
   const stepRatio = med(runsMeasured.map((r) => r.medianStepRatio));
   const hugeBytes = filePmdMappedBytes();
-  log(`model: ${dir} (${info.numLayers} layers, hidden ${info.hiddenSize}, vocab ${info.vocabSize}), ${info.storedDtypes.join("/")} as ${info.dtype}, ${info.threads} threads, ${info.kernels} kernels${o["row-major"] ? ", every matrix row-major" : ""}`);
+  log(`model: ${dir} (${info.numLayers} layers, hidden ${info.hiddenSize}, vocab ${info.vocabSize}), ${info.storedDtypes.join("/")} as ${info.dtype}, ${info.threads} threads, ${info.kernels} kernels${o["row-major"] ? ", every matrix row-major" : ""}, KV cache ${info.kvDtype}`);
+  log(`prompt: ${promptTokens} tokens`);
   log(`bytes read per decode step: ${formatBytes(stepBytes)} (weights ${formatBytes(weightBytes)}, KV cache ${formatBytes(kvBytes)} at ${meanKvTokens} tokens)`);
   if (hugeBytes !== undefined) log(`checkpoint pages mapped 2 MiB at a time: ${formatBytes(hugeBytes)}`);
   log(`greedy decode, batch 1, ${newTokens} tokens, ${runs} runs, each between two bandwidth probes:`);
