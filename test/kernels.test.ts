@@ -662,9 +662,13 @@ describe("attention", () => {
     [5, 16, 8, [[0, 1, 30], [1, 1, 7]]],
     [2, 128, 16, [[0, 1, 33], [1, 1, 64], [2, 1, 5]]],
     [4, 80, 4, [[0, 1, 21]]],
+    // Long caches are split into ranges of 128 keys merged after: 176 blocks of 4 in 5 ranges;
+    // split (26 and 17 blocks of 16) and unsplit sequences in one batch.
+    [4, 32, 4, [[0, 1, 700]]],
+    [3, 16, 16, [[0, 1, 400], [1, 1, 5], [2, 1, 260], [3, 1, 255]]],
   ] as const) {
     test(`decoding batch (${spec.length} sequences) matches the fp64 reference (heads ${heads}, headDim ${d}, blockSize ${blockSize})`, () => {
-      checkAgainstReference("decode", spec, heads, d, blockSize, 48);
+      checkAgainstReference("decode", spec, heads, d, blockSize, Math.max(48, spec.reduce((n, [, , past]) => n + Math.ceil((past + 1) / blockSize), 0)));
     });
   }
 
@@ -681,6 +685,24 @@ describe("attention", () => {
       checkAgainstReference("ragged", [[0, 6, 0], [6, 1, 9], [7, 3, 2], [10, 2, 37]], heads, d, blockSize, 40);
     });
   }
+
+  test("decoding attention gives the same bits with 1, 2 and 3 threads (long caches split by length, not by threads)", () => {
+    const [heads, d, blockSize] = [4, 64, 16];
+    const spec = [[0, 1, 900], [1, 1, 40], [2, 1, 300]] as const;
+    const { seqs, table } = raggedBatch(spec, blockSize, 90);
+    const slopes = Float32Array.from({ length: heads }, (_, h) => 2 ** ((-8 * (h + 1)) / heads));
+    const qkv = randomF32(spec.length * heads * 3 * d, 41, 2);
+    const outputs = [1, 2, 3].map((threads) => {
+      addon.setThreads(threads);
+      const kCache = randomF32(90 * heads * blockSize * d, 42), vCache = randomF32(90 * heads * blockSize * d, 43);
+      const out = new Float32Array(spec.length * heads * d);
+      addon.attention(out, qkv, spec.length, heads, d, kCache, vCache, blockSize, seqs, table, slopes);
+      return out;
+    });
+    addon.setThreads(initialThreads);
+    assert.deepEqual(outputs[1], outputs[0]);
+    assert.deepEqual(outputs[2], outputs[0]);
+  });
 
   test("a KV cache of the wrong array type for its dtype, or an unknown dtype, is refused by name", () => {
     const [heads, d, blockSize] = [2, 8, 4];

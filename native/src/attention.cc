@@ -9,8 +9,10 @@
 // Positions are those of the sequence's real tokens: padding never reaches the engine.
 //
 // Two ways through the keys: a sequence decoding one token streams its cache in one pass, block by
-// block for a group of heads (attend_decode_avx2); other tokens (prefill, several new tokens) take
-// each head's keys in three passes (attend_head_avx2). Both agree to float rounding (~1e-7).
+// block for a group of heads (attend_decode_avx2; in a small batch a long cache is split into key
+// ranges whose partial softmax states are merged, so both threads stream it); other tokens
+// (prefill, several new tokens) take each head's keys in three passes (attend_head_avx2). Both
+// agree to float rounding (~1e-7).
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -27,6 +29,13 @@ namespace {
 struct Seq {
   int64_t token_start, num_new, past_len, table_offset;
 };
+
+// In a decoding batch of at most kSplitSequences sequences, a sequence of at least twice kRangeKeys
+// keys is split into ranges of about kRangeKeys (whole blocks), computed as separate tasks and
+// merged. Larger batches already give every thread whole sequences to stream (there, splitting
+// measured 0-3 % slower).
+constexpr int64_t kRangeKeys = 128;
+constexpr int64_t kSplitSequences = 4;
 
 // One cache entry of dtype D: fp32, or the 16 bits of fp16 / bf16.
 template <DType D>
@@ -220,8 +229,12 @@ BLOSSOM_AVX2 void attend_head_avx2(const AttentionArgs& a, const Seq& s, int h, 
 // head_dim) heads h0..h1-1 of one block are one contiguous run of keys (and one of values), so each
 // thread streams runs of (h1 - h0) * block_size * head_dim floats instead of one head's 4 KiB at a
 // time, prefetching a head's worth ahead.
+// Keys [j_begin, j_end) only (j_begin a multiple of block_size): with `partial`, the unnormalised
+// state of each head (d accumulators, max, sum: d + 2 floats) is written there for merge_partials;
+// without, the normalised output.
 template <DType D>
-BLOSSOM_AVX2 void attend_decode_avx2(const AttentionArgs& a, const Seq& s, int h0, int h1, std::vector<float>& state) {
+BLOSSOM_AVX2 void attend_decode_avx2(const AttentionArgs& a, const Seq& s, int h0, int h1, int64_t j_begin, int64_t j_end,
+                                     std::vector<float>& state, float* partial) {
   const Kv<D>* const k_cache = kv_cache<D>(a.k_cache);
   const Kv<D>* const v_cache = kv_cache<D>(a.v_cache);
   const int d = a.head_dim, bs = a.block_size;
@@ -229,7 +242,7 @@ BLOSSOM_AVX2 void attend_decode_avx2(const AttentionArgs& a, const Seq& s, int h
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const int64_t stride = static_cast<int64_t>(a.num_heads) * 3 * d;
   const int64_t t = s.token_start;
-  const int64_t n = s.past_len + 1;  // keys 0 .. pos
+  const int64_t n = std::min(s.past_len + 1, j_end);  // keys j_begin .. min(pos, j_end - 1)
   // State per head: d accumulators, then the scores of one block (bs, rounded up to 8), max and sum.
   const int64_t per = d + ((bs + 7) & ~7) + 2;
   if (static_cast<int64_t>(state.size()) < per * nh) state.resize(per * nh);
@@ -240,7 +253,7 @@ BLOSSOM_AVX2 void attend_decode_avx2(const AttentionArgs& a, const Seq& s, int h
     st[per - 1] = 0.f;
   }
   const int64_t head_bytes = static_cast<int64_t>(bs) * d * static_cast<int64_t>(sizeof(Kv<D>));  // one head's keys (or values) in a block
-  for (int64_t j0 = 0; j0 < n; j0 += bs) {
+  for (int64_t j0 = j_begin; j0 < n; j0 += bs) {
     const int64_t jn = std::min<int64_t>(bs, n - j0);
     const Kv<D>* kb0 = k_cache + cache_offset(a, s, j0, h0);
     const Kv<D>* vb0 = v_cache + cache_offset(a, s, j0, h0);
@@ -290,9 +303,33 @@ BLOSSOM_AVX2 void attend_decode_avx2(const AttentionArgs& a, const Seq& s, int h
   }
   for (int hh = 0; hh < nh; ++hh) {
     const float* st = state.data() + hh * per;
+    if (partial) {
+      float* p = partial + static_cast<int64_t>(hh) * (d + 2);
+      std::copy(st, st + d, p);
+      p[d] = st[per - 2];
+      p[d + 1] = st[per - 1];
+      continue;
+    }
     float* o = a.out + t * static_cast<int64_t>(a.num_heads) * d + static_cast<int64_t>(h0 + hh) * d;
     const __m256 inv = _mm256_set1_ps(1.0f / st[per - 1]);
     for (int e = 0; e < d; e += 8) _mm256_storeu_ps(o + e, _mm256_mul_ps(_mm256_loadu_ps(st + e), inv));
+  }
+}
+
+// The output of one head from the partial states of `parts` key ranges (each d accumulators, max m
+// and sum l; an empty range has m = -inf, l = 0): rescaled to the overall max and summed.
+BLOSSOM_AVX2 void merge_partials(float* out, const float* part, int64_t part_stride, int parts, int d) {
+  float m = -INFINITY;
+  for (int r = 0; r < parts; ++r) m = std::max(m, part[r * part_stride + d]);
+  float l = 0.f;
+  for (int r = 0; r < parts; ++r) l += part[r * part_stride + d + 1] * std::exp(part[r * part_stride + d] - m);
+  for (int e = 0; e < d; e += 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int r = 0; r < parts; ++r) {
+      const float* p = part + r * part_stride;
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(p + e), _mm256_set1_ps(std::exp(p[d] - m) / l), acc);
+    }
+    _mm256_storeu_ps(out + e, acc);
   }
 }
 #endif
@@ -365,26 +402,73 @@ void attention_in(ThreadPool& pool, const AttentionArgs& a) {
   });
   const bool fast = active_variant() == Variant::Avx2;
 #if defined(__x86_64__)
-  // 2. Sequences decoding one token: one task per (sequence, group of heads), as many groups as
-  // give every thread two tasks, at most one per head; each task streams its heads' cache runs.
-  static thread_local std::vector<int32_t> order;
-  order.clear();
-  for (int s = 0; s < a.num_seqs; ++s)
-    if (seq_at(a, s).num_new == 1) order.push_back(s);
-  const int64_t decoding = static_cast<int64_t>(order.size());
+  // 2. Sequences decoding one token. In a small batch, a sequence with a long cache is split into
+  // ranges of kRangeKeys keys, each a task over all heads whose partial softmax states are merged
+  // after (flash-decoding): a thread streams its ranges' keys and values as long contiguous runs (a
+  // sequence's blocks are allocated in order). The split depends on the batch, not on the thread
+  // count, so neither do the results. Other sequences are one task per group of heads, as many
+  // groups as give every thread two tasks (the grouping does not change any head's sums).
+  struct Task {
+    int32_t seq;  // index into the batch's sequences
+    int32_t h0, h1;
+    int64_t j_begin, j_end;
+    int64_t partial;  // offset of the range's partial states in `partials`, or -1
+  };
+  static thread_local std::vector<Task> tasks;
+  static thread_local std::vector<int64_t> merges;  // (seq, partial offset, ranges) per split sequence
+  static thread_local std::vector<int32_t> unsplit;  // the other decoding sequences
+  tasks.clear();
+  merges.clear();
+  unsplit.clear();
+  const int64_t range_blocks = std::max<int64_t>(1, kRangeKeys / a.block_size);
+  const int64_t part_stride = static_cast<int64_t>(d) + 2;  // floats per head and range
+  int64_t decoding = 0, partial_floats = 0;
+  for (int si = 0; si < a.num_seqs; ++si) decoding += seq_at(a, si).num_new == 1;
+  const bool split_long = decoding <= kSplitSequences;
+  for (int si = 0; si < a.num_seqs; ++si) {
+    const Seq q = seq_at(a, si);
+    if (q.num_new != 1) continue;
+    const int64_t blocks = (q.past_len + 1 + a.block_size - 1) / a.block_size;
+    const int64_t ranges = split_long && blocks >= 2 * range_blocks ? blocks / range_blocks : 1;
+    if (ranges == 1) {
+      unsplit.push_back(si);
+      continue;
+    }
+    merges.insert(merges.end(), {si, partial_floats, ranges});
+    for (int64_t r = 0; r < ranges; ++r) {
+      const int64_t b0 = r * blocks / ranges, b1 = (r + 1) * blocks / ranges;
+      tasks.push_back(Task{si, 0, a.num_heads, b0 * a.block_size, b1 * a.block_size, partial_floats});
+      partial_floats += a.num_heads * part_stride;
+    }
+  }
   const bool stream = fast && d % 8 == 0 && decoding > 0;
   if (stream) {
-    const int64_t want = 2 * pool.size();
-    const int groups = static_cast<int>(std::min<int64_t>(a.num_heads, (want + decoding - 1) / decoding));
-    const int per_group = (a.num_heads + groups - 1) / groups;
-    const int32_t* decode_seqs = order.data();  // the caller's; the lambda runs on every thread
-    pool.parallel_streams(decoding * groups, 1, [&](int64_t begin, int64_t end) {
+    if (!unsplit.empty()) {
+      const int64_t want = 2 * pool.size(), n = static_cast<int64_t>(unsplit.size());
+      const int groups = static_cast<int>(std::clamp<int64_t>((want - static_cast<int64_t>(tasks.size()) + n - 1) / n, 1, a.num_heads));
+      const int per_group = (a.num_heads + groups - 1) / groups;
+      for (const int32_t si : unsplit)
+        for (int h0 = 0; h0 < a.num_heads; h0 += per_group)
+          tasks.push_back(Task{si, h0, std::min(a.num_heads, h0 + per_group), 0, seq_at(a, si).past_len + 1, -1});
+    }
+    static thread_local std::vector<float> partials;
+    if (static_cast<int64_t>(partials.size()) < partial_floats) partials.resize(static_cast<size_t>(partial_floats));
+    float* const part_base = partials.data();
+    const Task* const task_list = tasks.data();  // the caller's; the lambda runs on every thread
+    pool.parallel_streams(static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
       static thread_local std::vector<float> state;
-      for (int64_t task = begin; task < end; ++task) {
-        const Seq s = seq_at(a, decode_seqs[task / groups]);
-        const int h0 = static_cast<int>(task % groups) * per_group;
-        const int h1 = std::min(a.num_heads, h0 + per_group);
-        if (h0 < h1) attend_decode_avx2<D>(a, s, h0, h1, state);
+      for (int64_t i = begin; i < end; ++i) {
+        const Task& t = task_list[i];
+        attend_decode_avx2<D>(a, seq_at(a, t.seq), t.h0, t.h1, t.j_begin, t.j_end, state, t.partial >= 0 ? part_base + t.partial : nullptr);
+      }
+    });
+    const int64_t* const merge_list = merges.data();
+    pool.parallel_for(static_cast<int64_t>(merges.size() / 3) * a.num_heads, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t* m = merge_list + 3 * (i / a.num_heads);
+        const int64_t h = i % a.num_heads;
+        float* o = a.out + seq_at(a, static_cast<int>(m[0])).token_start * static_cast<int64_t>(a.num_heads) * d + h * d;
+        merge_partials(o, part_base + m[1] + h * part_stride, a.num_heads * part_stride, static_cast<int>(m[2]), d);
       }
     });
     if (decoding == a.num_seqs) return;
