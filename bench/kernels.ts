@@ -5,8 +5,9 @@
  * 2. Times `linear` on the bloom-560m and bloom-7b1 layer shapes for each weight dtype and batch,
  *    printing ms, GB/s (weight bytes read / time), GFLOP/s (2*rows*out*in / time), and the ratios
  *    to the limits; %roof is the roofline time max(bytes / bandwidth, flops / peak) over the time.
- * 3. Times attention over a ~100-token KV cache and layer_norm at batch 1 and 128, next to the
- *    matmuls of one decoder layer, to show whether they matter.
+ * 3. Times attention over a ~100-token KV cache at batch 1 and 128 and over 2048 tokens at batch 1
+ *    (fp32 caches, and fp16 ones at batch 128 and over 2048), and layer_norm, next to the matmuls
+ *    of one decoder layer, to show whether they matter.
  *
  * Honest inputs: weights are random (not zeros) and paged in before timing, and every layer whose
  * weights would fit in 8x the last-level cache is cycled through several copies (the `copies`
@@ -33,6 +34,7 @@ import { DTypeCode, Epilogue, native, type NativeRegion, type StorageDType } fro
 import { parameterError } from "../src/errors.js";
 import { defaultLinearPanels, linearPanelWidth } from "../src/backend/cpu.js";
 import { median, nowMs } from "./stats.js";
+import { float32ToFloat16 } from "../src/checkpoint/half-float.js";
 
 interface LayerShape {
   model: string;
@@ -72,6 +74,9 @@ interface OtherRow {
   model: string;
   op: string;
   batch: number;
+  /** attention: cached tokens per sequence, and the cache's format */
+  cached?: number;
+  kvDtype?: string;
   ms: number;
   /** attention: keys and values read per second, and the read bandwidth probed around it */
   kvGBs?: number;
@@ -359,32 +364,47 @@ function summarize(rows: Row[]): void {
 }
 
 /**
- * attention over a ~100-token paged KV cache and layer_norm at batch 1 and 128 (one decode step each).
- * Decoding reads the cache cold (a whole step of weights streams between one layer's attention calls),
- * so attention cycles through copies of the cache that together exceed the last-level cache, and its
- * KV bytes per second are set against the read bandwidth probed just before and after.
+ * attention (one decode step over a paged KV cache) and layer_norm: at batch 1 and 128 over ~100
+ * cached tokens with an fp32 cache, and at batch 1 over 2048 (the long-context case, where a small
+ * batch's cache is split among the threads) with an fp32 and an fp16 cache, and at batch 128 with
+ * fp16. Decoding reads the cache cold (a whole step of weights streams between one layer's
+ * attention calls), so attention cycles through copies of the cache that together exceed the
+ * last-level cache, and its KV bytes per second are set against the read bandwidth probed just
+ * before and after.
  */
 function benchOthers(quick: boolean, attempts: number, linearRows: Row[]): OtherRow[] {
   const addon = native();
   const out: OtherRow[] = [];
-  const pastLen = 100;
   const blockSize = 16;
   const threads = addon.getThreads();
-  console.log(`\nattention (a decode step: 1 new token per sequence over ${pastLen} cached, the cache read cold) and layer_norm,`);
+  const cases: { batch: number; cached: number; kv: "fp32" | "fp16" }[] = [
+    { batch: 1, cached: 100, kv: "fp32" },
+    { batch: 128, cached: 100, kv: "fp32" },
+    { batch: 128, cached: 100, kv: "fp16" },
+    { batch: 1, cached: 2048, kv: "fp32" },
+    { batch: 1, cached: 2048, kv: "fp16" },
+  ];
+  console.log(`\nattention (a decode step: 1 new token per sequence over its cached tokens, the cache read cold) and layer_norm,`);
   console.log(`against the bf16 matmuls of one decoder layer (qkv + dense + h_to_4h + 4h_to_h, measured above) at the same batch:\n`);
   console.log(
-    `${pad("model", 11, false)} ${pad("batch", 5)} ${pad("attention ms", 12)} ${pad("KV GB/s", 7)} ${pad("BWlim", 5)} ${pad("%BW", 4)} ` +
+    `${pad("model", 11, false)} ${pad("batch", 5)} ${pad("cached", 6)} ${pad("KV", 4)} ${pad("attention ms", 12)} ${pad("KV GB/s", 7)} ${pad("BWlim", 5)} ${pad("%BW", 4)} ` +
       `${pad("layer_norm ms", 13)} ${pad("matmuls ms", 10)} ${pad("share", 6)}`,
   );
   for (const model of quick ? ["bloom-560m"] : Object.keys(models)) {
     const { hidden, heads } = models[model]!;
     const headDim = hidden / heads;
-    for (const batch of [1, 128]) {
+    for (const { batch, cached: pastLen, kv } of cases) {
       const blocksPerSeq = Math.ceil((pastLen + 1) / blockSize);
       const numBlocks = blocksPerSeq * batch;
-      const cacheFloats = numBlocks * heads * blockSize * headDim;
-      const copies = Math.max(1, Math.ceil((96 * 2 ** 20) / (cacheFloats * 8)));
-      const caches = Array.from({ length: copies }, (_, c) => [randomArray(cacheFloats, 5 + 2 * c), randomArray(cacheFloats, 6 + 2 * c)] as const);
+      const entries = numBlocks * heads * blockSize * headDim;
+      const entryBytes = kv === "fp32" ? 4 : 2;
+      const copies = Math.max(1, Math.ceil((96 * 2 ** 20) / (entries * entryBytes * 2)));
+      // fp16 caches hold the rounded values of the same random data.
+      const cacheOf = (seed: number) => {
+        const x = randomArray(entries, seed);
+        return kv === "fp32" ? x : Uint16Array.from(x, float32ToFloat16);
+      };
+      const caches = Array.from({ length: copies }, (_, c) => [cacheOf(5 + 2 * c), cacheOf(6 + 2 * c)] as const);
       const qkv = randomArray(batch * 3 * hidden, 7);
       const o = new Float32Array(batch * hidden);
       const seqs = new Int32Array(batch * 4);
@@ -392,11 +412,11 @@ function benchOthers(quick: boolean, attempts: number, linearRows: Row[]): Other
       for (let i = 0; i < numBlocks; i++) table[i] = i;
       for (let s = 0; s < batch; s++) seqs.set([s, 1, pastLen, s * blocksPerSeq], s * 4);
       const slopes = new Float32Array(heads).map((_, h) => 2 ** ((-8 * (h + 1)) / heads));
-      const kvBytes = batch * (pastLen + 1) * hidden * 4 * 2;
+      const kvBytes = batch * (pastLen + 1) * hidden * entryBytes * 2;
       let copy = 0;
       const attend = () => {
         const [k, v] = caches[copy]!;
-        addon.attention(o, qkv, batch, heads, headDim, k, v, blockSize, seqs, table, slopes);
+        addon.attention(o, qkv, batch, heads, headDim, k, v, blockSize, seqs, table, slopes, kv === "fp32" ? DTypeCode.f32 : DTypeCode.f16);
         copy = (copy + 1) % copies;
       };
       const time = (f: () => void, calls: number) =>
@@ -420,13 +440,13 @@ function benchOthers(quick: boolean, attempts: number, linearRows: Row[]): Other
       const ln = time(() => addon.layerNorm(ys, xs, batch, hidden, gamma, beta, 1e-5), quick ? 10 : 30);
       const attMs = att.value.ms, lnMs = ln.value.ms;
       const kvGBs = kvBytes / attMs / 1e6;
-      out.push({ model, op: "attention", batch, ms: attMs, kvGBs, bandwidthGBs: att.value.probe, otherLoad: att.others });
+      out.push({ model, op: "attention", batch, cached: pastLen, kvDtype: kv, ms: attMs, kvGBs, bandwidthGBs: att.value.probe, otherLoad: att.others });
       out.push({ model, op: "layer_norm", batch, ms: lnMs, otherLoad: ln.others });
       const mm = linearRows.filter((r) => r.model === model && r.batch === batch && r.dtype === "bf16" && r.layer !== "lm_head");
       const matmulMs = mm.length === 4 ? mm.reduce((a, r) => a + r.ms, 0) : NaN;
       const share = (attMs + 2 * lnMs) / (attMs + 2 * lnMs + matmulMs);
       console.log(
-        `${pad(model, 11, false)} ${pad(batch, 5)} ${pad(attMs.toFixed(3), 12)} ${pad(kvGBs.toFixed(1), 7)} ${pad(att.value.probe.toFixed(0), 5)} ` +
+        `${pad(model, 11, false)} ${pad(batch, 5)} ${pad(pastLen, 6)} ${pad(kv, 4)} ${pad(attMs.toFixed(3), 12)} ${pad(kvGBs.toFixed(1), 7)} ${pad(att.value.probe.toFixed(0), 5)} ` +
           `${pad(pct(kvGBs / att.value.probe), 4)} ${pad(lnMs.toFixed(3), 13)} ` +
           `${pad(Number.isNaN(matmulMs) ? "-" : matmulMs.toFixed(3), 10)} ${pad(Number.isNaN(share) ? "-" : pct(share), 6)}${loadNote(Math.max(att.others, ln.others))}`,
       );
