@@ -414,35 +414,39 @@ void attention_in(ThreadPool& pool, const AttentionArgs& a) {
     int64_t j_begin, j_end;
     int64_t partial;  // offset of the range's partial states in `partials`, or -1
   };
+  struct Merge {
+    int32_t seq;
+    int64_t partial, ranges;
+  };
+  static thread_local std::vector<int32_t> decoding_seqs, unsplit;
   static thread_local std::vector<Task> tasks;
-  static thread_local std::vector<int64_t> merges;  // (seq, partial offset, ranges) per split sequence
-  static thread_local std::vector<int32_t> unsplit;  // the other decoding sequences
-  tasks.clear();
-  merges.clear();
-  unsplit.clear();
-  const int64_t range_blocks = std::max<int64_t>(1, kRangeKeys / a.block_size);
-  const int64_t part_stride = static_cast<int64_t>(d) + 2;  // floats per head and range
-  int64_t decoding = 0, partial_floats = 0;
-  for (int si = 0; si < a.num_seqs; ++si) decoding += seq_at(a, si).num_new == 1;
-  const bool split_long = decoding <= kSplitSequences;
-  for (int si = 0; si < a.num_seqs; ++si) {
-    const Seq q = seq_at(a, si);
-    if (q.num_new != 1) continue;
-    const int64_t blocks = (q.past_len + 1 + a.block_size - 1) / a.block_size;
-    const int64_t ranges = split_long && blocks >= 2 * range_blocks ? blocks / range_blocks : 1;
-    if (ranges == 1) {
-      unsplit.push_back(si);
-      continue;
-    }
-    merges.insert(merges.end(), {si, partial_floats, ranges});
-    for (int64_t r = 0; r < ranges; ++r) {
-      const int64_t b0 = r * blocks / ranges, b1 = (r + 1) * blocks / ranges;
-      tasks.push_back(Task{si, 0, a.num_heads, b0 * a.block_size, b1 * a.block_size, partial_floats});
-      partial_floats += a.num_heads * part_stride;
-    }
-  }
+  static thread_local std::vector<Merge> merges;
+  decoding_seqs.clear();
+  for (int si = 0; si < a.num_seqs; ++si)
+    if (seq_at(a, si).num_new == 1) decoding_seqs.push_back(si);
+  const int64_t decoding = static_cast<int64_t>(decoding_seqs.size());
   const bool stream = fast && d % 8 == 0 && decoding > 0;
   if (stream) {
+    tasks.clear();
+    merges.clear();
+    unsplit.clear();
+    const int64_t range_blocks = std::max<int64_t>(1, kRangeKeys / a.block_size);
+    const int64_t part_stride = static_cast<int64_t>(d) + 2;  // floats per head and range
+    int64_t partial_floats = 0;
+    for (const int32_t si : decoding_seqs) {
+      const int64_t blocks = (seq_at(a, si).past_len + 1 + a.block_size - 1) / a.block_size;
+      const int64_t ranges = decoding <= kSplitSequences && blocks >= 2 * range_blocks ? blocks / range_blocks : 1;
+      if (ranges == 1) {
+        unsplit.push_back(si);
+        continue;
+      }
+      merges.push_back(Merge{si, partial_floats, ranges});
+      for (int64_t r = 0; r < ranges; ++r) {
+        const int64_t b0 = r * blocks / ranges, b1 = (r + 1) * blocks / ranges;
+        tasks.push_back(Task{si, 0, a.num_heads, b0 * a.block_size, b1 * a.block_size, partial_floats});
+        partial_floats += a.num_heads * part_stride;
+      }
+    }
     if (!unsplit.empty()) {
       const int64_t want = 2 * pool.size(), n = static_cast<int64_t>(unsplit.size());
       const int groups = static_cast<int>(std::clamp<int64_t>((want - static_cast<int64_t>(tasks.size()) + n - 1) / n, 1, a.num_heads));
@@ -462,13 +466,13 @@ void attention_in(ThreadPool& pool, const AttentionArgs& a) {
         attend_decode_avx2<D>(a, seq_at(a, t.seq), t.h0, t.h1, t.j_begin, t.j_end, state, t.partial >= 0 ? part_base + t.partial : nullptr);
       }
     });
-    const int64_t* const merge_list = merges.data();
-    pool.parallel_for(static_cast<int64_t>(merges.size() / 3) * a.num_heads, 16, [&](int64_t begin, int64_t end) {
+    const Merge* const merge_list = merges.data();
+    pool.parallel_for(static_cast<int64_t>(merges.size()) * a.num_heads, 16, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t* m = merge_list + 3 * (i / a.num_heads);
+        const Merge& m = merge_list[i / a.num_heads];
         const int64_t h = i % a.num_heads;
-        float* o = a.out + seq_at(a, static_cast<int>(m[0])).token_start * static_cast<int64_t>(a.num_heads) * d + h * d;
-        merge_partials(o, part_base + m[1] + h * part_stride, a.num_heads * part_stride, static_cast<int>(m[2]), d);
+        float* o = a.out + seq_at(a, m.seq).token_start * static_cast<int64_t>(a.num_heads) * d + h * d;
+        merge_partials(o, part_base + m.partial + h * part_stride, a.num_heads * part_stride, static_cast<int>(m.ranges), d);
       }
     });
     if (decoding == a.num_seqs) return;
