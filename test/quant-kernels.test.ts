@@ -9,7 +9,8 @@ import { after, describe, test } from "node:test";
 import { ActivationMode, DTypeCode, Epilogue, native, type KernelVariant, type NativeRegion, type StorageDType } from "../src/backend/native.js";
 import { readTensorAsF32 } from "../src/backend/reference.js";
 import { f16ToF32 } from "../src/backend/reference.js";
-import { linearInt8Reference, quantizeWeightsReference, f32ToF16Bits, roundHalfEven } from "../src/quant/reference.js";
+import { linearInt8Reference, quantizeWeightsReference, roundHalfEven } from "../src/quant/reference.js";
+import { float32ToFloat16 } from "../src/checkpoint/half-float.js";
 import type { ActivationModeName } from "../src/quant/scheme.js";
 
 const addon = native();
@@ -82,9 +83,9 @@ describe("fp16 helpers of the reference", () => {
   test("round half to even and fp32 -> fp16 agree with known values", () => {
     assert.deepEqual([0.5, 1.5, 2.5, -0.5, -1.5, 2.4, 2.6].map(roundHalfEven), [0, 2, 2, -0, -2, 2, 3]);
     for (const [v, h] of [[1, 0x3c00], [65504, 0x7bff], [2 ** -24, 0x0001], [2 ** -14, 0x0400], [0.1, 0x2e66], [-2, 0xc000], [1e6, 0x7c00]] as const) {
-      assert.equal(f32ToF16Bits(v), h, `f16(${v})`);
+      assert.equal(float32ToFloat16(v), h, `f16(${v})`);
     }
-    for (let h = 0; h < 0x7c00; h += 7) assert.equal(f32ToF16Bits(f16ToF32(h)), h, `round trip of ${h.toString(16)}`);
+    for (let h = 0; h < 0x7c00; h += 7) assert.equal(float32ToFloat16(f16ToF32(h)), h, `round trip of ${h.toString(16)}`);
   });
 });
 

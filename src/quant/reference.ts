@@ -4,6 +4,7 @@
  * linear layer with fp64 accumulation. Slow; kernel tests compare the native variants against it.
  */
 import { f16ToF32 } from "../backend/reference.js";
+import { float32ToFloat16 } from "../checkpoint/half-float.js";
 import type { ActivationModeName } from "./scheme.js";
 
 const f32 = Math.fround;
@@ -14,24 +15,9 @@ export function roundHalfEven(x: number): number {
   return r - x === 0.5 && r % 2 !== 0 ? r - 1 : r;
 }
 
-/** fp32 value -> fp16 bits, round to nearest even (overflow to inf). */
-export function f32ToF16Bits(value: number): number {
-  const x = f32(value);
-  const sign = x < 0 || Object.is(x, -0) ? 0x8000 : 0;
-  const a = Math.abs(x);
-  if (Number.isNaN(a)) return 0x7e00;
-  if (a >= 65520) return sign | 0x7c00;
-  if (a < 2 ** -14) return sign | roundHalfEven(a * 2 ** 24); // subnormal (exact scaling)
-  let e = Math.floor(Math.log2(a));
-  if (2 ** e > a) e--;
-  if (2 ** (e + 1) <= a) e++;
-  const mant = roundHalfEven((a / 2 ** e - 1) * 1024);
-  return mant === 1024 ? sign | ((e + 16) << 10) : sign | ((e + 15) << 10) | mant;
-}
-
 /** fp32 value -> fp16 bits, rounded up in magnitude for positive values (the native f32_to_f16_up). */
 export function f32ToF16BitsUp(value: number): number {
-  let h = f32ToF16Bits(value);
+  let h = float32ToFloat16(value);
   if (value > 0 && f16ToF32(h) < value && (h & 0x7c00) !== 0x7c00) h++;
   return h;
 }
