@@ -686,6 +686,20 @@ describe("attention", () => {
     });
   }
 
+  // Sequences with 16 or more new tokens (prefills) take the tiled kernel (AVX2): tiles of 6
+  // queries and their ragged last tile, a prefill after nothing and after a cached prefix, beside a
+  // decode token and a short chunk; head dims of 8, 24 (16 + 8) and 64, chunks of 16 keys across
+  // blocks of 4, 8 and 16.
+  for (const [heads, d, blockSize] of [
+    [2, 64, 16],
+    [3, 24, 8],
+    [4, 8, 4],
+  ] as const) {
+    test(`prefills in tiles match the fp64 reference (heads ${heads}, headDim ${d}, blockSize ${blockSize})`, () => {
+      checkAgainstReference("prefill", [[0, 70, 0], [70, 1, 12], [71, 45, 37], [116, 3, 5], [119, 16, 0], [135, 17, 3]], heads, d, blockSize, 64);
+    });
+  }
+
   test("decoding attention gives the same bits with 1, 2 and 3 threads (long caches split by length, not by threads)", () => {
     const [heads, d, blockSize] = [4, 64, 16];
     const spec = [[0, 1, 900], [1, 1, 40], [2, 1, 300]] as const;

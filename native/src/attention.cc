@@ -8,11 +8,12 @@
 // ALiBi uses the key's position only; softmax is shift-invariant, so this equals -slope*(i-j).
 // Positions are those of the sequence's real tokens: padding never reaches the engine.
 //
-// Two ways through the keys: a sequence decoding one token streams its cache in one pass, block by
-// block for a group of heads (attend_decode_avx2; in a small batch a long cache is split into key
-// ranges whose partial softmax states are merged, so both threads stream it); other tokens
-// (prefill, several new tokens) take each head's keys in three passes (attend_head_avx2). Both
-// agree to float rounding (~1e-7).
+// Three ways through the keys: a sequence decoding one token streams its cache in one pass, block
+// by block for a group of heads (attend_decode_avx2; in a small batch a long cache is split into
+// key ranges whose partial softmax states are merged, so both threads stream it); a prefill (16 or
+// more new tokens) goes through the keys in tiles of 6 queries x 16 keys (attend_prefill_avx2);
+// a few new tokens take each head's keys in three passes (attend_head_avx2). All agree to float
+// rounding (~1e-7).
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -36,6 +37,10 @@ struct Seq {
 // measured 0-3 % slower).
 constexpr int64_t kRangeKeys = 128;
 constexpr int64_t kSplitSequences = 4;
+
+// A sequence with at least this many new tokens (a prefill) takes attend_prefill_avx2: tiles of
+// queries against chunks of keys, in registers.
+constexpr int64_t kTiledQueries = 16;
 
 // One cache entry of dtype D: fp32, or the 16 bits of fp16 / bf16.
 template <DType D>
@@ -220,6 +225,156 @@ BLOSSOM_AVX2 void attend_head_avx2(const AttentionArgs& a, const Seq& s, int h, 
       }
       for (int c = 0; c < chunks; ++c) _mm256_storeu_ps(o + e0 + 8 * c, _mm256_mul_ps(acc[c], inv));
     }
+  }
+}
+
+// Tiled attention for many new tokens of sequence s, head h (flash-attention on the CPU): a tile of
+// R <= 6 queries goes through the keys 16 at a time. Scores S (R x 16) are an outer-product
+// micro-kernel over the head's keys transposed once per call into kt (chunks of 16 keys, each a
+// contiguous (head_dim, 16) block, zero padded), so each step is 2 loads and R broadcasts for 2R
+// FMAs; then an online softmax per row
+// (running max and sum, ALiBi, the causal mask), and the output rows (R x head_dim, in `acc`)
+// rescaled and accumulated 16 dimensions at a time from the 16 keys' values. The per-query path
+// (attend_head_avx2) loads 8 keys per query for every 8 FMAs.
+template <int R>
+BLOSSOM_AVX2_INLINE void score_tile(const float* const* q, const float* kt, int d, __m256 (&s)[6][2]) {
+  for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = _mm256_setzero_ps();
+  for (int e = 0; e < d; ++e) {
+    const __m256 k0 = _mm256_loadu_ps(kt + e * 16), k1 = _mm256_loadu_ps(kt + e * 16 + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 qb = _mm256_broadcast_ss(q[r] + e);
+      s[r][0] = _mm256_fmadd_ps(qb, k0, s[r][0]);
+      s[r][1] = _mm256_fmadd_ps(qb, k1, s[r][1]);
+    }
+  }
+}
+
+template <int R, DType D>
+BLOSSOM_AVX2_INLINE void accumulate_values(float* acc, const float* p, const Kv<D>* const* v, int64_t keys, int d) {
+  for (int e0 = 0; e0 < d; e0 += 16) {
+    const bool two = e0 + 16 <= d;  // else 8 dimensions left
+    __m256 o[6][2];
+    for (int r = 0; r < R; ++r) {
+      o[r][0] = _mm256_loadu_ps(acc + r * d + e0);
+      o[r][1] = two ? _mm256_loadu_ps(acc + r * d + e0 + 8) : _mm256_setzero_ps();
+    }
+    for (int64_t jj = 0; jj < keys; ++jj) {
+      const __m256 v0 = simd::load8<D>(v[jj] + e0);
+      const __m256 v1 = two ? simd::load8<D>(v[jj] + e0 + 8) : _mm256_setzero_ps();
+      for (int r = 0; r < R; ++r) {
+        const __m256 pb = _mm256_broadcast_ss(p + r * 16 + jj);
+        o[r][0] = _mm256_fmadd_ps(pb, v0, o[r][0]);
+        o[r][1] = _mm256_fmadd_ps(pb, v1, o[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_ps(acc + r * d + e0, o[r][0]);
+      if (two) _mm256_storeu_ps(acc + r * d + e0 + 8, o[r][1]);
+    }
+  }
+}
+
+template <int R, DType D>
+BLOSSOM_AVX2 void attend_tile_avx2(const AttentionArgs& a, const Seq& s, int h, int64_t i0, const float* kt, std::vector<float>& work) {
+  const int d = a.head_dim;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const float slope = a.slopes[h];
+  const int64_t stride = static_cast<int64_t>(a.num_heads) * 3 * d;
+  const Kv<D>* const v_cache = kv_cache<D>(a.v_cache);
+  // work: R x d output accumulators, then R x 16 probabilities.
+  if (static_cast<int64_t>(work.size()) < R * (d + 16)) work.resize(R * (d + 16));
+  float* acc = work.data();
+  float* p = acc + R * d;
+  std::fill(acc, acc + R * d, 0.f);
+  const float* q[6];
+  alignas(32) float m[8], l[8], cmax[8], corr[8];  // per row: running max and sum, this chunk's max, rescale
+  int64_t last[6];  // each query's last key (its own position)
+  for (int r = 0; r < 8; ++r) m[r] = l[r] = cmax[r] = 0.f;
+  for (int r = 0; r < R; ++r) {
+    q[r] = a.qkv + (s.token_start + i0 + r) * stride + static_cast<int64_t>(h) * 3 * d;
+    m[r] = -INFINITY;
+    last[r] = s.past_len + i0 + r;
+  }
+  const int64_t n = last[R - 1] + 1;
+  const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+  const Kv<D>* v[16];
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t keys = std::min<int64_t>(16, n - j0);
+    __m256 sc[6][2];
+    score_tile<R>(q, kt + j0 * d, d, sc);
+    // The 16 keys' value rows: one cache lookup per block.
+    for (int64_t jj = 0; jj < keys;) {
+      const Kv<D>* base = v_cache + cache_offset(a, s, j0 + jj, h);
+      const int64_t run = std::min<int64_t>(keys - jj, a.block_size - (j0 + jj) % a.block_size);
+      for (int64_t t = 0; t < run; ++t) v[jj + t] = base + t * d;
+      jj += run;
+    }
+    // score = slope * j + dot * scale, -inf past the query's position; each row's chunk max.
+    __m256 visible[6][2];
+    for (int r = 0; r < R; ++r) {
+      for (int c = 0; c < 2; ++c) {
+        const __m256 pos = _mm256_add_ps(_mm256_set1_ps(static_cast<float>(j0 + 8 * c)), lane);
+        visible[r][c] = _mm256_cmp_ps(pos, _mm256_set1_ps(static_cast<float>(last[r])), _CMP_LE_OQ);
+        const __m256 x = _mm256_fmadd_ps(_mm256_set1_ps(slope), pos, _mm256_mul_ps(sc[r][c], _mm256_set1_ps(scale)));
+        sc[r][c] = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), x, visible[r][c]);
+      }
+      cmax[r] = simd::hmax(_mm256_max_ps(sc[r][0], sc[r][1]));
+    }
+    // New maxima and the factors that rescale what came before, for all rows at once. Key 0 is in
+    // the first chunk and visible to every query, so maxima are finite from then on (a row with no
+    // visible key in a later chunk keeps its max: factor 1, probabilities 0).
+    const __m256 m_old = _mm256_load_ps(m);
+    const __m256 m_new = _mm256_max_ps(m_old, _mm256_load_ps(cmax));
+    _mm256_store_ps(corr, simd::exp8(_mm256_sub_ps(m_old, m_new)));
+    _mm256_store_ps(m, m_new);
+    if (j0 == 0) std::fill(corr, corr + 8, 0.f);  // m_old = -inf
+    for (int r = 0; r < R; ++r) {
+      __m256 sum = _mm256_setzero_ps();
+      for (int c = 0; c < 2; ++c) {
+        const __m256 e = _mm256_and_ps(simd::exp8(_mm256_sub_ps(sc[r][c], _mm256_set1_ps(m[r]))), visible[r][c]);
+        _mm256_storeu_ps(p + r * 16 + 8 * c, e);
+        sum = _mm256_add_ps(sum, e);
+      }
+      l[r] = l[r] * corr[r] + simd::hsum(sum);
+      if (corr[r] != 1.f) {
+        const __m256 vc = _mm256_set1_ps(corr[r]);
+        for (int e = 0; e < d; e += 8) _mm256_storeu_ps(acc + r * d + e, _mm256_mul_ps(_mm256_loadu_ps(acc + r * d + e), vc));
+      }
+    }
+    accumulate_values<R, D>(acc, p, v, keys, d);
+  }
+  for (int r = 0; r < R; ++r) {
+    float* o = a.out + (s.token_start + i0 + r) * static_cast<int64_t>(a.num_heads) * d + static_cast<int64_t>(h) * d;
+    const __m256 inv = _mm256_set1_ps(1.0f / l[r]);
+    for (int e = 0; e < d; e += 8) _mm256_storeu_ps(o + e, _mm256_mul_ps(_mm256_loadu_ps(acc + r * d + e), inv));
+  }
+}
+
+// All new tokens of sequence s, head h, in tiles of 6 queries (attend_tile_avx2); the head's keys
+// are transposed (and widened) once into `kt`.
+template <DType D>
+BLOSSOM_AVX2 void attend_prefill_avx2(const AttentionArgs& a, const Seq& s, int h, std::vector<float>& kt, std::vector<float>& work) {
+  const int d = a.head_dim;
+  const Kv<D>* const k_cache = kv_cache<D>(a.k_cache);
+  const int64_t n = s.past_len + s.num_new;
+  // Chunk by chunk of 16 keys, each chunk's (head_dim, 16) transpose contiguous: the score
+  // micro-kernel then reads one 16-key chunk as one sequential run.
+  const int64_t padded = (n + 15) / 16 * 16;
+  kt.assign(static_cast<size_t>(padded * d), 0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    const Kv<D>* k = k_cache + cache_offset(a, s, j, h);
+    float* chunk = kt.data() + (j / 16) * 16 * d + j % 16;
+    for (int e = 0; e < d; ++e) chunk[e * 16] = kv_get<D>(k + e);
+  }
+  int64_t i0 = 0;
+  for (; i0 + 6 <= s.num_new; i0 += 6) attend_tile_avx2<6, D>(a, s, h, i0, kt.data(), work);
+  switch (s.num_new - i0) {
+    case 5: attend_tile_avx2<5, D>(a, s, h, i0, kt.data(), work); break;
+    case 4: attend_tile_avx2<4, D>(a, s, h, i0, kt.data(), work); break;
+    case 3: attend_tile_avx2<3, D>(a, s, h, i0, kt.data(), work); break;
+    case 2: attend_tile_avx2<2, D>(a, s, h, i0, kt.data(), work); break;
+    case 1: attend_tile_avx2<1, D>(a, s, h, i0, kt.data(), work); break;
+    default: break;
   }
 }
 
@@ -489,7 +644,9 @@ void attention_in(ThreadPool& pool, const AttentionArgs& a) {
       if (stream && s.num_new == 1) continue;
 #if defined(__x86_64__)
       if (fast && a.head_dim % 8 == 0) {
-        attend_head_avx2<D>(a, s, h, scores);
+        static thread_local std::vector<float> kt, work;
+        if (s.num_new >= kTiledQueries) attend_prefill_avx2<D>(a, s, h, kt, work);
+        else attend_head_avx2<D>(a, s, h, scores);
         continue;
       }
 #endif
