@@ -7,7 +7,8 @@
  *    to the limits; %roof is the roofline time max(bytes / bandwidth, flops / peak) over the time.
  * 3. Times attention over a ~100-token KV cache at batch 1 and 128 and over 2048 tokens at batch 1
  *    (fp32 caches, and fp16 ones at batch 128 and over 2048), and layer_norm, next to the matmuls
- *    of one decoder layer, to show whether they matter.
+ *    of one decoder layer, to show whether they matter; and prefill attention (512 and 2048 new
+ *    tokens) against the FMA peak.
  *
  * Honest inputs: weights are random (not zeros) and paged in before timing, and every layer whose
  * weights would fit in 8x the last-level cache is cycled through several copies (the `copies`
@@ -77,6 +78,10 @@ interface OtherRow {
   /** attention: cached tokens per sequence, and the cache's format */
   cached?: number;
   kvDtype?: string;
+  /** prefill attention: new tokens of the one sequence, causal GFLOP/s and the FMA peak probed around it */
+  tokens?: number;
+  gflops?: number;
+  fmaPeakGflops?: number;
   ms: number;
   /** attention: keys and values read per second, and the read bandwidth probed around it */
   kvGBs?: number;
@@ -324,7 +329,7 @@ function main(): void {
   const engineRows = layout === "both" ? rows.filter(engineLayout) : rows;
   summarize(engineRows);
 
-  const others = values["no-attention"] ? [] : benchOthers(quick, attempts, engineRows);
+  const others = values["no-attention"] ? [] : [...benchOthers(quick, attempts, engineRows), ...benchPrefill(quick, attempts)];
 
   if (values.json) {
     writeFileSync(
@@ -454,6 +459,54 @@ function benchOthers(quick: boolean, attempts: number, linearRows: Row[]): Other
   }
   console.log(`KV GB/s = keys and values read / time; BWlim: read bandwidth probed just before and after;`);
   console.log(`share = (attention + 2 layer_norms) / (that + the layer's matmuls)`);
+  return out;
+}
+
+/**
+ * Prefill attention: one sequence of N new tokens over an empty cache (every query attends to the
+ * keys up to its own position), per layer. GFLOP/s counts the causal work only, 2 * N(N+1)/2 *
+ * head_dim multiply-adds for scores and as many for values per head, against the FMA peak probed
+ * just before and after.
+ */
+function benchPrefill(quick: boolean, attempts: number): OtherRow[] {
+  const addon = native();
+  const out: OtherRow[] = [];
+  const blockSize = 16;
+  const threads = addon.getThreads();
+  console.log(`\nprefill attention (one sequence of N new tokens, fp32 cache), per layer:\n`);
+  console.log(`${pad("model", 11, false)} ${pad("tokens", 6)} ${pad("attention ms", 12)} ${pad("GFLOP/s", 7)} ${pad("peak", 5)} ${pad("%FMA", 4)}`);
+  for (const model of quick ? ["bloom-560m"] : Object.keys(models)) {
+    const { hidden, heads } = models[model]!;
+    const headDim = hidden / heads;
+    for (const n of [512, 2048]) {
+      const numBlocks = Math.ceil(n / blockSize);
+      const k = new Float32Array(numBlocks * heads * blockSize * headDim);
+      const v = new Float32Array(k.length);
+      const qkv = randomArray(n * 3 * hidden, 13);
+      const o = new Float32Array(n * hidden);
+      const seqs = Int32Array.from([0, n, 0, 0]);
+      const table = Int32Array.from({ length: numBlocks }, (_, i) => i);
+      const slopes = new Float32Array(heads).map((_, h) => 2 ** ((-8 * (h + 1)) / heads));
+      const flops = 2 * 2 * heads * ((n * (n + 1)) / 2) * headDim;
+      const r = quietest(attempts, () => {
+        addon.attention(o, qkv, n, heads, headDim, k, v, blockSize, seqs, table, slopes);
+        const before = addon.probeFmaPeak(threads, 1);
+        const ts: number[] = [];
+        for (let i = 0; i < (quick ? 3 : 5); i++) {
+          const t = nowMs();
+          addon.attention(o, qkv, n, heads, headDim, k, v, blockSize, seqs, table, slopes);
+          ts.push(nowMs() - t);
+        }
+        return { ms: median(ts), peak: Math.max(before, addon.probeFmaPeak(threads, 1)) };
+      });
+      const gflops = flops / r.value.ms / 1e6;
+      out.push({ model, op: "prefill_attention", batch: 1, tokens: n, ms: r.value.ms, gflops, fmaPeakGflops: r.value.peak, otherLoad: r.others });
+      console.log(
+        `${pad(model, 11, false)} ${pad(n, 6)} ${pad(r.value.ms.toFixed(2), 12)} ${pad(gflops.toFixed(1), 7)} ${pad(r.value.peak.toFixed(0), 5)} ${pad(pct(gflops / r.value.peak), 4)}${loadNote(r.others)}`,
+      );
+    }
+  }
+  console.log(`GFLOP/s: the causal work (scores and values, keys up to each query's position) / time`);
   return out;
 }
 
