@@ -238,14 +238,21 @@ BLOSSOM_AVX2 void attend_head_avx2(const AttentionArgs& a, const Seq& s, int h, 
 // (attend_head_avx2) loads 8 keys per query for every 8 FMAs.
 template <int R>
 BLOSSOM_AVX2_INLINE void score_tile(const float* const* q, const float* kt, int d, __m256 (&s)[6][2]) {
-  for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = _mm256_setzero_ps();
+  // Local accumulators (the compiler keeps them in registers; accumulating into `s` itself, which
+  // the caller's code reads after, measured them spilled to the stack on every step).
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int e = 0; e < d; ++e) {
     const __m256 k0 = _mm256_loadu_ps(kt + e * 16), k1 = _mm256_loadu_ps(kt + e * 16 + 8);
     for (int r = 0; r < R; ++r) {
       const __m256 qb = _mm256_broadcast_ss(q[r] + e);
-      s[r][0] = _mm256_fmadd_ps(qb, k0, s[r][0]);
-      s[r][1] = _mm256_fmadd_ps(qb, k1, s[r][1]);
+      acc[r][0] = _mm256_fmadd_ps(qb, k0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(qb, k1, acc[r][1]);
     }
+  }
+  for (int r = 0; r < R; ++r) {
+    s[r][0] = acc[r][0];
+    s[r][1] = acc[r][1];
   }
 }
 
