@@ -92,6 +92,29 @@ void axpy_scalar(float* y, float alpha, const Kv<D>* x, int n) {
 }
 
 #if defined(__x86_64__)
+// kv_put, 8 entries at a time: fp16 through F16C, bf16 rounded to nearest-even in integer lanes
+// (NaN quieted), as the scalar conversions do.
+template <DType D>
+BLOSSOM_AVX2 void kv_put_avx2(Kv<D>* dst, const float* src, int n) {
+  int i = 0;
+  if constexpr (D == DType::F16) {
+    for (; i + 8 <= n; i += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else if constexpr (D == DType::BF16) {
+    const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7fff), quiet_bit = _mm256_set1_epi32(0x40);
+    const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+    for (; i + 8 <= n; i += 8) {
+      const __m256i b = _mm256_castps_si256(_mm256_loadu_ps(src + i));
+      const __m256i high = _mm256_srli_epi32(b, 16);
+      const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(half, _mm256_and_si256(high, one))), 16);
+      const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(b, abs_mask), inf);
+      const __m256i r = _mm256_blendv_epi8(rounded, _mm256_or_si256(high, quiet_bit), nan);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+    }
+  }
+  kv_put<D>(dst + i, src + i, n - i);
+}
+
 template <DType D>
 BLOSSOM_AVX2 float dot_avx2(const float* a, const Kv<D>* b, int n) {
   __m256 acc = _mm256_setzero_ps();
@@ -548,6 +571,7 @@ void attention_in(ThreadPool& pool, const AttentionArgs& a) {
   Kv<D>* const v_cache = kv_cache<D>(a.v_cache);
   const int d = a.head_dim;
   const int64_t stride = static_cast<int64_t>(a.num_heads) * 3 * d;
+  const bool fast = active_variant() == Variant::Avx2;
   // 1. Append the new keys and values.
   pool.parallel_for(a.num_seqs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t si = begin; si < end; ++si) {
@@ -556,13 +580,21 @@ void attention_in(ThreadPool& pool, const AttentionArgs& a) {
         const float* row = a.qkv + (s.token_start + i) * stride;
         for (int h = 0; h < a.num_heads; ++h) {
           const int64_t off = cache_offset(a, s, s.past_len + i, h);
-          kv_put<D>(k_cache + off, row + static_cast<int64_t>(h) * 3 * d + d, d);
-          kv_put<D>(v_cache + off, row + static_cast<int64_t>(h) * 3 * d + 2 * d, d);
+          const float* k = row + static_cast<int64_t>(h) * 3 * d + d;
+          const float* v = k + d;
+#if defined(__x86_64__)
+          if (fast && D != DType::F32) {
+            kv_put_avx2<D>(k_cache + off, k, d);
+            kv_put_avx2<D>(v_cache + off, v, d);
+            continue;
+          }
+#endif
+          kv_put<D>(k_cache + off, k, d);
+          kv_put<D>(v_cache + off, v, d);
         }
       }
     }
   });
-  const bool fast = active_variant() == Variant::Avx2;
 #if defined(__x86_64__)
   // 2. Sequences decoding one token. In a small batch, a sequence with a long cache is split into
   // ranges of kRangeKeys keys, each a task over all heads whose partial softmax states are merged
