@@ -255,10 +255,9 @@ BLOSSOM_AVX2 void attend_head_avx2(const AttentionArgs& a, const Seq& s, int h, 
 // R <= 6 queries goes through the keys 16 at a time. Scores S (R x 16) are an outer-product
 // micro-kernel over the head's keys transposed once per call into kt (chunks of 16 keys, each a
 // contiguous (head_dim, 16) block, zero padded), so each step is 2 loads and R broadcasts for 2R
-// FMAs; then an online softmax per row
-// (running max and sum, ALiBi, the causal mask), and the output rows (R x head_dim, in `acc`)
-// rescaled and accumulated 16 dimensions at a time from the 16 keys' values. The per-query path
-// (attend_head_avx2) loads 8 keys per query for every 8 FMAs.
+// FMAs; then an online softmax per row (running max and sum, ALiBi, the causal mask), and the
+// output rows (R x head_dim, in `acc`) rescaled and accumulated 16 dimensions at a time from the 16
+// keys' values. The per-query path (attend_head_avx2) loads 8 keys per query for every 8 FMAs.
 template <int R>
 BLOSSOM_AVX2_INLINE void score_tile(const float* const* q, const float* kt, int d, __m256 (&s)[6][2]) {
   // Local accumulators (the compiler keeps them in registers; accumulating into `s` itself, which
