@@ -149,6 +149,24 @@ function withLoad<T>(f: () => T): { value: T; others: number } {
 const busyThreshold = 0.1;
 
 /** Runs f up to `attempts` times until other processes stay under busyThreshold; keeps the quietest run. */
+/**
+ * The median ms of `calls` timed calls of f, after `warm` untimed ones, between two runs of `probe`
+ * (the larger kept as the limit of that moment), on the quietest of `attempts`.
+ */
+function timedBetweenProbes(attempts: number, f: () => void, calls: number, warm: number, probe: () => number) {
+  return quietest(attempts, () => {
+    for (let i = 0; i < warm; i++) f();
+    const before = probe();
+    const ts: number[] = [];
+    for (let i = 0; i < calls; i++) {
+      const t = nowMs();
+      f();
+      ts.push(nowMs() - t);
+    }
+    return { ms: median(ts), probe: Math.max(before, probe()) };
+  });
+}
+
 function quietest<T>(attempts: number, f: () => T): { value: T; others: number } {
   let best: { value: T; others: number } | null = null;
   for (let i = 0; i < attempts && (best === null || best.others > busyThreshold); i++) {
@@ -425,18 +443,7 @@ function benchOthers(quick: boolean, attempts: number, linearRows: Row[]): Other
         copy = (copy + 1) % copies;
       };
       const time = (f: () => void, calls: number) =>
-        quietest(attempts, () => {
-          for (let i = 0; i < Math.min(calls, copies); i++) f();
-          const before = addon.probeReadBandwidth(256 * 2 ** 20, threads, 1);
-          const ts: number[] = [];
-          for (let i = 0; i < calls; i++) {
-            const s = nowMs();
-            f();
-            ts.push(nowMs() - s);
-          }
-          const after = addon.probeReadBandwidth(256 * 2 ** 20, threads, 1);
-          return { ms: median(ts), probe: Math.max(before, after) };
-        });
+        timedBetweenProbes(attempts, f, calls, Math.min(calls, copies), () => addon.probeReadBandwidth(256 * 2 ** 20, threads, 1));
       const att = time(attend, Math.max(quick ? 10 : 30, 2 * copies));
       const xs = randomArray(batch * hidden, 9);
       const ys = new Float32Array(batch * hidden);
@@ -488,21 +495,12 @@ function benchPrefill(quick: boolean, attempts: number): OtherRow[] {
       const table = Int32Array.from({ length: numBlocks }, (_, i) => i);
       const slopes = new Float32Array(heads).map((_, h) => 2 ** ((-8 * (h + 1)) / heads));
       const flops = 2 * 2 * heads * ((n * (n + 1)) / 2) * headDim;
-      const r = quietest(attempts, () => {
-        addon.attention(o, qkv, n, heads, headDim, k, v, blockSize, seqs, table, slopes);
-        const before = addon.probeFmaPeak(threads, 1);
-        const ts: number[] = [];
-        for (let i = 0; i < (quick ? 3 : 5); i++) {
-          const t = nowMs();
-          addon.attention(o, qkv, n, heads, headDim, k, v, blockSize, seqs, table, slopes);
-          ts.push(nowMs() - t);
-        }
-        return { ms: median(ts), peak: Math.max(before, addon.probeFmaPeak(threads, 1)) };
-      });
+      const attend = () => addon.attention(o, qkv, n, heads, headDim, k, v, blockSize, seqs, table, slopes);
+      const r = timedBetweenProbes(attempts, attend, quick ? 3 : 5, 1, () => addon.probeFmaPeak(threads, 1));
       const gflops = flops / r.value.ms / 1e6;
-      out.push({ model, op: "prefill_attention", batch: 1, tokens: n, ms: r.value.ms, gflops, fmaPeakGflops: r.value.peak, otherLoad: r.others });
+      out.push({ model, op: "prefill_attention", batch: 1, tokens: n, ms: r.value.ms, gflops, fmaPeakGflops: r.value.probe, otherLoad: r.others });
       console.log(
-        `${pad(model, 11, false)} ${pad(n, 6)} ${pad(r.value.ms.toFixed(2), 12)} ${pad(gflops.toFixed(1), 7)} ${pad(r.value.peak.toFixed(0), 5)} ${pad(pct(gflops / r.value.peak), 4)}${loadNote(r.others)}`,
+        `${pad(model, 11, false)} ${pad(n, 6)} ${pad(r.value.ms.toFixed(2), 12)} ${pad(gflops.toFixed(1), 7)} ${pad(r.value.probe.toFixed(0), 5)} ${pad(pct(gflops / r.value.probe), 4)}${loadNote(r.others)}`,
       );
     }
   }
