@@ -11,15 +11,15 @@
  * KV cache's share of the step grows with it).
  */
 import { readFileSync, writeFileSync } from "node:fs";
-import { parseArgs } from "node:util";
 import { native } from "../src/backend/native.js";
 import { ensureDefaultModel } from "../src/cli/commands/demo.js";
 import { formatBytes } from "../src/engine/memory.js";
 import type { WeightDType } from "../src/engine/weights.js";
 import type { KVDType } from "../src/backend/backend.js";
 import { loadModel } from "../src/index.js";
+import { benchArgs } from "./stats.js";
 
-const { values: o } = parseArgs({
+const { values: o } = benchArgs("npm run bench:decode --", "decode", {
   options: {
     model: { type: "string" },
     dtype: { type: "string", default: "auto" },

@@ -18,12 +18,11 @@ import { existsSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { parseArgs } from "node:util";
 import { native } from "../src/backend/native.js";
 import { loadEngine, type EngineOptions, type LoadedEngine } from "../src/engine/load.js";
 import { quantizeCheckpoint } from "../src/quant/quantize.js";
 import { createRandomCheckpoint } from "../src/checkpoint/create-random.js";
-import { median } from "./stats.js";
+import { median, benchArgs } from "./stats.js";
 
 interface Variant {
   name: string;
@@ -106,7 +105,7 @@ function runChild(variant: Variant, threads: number | undefined): Promise<Memory
 const mib = (b: number) => `${(b / 2 ** 20).toFixed(0)} MiB`;
 
 export async function runModel(argv: string[]): Promise<void> {
-  const { values } = parseArgs({
+  const { values } = benchArgs("npm run bench:int8 -- model", "int8-model", {
     args: argv,
     options: {
       dir: { type: "string", default: join(tmpdir(), "blossom-bloom-560m-random") },

@@ -14,10 +14,10 @@
  */
 import { readFileSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
-import { parseArgs } from "node:util";
 import { SafetensorsFile } from "../src/checkpoint/safetensors.js";
 import { readTensorAsF32 } from "../src/backend/reference.js";
 import { loadModel, type LoadModelOptions, type Model } from "../src/index.js";
+import { benchArgs } from "./stats.js";
 
 const fixtureNames = ["tiny-bloom-a", "tiny-bloom-b", "tiny-bloom-c", "trained-bloom-small"];
 
@@ -164,7 +164,7 @@ async function evaluate(dir: string, variant: Variant, fp32: Model | undefined):
 }
 
 export async function runQuality(argv: string[]): Promise<void> {
-  const { values } = parseArgs({
+  const { values } = benchArgs("npm run bench:int8 -- quality", "int8-quality", {
     args: argv,
     options: {
       groups: { type: "string", default: "32,64,128,256" },

@@ -23,11 +23,10 @@
  * --layers qkv,lm_head  --reps N  --json FILE  --threshold T (mixed; default 6).
  */
 import { writeFileSync } from "node:fs";
-import { parseArgs } from "node:util";
 import { ActivationMode, DTypeCode, Epilogue, native, type NativeRegion } from "../src/backend/native.js";
 import { runModel } from "./int8-model.js";
 import { runQuality } from "./int8-quality.js";
-import { median, nowMs } from "./stats.js";
+import { median, nowMs, benchArgs } from "./stats.js";
 
 interface Shape {
   layer: string;
@@ -81,7 +80,7 @@ function pad(s: string | number, n: number, left = true): string {
 }
 
 function runKernels(argv: string[]): void {
-  const { values } = parseArgs({
+  const { values } = benchArgs("npm run bench:int8 -- [kernels]", "int8", {
     args: argv,
     options: {
       threads: { type: "string" },

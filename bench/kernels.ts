@@ -30,11 +30,10 @@
  */
 import { readFileSync, writeFileSync } from "node:fs";
 import { cpus } from "node:os";
-import { parseArgs } from "node:util";
 import { DTypeCode, Epilogue, native, type NativeRegion, type StorageDType } from "../src/backend/native.js";
 import { parameterError } from "../src/errors.js";
 import { defaultLinearPanels, linearPanelWidth } from "../src/backend/cpu.js";
-import { median, nowMs } from "./stats.js";
+import { median, nowMs, benchArgs } from "./stats.js";
 import { float32ToFloat16 } from "../src/checkpoint/half-float.js";
 
 interface LayerShape {
@@ -185,7 +184,7 @@ const pct = (r: number) => `${(r * 100).toFixed(0)}%`;
 const loadNote = (others: number) => (others > busyThreshold ? `  ! other processes used ${pct(others)} of the CPU` : "");
 
 function main(): void {
-  const { values } = parseArgs({
+  const { values } = benchArgs("npm run bench:kernels --", "kernels", {
     options: {
       threads: { type: "string" },
       quick: { type: "boolean", default: false },

@@ -9,12 +9,12 @@
  */
 import { execFileSync } from "node:child_process";
 import { fileURLToPath } from "node:url";
-import { parseArgs } from "node:util";
 import { native } from "../src/backend/native.js";
 import { ensureDefaultModel } from "../src/cli/commands/demo.js";
 import { loadModel, type LoadModelOptions } from "../src/index.js";
+import { benchArgs } from "./stats.js";
 
-const { values: o, positionals } = parseArgs({
+const { values: o, positionals } = benchArgs("npm run bench:offload --", "offload", {
   options: {
     model: { type: "string" },
     budget: { type: "string", default: "cpu:520MiB,disk" },

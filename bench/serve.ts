@@ -13,8 +13,8 @@
 import { existsSync } from "node:fs";
 import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { parseArgs } from "node:util";
 import { startServer } from "../src/server/server.js";
+import { benchArgs } from "./stats.js";
 
 const repoRoot = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
 const defaultModel = resolve(process.env.BLOSSOM_FIXTURES ?? resolve(repoRoot, "../shared/fixtures"), "trained-bloom-small");
@@ -101,7 +101,7 @@ function summarize(mode: string, samples: Sample[], wallMs: number): RunSummary 
 }
 
 async function main(): Promise<void> {
-  const { values } = parseArgs({
+  const { values } = benchArgs("npm run bench:serve --", "serve", {
     options: {
       model: { type: "string", default: defaultModel },
       clients: { type: "string", default: "16" },

@@ -1,4 +1,5 @@
 /** Small helpers shared by the benchmark scripts. */
+import { parseArgs, type ParseArgsConfig } from "node:util";
 
 /** The median (mean of the middle two for an even count). */
 export function median(xs: number[]): number {
@@ -10,4 +11,32 @@ export function median(xs: number[]): number {
 /** A monotonic clock in milliseconds. */
 export function nowMs(): number {
   return Number(process.hrtime.bigint()) / 1e6;
+}
+
+type BenchArgsConfig = ParseArgsConfig & { options: NonNullable<ParseArgsConfig["options"]> };
+
+/**
+ * parseArgs for a benchmark script: `--help` lists its options (with defaults), and a mistyped or
+ * unknown option ends the script with one line naming it and the list, not a stack trace.
+ */
+export function benchArgs<const T extends BenchArgsConfig>(command: string, file: string, config: T): ReturnType<typeof parseArgs<T>> {
+  const usage = () => {
+    const lines = Object.entries(config.options).map(([option, o]) => {
+      const value = o.type === "string" ? " <value>" : "";
+      const fallback = o.default !== undefined && o.type === "string" ? `  (default: ${String(o.default)})` : "";
+      return `  --${option}${value}${fallback}`;
+    });
+    return `usage: ${command} [options] (each option is described at the top of bench/${file}.ts)\n${lines.join("\n")}\n`;
+  };
+  const argv = config.args ?? process.argv.slice(2);
+  if (argv.includes("--help") || argv.includes("-h")) {
+    process.stdout.write(usage());
+    process.exit(0);
+  }
+  try {
+    return parseArgs(config);
+  } catch (err) {
+    process.stderr.write(`${file}: ${(err as Error).message}\n${usage()}`);
+    process.exit(2);
+  }
 }

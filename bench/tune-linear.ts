@@ -7,11 +7,10 @@
  *
  * Prints, per value, the best and the median over rounds of each round's median time, and GB/s, GFLOP/s.
  */
-import { parseArgs } from "node:util";
 import { DTypeCode, native, type StorageDType } from "../src/backend/native.js";
-import { median } from "./stats.js";
+import { median, benchArgs } from "./stats.js";
 
-const { values } = parseArgs({
+const { values } = benchArgs("node dist/bench/tune-linear.js", "tune-linear", {
   options: {
     out: { type: "string", default: "3072" },
     in: { type: "string", default: "1024" },
