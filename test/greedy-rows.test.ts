@@ -40,5 +40,53 @@ describe("greedyRows", () => {
         native().setKernelVariant("auto");
       }
     });
+
+    test(`${variant}: rows longer than a block (16384): ties across blocks, masks, NaN, +inf; any thread count, same bits`, (t) => {
+      if (variant === "avx2" && !native().cpuInfo().avx2) return t.skip("no AVX2");
+      native().setKernelVariant(variant);
+      const threads = native().getThreads();
+      try {
+        const vocab = 50_000, rows = 6;
+        let seed = 7;
+        const rand = () => ((seed = (seed * 1664525 + 1013904223) >>> 0) / 2 ** 32);
+        const base = new Float32Array(rows * vocab).map(() => (rand() - 0.5) * 30);
+        base[0 * vocab + 40_000] = 40; // row 0: the maximum in the third block
+        base[1 * vocab + 20_000] = 45; // row 1: a tie across blocks, the lower id wins
+        base[1 * vocab + 45_000] = 45;
+        base[2 * vocab + 2] = 60; // row 2: eos is the maximum, masked; the first block all -inf otherwise too
+        for (let i = 3; i < 16384; i++) base[2 * vocab + i] = -Infinity;
+        base[3 * vocab + 49_999] = NaN; // row 3: a NaN in the last block, no decision
+        base[4 * vocab + 30_000] = Infinity; // row 4: +inf, no decision
+        const maskRows = Uint8Array.from([0, 0, 1, 0, 0, 1]);
+        const results: { ids: Int32Array; logprobs: Float64Array }[] = [];
+        for (const n of [1, 2, 3]) {
+          native().setThreads(n);
+          const logits = base.slice();
+          const ids = new Int32Array(rows), logprobs = new Float64Array(rows);
+          native().greedyRows(logits, rows, vocab, vocab, Int32Array.of(2), maskRows, ids, logprobs);
+          results.push({ ids, logprobs });
+        }
+        for (const r of results.slice(1)) {
+          assert.deepEqual(r.ids, results[0]!.ids);
+          assert.deepEqual(Array.from(r.logprobs, (x) => (Number.isNaN(x) ? "NaN" : x)), Array.from(results[0]!.logprobs, (x) => (Number.isNaN(x) ? "NaN" : x)));
+        }
+        const { ids, logprobs } = results[0]!;
+        assert.equal(ids[0], 40_000);
+        assert.equal(ids[1], 20_000);
+        assert.notEqual(ids[2], 2);
+        assert.equal(ids[3], -1);
+        assert.ok(Number.isNaN(logprobs[3]));
+        assert.equal(ids[4], -1);
+        for (const r of [0, 1, 2, 5]) {
+          const chooser = new TokenChooser({ ...defaultGenerationParams, minNewTokens: maskRows[r] ? 5 : 0 }, { vocabSize: vocab, eosTokenIds: [2] });
+          const expected = chooser.next(base.slice(r * vocab, (r + 1) * vocab), [1], 0);
+          assert.equal(ids[r], expected.tokenId, `row ${r}`);
+          assert.ok(Math.abs(logprobs[r]! - expected.logprob) < 1e-5 * Math.max(1, Math.abs(expected.logprob)), `row ${r}: ${logprobs[r]} vs ${expected.logprob}`);
+        }
+      } finally {
+        native().setThreads(threads);
+        native().setKernelVariant("auto");
+      }
+    });
   }
 });
