@@ -26,7 +26,7 @@ export type ModelDType = WeightDType;
 export interface LoadModelOptions {
   /** In-memory weight format: "auto" (as stored), "fp32", "bf16", "fp16", "int8", "int8-mixed" (src/quant/). */
   dtype?: ModelDType;
-  /** dtype "int8": inputs per weight scale (default 128, a multiple of 32). */
+  /** dtype "int8": inputs per weight scale (default 256, quant/scheme.ts defaultGroupSize; a multiple of 32). */
   int8GroupSize?: number;
   /** dtype "int8-mixed": |activation| from which an input feature is computed in fp32 (default 6). */
   int8Threshold?: number;

@@ -3,6 +3,7 @@ import { InvalidArgumentError, Option, type Command } from "commander";
 import { loadModel, strategies, type LoadModelOptions, type Model, type ModelDType, type Strategy } from "../model.js";
 import { placementModes, type PlacementMode } from "../parallel/planner.js";
 import { kvDtypes, type KVDType } from "../backend/backend.js";
+import { defaultGroupSize } from "../quant/scheme.js";
 
 export function parseInteger(name: string, min: number, max = Number.MAX_SAFE_INTEGER) {
   return (value: string): number => {
@@ -46,7 +47,7 @@ export function addModelOptions(command: Command, options: { modelRequired?: boo
     .addOption(model)
     .addOption(new Option("--dtype <dtype>", "in-memory weight format (int8: group-wise int8; int8-mixed: LLM.int8 with fp32 outliers)").choices(dtypeChoices).default("auto"))
     .option("--threads <n>", "compute threads (default: physical cores)", parseInteger("--threads", 1, 1024))
-    .option("--int8-group-size <n>", "--dtype int8: inputs per weight scale (multiple of 32; default 128)", parseInteger("--int8-group-size", 32))
+    .option("--int8-group-size <n>", `--dtype int8: inputs per weight scale (multiple of 32; default ${defaultGroupSize})`, parseInteger("--int8-group-size", 32))
     .option("--int8-threshold <t>", "--dtype int8-mixed: |activation| from which a feature is computed in fp32 (default 6)", parseNumber("--int8-threshold"))
     .addOption(new Option("--kv-dtype <dtype>", "how the KV cache stores keys and values (fp16/bf16: half the memory; default fp32)").choices([...kvDtypes]))
     .addOption(new Option("--strategy <name>", "deployment strategy").choices([...strategies]).default("single"))

@@ -36,7 +36,7 @@ export interface EngineOptions {
   pipeline?: PipelineOptions;
   /** Tensor parallelism over MPI (strategy "tensor"): initialises MPI in this thread and loads this rank's slice. */
   tensorParallel?: boolean;
-  /** dtype int8: inputs per weight scale (default 128; a multiple of 32). */
+  /** dtype int8: inputs per weight scale (default 256, quant/scheme.ts defaultGroupSize; a multiple of 32). */
   int8GroupSize?: number;
   /** dtype int8-mixed: |activation| from which an input feature is computed in fp32 (default 6). */
   int8Threshold?: number;

@@ -3,7 +3,7 @@ import { InvalidArgumentError, Option, type Command } from "commander";
 import { formatBytes, parseSize } from "../../engine/memory.js";
 import { resolveModelDir } from "../../model.js";
 import { quantizeCheckpoint } from "../../quant/quantize.js";
-import { quantSchemes, type QuantScheme } from "../../quant/scheme.js";
+import { defaultGroupSize, quantSchemes, type QuantScheme } from "../../quant/scheme.js";
 import { parseInteger } from "../options.js";
 
 interface QuantizeCliOptions {
@@ -22,7 +22,7 @@ export function registerQuantizeCommand(program: Command): void {
     .addOption(new Option("-m, --model <ref>", "checkpoint folder (or Hugging Face id org/name[@revision]) in fp32, fp16 or bf16").makeOptionMandatory())
     .addOption(new Option("--dtype <scheme>", "int8: group-wise weights; int8-mixed: LLM.int8 (per-row weights, fp32 outlier features)").choices([...quantSchemes]).makeOptionMandatory())
     .requiredOption("-o, --out <dir>", "new folder for the quantized checkpoint")
-    .option("--int8-group-size <n>", "--dtype int8: inputs per weight scale (multiple of 32; default 128)", parseInteger("--int8-group-size", 32))
+    .option("--int8-group-size <n>", `--dtype int8: inputs per weight scale (multiple of 32; default ${defaultGroupSize})`, parseInteger("--int8-group-size", 32))
     .option("--max-shard-size <size>", "largest safetensors file, e.g. 5GB (default)", (v: string) => {
       try {
         return parseSize(v, "--max-shard-size");
