@@ -39,11 +39,11 @@ export interface LoadModelOptions {
    * the memory (twice the tokens in the same capacity) and half the bytes per decode step.
    */
   kvDtype?: KVDType;
-  /** Most sequences decoded together. */
+  /** Most sequences decoded together (default 1024, within what the KV cache holds). */
   maxBatchSize?: number;
-  /** Cap on prompt + max_new_tokens over running sequences. */
+  /** Cap on prompt + max_new_tokens over running sequences (default: the KV cache's capacity). */
   maxBatchTotalTokens?: number;
-  /** How the model is spread over the machine (see src/parallel/): "single" (default) or "pipeline". */
+  /** How the model is spread over the machine (see src/parallel/): "single" (default), "pipeline", "tensor", "replicas" or "auto". */
   strategy?: Strategy;
   /** Pipeline: per-device budgets, "0:2GiB,1:2GiB,cpu:4GiB,disk". */
   maxMemory?: string;
@@ -60,7 +60,7 @@ export interface LoadModelOptions {
   /**
    * Advanced: which weight matrices that only linear layers read are copied at load into column
    * panels, a layout the kernels stream faster when rows are long (default: the measured policy,
-   * bf16/fp16 matrices with more than 4096 inputs, in panels of 4096; null: none).
+   * bf16/fp16 matrices with more than 4096 inputs, in panels of 4096; strategy "replicas": null; null: none).
    */
   linearPanels?: LinearPanels | null;
 }

@@ -52,7 +52,7 @@ export function addModelOptions(command: Command, options: { modelRequired?: boo
     .addOption(new Option("--kv-dtype <dtype>", "how the KV cache stores keys and values (fp16/bf16: half the memory; default fp32)").choices([...kvDtypes]))
     .addOption(new Option("--strategy <name>", "deployment strategy").choices([...strategies]).default("single"))
     .option("--max-memory <budgets>", "pipeline: per-device budgets, e.g. 0:2GiB,1:2GiB,cpu:4GiB,disk")
-    .addOption(new Option("--placement <mode>", "pipeline: how layers are spread (Accelerate's device_map modes)").choices([...placementModes]))
+    .addOption(new Option("--placement <mode>", "pipeline: how layers are spread (Accelerate's device_map modes; default auto)").choices([...placementModes]))
     .option("--offload-folder <dir>", "pipeline: where offloaded weights converted to --dtype are written")
     .option("--replicas <n>", "replicas: engine workers sharing one copy of the weights (default 2)", parseInteger("--replicas", 1, 64));
 }

@@ -27,7 +27,7 @@ export interface EngineOptions {
   dtype?: WeightDType;
   threads?: number;
   backend?: Backend;
-  /** KV-cache capacity in tokens across all sequences (default: fits in a quarter of free memory, at most 1M tokens). */
+  /** KV-cache capacity in tokens across all sequences (default: fits in a quarter of free memory, at least 4096 and at most 1M tokens). */
   kvCacheTokens?: number;
   kvBlockSize?: number;
   /** How the KV cache stores keys and values (default fp32; fp16 / bf16 take half the memory and bandwidth). */

@@ -7,13 +7,14 @@ import { strategies, type LoadModelOptions, type Model, type ModelDType, type St
 export const strategyChoices = strategies;
 export const availableStrategies: readonly Strategy[] = strategies;
 
+/** Unset options take serverDefaults' values (below). */
 export interface ServerOptions {
   /**
    * A checkpoint folder (or Hub id) to load, or a model loaded by the caller (or being loaded):
    * the server then does not dispose it.
    */
   model: string | Model | Promise<Model>;
-  /** The name clients see in /info and /v1/models (default: the checkpoint folder's name). */
+  /** The name clients see in /info, /v1/models and responses (default: the checkpoint folder's name; "model" when `model` is a Promise). */
   modelId?: string;
   host?: string;
   /** 0 picks a free port. */
@@ -38,7 +39,7 @@ export interface ServerOptions {
   maxStopSequences?: number;
   /** On SIGTERM (or shutdown()), in-flight requests get this long to finish before they are cancelled. */
   shutdownTimeoutMs?: number;
-  /** Log requests and errors (pino, as fastify does): false, true (info) or a level. */
+  /** Log requests and errors (pino, as fastify does): false (the default here; `blossom serve` logs at info), true (info) or a level. */
   logger?: boolean | "fatal" | "error" | "warn" | "info" | "debug" | "trace";
 }
 

@@ -6,6 +6,9 @@ import { parseModelRef } from "../../hub/ref.js";
 import { resolveModel } from "../../hub/resolve.js";
 import { hubCacheDir } from "../../hub/settings.js";
 
+/** Where the Hub cache is, as src/hub/settings.ts resolves it. */
+const cacheDirHelp = "cache folder (default: $HF_HUB_CACHE, else $HUGGINGFACE_HUB_CACHE, else $HF_HOME/hub; HF_HOME defaults to $XDG_CACHE_HOME/huggingface, else ~/.cache/huggingface)";
+
 interface DownloadFlags {
   revision?: string;
   cacheDir?: string;
@@ -39,8 +42,8 @@ export function registerHubCommands(program: Command): void {
     .command("download <ref>")
     .description("fetch a model (org/name[@revision]) from the Hugging Face Hub into the cache and print its folder")
     .option("--revision <revision>", "branch, tag or commit (default: the @revision in <ref>, else main)")
-    .option("--cache-dir <dir>", "cache folder (default: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub)")
-    .option("--token <token>", "access token for gated or private repos (default: $HF_TOKEN, else the saved login)")
+    .option("--cache-dir <dir>", cacheDirHelp)
+    .option("--token <token>", "access token for gated or private repos (default: $HF_TOKEN, else $HUGGING_FACE_HUB_TOKEN, else the saved login)")
     .option("-q, --quiet", "print only the folder")
     .action(async (ref: string, flags: DownloadFlags) => {
       const controller = new AbortController();
@@ -74,7 +77,7 @@ export function registerHubCommands(program: Command): void {
   cache
     .command("ls [repo]")
     .description("list cached models: revisions, refs, size on disk and folders")
-    .option("--cache-dir <dir>", "cache folder (default: $HF_HUB_CACHE, else $HF_HOME/hub)")
+    .option("--cache-dir <dir>", cacheDirHelp)
     .action(async (repo: string | undefined, flags: { cacheDir?: string }) => {
       const cacheDir = hubCacheDir(flags.cacheDir);
       let repos: CachedRepo[];
@@ -89,7 +92,7 @@ export function registerHubCommands(program: Command): void {
   cache
     .command("rm <ref>")
     .description("remove a cached model (org/name), or one revision of it (org/name@revision) and the files only it used")
-    .option("--cache-dir <dir>", "cache folder (default: $HF_HUB_CACHE, else $HF_HOME/hub)")
+    .option("--cache-dir <dir>", cacheDirHelp)
     .action(async (ref: string, flags: { cacheDir?: string }) => {
       const cacheDir = hubCacheDir(flags.cacheDir);
       const { repoId, revision } = parseModelRef(ref);
