@@ -3,12 +3,12 @@
  * The model runs in an engine worker; this side tokenizes, detokenizes, applies stop strings and
  * shapes results.
  */
-import { BlossomError } from "./errors.js";
+import { BlossomError, parameterError } from "./errors.js";
 import { EngineClient, type EngineHandle } from "./engine/client.js";
 import { ReplicaSet } from "./parallel/replicas.js";
 import { native } from "./backend/native.js";
 import type { EngineInfo, EngineStats, TokenUpdate, WorkerData } from "./engine/protocol.js";
-import type { PlacementMode } from "./parallel/planner.js";
+import { placementModes, type PlacementMode } from "./parallel/planner.js";
 import { chooseStrategy, type AutoChoice } from "./parallel/auto.js";
 import { quantizedCopy } from "./quant/cache.js";
 import { isQuantScheme } from "./quant/scheme.js";
@@ -80,6 +80,53 @@ export function mpiRank(): number {
   return v === undefined ? 0 : Number(v);
 }
 
+/** Every loadModel option, so that a misspelt one is refused rather than ignored (the type keeps the list complete). */
+const loadOptionNames: Record<keyof LoadModelOptions, true> = {
+  dtype: true, int8GroupSize: true, int8Threshold: true, threads: true, kvCacheTokens: true, kvDtype: true, maxBatchSize: true,
+  maxBatchTotalTokens: true, strategy: true, maxMemory: true, placement: true, offloadFolder: true, offloadPrefetch: true,
+  evictPageCache: true, replicas: true, linearPanels: true,
+};
+
+/** A value for an error message: numbers as written (NaN, Infinity), strings quoted. */
+export function describeValue(value: unknown): string {
+  if (typeof value === "number" || typeof value === "bigint" || typeof value === "boolean") return String(value);
+  if (value === null || value === undefined) return String(value);
+  if (typeof value === "string") return JSON.stringify(value.length > 40 ? `${value.slice(0, 40)}...` : value);
+  return Array.isArray(value) ? `an array of ${value.length}` : typeof value === "object" ? "an object" : typeof value;
+}
+
+/**
+ * Checks loadModel's options: an object of known names, the batch and cache sizes positive integers,
+ * the pipeline's settings of the right types. (Names whose values only the engine can judge, such as
+ * dtype, threads or kvDtype, are checked where they are used.)
+ */
+export function checkLoadOptions(options: unknown): LoadModelOptions {
+  if (options === undefined) return {};
+  if (typeof options !== "object" || options === null || Array.isArray(options)) {
+    throw parameterError("options", `expected an object of loadModel options (got ${describeValue(options)})`);
+  }
+  const o = options as Record<string, unknown>;
+  for (const name of Object.keys(o)) {
+    if (!(name in loadOptionNames)) throw parameterError(name, `is not a loadModel option (expected one of: ${Object.keys(loadOptionNames).join(", ")})`);
+  }
+  for (const name of ["kvCacheTokens", "maxBatchSize", "maxBatchTotalTokens"] as const) {
+    const v = o[name];
+    if (v !== undefined && (typeof v !== "number" || !Number.isSafeInteger(v) || v < 1)) throw parameterError(name, `expected an integer >= 1 (got ${describeValue(v)})`);
+  }
+  for (const name of ["offloadPrefetch", "evictPageCache"] as const) {
+    const v = o[name];
+    if (v !== undefined && typeof v !== "boolean") throw parameterError(name, `expected a boolean (got ${describeValue(v)})`);
+  }
+  for (const name of ["maxMemory", "offloadFolder"] as const) {
+    const v = o[name];
+    if (v !== undefined && (typeof v !== "string" || v.length === 0)) throw parameterError(name, `expected a non-empty string (got ${describeValue(v)})`);
+  }
+  if (o.placement !== undefined && !(placementModes as readonly unknown[]).includes(o.placement)) {
+    throw parameterError("placement", `expected one of ${placementModes.join(", ")} (got ${describeValue(o.placement)})`);
+  }
+  return o as LoadModelOptions;
+}
+
 /** Splits loadModel's options into what the engine worker needs. */
 export function engineOptionsFrom(options: LoadModelOptions): WorkerData["options"] {
   const { strategy = "single", maxMemory, placement, offloadFolder, offloadPrefetch, evictPageCache, replicas, maxBatchSize: _b, maxBatchTotalTokens: _t, ...rest } = options;
@@ -88,7 +135,7 @@ export function engineOptionsFrom(options: LoadModelOptions): WorkerData["option
   }
   if (replicas !== undefined && strategy !== "replicas") throw new BlossomError("parameter", `replicas: only applies to strategy "replicas"`);
   if (strategy !== "pipeline") {
-    for (const [name, value] of Object.entries({ maxMemory, placement, offloadFolder })) {
+    for (const [name, value] of Object.entries({ maxMemory, placement, offloadFolder, offloadPrefetch, evictPageCache })) {
       if (value !== undefined) throw new BlossomError("parameter", `${name}: only applies to strategy "pipeline"`);
     }
     return strategy === "tensor" ? { ...rest, tensorParallel: true } : rest;
@@ -142,6 +189,52 @@ export interface ForwardResult {
 
 type Prompt = string | number[];
 
+/** Generation parameters validated (the abort signal included), and the signal apart. */
+function generationInput(params: unknown): { resolved: GenerationParams; signal: AbortSignal | undefined } {
+  const resolved = resolveGenerationParams(params);
+  return { resolved, signal: (params as GenerationParamsInput | undefined)?.signal };
+}
+
+type PerplexityOptions = { context?: number; stride?: number; signal?: AbortSignal };
+const perplexityOptionNames: Record<keyof PerplexityOptions, true> = { context: true, stride: true, signal: true };
+
+function checkPerplexityOptions(options: unknown): PerplexityOptions {
+  if (options === undefined) return {};
+  if (typeof options !== "object" || options === null || Array.isArray(options)) {
+    throw parameterError("options", `expected an object with context, stride, signal (got ${describeValue(options)})`);
+  }
+  const o = options as Record<string, unknown>;
+  for (const name of Object.keys(o)) {
+    if (!(name in perplexityOptionNames)) throw parameterError(name, `is not a perplexity option (expected one of: context, stride, signal)`);
+  }
+  if (o.signal !== undefined && !(o.signal instanceof AbortSignal)) throw parameterError("signal", `must be an AbortSignal (got ${describeValue(o.signal)})`);
+  return o as PerplexityOptions;
+}
+
+function checkTokenIds(ids: unknown, where: string, vocabSize: number): number[] {
+  if (!Array.isArray(ids)) throw new BlossomError("input", `${where}: expected an array of token ids`);
+  for (const [i, id] of ids.entries()) {
+    if (!Number.isInteger(id) || id < 0 || id >= vocabSize) {
+      throw new BlossomError("input", `${where}[${i}]: token id ${describeValue(id)} is outside the vocabulary [0, ${vocabSize})`);
+    }
+  }
+  return ids as number[];
+}
+
+/** One entry of Model.feed, checked: a session, token ids, which logits. */
+function checkFeedEntry(entry: unknown, where: string, vocabSize: number): { session: Session; tokens: number[]; logits: "all" | "last" } {
+  if (typeof entry !== "object" || entry === null) throw parameterError(where, `expected { session, tokens, logits? } (got ${describeValue(entry)})`);
+  const e = entry as { session?: unknown; tokens?: unknown; logits?: unknown };
+  if (!(e.session instanceof Session)) throw parameterError(`${where}.session`, `expected a Session from openSession() (got ${describeValue(e.session)})`);
+  return { session: e.session, tokens: checkTokenIds(e.tokens, `${where}.tokens`, vocabSize), logits: checkLogitsWanted(e.logits, `${where}.logits`) };
+}
+
+function checkLogitsWanted(value: unknown, where: string): "all" | "last" {
+  if (value === undefined) return "all";
+  if (value !== "all" && value !== "last") throw parameterError(where, `expected "all" or "last" (got ${describeValue(value)})`);
+  return value;
+}
+
 export class Model {
   readonly tokenizer: BloomTokenizer;
   readonly config: BloomConfig;
@@ -162,7 +255,8 @@ export class Model {
   strategyChoice: AutoChoice | undefined;
 
   /** See loadModel(). */
-  static async load(dir: string, options: LoadModelOptions = {}): Promise<Model> {
+  static async load(dir: string, input: LoadModelOptions = {}): Promise<Model> {
+    let options = checkLoadOptions(input);
     let choice: AutoChoice | undefined;
     if (options.strategy === "auto") {
       choice = chooseStrategy(dir, options.dtype ?? "auto", mpiWorldSize());
@@ -229,13 +323,7 @@ export class Model {
   }
 
   private checkIds(ids: unknown, where: string): number[] {
-    if (!Array.isArray(ids)) throw new BlossomError("input", `${where}: expected an array of token ids`);
-    for (const [i, id] of ids.entries()) {
-      if (!Number.isInteger(id) || id < 0 || id >= this.config.vocabSize) {
-        throw new BlossomError("input", `${where}[${i}]: token id ${JSON.stringify(id)} is outside the vocabulary [0, ${this.config.vocabSize})`);
-      }
-    }
-    return ids as number[];
+    return checkTokenIds(ids, where, this.config.vocabSize);
   }
 
   /**
@@ -282,8 +370,9 @@ export class Model {
   }
 
   private async promptIds(prompt: Prompt, index: number): Promise<number[]> {
-    if (typeof prompt === "string") return this.tokenizer.encode(prompt);
-    return this.checkIds(prompt, `prompts[${index}]`);
+    const ids = typeof prompt === "string" ? await this.tokenizer.encode(prompt) : this.checkIds(prompt, `prompts[${index}]`);
+    if (ids.length === 0) throw new BlossomError("input", `prompts[${index}]: the prompt is empty: BLOOM needs at least one token to condition on`);
+    return ids;
   }
 
   /**
@@ -293,12 +382,16 @@ export class Model {
   async generate(prompts: Prompt[], params: GenerationParamsInput = {}): Promise<GenerateResult> {
     this.checkOpen();
     if (!Array.isArray(prompts) || prompts.length === 0) throw new BlossomError("input", "prompts: expected a non-empty array of strings or token-id arrays");
-    const { signal, ...rest } = params;
-    const resolved = resolveGenerationParams(rest);
+    const { resolved, signal } = generationInput(params);
     const started = performance.now();
+    // Every prompt is checked before any is submitted; if one is refused later anyway (the engine's
+    // capacity), the others are cancelled rather than left running unseen.
     const ids = await Promise.all(prompts.map((p, i) => this.promptIds(p, i)));
     const runs = ids.map((promptIds) => this.run(promptIds, resolved, signal));
-    const results = await Promise.all(runs.map((r) => r.done));
+    const results = await Promise.all(runs.map((r) => r.done)).catch((err: unknown) => {
+      for (const r of runs) r.cancel();
+      throw err;
+    });
     return {
       texts: results.map((r) => r.text),
       tokenIds: results.map((r) => r.tokenIds),
@@ -311,8 +404,7 @@ export class Model {
   /** Streams one prompt's continuation token by token. Breaking out of the loop cancels it. */
   async *stream(prompt: Prompt, params: GenerationParamsInput = {}): AsyncGenerator<StreamEvent, void, undefined> {
     this.checkOpen();
-    const { signal, ...rest } = params;
-    const resolved = resolveGenerationParams(rest);
+    const { resolved, signal } = generationInput(params);
     const run = this.run(await this.promptIds(prompt, 0), resolved, signal);
     try {
       for (;;) {
@@ -336,13 +428,14 @@ export class Model {
    * `context`+1 tokens starting every `stride` tokens (each token but the first predicted once,
    * from at most `context` previous tokens; no BOS added).
    */
-  async perplexity(text: string | number[], options: { context?: number; stride?: number; signal?: AbortSignal } = {}): Promise<PerplexityResult> {
+  async perplexity(text: string | number[], input: PerplexityOptions = {}): Promise<PerplexityResult> {
     this.checkOpen();
+    const options = checkPerplexityOptions(input);
     const context = options.context ?? 1024;
     const stride = options.stride ?? context;
-    if (!Number.isInteger(context) || context < 1) throw new BlossomError("parameter", `context: expected an integer >= 1, got ${context}`);
+    if (!Number.isInteger(context) || context < 1) throw new BlossomError("parameter", `context: expected an integer >= 1, got ${describeValue(context)}`);
     if (!Number.isInteger(stride) || stride < 1 || stride > context) {
-      throw new BlossomError("parameter", `stride: expected an integer from 1 to context (${context}), got ${stride}`);
+      throw new BlossomError("parameter", `stride: expected an integer from 1 to context (${context}), got ${describeValue(stride)}`);
     }
     const ids = typeof text === "string" ? await this.tokenizer.encode(text) : this.checkIds(text, "text");
     if (ids.length < 2) throw new BlossomError("input", `perplexity needs at least 2 tokens, the text has ${ids.length}`);
@@ -355,8 +448,15 @@ export class Model {
       windows.push({ tokens: ids.slice(begin, end), from: predictedUpTo - begin });
       predictedUpTo = end;
     }
+    // Up to 8 windows a step, as many as one engine's KV cache holds at once.
+    const { kvBlockSize } = await this.client.stats();
+    const engineBlocks = Math.floor(this.info.kvCacheTokens / (this.info.replicas ?? 1) / kvBlockSize);
+    const longest = Math.max(...windows.map((w) => w.tokens.length));
+    const perBatch = Math.min(8, Math.floor(engineBlocks / Math.ceil(longest / kvBlockSize)));
+    if (perBatch < 1) {
+      throw parameterError("context", `a window of ${longest} tokens (context + 1) does not fit the KV cache of ${engineBlocks * kvBlockSize} tokens: lower context or raise kvCacheTokens`);
+    }
     let nll = 0, predicted = 0;
-    const perBatch = 8;
     for (let i = 0; i < windows.length; i += perBatch) {
       if (options.signal?.aborted) throw new BlossomError("aborted", "perplexity was aborted");
       const scores = await this.client.score(windows.slice(i, i + perBatch));
@@ -394,8 +494,15 @@ export class Model {
   /** Feeds several sessions in one batched step; returns each one's logits. */
   async feed(entries: { session: Session; tokens: number[]; logits?: "all" | "last" }[]): Promise<Float32Array[]> {
     this.checkOpen();
-    entries.forEach((e, i) => this.checkIds(e.tokens, `entries[${i}].tokens`));
-    return this.client.feed(entries.map((e) => ({ session: e.session.id, tokens: e.tokens, logits: e.logits ?? "all" })));
+    if (!Array.isArray(entries)) throw parameterError("entries", `expected an array of { session, tokens, logits? } (got ${describeValue(entries)})`);
+    const checked = entries.map((e, i) => checkFeedEntry(e, `entries[${i}]`, this.config.vocabSize));
+    const seen = new Set<Session>();
+    checked.forEach((e, i) => {
+      // One step appends each sequence's tokens once; a session twice would write one cache position twice.
+      if (seen.has(e.session)) throw parameterError(`entries[${i}].session`, "appears twice in one feed: give its tokens in one entry");
+      seen.add(e.session);
+    });
+    return this.client.feed(checked.map((e) => ({ session: e.session.id, tokens: e.tokens, logits: e.logits })));
   }
 
   stats(): Promise<EngineStats> {
@@ -417,7 +524,8 @@ export class Session {
   ) {}
   /** Appends tokens to the cached sequence; returns logits (tokens x vocab, or 1 x vocab for "last"). */
   async append(tokens: number[], logits: "all" | "last" = "all"): Promise<Float32Array> {
-    const [l] = await this.client.feed([{ session: this.id, tokens, logits }]);
+    const ids = checkTokenIds(tokens, "tokens", this.vocabSize);
+    const [l] = await this.client.feed([{ session: this.id, tokens: ids, logits: checkLogitsWanted(logits, "logits") }]);
     return l!;
   }
   async close(): Promise<void> {
@@ -493,6 +601,11 @@ class GenerationRun {
         this.text += text;
         end(reason, { text, finishReason: reason });
       };
+      if (signal?.aborted) {
+        // Aborted before it began: nothing is submitted.
+        end("cancelled", { text: "", finishReason: "cancelled" });
+        return;
+      }
       client.submit(promptIds, params, eosTokenIds, { onToken, onEnded }).then(
         (cancel) => {
           this.cancelFn = cancel;
@@ -504,8 +617,7 @@ class GenerationRun {
           this.wakeUp();
         },
       );
-      if (signal?.aborted) this.cancel();
-      else signal?.addEventListener("abort", onAbort, { once: true });
+      signal?.addEventListener("abort", onAbort, { once: true });
     });
   }
 

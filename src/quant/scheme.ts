@@ -58,7 +58,9 @@ export function isQuantScheme(dtype: string): dtype is QuantScheme {
 /** Resolves and validates the options of a scheme. */
 export function quantSpec(scheme: QuantScheme, options: { groupSize?: number | undefined; threshold?: number | undefined } = {}): QuantSpec {
   const threshold = options.threshold ?? defaultThreshold;
-  if (typeof threshold !== "number" || Number.isNaN(threshold)) throw parameterError("int8Threshold", `expected a number, got ${JSON.stringify(threshold)}`);
+  if (typeof threshold !== "number" || Number.isNaN(threshold) || threshold < 0) {
+    throw parameterError("int8Threshold", `expected a number >= 0 (0 or Infinity turn the decomposition off), got ${typeof threshold === "number" ? String(threshold) : JSON.stringify(threshold)}`);
+  }
   if (scheme === "int8-mixed") {
     if (options.groupSize !== undefined) {
       throw parameterError("int8GroupSize", "int8-mixed quantizes weights per row (LLM.int8's vector-wise scheme); a group size applies to int8 only");

@@ -90,6 +90,7 @@ export function int8MatrixFactory(
     if (options.dtype !== "auto" && options.dtype !== stored.scheme) {
       throw parameterError("dtype", `${checkpoint.dir} is quantized (${stored.scheme}); load it with dtype "auto" or "${stored.scheme}", not ${JSON.stringify(options.dtype)}`);
     }
+    if (stored.scheme === "int8" && options.threshold !== undefined) throw parameterError("int8Threshold", `applies to int8-mixed only (${checkpoint.dir} is quantized as int8)`);
     if (options.groupSize !== undefined && options.groupSize !== stored.groupSize) {
       throw parameterError("int8GroupSize", `${checkpoint.dir} was quantized with group size ${stored.groupSize}; it cannot be loaded with ${options.groupSize}`);
     }
@@ -106,8 +107,10 @@ export function int8MatrixFactory(
   }
   if (!isQuantScheme(options.dtype)) {
     if (options.groupSize !== undefined) throw parameterError("int8GroupSize", `applies to dtype int8 only (dtype is ${JSON.stringify(options.dtype)})`);
+    if (options.threshold !== undefined) throw parameterError("int8Threshold", `applies to dtype int8-mixed only (dtype is ${JSON.stringify(options.dtype)})`);
     return undefined;
   }
+  if (options.dtype === "int8" && options.threshold !== undefined) throw parameterError("int8Threshold", `applies to dtype int8-mixed only (dtype is "int8")`);
   const spec = quantSpec(options.dtype, options);
   const quantized = requireInt8Backend(backend);
   // Each source matrix is read once to quantize; its pages are dropped so only the int8 copy stays resident.
