@@ -461,6 +461,9 @@ export class Model {
       if (options.signal?.aborted) throw new BlossomError("aborted", "perplexity was aborted");
       const scores = await this.client.score(windows.slice(i, i + perBatch));
       for (const s of scores) for (const lp of s) {
+        if (!Number.isFinite(lp)) {
+          throw new BlossomError("internal", `perplexity: the model gave a ${Number.isNaN(lp) ? "NaN" : "non-finite"} log-probability at predicted token ${predicted} (its output is broken: look for NaN or infinite values in the checkpoint's weights)`);
+        }
         nll -= lp;
         predicted++;
       }

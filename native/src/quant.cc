@@ -67,8 +67,15 @@ void quantize_rows(int8_t* q, uint16_t* scales, const void* src, int64_t row_beg
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t k0 = g * group, k1 = std::min(in, k0 + group);
       float absmax = 0.f;
-      for (int64_t k = k0; k < k1; ++k) absmax = std::fmax(absmax, std::fabs(load_weight<D>(src, o * in + k)));
-      const uint16_t sh = f32_to_f16_up(absmax / 127.f);
+      bool nan = false;
+      for (int64_t k = k0; k < k1; ++k) {
+        const float a = std::fabs(load_weight<D>(src, o * in + k));
+        nan |= std::isnan(a);
+        absmax = std::fmax(absmax, a);
+      }
+      // A NaN weight gives its group a NaN scale (the loader refuses such a tensor by name) instead
+      // of a clamped level that would hide it; an infinite one gives an infinite scale.
+      const uint16_t sh = nan ? uint16_t{0x7e00} : f32_to_f16_up(absmax / 127.f);
       scales[o * groups + g] = sh;
       const float s = f16_to_f32(sh);
       int8_t* qr = q + o * in;
@@ -132,8 +139,15 @@ inline int32_t quantize_level(float v, float scale, float levels) {
 float quantize_span_scalar(int8_t* xq, int16_t* x16, const float* x, const float* keep, int64_t k0, int64_t k1) {
   const float levels = x16 ? kLevels16 : kLevels8;
   float absmax = 0.f;
-  for (int64_t k = k0; k < k1; ++k) absmax = std::fmax(absmax, std::fabs(x[k]) * (keep ? keep[k] : 1.f));
-  const float s = absmax / levels;
+  bool nan = false;
+  for (int64_t k = k0; k < k1; ++k) {
+    const float v = std::fabs(x[k]) * (keep ? keep[k] : 1.f);
+    nan |= std::isnan(v);
+    absmax = std::fmax(absmax, v);
+  }
+  // A NaN activation makes the scale NaN, so the outputs it feeds are NaN too (as in fp32), not a
+  // clamped level that would hide it.
+  const float s = nan ? NAN : absmax / levels;
   for (int64_t k = k0; k < k1; ++k) {
     const int32_t v = s > 0.f ? quantize_level(x[k] * (keep ? keep[k] : 1.f), s, levels) : 0;
     if (x16) x16[k] = static_cast<int16_t>(v);
@@ -376,16 +390,22 @@ BLOSSOM_VNNI inline __m256i dot8(__m256i acc, __m256i u, __m256i s) { return _mm
 BLOSSOM_AVX2 float quantize_span_avx2(int8_t* xq, int16_t* x16, const float* x, const float* keep, int64_t k0, int64_t k1) {
   const float levels = x16 ? kLevels16 : kLevels8;
   const __m256 sign_mask = _mm256_set1_ps(-0.f);
-  __m256 vmax = _mm256_setzero_ps();
+  __m256 vmax = _mm256_setzero_ps(), vnan = _mm256_setzero_ps();
   int64_t k = k0;
   for (; k + 8 <= k1; k += 8) {
     __m256 v = _mm256_andnot_ps(sign_mask, _mm256_loadu_ps(x + k));
     if (keep) v = _mm256_mul_ps(v, _mm256_loadu_ps(keep + k));
+    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     vmax = _mm256_max_ps(vmax, v);
   }
   float absmax = hmax(vmax);
-  for (; k < k1; ++k) absmax = std::fmax(absmax, std::fabs(x[k]) * (keep ? keep[k] : 1.f));
-  const float s = absmax / levels;
+  bool nan = _mm256_movemask_ps(vnan) != 0;
+  for (; k < k1; ++k) {
+    const float v = std::fabs(x[k]) * (keep ? keep[k] : 1.f);
+    nan |= std::isnan(v);
+    absmax = std::fmax(absmax, v);
+  }
+  const float s = nan ? NAN : absmax / levels;  // as quantize_span_scalar
   if (!(s > 0.f)) {
     if (x16) std::memset(x16 + k0, 0, static_cast<size_t>(k1 - k0) * 2);
     else std::memset(xq + k0, 0, static_cast<size_t>(k1 - k0));

@@ -218,6 +218,13 @@ export class CpuBackend implements Backend {
     inSourceSlices(view, releaseSource ?? false, (r0, rows, source) =>
       native().quantizeWeights(region, base + r0 * inFeatures, region, scalesOffset + r0 * groups * 2, view.region, source, DTypeCode[view.dtype], rows, inFeatures, groupSize),
     );
+    // A NaN or infinite weight makes its group's scale NaN or Inf: refuse the tensor rather than compute garbage.
+    const computed = new Uint16Array(native().view(region, scalesOffset, outFeatures * groups * 2));
+    const bad = computed.findIndex((h) => (h & 0x7c00) === 0x7c00);
+    if (bad >= 0) {
+      this.freeMatrix({ ...common, bytes, region, byteOffset: base, scalesRegion: region, scalesOffset, owned: true, arena } as CpuQuantizedMatrix);
+      throw new BlossomError("checkpoint", `${view.file}: tensor "${view.name}" holds NaN or infinite values (row ${Math.floor(bad / groups)}); int8 quantization needs finite weights`);
+    }
     return { ...common, bytes, region, byteOffset: base, scalesRegion: region, scalesOffset, owned: true, arena };
   }
 

@@ -50,7 +50,9 @@ export function readSafetensorsHeader(file: string): SafetensorsHeader {
     throw checkpointError(file, `cannot open (${(err as NodeJS.ErrnoException).code ?? String(err)})`);
   }
   try {
-    const fileSize = fstatSync(fd).size;
+    const stat = fstatSync(fd);
+    if (!stat.isFile()) throw checkpointError(file, "is not a file (a folder?); expected a safetensors file");
+    const fileSize = stat.size;
     if (fileSize < 8) throw checkpointError(file, `file is ${fileSize} bytes; a safetensors file starts with an 8-byte header length`);
     const lenBuf = Buffer.alloc(8);
     readSync(fd, lenBuf, 0, 8, 0);

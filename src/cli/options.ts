@@ -1,5 +1,8 @@
 /** Options shared by commands, and strict parsers that name the option at fault. */
+import { accessSync, constants, existsSync, statSync } from "node:fs";
+import { dirname, resolve } from "node:path";
 import { InvalidArgumentError, Option, type Command } from "commander";
+import { BlossomError } from "../errors.js";
 import { loadModel, strategies, type LoadModelOptions, type Model, type ModelDType, type Strategy } from "../model.js";
 import { placementModes, type PlacementMode } from "../parallel/planner.js";
 import { kvDtypes, type KVDType } from "../backend/backend.js";
@@ -15,12 +18,32 @@ export function parseInteger(name: string, min: number, max = Number.MAX_SAFE_IN
   };
 }
 
-export function parseNumber(name: string) {
+export function parseNumber(name: string, min = -Infinity) {
   return (value: string): number => {
     const n = Number(value);
     if (value.trim() === "" || !Number.isFinite(n)) throw new InvalidArgumentError(`${name} must be a number, got "${value}"`);
+    if (n < min) throw new InvalidArgumentError(`${name} must be a number >= ${min}, got "${value}"`);
     return n;
   };
+}
+
+/** Refuses, before any work, an output file that could not be written: a missing or read-only folder, or a folder in its place. */
+export function checkOutputFile(path: string, option: string): void {
+  if (path.trim() === "") throw new BlossomError("input", `${option}: expected a file path, got an empty string`);
+  const folder = dirname(resolve(path));
+  let isFolder = false;
+  try {
+    isFolder = statSync(folder).isDirectory();
+  } catch {
+    throw new BlossomError("input", `${option} ${path}: the folder ${folder} does not exist`);
+  }
+  if (!isFolder) throw new BlossomError("input", `${option} ${path}: ${folder} is not a folder`);
+  if (existsSync(path) && statSync(path).isDirectory()) throw new BlossomError("input", `${option} ${path}: is a folder, expected a file`);
+  try {
+    accessSync(folder, constants.W_OK);
+  } catch {
+    throw new BlossomError("input", `${option} ${path}: the folder ${folder} is not writable`);
+  }
 }
 
 export const dtypeChoices: ModelDType[] = ["auto", "fp32", "bf16", "fp16", "int8", "int8-mixed"];
@@ -48,7 +71,7 @@ export function addModelOptions(command: Command, options: { modelRequired?: boo
     .addOption(new Option("--dtype <dtype>", "in-memory weight format (int8: group-wise int8; int8-mixed: LLM.int8 with fp32 outliers)").choices(dtypeChoices).default("auto"))
     .option("--threads <n>", "compute threads (default: physical cores)", parseInteger("--threads", 1, 1024))
     .option("--int8-group-size <n>", `--dtype int8: inputs per weight scale (multiple of 32; default ${defaultGroupSize})`, parseInteger("--int8-group-size", 32))
-    .option("--int8-threshold <t>", "--dtype int8-mixed: |activation| from which a feature is computed in fp32 (default 6)", parseNumber("--int8-threshold"))
+    .option("--int8-threshold <t>", "--dtype int8-mixed: |activation| from which a feature is computed in fp32 (default 6; 0 turns the decomposition off)", parseNumber("--int8-threshold", 0))
     .addOption(new Option("--kv-dtype <dtype>", "how the KV cache stores keys and values (fp16/bf16: half the memory; default fp32)").choices([...kvDtypes]))
     .addOption(new Option("--strategy <name>", "deployment strategy").choices([...strategies]).default("single"))
     .option("--max-memory <budgets>", "pipeline: per-device budgets, e.g. 0:2GiB,1:2GiB,cpu:4GiB,disk")

@@ -289,7 +289,7 @@ function checkDenominator(max: number, finite: boolean): void {
 }
 
 function nonFiniteLogitsError(): BlossomError {
-  return new BlossomError("internal", "logits: contain NaN or +Infinity (the model's output is broken)");
+  return new BlossomError("internal", "logits: contain NaN or +Infinity (the model's output is broken: look for NaN or infinite values in the checkpoint's weights)");
 }
 
 function noTokenLeftError(): BlossomError {

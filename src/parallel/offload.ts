@@ -10,7 +10,7 @@
  * writes its offload folder).
  */
 import { closeSync, mkdirSync, openSync, writeSync } from "node:fs";
-import { join } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import type { Backend, DeviceMatrix } from "../backend/backend.js";
 import type { CpuMatrix, CpuQuantizedMatrix } from "../backend/cpu.js";
 import { native, type NativeRegion, type StorageDType } from "../backend/native.js";
@@ -129,7 +129,7 @@ export class PipelineWeightStore implements WeightStore {
       const dtype = dtypeOf(emb);
       let region = emb.region, byteOffset = emb.byteOffset, bytes = emb.byteLength;
       if (dtype !== emb.dtype) {
-        const folder = requireFolder(options, `offloading word_embeddings as ${dtype} (stored as ${emb.dtype})`);
+        const folder = requireFolder(options, `offloading word_embeddings as ${dtype} (stored as ${emb.dtype})`, emb.file);
         const src = writeConverted(backend, emb, dtype, join(folder, "word_embeddings.bin")).parts[0]!;
         this.ownedMapping = region = native().mapFile(src.path);
         byteOffset = 0;
@@ -175,7 +175,7 @@ export class PipelineWeightStore implements WeightStore {
         } else if (dtype === t.weight.dtype) {
           sources[name] = denseSource(t.weight.file, t.weight.byteOffset, t.weight.byteLength, dtype, outFeatures, inFeatures);
         } else {
-          const folder = requireFolder(options, `offloading h.${i} as ${dtype} (stored as ${t.weight.dtype})`);
+          const folder = requireFolder(options, `offloading h.${i} as ${dtype} (stored as ${t.weight.dtype})`, t.weight.file);
           sources[name] = writeConverted(backend, t.weight, dtype, join(folder, `h.${i}.${name}.bin`));
         }
         for (const part of sources[name].parts) bytes += align(part.bytes);
@@ -305,9 +305,17 @@ export class PipelineWeightStore implements WeightStore {
   }
 }
 
-function requireFolder(options: OffloadOptions, what: string): string {
+/** The offload folder, created if needed; never the checkpoint's own folder (`source`: a file of it). */
+function requireFolder(options: OffloadOptions, what: string, source: string): string {
   if (!options.offloadFolder) throw new BlossomError("parameter", `${what} needs --offload-folder, where the converted weights are written`);
-  mkdirSync(options.offloadFolder, { recursive: true });
+  if (resolve(options.offloadFolder) === resolve(dirname(source))) {
+    throw new BlossomError("parameter", `offloadFolder: ${options.offloadFolder} is the checkpoint's own folder; the converted weights need a folder of their own`);
+  }
+  try {
+    mkdirSync(options.offloadFolder, { recursive: true });
+  } catch (err) {
+    throw new BlossomError("parameter", `offloadFolder: cannot use ${options.offloadFolder} as a folder (${(err as NodeJS.ErrnoException).code ?? String(err)})`);
+  }
   return options.offloadFolder;
 }
 

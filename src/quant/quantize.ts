@@ -66,6 +66,7 @@ export async function quantizeCheckpoint(sourceDir: string, outDir: string, opti
   const checkpoint = openCheckpoint(sourceDir);
   const written: string[] = [];
   const writers: SafetensorsWriter[] = [];
+  let createdOut = false;
   try {
     if (checkpoint.config.quantization) throw checkpointError(join(sourceDir, "config.json"), `the checkpoint is already quantized (${checkpoint.config.quantization.scheme})`);
     const tensors = bloomTensors(checkpoint);
@@ -89,6 +90,7 @@ export async function quantizeCheckpoint(sourceDir: string, outDir: string, opti
     // Shards in state-dict order, as save_pretrained splits them; each file lays its tensors out by
     // decreasing element size (the safetensors library's order), so every offset stays aligned.
     const shards = planShards(plan, { maxShardBytes });
+    createdOut = !existsSync(outDir);
     mkdirSync(outDir, { recursive: true });
     const writerOf = new Map<string, SafetensorsWriter>();
     for (const [i, entries] of shards.shards.entries()) {
@@ -158,6 +160,7 @@ export async function quantizeCheckpoint(sourceDir: string, outDir: string, opti
   } catch (err) {
     for (const w of writers) await w.abort();
     for (const f of written) rmSync(f, { force: true });
+    if (createdOut && readdirSync(outDir).length === 0) rmSync(outDir, { recursive: true, force: true });
     if (err instanceof BlossomError) throw err;
     throw new BlossomError("internal", `quantize: ${(err as Error).message}`, { cause: err });
   } finally {

@@ -89,16 +89,22 @@ export function resolveServerOptions(o: ServerOptions): ResolvedServerOptions {
   const port = o.port ?? serverDefaults.port;
   if (!Number.isInteger(port) || port < 0 || port > 65535) throw parameterError("port", `must be an integer from 0 to 65535 (got ${port})`);
   const shutdownTimeoutMs = o.shutdownTimeoutMs ?? serverDefaults.shutdownTimeoutMs;
-  if (!Number.isFinite(shutdownTimeoutMs) || shutdownTimeoutMs < 0) throw parameterError("shutdownTimeout", `must be a number >= 0 (got ${shutdownTimeoutMs})`);
+  if (!Number.isFinite(shutdownTimeoutMs) || shutdownTimeoutMs < 0) throw parameterError("shutdownTimeoutMs", `must be a number >= 0 (got ${shutdownTimeoutMs})`);
+  const maxInputLength = positiveInteger("maxInputLength", o.maxInputLength, serverDefaults.maxInputLength);
+  const maxBatchTotalTokens = o.maxBatchTotalTokens === undefined ? undefined : positiveInteger("maxBatchTotalTokens", o.maxBatchTotalTokens, 0);
+  if (maxBatchTotalTokens !== undefined && maxBatchTotalTokens < 2) {
+    // Every request needs at least one prompt token and one new token within the batch budget.
+    throw parameterError("maxBatchTotalTokens", `must be at least 2 (a prompt token and a new token), got ${maxBatchTotalTokens}`);
+  }
   return {
     host: o.host ?? serverDefaults.host,
     port,
     strategy: checkStrategy(o.strategy),
     maxBatchSize: positiveInteger("maxBatchSize", o.maxBatchSize, serverDefaults.maxBatchSize),
-    maxInputLength: positiveInteger("maxInputLength", o.maxInputLength, serverDefaults.maxInputLength),
+    maxInputLength,
     allowedMaxNewTokens: positiveInteger("allowedMaxNewTokens", o.allowedMaxNewTokens, serverDefaults.allowedMaxNewTokens),
     maxConcurrentRequests: positiveInteger("maxConcurrentRequests", o.maxConcurrentRequests, serverDefaults.maxConcurrentRequests),
-    maxBatchTotalTokens: o.maxBatchTotalTokens === undefined ? undefined : positiveInteger("maxBatchTotalTokens", o.maxBatchTotalTokens, 0),
+    maxBatchTotalTokens,
     maxStopSequences: positiveInteger("maxStopSequences", o.maxStopSequences, serverDefaults.maxStopSequences),
     shutdownTimeoutMs,
   };

@@ -9,6 +9,7 @@
  */
 import type { Socket } from "node:net";
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from "fastify";
+import { parameterError } from "../errors.js";
 import { loadModel, type Model } from "../model.js";
 import { familyOf, type ServerContext } from "./context.js";
 import { errorBody, HttpError, newErrorId, statusFor } from "./http-error.js";
@@ -111,7 +112,12 @@ export async function startServer(serverOptions: ServerOptions): Promise<Blossom
     socket.once("close", () => sockets.delete(socket));
   });
 
-  await app.listen({ host: options.host, port: options.port });
+  try {
+    await app.listen({ host: options.host, port: options.port });
+  } catch (err) {
+    await app.close().catch(() => undefined);
+    throw listenError(err, options.host, options.port);
+  }
   const address = app.server.address();
   const port = typeof address === "object" && address ? address.port : options.port;
   const host = options.host.includes(":") ? `[${options.host}]` : options.host;
@@ -243,4 +249,13 @@ function sendError(error: FastifyError | HttpError | Error, request: FastifyRequ
   }
   const status = httpError.statusOverride ?? statusFor(httpError.kind, family);
   return reply.code(status).send(errorBody(httpError, family, { ...(errorId ? { errorId } : {}), ...(request.queryId !== undefined ? { queryId: request.queryId } : {}) }));
+}
+
+/** Why the server could not listen, named by the option to change. */
+function listenError(err: unknown, host: string, port: number): unknown {
+  const code = (err as NodeJS.ErrnoException)?.code;
+  if (code === "EADDRINUSE") return parameterError("port", `${port} is already in use on ${host}`);
+  if (code === "EACCES") return parameterError("port", `${port}: permission denied on ${host} (ports below 1024 need privileges)`);
+  if (code === "EADDRNOTAVAIL" || code === "ENOTFOUND" || code === "EAI_AGAIN") return parameterError("host", `cannot listen on ${JSON.stringify(host)}: ${code === "EADDRNOTAVAIL" ? "not an address of this machine" : "the name does not resolve"}`);
+  return err;
 }

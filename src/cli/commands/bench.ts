@@ -10,7 +10,7 @@ import { availableMemory, formatBytes, parseSize } from "../../engine/memory.js"
 import { resolveModelDir } from "../../model.js";
 import { parseMaxMemory } from "../../parallel/planner.js";
 import { readBloomConfig } from "../../checkpoint/config.js";
-import { dtypeChoices, parseInteger } from "../options.js";
+import { checkOutputFile, dtypeChoices, parseInteger } from "../options.js";
 import { kvDtypes } from "../../backend/backend.js";
 
 export const strategyChoices = ["single", "pipeline", "tensor", "replicas", "auto"];
@@ -94,6 +94,8 @@ export function registerBenchCommand(program: Command): void {
     .option("--no-probe", "skip measuring read bandwidth and FMA peak")
     .option("--no-progress", "no progress bar even on a terminal")
     .action(async (o: BenchCliOptions) => {
+      if (o.json) checkOutputFile(o.json, "--json");
+      if (o.chart) checkOutputFile(o.chart, "--chart");
       const dir = await resolveModelDir(o.model);
       // --max-memory is the memory budget ("16GiB"); or per-device budgets for pipeline rows
       // ("0:4GiB,cpu:8GiB,disk"), the budget then being the memory available.

@@ -5,7 +5,11 @@ import { formatBytes } from "../../engine/memory.js";
 import { matrixDtype, type WeightDType } from "../../engine/weights.js";
 import { bloomTensors } from "../../models/bloom-weights.js";
 import { resolveModelDir } from "../../model.js";
-import { bloomModules, matrixBytesAs } from "../../parallel/modules.js";
+import { bloomModules, matrixBytesAs, type MatrixBytes } from "../../parallel/modules.js";
+import type { Checkpoint } from "../../checkpoint/checkpoint.js";
+import { checkpointQuantSpec, isInt8ExtraTensor } from "../../quant/store.js";
+import { isQuantScheme, quantizedMatrixBytes, quantSpec } from "../../quant/scheme.js";
+import { parameterError } from "../../errors.js";
 import { orderedDevices, parseMaxMemory, placementModes, planPlacement, type Plan } from "../../parallel/planner.js";
 import { dtypeChoices } from "../options.js";
 
@@ -43,6 +47,23 @@ export function formatPlan(plan: Plan): string {
   return [line(header), ...rows.map(line)].join("\n");
 }
 
+/**
+ * Bytes of each weight matrix as the engine will hold it: converted to the requested dtype, quantized
+ * at load (int8 dtypes: values and scales), or as a pre-quantized checkpoint stores it.
+ */
+function planMatrixBytes(checkpoint: Checkpoint, dtype: WeightDType): MatrixBytes {
+  const stored = checkpointQuantSpec(checkpoint);
+  if (stored) {
+    if (dtype !== "auto" && dtype !== stored.scheme) throw parameterError("dtype", `${checkpoint.dir} is quantized (${stored.scheme}); plan it with dtype "auto" or "${stored.scheme}", not ${JSON.stringify(dtype)}`);
+    return (v) => (v.dtype === "i8" ? quantizedMatrixBytes(v.shape[0]!, v.shape[1]!, stored.groupSize) : v.byteLength);
+  }
+  if (isQuantScheme(dtype)) {
+    const spec = quantSpec(dtype);
+    return (v) => quantizedMatrixBytes(v.shape[0]!, v.shape[1]!, spec.groupSize);
+  }
+  return matrixBytesAs((v) => matrixDtype(v.dtype, dtype));
+}
+
 export function registerPlanCommand(program: Command): void {
   program
     .command("plan")
@@ -55,8 +76,8 @@ export function registerPlanCommand(program: Command): void {
       const dir = await resolveModelDir(o.model);
       const checkpoint = openCheckpoint(dir);
       try {
-        const tensors = bloomTensors(checkpoint);
-        const modules = bloomModules(tensors, matrixBytesAs((v) => matrixDtype(v.dtype, o.dtype)));
+        const tensors = bloomTensors(checkpoint, checkpoint.config.quantization ? { isExtraTensor: isInt8ExtraTensor } : {});
+        const modules = bloomModules(tensors, planMatrixBytes(checkpoint, o.dtype));
         let budgets;
         try {
           budgets = parseMaxMemory(o.maxMemory);

@@ -8,6 +8,7 @@ import { Option, type Command } from "commander";
 import { loadModel, mpiRank } from "../../model.js";
 import { checkStrategy, serverDefaults } from "../../server/options.js";
 import { startServer } from "../../server/server.js";
+import { cliErrorMessage } from "../errors.js";
 import { addModelOptions, modelOptionsFromCli, parseInteger, parseNumber, type ModelCliOptions } from "../options.js";
 
 interface ServeCliOptions extends ModelCliOptions {
@@ -39,7 +40,7 @@ export function registerServeCommand(program: Command): void {
     .option("--max-batch-total-tokens <n>", "cap on prompt + max_new_tokens over the running batch (default: the KV cache)", parseInteger("--max-batch-total-tokens", 1))
     .option("--max-stop-sequences <n>", "most stop sequences per request", parseInteger("--max-stop-sequences", 1), serverDefaults.maxStopSequences)
     .option("--kv-cache-tokens <n>", "KV-cache capacity in tokens (default: a quarter of free memory)", parseInteger("--kv-cache-tokens", 1))
-    .option("--shutdown-timeout <seconds>", "on SIGTERM, how long in-flight requests may run before they are cancelled", parseNumber("--shutdown-timeout"), serverDefaults.shutdownTimeoutMs / 1000)
+    .option("--shutdown-timeout <seconds>", "on SIGTERM, how long in-flight requests may run before they are cancelled", parseNumber("--shutdown-timeout", 0), serverDefaults.shutdownTimeoutMs / 1000)
     .addOption(new Option("--log-level <level>", "request and error logging").choices(["fatal", "error", "warn", "info", "debug", "trace", "silent"]).default("info"))
     .action(async (o: ServeCliOptions) => {
       checkStrategy(o.strategy);
@@ -95,7 +96,7 @@ export function registerServeCommand(program: Command): void {
         const model = await server.ready;
         process.stderr.write(`blossom serve: ready: ${server.url} serves ${model.dir} (${model.info.dtype}, ${model.info.threads} threads, loaded in ${model.info.loadSeconds.toFixed(2)} s)\n`);
       } catch (err) {
-        process.stderr.write(`blossom serve: the model failed to load: ${(err as Error).message}\n`);
+        process.stderr.write(`blossom serve: the model failed to load: ${cliErrorMessage(err)}\n`);
         await server.close();
         process.exitCode = 1;
       }
