@@ -14,7 +14,11 @@ export function flagName(parameter: string): string {
  */
 export function cliErrorMessage(err: unknown): string {
   if (err instanceof BlossomError) {
-    return err.code === "parameter" ? err.message.replace(/^([a-z][A-Za-z0-9]*):/, (_, name: string) => `${flagName(name)}:`) : err.message;
+    if (err.code !== "parameter") return err.message;
+    // The parameter the message is about (also "stop[0]"), and generation parameters it refers to ("<= maxNewTokens (3)").
+    return err.message
+      .replace(/^([a-z][A-Za-z0-9]*)((?:\[\d+\])?):/, (_, name: string, index: string) => `${flagName(name)}${index}:`)
+      .replace(/\b(maxNewTokens|minNewTokens|topK|topP|typicalP|repetitionPenalty|noRepeatNgramSize)\b/g, (name: string) => flagName(name));
   }
   if (err instanceof CommanderError) return err.message.replace(/^error: /, "");
   const e = err as NodeJS.ErrnoException | undefined;

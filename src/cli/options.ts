@@ -83,6 +83,9 @@ export function addModelOptions(command: Command, options: { modelRequired?: boo
 /** Loads the model the CLI options name, reporting strategy "auto"'s choice on stderr. */
 export async function loadModelForCli(o: ModelCliOptions, extra: LoadModelOptions = {}): Promise<Model> {
   const model = await loadModel(o.model, { ...modelOptionsFromCli(o), ...extra });
+  if (o.strategy === "tensor" && (model.info.tensorParallel?.size ?? 1) === 1) {
+    process.stderr.write("blossom: --strategy tensor on 1 rank: launch it with mpirun -np N to split every layer over N processes\n");
+  }
   const c = model.strategyChoice;
   if (c) process.stderr.write(`strategy auto: ${c.strategy}${c.replicas ? ` (${c.replicas} replicas)` : ""}${c.maxMemory ? ` (--max-memory ${c.maxMemory})` : ""}: ${c.reason}\n`);
   return model;

@@ -4,6 +4,7 @@
  * unreachable) from what the cache already holds.
  */
 import { stat } from "node:fs/promises";
+import { dirname } from "node:path";
 import { BlossomError, parameterError } from "../errors.js";
 import { HubConnectionError } from "./api.js";
 import { isFile, readRef, RepoCachePaths } from "./cache.js";
@@ -72,6 +73,20 @@ async function lookInCache(paths: RepoCachePaths, revision: string): Promise<Cac
 
 export async function resolveModel(ref: string, options: ResolveOptions & ResolveInternals = {}): Promise<ResolvedModel> {
   if (await isDirectory(ref)) return { dir: ref, fromCache: false };
+  if (await isFile(ref)) throw new BlossomError("input", `model '${ref}': is a file; expected a checkpoint folder (config.json, tokenizer.json, *.safetensors) or a Hub id org/name[@revision]`);
+  try {
+    return await resolveHubModel(ref, options);
+  } catch (err) {
+    // "runs/bloom-1" where ./runs exists reads as a mistyped folder more likely than as a Hub repo.
+    const parent = dirname(ref);
+    if (err instanceof BlossomError && err.code === "hub" && parent !== "." && (await isDirectory(parent))) {
+      throw new BlossomError("hub", `model '${ref}': no such folder in ${parent}, and as a Hub id: ${err.message}`, { cause: err });
+    }
+    throw err;
+  }
+}
+
+async function resolveHubModel(ref: string, options: ResolveOptions & ResolveInternals): Promise<ResolvedModel> {
   const parsed = parseModelRef(ref);
   if (options.revision !== undefined) {
     const problem = revisionProblem(options.revision);

@@ -45,8 +45,12 @@ export interface Plan {
  */
 export function parseMaxMemory(text: string): Map<DeviceId, number> {
   const budgets = new Map<DeviceId, number>();
-  for (const part of text.split(",").map((p) => p.trim()).filter(Boolean)) {
-    const [rawKey, rawSize] = part.split(":").map((s) => s.trim()) as [string, string | undefined];
+  const parts = text.split(",").map((p) => p.trim());
+  if (parts.includes("") && parts.some((p) => p !== "")) throw new BlossomError("parameter", `--max-memory: "${text}" has an empty item (devices are separated by single commas)`);
+  for (const part of parts.filter(Boolean)) {
+    const fields = part.split(":").map((s) => s.trim());
+    if (fields.length > 2) throw new BlossomError("parameter", `--max-memory: "${part}" has more than one ":" (expected device:size, e.g. cpu:4GiB)`);
+    const [rawKey, rawSize] = fields as [string, string | undefined];
     const key: DeviceId = /^\d+$/.test(rawKey) ? Number(rawKey) : (rawKey as DeviceId);
     if (key !== "cpu" && key !== "disk" && typeof key !== "number") {
       throw new BlossomError("parameter", `--max-memory: "${rawKey}" is not a device (expected 0, 1, ..., cpu or disk)`);

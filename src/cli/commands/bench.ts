@@ -17,8 +17,9 @@ export const strategyChoices = ["single", "pipeline", "tensor", "replicas", "aut
 
 function parseList(name: string, allowed?: readonly string[]) {
   return (value: string): string[] => {
-    const items = value.split(",").map((s) => s.trim()).filter(Boolean);
-    if (items.length === 0) throw new InvalidArgumentError(`${name} needs at least one value`);
+    const items = value.split(",").map((s) => s.trim());
+    if (items.every((s) => s === "")) throw new InvalidArgumentError(`${name} needs at least one value`);
+    if (items.includes("")) throw new InvalidArgumentError(`${name}: "${value}" has an empty item (values are separated by single commas)`);
     for (const item of items) {
       if (allowed && !allowed.includes(item)) throw new InvalidArgumentError(`${name}: "${item}" is not one of ${allowed.join(", ")}`);
     }

@@ -1,4 +1,5 @@
 /** `blossom generate`: prints continuations of prompts, like the guide's bloom-*-inference.py scripts. */
+import { BlossomError } from "../../errors.js";
 import type { Command } from "commander";
 import type { GenerateResult } from "../../model.js";
 import type { GenerationParamsInput } from "../../generate/params.js";
@@ -36,6 +37,9 @@ interface GenerateCliOptions extends ModelCliOptions {
 
 export function generationParamsFromCli(o: GenerateCliOptions): GenerationParamsInput {
   const sampling = o.temperature !== undefined || o.topK !== undefined || o.topP !== undefined || o.typicalP !== undefined;
+  if (o.greedy && (o.sample || sampling)) {
+    throw new BlossomError("parameter", "greedy: cannot be combined with --sample or a sampling option (--temperature, --top-k, --top-p, --typical-p)");
+  }
   const params: GenerationParamsInput = { maxNewTokens: o.maxNewTokens, doSample: !o.greedy && (o.sample === true || sampling) };
   if (o.minNewTokens !== undefined) params.minNewTokens = o.minNewTokens;
   if (o.temperature !== undefined) params.temperature = o.temperature;
@@ -56,7 +60,7 @@ export function addGenerationOptions(command: Command): Command {
     .option("--min-new-tokens <n>", "do not stop on eos before this many tokens", parseInteger("--min-new-tokens", 0))
     .option("--greedy", "argmax decoding (the default unless a sampling option is given)")
     .option("--sample", "sample (with temperature 1 unless given)")
-    .option("--temperature <t>", "sampling temperature (> 0; implies --sample)", parseNumber("--temperature"))
+    .option("--temperature <t>", "sampling temperature (>= 0, 0 = greedy; implies --sample)", parseNumber("--temperature"))
     .option("--top-k <k>", "keep the k most likely tokens (implies --sample)", parseInteger("--top-k", 0))
     .option("--top-p <p>", "nucleus sampling: keep the smallest set with probability >= p (implies --sample)", parseNumber("--top-p"))
     .option("--typical-p <p>", "typical sampling mass (implies --sample)", parseNumber("--typical-p"))
@@ -78,6 +82,10 @@ export function registerGenerateCommand(program: Command): void {
     .option("--json", "print one JSON object per prompt")
     .action(async (prompts: string[], o: GenerateCliOptions) => {
       const inputs = prompts.length ? prompts : guideInputSentences;
+      if (o.stream && o.json) throw new BlossomError("parameter", "stream: cannot be combined with --json (one prints text as it comes, the other one object per prompt at the end)");
+      if (o.stream && o.batchSize !== undefined) throw new BlossomError("parameter", "stream: cannot be combined with --batch-size (--stream decodes one prompt at a time)");
+      const empty = inputs.findIndex((p) => p === "");
+      if (empty >= 0) throw new BlossomError("input", `prompt ${empty + 1}: is empty; BLOOM needs at least one token to condition on`);
       const params = generationParamsFromCli(o);
       const model = await loadModelForCli(o, o.batchSize !== undefined ? { maxBatchSize: o.batchSize } : {});
       try {

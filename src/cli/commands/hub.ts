@@ -1,4 +1,6 @@
 /** `blossom download` and `blossom cache ls|rm`: the Hugging Face cache from the command line. */
+import { BlossomError } from "../../errors.js";
+import { existsSync, statSync } from "node:fs";
 import type { Command } from "commander";
 import { removeFromCache, scanCache, scanRepo, type CachedRepo } from "../../hub/cache.js";
 import { formatBytes } from "../../hub/progress.js";
@@ -80,6 +82,7 @@ export function registerHubCommands(program: Command): void {
     .option("--cache-dir <dir>", cacheDirHelp)
     .action(async (repo: string | undefined, flags: { cacheDir?: string }) => {
       const cacheDir = hubCacheDir(flags.cacheDir);
+      if (existsSync(cacheDir) && !statSync(cacheDir).isDirectory()) throw new BlossomError("parameter", `cacheDir: ${cacheDir} is a file, expected the cache folder`);
       let repos: CachedRepo[];
       if (repo === undefined) {
         repos = await scanCache(cacheDir);

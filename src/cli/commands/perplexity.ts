@@ -28,7 +28,11 @@ export function registerPerplexityCommand(program: Command): void {
       const model = await loadModelForCli(o);
       try {
         const started = performance.now();
-        const r = await model.perplexity(text, { context: o.context, stride: o.stride ?? o.context });
+        const r = await model.perplexity(text, { context: o.context, stride: o.stride ?? o.context }).catch((err: unknown) => {
+          // "needs at least 2 tokens": say which file was too short.
+          if (err instanceof BlossomError && err.code === "input") throw new BlossomError("input", `--file ${o.file}: ${err.message}`, { cause: err });
+          throw err;
+        });
         const seconds = (performance.now() - started) / 1000;
         if (o.json) process.stdout.write(JSON.stringify({ ...r, context: o.context, stride: o.stride ?? o.context, seconds }) + "\n");
         else {

@@ -24,14 +24,18 @@ export function registerQuantizeCommand(program: Command): void {
     .requiredOption("-o, --out <dir>", "new folder for the quantized checkpoint")
     .option("--int8-group-size <n>", `--dtype int8: inputs per weight scale (multiple of 32; default ${defaultGroupSize})`, parseInteger("--int8-group-size", 32))
     .option("--max-shard-size <size>", "largest safetensors file, e.g. 5GB (default)", (v: string) => {
+      let bytes: number;
       try {
-        return parseSize(v, "--max-shard-size");
+        bytes = parseSize(v, "--max-shard-size");
       } catch (err) {
         throw new InvalidArgumentError((err as Error).message);
       }
+      if (!(bytes > 0)) throw new InvalidArgumentError(`--max-shard-size must be a positive size, got "${v}"`);
+      return bytes;
     })
     .option("--threads <n>", "compute threads (default: physical cores)", parseInteger("--threads", 1, 1024))
     .action(async (o: QuantizeCliOptions) => {
+      if (o.out.trim() === "") throw new InvalidArgumentError("--out: expected a folder path, got an empty string");
       const dir = await resolveModelDir(o.model);
       let last = 0;
       const result = await quantizeCheckpoint(dir, o.out, {

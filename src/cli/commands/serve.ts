@@ -94,6 +94,9 @@ export function registerServeCommand(program: Command): void {
 
       try {
         const model = await server.ready;
+        if (o.strategy === "tensor" && (model.info.tensorParallel?.size ?? 1) === 1) {
+          process.stderr.write("blossom serve: --strategy tensor on 1 rank: launch it with mpirun -np N to split every layer over N processes\n");
+        }
         process.stderr.write(`blossom serve: ready: ${server.url} serves ${model.dir} (${model.info.dtype}, ${model.info.threads} threads, loaded in ${model.info.loadSeconds.toFixed(2)} s)\n`);
       } catch (err) {
         process.stderr.write(`blossom serve: the model failed to load: ${cliErrorMessage(err)}\n`);
