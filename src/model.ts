@@ -3,7 +3,7 @@
  * The model runs in an engine worker; this side tokenizes, detokenizes, applies stop strings and
  * shapes results.
  */
-import { BlossomError, parameterError } from "./errors.js";
+import { BlossomError, describeValue, knownOptions, parameterError } from "./errors.js";
 import { EngineClient, type EngineHandle } from "./engine/client.js";
 import { ReplicaSet } from "./parallel/replicas.js";
 import { native } from "./backend/native.js";
@@ -87,13 +87,6 @@ const loadOptionNames: Record<keyof LoadModelOptions, true> = {
   evictPageCache: true, replicas: true, linearPanels: true,
 };
 
-/** A value for an error message: numbers as written (NaN, Infinity), strings quoted. */
-export function describeValue(value: unknown): string {
-  if (typeof value === "number" || typeof value === "bigint" || typeof value === "boolean") return String(value);
-  if (value === null || value === undefined) return String(value);
-  if (typeof value === "string") return JSON.stringify(value.length > 40 ? `${value.slice(0, 40)}...` : value);
-  return Array.isArray(value) ? `an array of ${value.length}` : typeof value === "object" ? "an object" : typeof value;
-}
 
 /**
  * Checks loadModel's options: an object of known names, the batch and cache sizes positive integers,
@@ -101,14 +94,7 @@ export function describeValue(value: unknown): string {
  * dtype, threads or kvDtype, are checked where they are used.)
  */
 export function checkLoadOptions(options: unknown): LoadModelOptions {
-  if (options === undefined) return {};
-  if (typeof options !== "object" || options === null || Array.isArray(options)) {
-    throw parameterError("options", `expected an object of loadModel options (got ${describeValue(options)})`);
-  }
-  const o = options as Record<string, unknown>;
-  for (const name of Object.keys(o)) {
-    if (!(name in loadOptionNames)) throw parameterError(name, `is not a loadModel option (expected one of: ${Object.keys(loadOptionNames).join(", ")})`);
-  }
+  const o = knownOptions(options, loadOptionNames, "loadModel");
   for (const name of ["kvCacheTokens", "maxBatchSize", "maxBatchTotalTokens"] as const) {
     const v = o[name];
     if (v !== undefined && (typeof v !== "number" || !Number.isSafeInteger(v) || v < 1)) throw parameterError(name, `expected an integer >= 1 (got ${describeValue(v)})`);
@@ -199,14 +185,7 @@ type PerplexityOptions = { context?: number; stride?: number; signal?: AbortSign
 const perplexityOptionNames: Record<keyof PerplexityOptions, true> = { context: true, stride: true, signal: true };
 
 function checkPerplexityOptions(options: unknown): PerplexityOptions {
-  if (options === undefined) return {};
-  if (typeof options !== "object" || options === null || Array.isArray(options)) {
-    throw parameterError("options", `expected an object with context, stride, signal (got ${describeValue(options)})`);
-  }
-  const o = options as Record<string, unknown>;
-  for (const name of Object.keys(o)) {
-    if (!(name in perplexityOptionNames)) throw parameterError(name, `is not a perplexity option (expected one of: context, stride, signal)`);
-  }
+  const o = knownOptions(options, perplexityOptionNames, "perplexity");
   if (o.signal !== undefined && !(o.signal instanceof AbortSignal)) throw parameterError("signal", `must be an AbortSignal (got ${describeValue(o.signal)})`);
   return o as PerplexityOptions;
 }

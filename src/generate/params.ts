@@ -5,7 +5,7 @@
  * no_repeat_ngram_size) and text-generation-inference's `stop` and `seed`.
  */
 import { z } from "zod";
-import { parameterError } from "../errors.js";
+import { parameterError, describeValue } from "../errors.js";
 
 export interface GenerationParams {
   /** Tokens to generate at most. */
@@ -109,7 +109,7 @@ const fieldNames = Object.keys(expectations) as FieldName[];
 export function resolveGenerationParams(input: unknown, limits: { maxNewTokens?: number } = {}): GenerationParams {
   if (input === undefined) input = {};
   if (typeof input !== "object" || input === null || Array.isArray(input)) {
-    throw parameterError("generation parameters", `must be an object (got ${describe(input)})`);
+    throw parameterError("generation parameters", `must be an object (got ${describeValue(input)})`);
   }
   const record = input as Record<string, unknown>;
   const parsed = inputSchema.safeParse(record);
@@ -142,19 +142,12 @@ function issueToError(issue: z.core.$ZodIssue, input: Record<string, unknown>) {
     return parameterError(issue.keys[0]!, `is not a generation parameter (expected one of: ${known})`);
   }
   const [field, index] = issue.path;
-  if (field === "signal") return parameterError("signal", `must be an AbortSignal (got ${describe(input.signal)})`);
+  if (field === "signal") return parameterError("signal", `must be an AbortSignal (got ${describeValue(input.signal)})`);
   const name = String(field) as FieldName;
   const value = input[name];
   if (name === "stop" && typeof index === "number" && Array.isArray(value)) {
-    return parameterError(`stop[${index}]`, `${stopStringExpectation} (got ${describe(value[index])})`);
+    return parameterError(`stop[${index}]`, `${stopStringExpectation} (got ${describeValue(value[index])})`);
   }
-  return parameterError(name, `${expectations[name]} (got ${describe(value)})`);
+  return parameterError(name, `${expectations[name]} (got ${describeValue(value)})`);
 }
 
-function describe(value: unknown): string {
-  if (typeof value === "number" || typeof value === "boolean" || typeof value === "bigint") return String(value);
-  if (value === null || value === undefined) return String(value);
-  if (typeof value === "string") return JSON.stringify(value.length > 40 ? `${value.slice(0, 40)}...` : value);
-  if (Array.isArray(value)) return `an array of ${value.length}`;
-  return typeof value === "object" ? "an object" : typeof value;
-}
