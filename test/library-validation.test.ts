@@ -139,3 +139,34 @@ describe("calls on a loaded model", () => {
     }
   });
 });
+
+describe("one sequence's failure stays its own", () => {
+  let model: Model;
+  before(async () => {
+    model = await loadModel(fixture);
+  });
+  after(async () => {
+    await model.dispose();
+  });
+
+  test("a sequence whose settings leave no token fails alone; the batch beside it finishes", async () => {
+    // tiny-bloom-a's vocabulary is 1536 ids: a prompt of all of them with no_repeat_ngram_size 1 bans every token.
+    const everything = Array.from({ length: 1536 }, (_, i) => i);
+    const doomed = model.generate([everything], { maxNewTokens: 4, noRepeatNgramSize: 1 });
+    const fine = model.generate(["hello", "world"], { maxNewTokens: 12, minNewTokens: 12 });
+    await assert.rejects(doomed, (err: unknown) => err instanceof BlossomError && /every token is -Infinity after the processors/.test(err.message));
+    const r = await fine;
+    assert.deepEqual(r.numGeneratedTokens, [12, 12]);
+  });
+
+  test("extreme sampling settings stay finite: a temperature whose inverse overflows is argmax, a tiny repetition penalty is clamped", async () => {
+    const greedy = await model.generate(["hello"], { maxNewTokens: 6, minNewTokens: 6 });
+    const cold = await model.generate(["hello"], { maxNewTokens: 6, minNewTokens: 6, doSample: true, temperature: 5e-324, seed: 1 });
+    assert.deepEqual(cold.tokenIds, greedy.tokenIds);
+    const penalised = await model.generate(["hello"], { maxNewTokens: 6, minNewTokens: 6, repetitionPenalty: 1e-300 });
+    assert.equal(penalised.numGeneratedTokens[0], 6);
+    for await (const e of model.stream("hello", { maxNewTokens: 3, doSample: true, temperature: 1e-308, seed: 2 })) {
+      if (e.token) assert.ok(Number.isFinite(e.token.logprob), `logprob ${e.token.logprob}`);
+    }
+  });
+});

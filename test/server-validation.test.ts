@@ -63,6 +63,8 @@ describe("request validation", () => {
     ["/generate_stream", { inputs: "hi", parameters: { temperature: "hot" } }, 422, "parameters.temperature: must be a number"],
     ["/generate_stream", { inputs: "hi", parameters: { decoder_input_details: true } }, 422, "parameters.decoder_input_details"],
     ["/tokenize", { inputs: "" }, 422, "inputs: must not be empty"],
+    ["/tokenize", { inputs: long }, 422, "inputs: must have at most 16 tokens (--max-input-length); got"],
+    ["/tokenize", { inputs: "a".repeat(200_000) }, 422, "characters are more than that many tokens can hold"],
     ["/tokenize", { text: "hi" }, 422, "text: unknown field"],
   ];
 
@@ -146,6 +148,20 @@ describe("request validation", () => {
     assert.match(missing.body.error.message, /no route POST \/v1\/chat\/completions/);
     const wrongMethod = await get(`${url}/generate`);
     assert.equal(wrongMethod.status, 404);
+  });
+
+  test("extreme but valid sampling values answer 200 on every API (a temperature of 5e-324 once crashed the process)", async () => {
+    const cases: [string, unknown][] = [
+      ["/generate", { inputs: "hi", parameters: { max_new_tokens: 4, do_sample: true, temperature: 5e-324 } }],
+      ["/v1/completions", { prompt: "hi", max_tokens: 4, temperature: 5e-324 }],
+      ["/generate/", { text: ["hi"], max_new_tokens: 4, do_sample: true, temperature: 1e-310 }],
+      ["/generate", { inputs: "hi", parameters: { max_new_tokens: 4, repetition_penalty: 1e-300 } }],
+    ];
+    for (const [path, body] of cases) {
+      const r = await post(`${url}${path}`, body);
+      assert.equal(r.status, 200, `${path} ${JSON.stringify(body)}: ${JSON.stringify(r.body)}`);
+    }
+    assert.equal((await get(`${url}/health`)).status, 200);
   });
 
   test("bad requests do not disturb a request in flight", async () => {

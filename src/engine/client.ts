@@ -123,7 +123,14 @@ export class EngineClient implements EngineHandle {
           const h = this.generations.get(u.id);
           if (!h) continue;
           if (u.finish) this.generations.delete(u.id);
-          h.onToken(u);
+          try {
+            h.onToken(u);
+          } catch (err) {
+            // A handler that fails (the caller's code, or detokenizing) ends its own generation, not the process.
+            this.generations.delete(u.id);
+            if (!u.finish && !this.exited) this.worker.postMessage({ type: "cancel", id: u.id } satisfies Request);
+            h.onEnded("cancelled", err instanceof BlossomError ? err : new BlossomError("internal", `token handler failed: ${(err as Error)?.message ?? String(err)}`, { cause: err }));
+          }
         }
         break;
       case "ended": {

@@ -161,8 +161,9 @@ export class Scheduler {
    * One forward step over the running batch plus newly admitted requests. Returns the token
    * updates, and the ids of cancelled sequences that were retired.
    */
-  step(): { updates: TokenUpdate[]; retiredCancelled: number[] } {
+  step(): { updates: TokenUpdate[]; retiredCancelled: number[]; failed: { id: number; error: unknown }[] } {
     const retiredCancelled: number[] = [];
+    const failed: { id: number; error: unknown }[] = [];
     for (let i = this.running.length - 1; i >= 0; i--) {
       const r = this.running[i]!;
       if (r.cancelled) {
@@ -172,7 +173,7 @@ export class Scheduler {
     }
     const admitted = this.admit();
     const batch = [...this.running, ...admitted];
-    if (batch.length === 0) return { updates: [], retiredCancelled };
+    if (batch.length === 0) return { updates: [], retiredCancelled, failed };
     const entries: StepEntry[] = batch.map((r) => ({
       sequence: r.sequence,
       tokens: r.generated === 0 ? r.tokens : [r.tokens[r.tokens.length - 1]!],
@@ -193,7 +194,17 @@ export class Scheduler {
     const batched = this.chooseBatched(batch, logits);
     for (let i = 0; i < batch.length; i++) {
       const r = batch[i]!;
-      const { tokenId, logprob } = batched[i] ?? r.request.chooser.next(logits[i]!, r.tokens, r.generated);
+      let chosen: { tokenId: number; logprob: number };
+      try {
+        chosen = batched[i] ?? r.request.chooser.next(logits[i]!, r.tokens, r.generated);
+      } catch (error) {
+        // This sequence's choice failed (its logits or its own settings): it ends with the error; the
+        // rest of the batch goes on.
+        failed.push({ id: r.request.id, error });
+        finished.add(r);
+        continue;
+      }
+      const { tokenId, logprob } = chosen;
       r.tokens.push(tokenId);
       r.generated++;
       this.generatedTokens++;
@@ -203,7 +214,7 @@ export class Scheduler {
       updates.push(finish ? { id: r.request.id, token: tokenId, logprob, finish } : { id: r.request.id, token: tokenId, logprob });
     }
     for (let i = this.running.length - 1; i >= 0; i--) if (finished.has(this.running[i]!)) this.retire(i);
-    return { updates, retiredCancelled };
+    return { updates, retiredCancelled, failed };
   }
 
   private retire(index: number): void {

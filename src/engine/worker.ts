@@ -125,9 +125,10 @@ class Worker {
 
   private generationStep(): void {
     try {
-      const { updates, retiredCancelled } = this.scheduler.step();
+      const { updates, retiredCancelled, failed } = this.scheduler.step();
       if (updates.length) send({ type: "step", updates });
       for (const id of retiredCancelled) send({ type: "ended", id, finish: "cancelled" });
+      for (const { id, error } of failed) send({ type: "ended", id, finish: "cancelled", error: serializeError(error) });
     } catch (err) {
       // Followers may be inside a collective this rank abandoned: end the job rather than hang.
       if (this.loaded.comm && !(err instanceof BlossomError && err.code !== "internal")) abortJob(err);

@@ -138,7 +138,8 @@ export class TokenChooser {
     this.params = Object.freeze({ ...params, stop: [...params.stop] });
     this.vocabSize = vocabSize;
     this.eosTokenIds = Object.freeze([...eosTokenIds]);
-    this.greedy = !params.doSample || params.temperature === 0;
+    // A temperature so small that 1/T overflows is the T -> 0 limit of sampling: argmax.
+    this.greedy = !params.doSample || params.temperature === 0 || !Number.isFinite(1 / params.temperature);
     this.rng = this.greedy ? undefined : new Rng(params.seed);
     this.seed = this.rng?.seed;
   }
@@ -214,9 +215,9 @@ export class TokenChooser {
 
   /**
    * Runs the warpers. Leaves the kept tokens in scratch.ids[0..count) with their unnormalised probabilities
-   * exp(logit/T - maxScaled) in scratch.weights, and returns their sum.
+   * exp((logit - maxRaw) / T) in scratch.weights, and returns their sum.
    */
-  private warp(logits: Float32Array): { count: number; total: number; maxScaled: number } {
+  private warp(logits: Float32Array): { count: number; total: number; maxRaw: number } {
     const n = this.vocabSize;
     const { temperature, topK, topP, typicalP } = this.params;
 
@@ -237,7 +238,6 @@ export class TokenChooser {
       count = collectAndWeigh(logits, n, maxRaw, 1 / temperature);
       total = scratch.collectedTotal;
     }
-    const maxScaled = maxRaw / temperature;
 
     if (topP < 1) {
       // TopPLogitsWarper: in decreasing probability, keep a token while the mass before it is < top_p.
@@ -252,11 +252,11 @@ export class TokenChooser {
       count = selectPrefixByMass(count, typicalP * total, true);
       total = sumWeights(count);
     }
-    return { count, total, maxScaled };
+    return { count, total, maxRaw };
   }
 
-  private draw(logits: Float32Array, warped: { count: number; total: number; maxScaled: number }): ChosenToken {
-    const { count, total, maxScaled } = warped;
+  private draw(logits: Float32Array, warped: { count: number; total: number; maxRaw: number }): ChosenToken {
+    const { count, total, maxRaw } = warped;
     const { ids, weights } = scratch;
     const threshold = this.rng!.nextFloat() * total;
     let chosen = -1;
@@ -271,7 +271,8 @@ export class TokenChooser {
       if (weight > 0) chosen = i; // if rounding leaves the threshold above the sum, the last possible token
     }
     const tokenId = ids[chosen]!;
-    const logprob = logits[tokenId]! / this.params.temperature - maxScaled - Math.log(total);
+    // (logit - max) / T rather than logit / T - max / T: finite even where logit / T would overflow.
+    const logprob = (logits[tokenId]! - maxRaw) / this.params.temperature - Math.log(total);
     return { tokenId, logprob };
   }
 }
@@ -306,6 +307,9 @@ function noTokenLeftError(): BlossomError {
  * rounded to float32. A product of two float32 values is exact in a double, and a double quotient rounded to
  * float32 is the correctly rounded float32 quotient, so the stored values are bit-identical.
  */
+/** The largest finite float32. */
+const maxFloat32 = 3.4028234663852886e38;
+
 export function applyRepetitionPenalty(
   logits: Float32Array,
   vocabSize: number,
@@ -314,14 +318,16 @@ export function applyRepetitionPenalty(
 ): void {
   const epoch = scratch.nextSeenEpoch(vocabSize);
   const seen = scratch.seen;
-  const penalty32 = Math.fround(penalty);
+  // In float32 a tiny penalty would round to 0 (score / 0) and a score / penalty overflow: the smallest
+  // normal float32 as the penalty and the float32 range for the result keep every score finite.
+  const penalty32 = Math.max(Math.fround(penalty), 2 ** -126);
   for (let i = 0; i < tokens.length; i++) {
     const token = tokens[i]!;
     if (!(token >= 0 && token < vocabSize && Number.isInteger(token))) throw tokenOutOfRange(i, token, vocabSize);
     if (seen[token] === epoch) continue;
     seen[token] = epoch;
     const score = logits[token]!;
-    logits[token] = score < 0 ? score * penalty32 : score / penalty32;
+    logits[token] = Math.max(-maxFloat32, Math.min(maxFloat32, score < 0 ? score * penalty32 : score / penalty32));
   }
 }
 

@@ -38,6 +38,7 @@ export async function preparePrompt(
   let text: string;
   if (typeof input === "string") {
     if (input.length === 0) throw validationError(field, "must not be empty");
+    if (truncate === undefined) checkTextLength(model, input, field, limits);
     ids = await model.tokenizer.encode(input);
     text = input;
   } else {
@@ -54,10 +55,23 @@ export async function preparePrompt(
     ids = ids.slice(ids.length - truncate);
     text = model.tokenizer.decode(ids, { skipSpecialTokens: false });
   }
-  if (ids.length > limits.maxInputLength) {
-    throw validationError(field, `must have at most ${limits.maxInputLength} tokens (--max-input-length); got ${ids.length}`);
-  }
+  checkTokenCount(ids.length, field, limits);
   return { ids, text };
+}
+
+export function checkTokenCount(tokens: number, field: string, limits: RequestLimits): void {
+  if (tokens > limits.maxInputLength) throw validationError(field, `must have at most ${limits.maxInputLength} tokens (--max-input-length); got ${tokens}`);
+}
+
+/**
+ * Refuses, before tokenizing it, a text too long for --max-input-length tokens however it encodes
+ * (tokenizing megabytes takes seconds of the event loop's time).
+ */
+export function checkTextLength(model: Model, text: string, field: string, limits: RequestLimits): void {
+  const most = limits.maxInputLength * model.tokenizer.maxTokenLength;
+  if (text.length > most) {
+    throw validationError(field, `must have at most ${limits.maxInputLength} tokens (--max-input-length); its ${text.length} characters are more than that many tokens can hold`);
+  }
 }
 
 /** The max_new_tokens a request gets when it does not say. */

@@ -96,6 +96,17 @@ export class BloomTokenizer {
     return padLeft(ids, this.padTokenId ?? 0);
   }
 
+  private longestToken: number | undefined;
+
+  /**
+   * The longest token string, in characters: byte-level BPE spells each byte as one character, so a
+   * text of more UTF-16 units than n times this cannot fit in n tokens (a check before encoding it).
+   */
+  get maxTokenLength(): number {
+    this.longestToken ??= Math.max(1, ...Object.keys(this.tokenizer.getVocab(true)).map((t) => t.length));
+    return this.longestToken;
+  }
+
   /** The token string of an id (null outside the tokenizer's vocabulary). */
   idToToken(id: number): string | null {
     let t = this.tokenCache.get(id);
