@@ -3,6 +3,7 @@
  * The model runs in an engine worker; this side tokenizes, detokenizes, applies stop strings and
  * shapes results.
  */
+import { getMaxListeners, setMaxListeners } from "node:events";
 import { BlossomError, describeValue, knownOptions, parameterError } from "./errors.js";
 import { EngineClient, type EngineHandle } from "./engine/client.js";
 import { ReplicaSet } from "./parallel/replicas.js";
@@ -15,7 +16,7 @@ import { isQuantScheme } from "./quant/scheme.js";
 import type { WeightDType } from "./engine/weights.js";
 import type { LinearPanels } from "./backend/cpu.js";
 import type { KVDType } from "./backend/backend.js";
-import { resolveGenerationParams, type GenerationParams, type GenerationParamsInput } from "./generate/params.js";
+import { hasLoneSurrogate, resolveGenerationParams, type GenerationParams, type GenerationParamsInput } from "./generate/params.js";
 import { IncrementalDecoder, StopStringMatcher, type FinishReason } from "./generate/stopping.js";
 import { resolveModel } from "./hub/resolve.js";
 import { BloomTokenizer } from "./tokenizer/tokenizer.js";
@@ -349,6 +350,9 @@ export class Model {
   }
 
   private async promptIds(prompt: Prompt, index: number): Promise<number[]> {
+    if (typeof prompt === "string" && hasLoneSurrogate(prompt)) {
+      throw new BlossomError("input", `prompts[${index}]: must be well-formed text (it holds a lone UTF-16 surrogate, which is not a character)`);
+    }
     const ids = typeof prompt === "string" ? await this.tokenizer.encode(prompt) : this.checkIds(prompt, `prompts[${index}]`);
     if (ids.length === 0) throw new BlossomError("input", `prompts[${index}]: the prompt is empty: BLOOM needs at least one token to condition on`);
     return ids;
@@ -366,6 +370,8 @@ export class Model {
     // Every prompt is checked before any is submitted; if one is refused later anyway (the engine's
     // capacity), the others are cancelled rather than left running unseen.
     const ids = await Promise.all(prompts.map((p, i) => this.promptIds(p, i)));
+    // Each prompt's run listens to the signal until it ends: more than Node's default 10 is expected here.
+    if (signal && ids.length > 1) setMaxListeners(Math.max(getMaxListeners(signal), ids.length + 10), signal);
     const runs = ids.map((promptIds) => this.run(promptIds, resolved, signal));
     const results = await Promise.all(runs.map((r) => r.done)).catch((err: unknown) => {
       for (const r of runs) r.cancel();

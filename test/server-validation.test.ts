@@ -97,6 +97,9 @@ describe("request validation", () => {
       [{ prompt: "hi", stream: "yes" }, "stream"],
       [{ prompt: "hi", functions: [] }, "functions"],
       [{ prompt: ["a", "b", "c", "d", "e"] }, "prompt"],
+      [{ prompt: "hi", stream_options: { include_usage: true } }, "stream_options"],
+      [{ prompt: "\ud800abc" }, "prompt"],
+      [{ prompt: "hi", stop: ["x".repeat(300)] }, "stop[0]"],
     ];
     for (const [body, param] of cases) {
       const r = await post(`${url}/v1/completions`, body);
@@ -126,6 +129,10 @@ describe("request validation", () => {
       ["/tokenize/", { text: [1] }, "text[0]: must be a string"],
       ["/forward/", { conditioning_text: ["a"], response: ["b", "c"] }, "response: must have as many"],
       ["/forward/", { conditioning_text: ["a"] }, "response: is required"],
+      ["/generate/", { text: ["hi"], stop_sequences: [" "] }, "stop_sequences[0]: must not be only whitespace"],
+      ["/generate/", { text: ["hi"], stop_sequences: ["a", "x".repeat(300)] }, "stop_sequences[1]: must have at most 256 characters"],
+      ["/generate/", { text: ["hi"], pad_token_id: 99999999 }, "pad_token_id: must be a token id"],
+      ["/tokenize/", { text: ["ok", "\udc00"] }, "text[1]: must be well-formed text"],
     ];
     for (const [path, body, text] of cases) {
       const before = (await get(`${url}/query_id/`)).body;
@@ -143,6 +150,18 @@ describe("request validation", () => {
     const form = await fetch(`${url}/generate`, { method: "POST", headers: { "content-type": "application/x-www-form-urlencoded" }, body: "inputs=hi" });
     assert.equal(form.status, 415);
     assert.match(((await form.json()) as { error: string }).error, /unsupported media type/);
+    const plain = await fetch(`${url}/generate`, { method: "POST", headers: { "content-type": "text/plain" }, body: '{"inputs":"hi"}' });
+    assert.equal(plain.status, 415);
+    const latin1 = await fetch(`${url}/generate`, { method: "POST", headers: { "content-type": "application/json; charset=latin1" }, body: '{"inputs":"hi"}' });
+    assert.equal(latin1.status, 415);
+    assert.match(((await latin1.json()) as { error: string }).error, /charset latin1 is not supported/);
+    const bytes = Buffer.concat([Buffer.from('{"inputs":"caf'), Buffer.from([0xe9, 0x20, 0xff]), Buffer.from('"}')]);
+    const invalid = await fetch(`${url}/generate`, { method: "POST", headers: { "content-type": "application/json" }, body: bytes });
+    assert.equal(invalid.status, 400);
+    assert.match(((await invalid.json()) as { error: string }).error, /body: not valid UTF-8/);
+    const minTokens = await post(`${url}/v1/completions`, { prompt: "hi", min_tokens: 40 });
+    assert.equal(minTokens.status, 400);
+    assert.match(minTokens.body.error.message, /^min_tokens: must be an integer >= 0 and <= max_tokens \(\d+\)/);
     const missing = await post(`${url}/v1/chat/completions`, { messages: [] });
     assert.equal(missing.status, 404);
     assert.match(missing.body.error.message, /no route POST \/v1\/chat\/completions/);

@@ -61,6 +61,11 @@ export const maxStopStringLength = 256;
 const integer = z.number().int();
 const probability = z.number().gt(0).lte(1);
 const loneSurrogate = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
+
+/** Whether text holds a UTF-16 surrogate without its pair (not a character: UTF-8 cannot encode it). */
+export function hasLoneSurrogate(text: string): boolean {
+  return loneSurrogate.test(text);
+}
 const stopString = z
   .string()
   .min(1)

@@ -4,7 +4,7 @@
  * and the generation parameters. Each failure names the request's own field.
  */
 import { randomInt } from "node:crypto";
-import { resolveGenerationParams, type GenerationParams, type GenerationParamsInput } from "../generate/params.js";
+import { hasLoneSurrogate, maxStopStringLength, resolveGenerationParams, type GenerationParams, type GenerationParamsInput } from "../generate/params.js";
 import type { Model } from "../model.js";
 import { BlossomError } from "../errors.js";
 import { HttpError, validationError } from "./http-error.js";
@@ -38,6 +38,7 @@ export async function preparePrompt(
   let text: string;
   if (typeof input === "string") {
     if (input.length === 0) throw validationError(field, "must not be empty");
+    checkWellFormed(input, field);
     if (truncate === undefined) checkTextLength(model, input, field, limits);
     ids = await model.tokenizer.encode(input);
     text = input;
@@ -61,6 +62,11 @@ export async function preparePrompt(
 
 export function checkTokenCount(tokens: number, field: string, limits: RequestLimits): void {
   if (tokens > limits.maxInputLength) throw validationError(field, `must have at most ${limits.maxInputLength} tokens (--max-input-length); got ${tokens}`);
+}
+
+/** Refuses text with a lone UTF-16 surrogate, which the tokenizer would silently read as U+FFFD. */
+export function checkWellFormed(text: string, field: string): void {
+  if (hasLoneSurrogate(text)) throw validationError(field, "must be well-formed text (it holds a lone UTF-16 surrogate, which is not a character)");
 }
 
 /**
@@ -97,6 +103,8 @@ export function checkStops(field: string, stops: string[], limits: RequestLimits
   }
   stops.forEach((s, i) => {
     if (s.length === 0) throw validationError(`${field}[${i}]`, "must not be empty");
+    if (s.length > maxStopStringLength) throw validationError(`${field}[${i}]`, `must have at most ${maxStopStringLength} characters (got ${s.length})`);
+    checkWellFormed(s, `${field}[${i}]`);
   });
 }
 
@@ -116,7 +124,10 @@ export function resolveParams(input: GenerationParamsInput, names: Partial<Recor
     if (err instanceof BlossomError) {
       const [camel, ...rest] = err.message.split(":");
       const field = names[camel as keyof GenerationParams] ?? camel!;
-      throw new HttpError("validation", `${field}:${rest.join(":")}`, field);
+      // Other parameters the message refers to ("<= maxNewTokens (16)") by this API's names too.
+      let text = rest.join(":");
+      for (const [name, apiName] of Object.entries(names)) text = text.replace(new RegExp(`\\b${name}\\b`, "g"), apiName);
+      throw new HttpError("validation", `${field}:${text}`, field);
     }
     throw err;
   }

@@ -191,11 +191,27 @@ export async function startServer(serverOptions: ServerOptions): Promise<Blossom
   };
 }
 
+/** Strict UTF-8: a body with invalid bytes is refused rather than read with U+FFFD in their place. */
+const utf8 = new TextDecoder("utf-8", { fatal: true });
+
 /** JSON bodies parsed here so a syntax error says where it is, in the route's own error shape. */
 function installJsonParser(app: FastifyInstance): void {
   app.removeContentTypeParser("application/json");
-  app.addContentTypeParser("application/json", { parseAs: "string" }, (_req, body, done) => {
-    const text = body as string;
+  // Only JSON is accepted: text/plain (fastify's other default) gets the 415 that names the media type.
+  app.removeContentTypeParser("text/plain");
+  app.addContentTypeParser("application/json", { parseAs: "buffer" }, (req, body, done) => {
+    const charset = /;\s*charset\s*=\s*"?([^";\s]+)/i.exec(req.headers["content-type"] ?? "")?.[1]?.toLowerCase();
+    if (charset !== undefined && charset !== "utf-8" && charset !== "utf8") {
+      done(new HttpError("malformed", `body: charset ${charset} is not supported; send JSON in UTF-8`, undefined, 415), undefined);
+      return;
+    }
+    let text: string;
+    try {
+      text = utf8.decode(body as Buffer);
+    } catch {
+      done(new HttpError("malformed", "body: not valid UTF-8 (JSON must be sent in UTF-8)"), undefined);
+      return;
+    }
     if (text.trim().length === 0) {
       done(new HttpError("malformed", "body: empty; expected a JSON object"), undefined);
       return;

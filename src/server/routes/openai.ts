@@ -109,6 +109,7 @@ async function prepare(context: ServerContext, model: Model, body: CompletionReq
   if (body.n != null && body.n !== 1) throw validationError("n", `only 1 completion per prompt is supported (got ${body.n})`);
   if (body.best_of != null && body.best_of !== 1) throw validationError("best_of", `only 1 is supported (got ${body.best_of})`);
   if (body.suffix != null) throw validationError("suffix", "is not supported (insertion); add it to the prompt instead");
+  if (body.stream_options != null && body.stream !== true) throw validationError("stream_options", "only applies with stream: true");
   if (body.logprobs != null && body.logprobs > 0) {
     throw validationError("logprobs", `only 0 (the chosen tokens' log-probabilities, without alternatives) is supported (got ${body.logprobs})`);
   }

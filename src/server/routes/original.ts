@@ -14,7 +14,7 @@ import type { Model } from "../../model.js";
 import { padLeft } from "../../tokenizer/tokenizer.js";
 import type { ServerContext } from "../context.js";
 import { clientClosed, HttpError, validationError } from "../http-error.js";
-import { checkMaxNewTokens, checkStops, checkTextLength, checkTokenCount, defaultMaxNewTokens, preparePrompt, resolveParams } from "../limits.js";
+import { checkMaxNewTokens, checkStops, checkTextLength, checkTokenCount, checkWellFormed, defaultMaxNewTokens, preparePrompt, resolveParams } from "../limits.js";
 import { CancelReason } from "../service.js";
 import { cancelOnDisconnect } from "../sse.js";
 import { parseBody } from "../validate.js";
@@ -98,8 +98,14 @@ export function registerOriginalRoutes(app: FastifyInstance, context: ServerCont
     if (body.num_beams != null && body.num_beams > 1) throw validationError("num_beams", `beam search is not supported; send 1 (got ${body.num_beams})`);
     if (body.num_beam_groups != null && body.num_beam_groups > 1) throw validationError("num_beam_groups", `beam search is not supported; send 1 (got ${body.num_beam_groups})`);
     // The earlier server's stop_sequences: each, stripped, also matched after a space.
-    const stop = (body.stop_sequences ?? []).flatMap((s) => (s.trim() ? [s.trim(), ` ${s.trim()}`] : []));
     checkStops("stop_sequences", body.stop_sequences ?? [], limits);
+    (body.stop_sequences ?? []).forEach((s, i) => {
+      if (s.trim() === "") throw validationError(`stop_sequences[${i}]`, "must not be only whitespace (stop sequences are matched stripped)");
+    });
+    const stop = (body.stop_sequences ?? []).flatMap((s) => [s.trim(), ` ${s.trim()}`]);
+    if (body.pad_token_id != null && body.pad_token_id >= model.config.vocabSize) {
+      throw validationError("pad_token_id", `must be a token id in [0, ${model.config.vocabSize}) (got ${body.pad_token_id})`);
+    }
     const inputLimits = body.max_input_length != null ? { ...limits, maxInputLength: Math.min(limits.maxInputLength, body.max_input_length) } : limits;
     const prompts = await Promise.all(body.text.map((t, i) => preparePrompt(model, t, `text[${i}]`, inputLimits)));
     // The original took temperature 0 for greedy.
@@ -160,7 +166,10 @@ export function registerOriginalRoutes(app: FastifyInstance, context: ServerCont
     const body = parseBody(tokenizeSchema, req.body);
     const model = context.service.readyModel();
     const limits = context.limits(model);
-    body.text.forEach((t, i) => checkTextLength(model, t, `text[${i}]`, limits));
+    body.text.forEach((t, i) => {
+      checkWellFormed(t, `text[${i}]`);
+      checkTextLength(model, t, `text[${i}]`, limits);
+    });
     const ids = await Promise.all(body.text.map((t) => model.tokenizer.encode(t)));
     ids.forEach((row, i) => checkTokenCount(row.length, `text[${i}]`, limits));
     const padded = body.padding ? padLeft(ids, model.tokenizer.padTokenId ?? 0) : undefined;
