@@ -100,6 +100,7 @@ describe("request validation", () => {
       [{ prompt: "hi", stream_options: { include_usage: true } }, "stream_options"],
       [{ prompt: "\ud800abc" }, "prompt"],
       [{ prompt: "hi", stop: ["x".repeat(300)] }, "stop[0]"],
+      [{ prompt: "hi", logit_bias: [] }, "logit_bias"],
     ];
     for (const [body, param] of cases) {
       const r = await post(`${url}/v1/completions`, body);
@@ -159,6 +160,9 @@ describe("request validation", () => {
     const invalid = await fetch(`${url}/generate`, { method: "POST", headers: { "content-type": "application/json" }, body: bytes });
     assert.equal(invalid.status, 400);
     assert.match(((await invalid.json()) as { error: string }).error, /body: not valid UTF-8/);
+    const badUrl = await get(`${url}/v1/models%`);
+    assert.equal(badUrl.status, 400);
+    assert.match(badUrl.body.error.message, /^url: .* is not a valid url component/);
     const minTokens = await post(`${url}/v1/completions`, { prompt: "hi", min_tokens: 40 });
     assert.equal(minTokens.status, 400);
     assert.match(minTokens.body.error.message, /^min_tokens: must be an integer >= 0 and <= max_tokens \(\d+\)/);

@@ -52,6 +52,10 @@ export async function startServer(serverOptions: ServerOptions): Promise<Blossom
     bodyLimit: 4 * 1024 * 1024,
     // "/generate" (TGI) and "/generate/" (the original server) are different APIs.
     routerOptions: { ignoreTrailingSlash: false },
+    // A URL the router cannot decode ("/health%") is answered in the API's own error shape, not fastify's.
+    frameworkErrors: (err, request, reply) => {
+      void (reply as FastifyReply).code(400).send(errorBody(new HttpError("malformed", `url: ${err.message}`), familyOf(request as FastifyRequest)));
+    },
   });
 
   const batchTotalTokens = (model: Model) => Math.min(model.info.kvCacheTokens, options.maxBatchTotalTokens ?? Infinity);

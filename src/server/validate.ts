@@ -48,6 +48,7 @@ const typeNames: Record<string, string> = {
   boolean: "a boolean",
   array: "an array",
   object: "an object",
+  record: "an object",
   null: "null",
 };
 
@@ -110,6 +111,8 @@ function issueToError(issue: z.core.$ZodIssue, body: unknown, schema: z.ZodType)
       const bound = `${issue.inclusive ? "<=" : "<"} ${issue.maximum}`;
       if (origin === "array" || origin === "set") expectation = `must have at most ${issue.maximum} items`;
       else if (origin === "string") expectation = `must be at most ${issue.maximum} characters`;
+      // zod's integers stop at 2^53 - 1: past it the number is no longer an exact integer at all.
+      else if (Number(issue.maximum) === Number.MAX_SAFE_INTEGER) expectation = "must be a safe integer (at most 2^53 - 1)";
       else expectation = `must be ${bound}`;
       break;
     }
