@@ -354,6 +354,10 @@ export class Model {
       throw new BlossomError("input", `prompts[${index}]: must be well-formed text (it holds a lone UTF-16 surrogate, which is not a character)`);
     }
     const ids = typeof prompt === "string" ? await this.tokenizer.encode(prompt) : this.checkIds(prompt, `prompts[${index}]`);
+    if (typeof prompt === "string") {
+      const bad = ids.find((id) => id >= this.config.vocabSize);
+      if (bad !== undefined) throw new BlossomError("checkpoint", `${this.tokenizer.file}: encodes prompts[${index}] to token id ${bad}, outside config.json's vocab_size ${this.config.vocabSize}`);
+    }
     if (ids.length === 0) throw new BlossomError("input", `prompts[${index}]: the prompt is empty: BLOOM needs at least one token to condition on`);
     return ids;
   }

@@ -77,27 +77,38 @@ describe("checkpoint layouts", () => {
     });
   });
 
-  test("an explicit lm_head.weight is used (and equals the tied result)", () => {
-    withCopy("tiny-bloom-a", (dir) => {
-      const file = join(dir, "model.safetensors");
-      const { header, data } = readParts(file);
-      const emb = header["word_embeddings.weight"] as { dtype: string; shape: number[]; data_offsets: [number, number] };
-      const bytes = data.subarray(emb.data_offsets[0], emb.data_offsets[1]);
-      header["lm_head.weight"] = { dtype: emb.dtype, shape: emb.shape, data_offsets: [data.length, data.length + bytes.length] };
-      writeParts(file, header, Buffer.concat([data, bytes]));
-      const golden = new Golden("tiny-bloom-a");
-      const loaded = loadEngine(dir, { kvCacheTokens: 64 });
-      try {
-        const c = golden.manifest.cases.single;
-        const [logits] = loaded.engine.step([{ sequence: loaded.engine.createSequence(), tokens: c.input_ids, logits: "all" }]);
-        assert.ok(maxAbsDiff(logits!, golden.tensor(c.logits).data) <= 1e-4);
-        assert.equal(bloomTensors(loaded.checkpoint).lmHeadTied, false);
-      } finally {
-        loaded.dispose();
-        golden.dispose();
-      }
+  for (const tie of [true, false]) {
+    test(`a stored lm_head.weight: ${tie ? "tied (the default), the embeddings are the head, as transformers ties them" : "tie_word_embeddings false, the stored head is used"}`, () => {
+      withCopy("tiny-bloom-a", (dir) => {
+        const file = join(dir, "model.safetensors");
+        const { header, data } = readParts(file);
+        const emb = header["word_embeddings.weight"] as { dtype: string; shape: number[]; data_offsets: [number, number] };
+        // A head of the embeddings' rows reversed: whether it is read shows in the logits.
+        const rows = emb.shape[0]!, rowBytes = (emb.data_offsets[1] - emb.data_offsets[0]) / rows;
+        const reversed = Buffer.concat(Array.from({ length: rows }, (_, r) => data.subarray(emb.data_offsets[0] + (rows - 1 - r) * rowBytes, emb.data_offsets[0] + (rows - r) * rowBytes)));
+        header["lm_head.weight"] = { dtype: emb.dtype, shape: emb.shape, data_offsets: [data.length, data.length + reversed.length] };
+        writeParts(file, header, Buffer.concat([data, reversed]));
+        if (!tie) editJson(join(dir, "config.json"), (c) => void (c.tie_word_embeddings = false));
+        const golden = new Golden("tiny-bloom-a");
+        const loaded = loadEngine(dir, { kvCacheTokens: 64 });
+        try {
+          const c = golden.manifest.cases.single;
+          const [logits] = loaded.engine.step([{ sequence: loaded.engine.createSequence(), tokens: c.input_ids, logits: "all" }]);
+          const expected = golden.tensor(c.logits).data;
+          if (tie) assert.ok(maxAbsDiff(logits!, expected) <= 1e-4);
+          else {
+            // Logit v of the reversed head is the tied model's logit (vocab - 1 - v).
+            const V = rows, first = logits!.subarray(0, V), golden0 = expected.subarray(0, V);
+            assert.ok(maxAbsDiff(first, golden0.slice().reverse()) <= 1e-4);
+          }
+          assert.equal(bloomTensors(loaded.checkpoint).lmHeadTied, tie);
+        } finally {
+          loaded.dispose();
+          golden.dispose();
+        }
+      });
     });
-  });
+  }
 
   test("weights are memory-mapped, not copied, and dispose() unmaps them", () => {
     const loaded = loadEngine(fixtureDir("trained-bloom-small"), { kvCacheTokens: 64 });
@@ -204,6 +215,40 @@ describe("malformed checkpoints fail with errors naming the file and tensor", ()
     withCopy("tiny-bloom-b", (dir) => {
       editJson(join(dir, "config.json"), (c) => (c.torch_dtype = "float16"));
       assertLoadFails(dir, "safetensors", "is bf16 but config.json says torch_dtype float16");
+    }));
+
+  test("a tensor name listed twice (JSON keeps the last) leaves bytes no tensor covers", () =>
+    withCopy("tiny-bloom-a", (dir) => {
+      const file = join(dir, "model.safetensors");
+      const { header, data } = readParts(file);
+      const bias = header["ln_f.bias"] as { dtype: string; shape: number[]; data_offsets: [number, number] };
+      const fives = Buffer.alloc(bias.data_offsets[1] - bias.data_offsets[0]);
+      for (let i = 0; i < fives.length; i += 4) fives.writeFloatLE(5, i);
+      // The header text with a second "ln_f.bias" entry, pointing at appended bytes: JSON.parse keeps it.
+      const second = JSON.stringify({ ...bias, data_offsets: [data.length, data.length + fives.length] });
+      const text = JSON.stringify(header).replace(/\}$/, `,"ln_f.bias":${second}}`);
+      writeParts(file, text, Buffer.concat([data, fives]));
+      assertLoadFails(dir, file, `bytes ${bias.data_offsets[0]}-${bias.data_offsets[1]} belong to no tensor`);
+    }));
+
+  test("trailing bytes after the last tensor", () =>
+    withCopy("tiny-bloom-a", (dir) => {
+      const file = join(dir, "model.safetensors");
+      const { header, data } = readParts(file);
+      writeParts(file, header, Buffer.concat([data, Buffer.alloc(1000)]));
+      assertLoadFails(dir, file, `bytes ${data.length}-${data.length + 1000} belong to no tensor`);
+    }));
+
+  test("an n_layer far beyond the stored tensors fails at once, before listing that many layers", () =>
+    withCopy("tiny-bloom-a", (dir) => {
+      editJson(join(dir, "config.json"), (c) => void (c.n_layer = 1e9));
+      assertLoadFails(dir, join(dir, "config.json"), "n_layer 1000000000 needs 12 tensors a layer");
+    }));
+
+  test("a weight_map naming '.' as a shard", () =>
+    withCopy("tiny-bloom-b", (dir) => {
+      editJson(join(dir, "model.safetensors.index.json"), (j) => void ((j.weight_map as Record<string, string>)["ln_f.bias"] = "."));
+      assertLoadFails(dir, "model.safetensors.index.json", 'weight_map["ln_f.bias"] must be a file name');
     }));
 
   test("a missing tensor", () =>

@@ -97,7 +97,7 @@ describe("CLI errors name what is wrong", () => {
     cpSync(model, copy, { recursive: true });
     rmSync(join(copy, "model.safetensors"));
     mkdirSync(join(copy, "model.safetensors"));
-    refused(["generate", "-m", copy, "hi"], /model\.safetensors: is not a file/);
+    refused(["generate", "-m", copy, "hi"], /model\.safetensors: is not a regular file/);
   });
 
   test("serve: a busy port is named", async () => {

@@ -8,6 +8,9 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import { BlossomError, loadModel, type Model } from "../src/index.js";
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { copyCheckpoint, editJson } from "./helpers/checkpoint-edit.js";
 import { fixtureDir } from "./helpers/fixtures.js";
 
 const fixture = fixtureDir("tiny-bloom-a");
@@ -167,6 +170,37 @@ describe("one sequence's failure stays its own", () => {
     assert.equal(penalised.numGeneratedTokens[0], 6);
     for await (const e of model.stream("hello", { maxNewTokens: 3, doSample: true, temperature: 1e-308, seed: 2 })) {
       if (e.token) assert.ok(Number.isFinite(e.token.logprob), `logprob ${e.token.logprob}`);
+    }
+  });
+});
+
+describe("tokenizer files that do not fit the model", () => {
+  test("a tokenizer_config.json that is not an object is named", async () => {
+    const copy = copyCheckpoint(fixture);
+    try {
+      writeFileSync(join(copy.dir, "tokenizer_config.json"), "null");
+      await assert.rejects(loadModel(copy.dir), (err: unknown) => err instanceof BlossomError && /tokenizer_config\.json: expected a JSON object/.test(err.message));
+    } finally {
+      copy.cleanup();
+    }
+  });
+
+  test("a tokenizer whose ids run past vocab_size is named when it encodes such an id", async () => {
+    const copy = copyCheckpoint(fixture);
+    try {
+      editJson(join(copy.dir, "tokenizer.json"), (t) => {
+        const vocab = (t.model as { vocab: Record<string, number> }).vocab;
+        for (const k of Object.keys(vocab)) if (vocab[k]! >= 4) vocab[k] = vocab[k]! + 10_000;
+      });
+      // Its token count still fits vocab_size, so it loads; the ids it produces are caught by name.
+      const model = await loadModel(copy.dir);
+      try {
+        await assert.rejects(model.generate(["hello"], { maxNewTokens: 2 }), (err: unknown) => err instanceof BlossomError && /tokenizer\.json: encodes prompts\[0\] to token id \d+, outside config\.json's vocab_size 1536/.test(err.message));
+      } finally {
+        await model.dispose();
+      }
+    } finally {
+      copy.cleanup();
     }
   });
 });

@@ -39,7 +39,7 @@ function listWeightFiles(dir: string): { files: string[]; weightMap: Map<string,
     }
     const map = new Map<string, string>();
     for (const [name, shard] of Object.entries(weightMap)) {
-      if (typeof shard !== "string" || shard.includes("/") || shard.includes("\\") || shard === "..") {
+      if (typeof shard !== "string" || shard.includes("/") || shard.includes("\\") || shard === ".." || shard === "." || shard === "") {
         throw checkpointError(indexPath, `weight_map["${name}"] must be a file name in the checkpoint folder, got ${JSON.stringify(shard)}`);
       }
       map.set(name, shard);

@@ -19,6 +19,8 @@ export interface BloomConfig {
   headDim: number; // hidden_size / n_head
   layerNormEpsilon: number; // layer_norm_epsilon
   applyResidualConnectionPostLayernorm: boolean; // apply_residual_connection_post_layernorm
+  /** The LM head is the word embeddings (transformers' default for BLOOM); a stored lm_head.weight is then not used. */
+  tieWordEmbeddings: boolean; // tie_word_embeddings
   bosTokenId: number | undefined; // bos_token_id
   eosTokenIds: number[]; // eos_token_id (a number or a list)
   padTokenId: number | undefined; // pad_token_id
@@ -51,6 +53,7 @@ const configSchema = z
     num_attention_heads: positiveInt.optional(),
     layer_norm_epsilon: z.number().positive().finite().default(1e-5),
     apply_residual_connection_post_layernorm: z.boolean().default(false),
+    tie_word_embeddings: z.boolean().default(true),
     bos_token_id: tokenId.nullish(),
     eos_token_id: z.union([tokenId, z.array(tokenId)]).nullish(),
     pad_token_id: tokenId.nullish(),
@@ -113,6 +116,7 @@ export function parseBloomConfig(json: unknown, file: string): BloomConfig {
     headDim: hiddenSize / numHeads,
     layerNormEpsilon: c.layer_norm_epsilon,
     applyResidualConnectionPostLayernorm: c.apply_residual_connection_post_layernorm,
+    tieWordEmbeddings: c.tie_word_embeddings,
     bosTokenId: c.bos_token_id ?? undefined,
     eosTokenIds,
     padTokenId: c.pad_token_id ?? undefined,

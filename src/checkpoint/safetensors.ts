@@ -6,8 +6,8 @@
  * N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}},
  * then the data section; offsets are relative to its start.
  */
-import { closeSync, fstatSync, openSync, readSync } from "node:fs";
-import { checkpointError } from "../errors.js";
+import { closeSync, fstatSync, openSync, readSync, statSync } from "node:fs";
+import { BlossomError, checkpointError } from "../errors.js";
 import { native, type NativeRegion, type StorageDType } from "../backend/native.js";
 
 /** Safetensors dtype names Blossom reads, with their storage dtype and element size. */
@@ -36,6 +36,20 @@ export interface SafetensorsHeader {
   fileSize: number;
   metadata: Record<string, string>;
   tensors: Map<string, { dtype: SafetensorsDtype; shape: number[]; begin: number; end: number }>;
+  /**
+   * The first data bytes that belong to no tensor, if any: a hole, trailing data, or a name listed
+   * twice (JSON keeps the last). The safetensors library refuses such files; the loader does too,
+   * after its checks of names and shapes, which say more when a tensor is missing.
+   */
+  uncovered: [number, number] | undefined;
+}
+
+/** Refuses a file whose data section is not exactly covered by its tensors (see SafetensorsHeader.uncovered). */
+export function checkCoverage(file: string, header: SafetensorsHeader): void {
+  if (!header.uncovered) return;
+  const [a, b] = header.uncovered;
+  const size = header.fileSize - header.dataStart;
+  throw checkpointError(file, `data section: bytes ${a}-${b} belong to no tensor (a hole, trailing data, or a tensor name listed twice); the tensors must cover the ${size} bytes exactly`);
 }
 
 /** The safetensors library refuses headers above 100 MB; so do we. */
@@ -45,14 +59,15 @@ const maxHeaderBytes = 100_000_000;
 export function readSafetensorsHeader(file: string): SafetensorsHeader {
   let fd: number;
   try {
+    // Checked before opening: opening a FIFO would wait for a writer.
+    if (!statSync(file).isFile()) throw checkpointError(file, "is not a regular file (a folder or a pipe?); expected a safetensors file");
     fd = openSync(file, "r");
   } catch (err) {
+    if (err instanceof BlossomError) throw err;
     throw checkpointError(file, `cannot open (${(err as NodeJS.ErrnoException).code ?? String(err)})`);
   }
   try {
-    const stat = fstatSync(fd);
-    if (!stat.isFile()) throw checkpointError(file, "is not a file (a folder?); expected a safetensors file");
-    const fileSize = stat.size;
+    const fileSize = fstatSync(fd).size;
     if (fileSize < 8) throw checkpointError(file, `file is ${fileSize} bytes; a safetensors file starts with an 8-byte header length`);
     const lenBuf = Buffer.alloc(8);
     readSync(fd, lenBuf, 0, 8, 0);
@@ -121,7 +136,16 @@ export function readSafetensorsHeader(file: string): SafetensorsHeader {
         throw checkpointError(file, `tensor "${name}" (bytes ${cur.begin}-${cur.end}) overlaps tensor "${prevName}" (bytes ${prev.begin}-${prev.end})`);
       }
     }
-    return { headerLength, dataStart, fileSize, metadata, tensors };
+    // The tensors must cover the data section exactly, as the safetensors library requires: bytes that
+    // belong to no tensor mean a hole, trailing data, or a name listed twice (JSON keeps the last).
+    let covered = 0;
+    for (const [, t] of byBegin) {
+      if (t.begin !== covered) break;
+      covered = t.end;
+    }
+    const uncovered: [number, number] | undefined =
+      covered === dataSize ? undefined : [covered, byBegin.find(([, t]) => t.begin > covered)?.[1].begin ?? dataSize];
+    return { headerLength, dataStart, fileSize, metadata, tensors, uncovered };
   } finally {
     closeSync(fd);
   }
@@ -146,7 +170,8 @@ export class SafetensorsFile {
     try {
       region = native().mapFile(file);
     } catch (err) {
-      throw checkpointError(file, (err as Error).message);
+      const message = (err as Error).message;
+      throw checkpointError(file, message.startsWith(`${file}: `) ? message.slice(file.length + 2) : message);
     }
     return new SafetensorsFile(file, header, region);
   }

@@ -3,9 +3,10 @@
  * "transformer." prefix, accepts a tied or explicit lm_head, and checks every tensor's shape and
  * dtype against the config before anything is computed.
  */
+import { join } from "node:path";
 import type { Checkpoint } from "../checkpoint/checkpoint.js";
 import type { BloomConfig } from "../checkpoint/config.js";
-import type { TensorView } from "../checkpoint/safetensors.js";
+import { checkCoverage, type TensorView } from "../checkpoint/safetensors.js";
 import { checkpointError } from "../errors.js";
 import type { StorageDType } from "../backend/native.js";
 
@@ -76,6 +77,10 @@ export function canonicalBloomName(name: string): string {
  */
 export function bloomTensors(checkpoint: Checkpoint, options: { isExtraTensor?: (canonicalName: string) => boolean } = {}): BloomTensors {
   const { config } = checkpoint;
+  // Checked before listing every layer's tensors: a corrupt n_layer (1e9) must not build a map that large.
+  if (config.numLayers * 12 > checkpoint.tensors.size) {
+    throw checkpointError(join(checkpoint.dir, "config.json"), `n_layer ${config.numLayers} needs 12 tensors a layer, but the checkpoint holds ${checkpoint.tensors.size} tensors in all`);
+  }
   const shapes = bloomTensorShapes(config);
   const byName = new Map<string, TensorView>();
   let lmHead: TensorView | undefined;
@@ -110,6 +115,14 @@ export function bloomTensors(checkpoint: Checkpoint, options: { isExtraTensor?: 
     }
   }
   if (lmHead) checkShape(lmHead, [config.vocabSize, config.hiddenSize], config);
+  for (const f of checkpoint.files) checkCoverage(f.file, f.header);
+  // Tied (transformers' default for BLOOM): the head is the embeddings, as BloomForCausalLM.tie_weights()
+  // makes it; a stored copy is not read. Untied: the stored head is required.
+  if (config.tieWordEmbeddings) lmHead = undefined;
+  else if (!lmHead) throw checkpointError(checkpoint.dir, `missing tensor "lm_head.weight" (config.json has tie_word_embeddings false)`);
+  else if (expectedDtype && lmHead.dtype !== expectedDtype && !config.quantization) {
+    throw checkpointError(lmHead.file, `tensor "${lmHead.name}" is ${lmHead.dtype} but config.json says torch_dtype ${config.torchDtype}`);
+  }
   const get = (name: string) => byName.get(name)!;
   const norm = (p: string): NormTensors => ({ weight: get(`${p}.weight`), bias: get(`${p}.bias`) });
   const linear = (p: string): LinearTensors => ({ weight: get(`${p}.weight`), bias: get(`${p}.bias`) });

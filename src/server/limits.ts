@@ -39,7 +39,7 @@ export async function preparePrompt(
   if (typeof input === "string") {
     if (input.length === 0) throw validationError(field, "must not be empty");
     checkWellFormed(input, field);
-    if (truncate === undefined) checkTextLength(model, input, field, limits);
+    if (truncate === undefined) await checkTextLength(model, input, field, limits);
     ids = await model.tokenizer.encode(input);
     text = input;
   } else {
@@ -70,13 +70,16 @@ export function checkWellFormed(text: string, field: string): void {
 }
 
 /**
- * Refuses, before tokenizing it, a text too long for --max-input-length tokens however it encodes
- * (tokenizing megabytes takes seconds of the event loop's time).
+ * Refuses a long text by tokenizing only its start (tokenizing megabytes takes seconds): if the first
+ * 16 characters a token allowed already give more tokens than --max-input-length (one spare for a
+ * token the cut may split), the whole text does too.
  */
-export function checkTextLength(model: Model, text: string, field: string, limits: RequestLimits): void {
-  const most = limits.maxInputLength * model.tokenizer.maxTokenLength;
-  if (text.length > most) {
-    throw validationError(field, `must have at most ${limits.maxInputLength} tokens (--max-input-length); its ${text.length} characters are more than that many tokens can hold`);
+export async function checkTextLength(model: Model, text: string, field: string, limits: RequestLimits): Promise<void> {
+  const probe = limits.maxInputLength * 16;
+  if (text.length <= probe) return;
+  const tokens = (await model.tokenizer.encode(text.slice(0, probe))).length;
+  if (tokens > limits.maxInputLength + 1) {
+    throw validationError(field, `must have at most ${limits.maxInputLength} tokens (--max-input-length); its first ${probe} characters alone are ${tokens}`);
   }
 }
 

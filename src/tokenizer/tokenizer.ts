@@ -70,11 +70,14 @@ export class BloomTokenizer {
     let config: Record<string, unknown> = {};
     const configFile = join(dir, "tokenizer_config.json");
     if (existsSync(configFile)) {
+      let parsed: unknown;
       try {
-        config = JSON.parse(readFileSync(configFile, "utf8")) as Record<string, unknown>;
+        parsed = JSON.parse(readFileSync(configFile, "utf8"));
       } catch (err) {
         throw new BlossomError("tokenizer", `${configFile}: invalid JSON (${(err as Error).message})`);
       }
+      if (typeof parsed !== "object" || parsed === null || Array.isArray(parsed)) throw new BlossomError("tokenizer", `${configFile}: expected a JSON object`);
+      config = parsed as Record<string, unknown>;
     }
     return new BloomTokenizer(file, tokenizer, readAddedTokens(file), config);
   }
@@ -94,17 +97,6 @@ export class BloomTokenizer {
   async encodeBatch(texts: string[]): Promise<BatchEncoding> {
     const ids = await Promise.all(texts.map((t) => this.encode(t)));
     return padLeft(ids, this.padTokenId ?? 0);
-  }
-
-  private longestToken: number | undefined;
-
-  /**
-   * The longest token string, in characters: byte-level BPE spells each byte as one character, so a
-   * text of more UTF-16 units than n times this cannot fit in n tokens (a check before encoding it).
-   */
-  get maxTokenLength(): number {
-    this.longestToken ??= Math.max(1, ...Object.keys(this.tokenizer.getVocab(true)).map((t) => t.length));
-    return this.longestToken;
   }
 
   /** The token string of an id (null outside the tokenizer's vocabulary). */

@@ -166,10 +166,8 @@ export function registerOriginalRoutes(app: FastifyInstance, context: ServerCont
     const body = parseBody(tokenizeSchema, req.body);
     const model = context.service.readyModel();
     const limits = context.limits(model);
-    body.text.forEach((t, i) => {
-      checkWellFormed(t, `text[${i}]`);
-      checkTextLength(model, t, `text[${i}]`, limits);
-    });
+    body.text.forEach((t, i) => checkWellFormed(t, `text[${i}]`));
+    await Promise.all(body.text.map((t, i) => checkTextLength(model, t, `text[${i}]`, limits)));
     const ids = await Promise.all(body.text.map((t) => model.tokenizer.encode(t)));
     ids.forEach((row, i) => checkTokenCount(row.length, `text[${i}]`, limits));
     const padded = body.padding ? padLeft(ids, model.tokenizer.padTokenId ?? 0) : undefined;

@@ -244,7 +244,7 @@ export function registerTgiRoutes(app: FastifyInstance, context: ServerContext):
     if (body.inputs.length === 0) throw validationError("inputs", "must not be empty");
     const limits = context.limits(model);
     checkWellFormed(body.inputs, "inputs");
-    checkTextLength(model, body.inputs, "inputs", limits);
+    await checkTextLength(model, body.inputs, "inputs", limits);
     const { ids, offsets } = await model.tokenizer.encodeWithOffsets(body.inputs);
     checkTokenCount(ids.length, "inputs", limits);
     // Offsets count characters (code points), as TGI's do; slice by code point, not UTF-16 unit.
