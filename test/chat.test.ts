@@ -20,8 +20,10 @@ describe("blossom chat", () => {
       assert.ok(chat.stdout.slice(from).includes(" of the first month, in the first month, in the"));
 
       from = chat.stdout.length;
-      chat.write("/set max_new_tokens 2000\n/set min_new_tokens 2000\n/set top_p 2\n/set bogus 1\n");
+      chat.write("/set max_new_tokens 2000\n/set min_new_tokens 2000\n/set top_p 2\n/set constructor 1\n/set bogus 1\n");
       await chat.waitFor("stdout", /error: bogus: not a setting/, from);
+      // Names that every object inherits are not settings either.
+      assert.match(chat.stdout.slice(from), /error: constructor: not a setting/);
       const replies = chat.stdout.slice(from);
       assert.match(replies, /max_new_tokens = 2000/);
       assert.match(replies, /min_new_tokens = 2000/);

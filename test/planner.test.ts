@@ -27,6 +27,8 @@ describe("planner", () => {
     assert.throws(() => parseMaxMemory("0"), /device 0 needs a size/);
     assert.throws(() => parseMaxMemory("0:1GiB,0:2GiB"), /listed twice/);
     assert.throws(() => parseMaxMemory("0:lots"), /--max-memory 0/);
+    assert.throws(() => parseMaxMemory("cpu:1GiB,disk:1KiB"), /disk takes no size/);
+    assert.throws(() => parseMaxMemory("99999999999999999999:1GiB"), /is not a device/);
   });
 
   test("sequential: device 0 keeps room for the largest remaining layer, the rest spills to device 1", () => {

@@ -3,7 +3,7 @@ import { accessSync, constants, existsSync, statSync } from "node:fs";
 import { dirname, resolve } from "node:path";
 import { InvalidArgumentError, Option, type Command } from "commander";
 import { BlossomError } from "../errors.js";
-import { loadModel, strategies, type LoadModelOptions, type Model, type ModelDType, type Strategy } from "../model.js";
+import { loadModel, mpiRank, mpiWorldSize, strategies, type LoadModelOptions, type Model, type ModelDType, type Strategy } from "../model.js";
 import { placementModes, type PlacementMode } from "../parallel/planner.js";
 import { kvDtypes, type KVDType } from "../backend/backend.js";
 import { defaultGroupSize } from "../quant/scheme.js";
@@ -83,6 +83,10 @@ export function addModelOptions(command: Command, options: { modelRequired?: boo
 /** Loads the model the CLI options name, reporting strategy "auto"'s choice on stderr. */
 export async function loadModelForCli(o: ModelCliOptions, extra: LoadModelOptions = {}): Promise<Model> {
   const model = await loadModel(o.model, { ...modelOptionsFromCli(o), ...extra });
+  const ranks = mpiWorldSize();
+  if (ranks > 1 && o.strategy !== "tensor" && o.strategy !== "auto" && mpiRank() === 0) {
+    process.stderr.write(`blossom: launched by mpirun with ${ranks} ranks, but --strategy ${o.strategy} runs the whole job on every rank (--strategy tensor splits it)\n`);
+  }
   if (o.strategy === "tensor" && (model.info.tensorParallel?.size ?? 1) === 1) {
     process.stderr.write("blossom: --strategy tensor on 1 rank: launch it with mpirun -np N to split every layer over N processes\n");
   }

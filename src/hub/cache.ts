@@ -10,9 +10,10 @@
  *     .no_exist/<commit>/<filename>   empty marker: the file is known to be absent at that commit
  *   <cache>/.locks/models--org--name/ lock files (Blossom's are `<etag>.blossom.lock`)
  */
+import { createFolderAsync } from "../folders.js";
 import { randomBytes } from "node:crypto";
 import { constants as fsConstants } from "node:fs";
-import { copyFile, lstat, mkdir, readFile, readdir, realpath, rename, rm, stat, symlink, writeFile } from "node:fs/promises";
+import { copyFile, lstat, readFile, readdir, realpath, rename, rm, stat, symlink, writeFile } from "node:fs/promises";
 import { dirname, join, relative, sep } from "node:path";
 import { BlossomError } from "../errors.js";
 import { isCommitHash } from "./ref.js";
@@ -101,7 +102,7 @@ export async function writeRef(paths: RepoCachePaths, revision: string, commit: 
 
 export async function markNoExist(paths: RepoCachePaths, commit: string, filename: string): Promise<void> {
   const marker = paths.noExist(commit, filename);
-  await mkdir(dirname(marker), { recursive: true });
+  await createFolderAsync(dirname(marker));
   await writeFile(marker, "");
 }
 
@@ -112,7 +113,7 @@ export async function markNoExist(paths: RepoCachePaths, commit: string, filenam
  * half-made pointer (and a copy never writes through an existing link into the blob).
  */
 export async function linkPointer(blobPath: string, pointerPath: string): Promise<void> {
-  await mkdir(dirname(pointerPath), { recursive: true });
+  await createFolderAsync(dirname(pointerPath));
   const temporary = `${pointerPath}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`;
   try {
     await symlink(relative(dirname(pointerPath), blobPath), temporary);
@@ -124,7 +125,7 @@ export async function linkPointer(blobPath: string, pointerPath: string): Promis
 
 /** A write that readers never see half done. */
 export async function writeFileAtomic(path: string, content: string): Promise<void> {
-  await mkdir(dirname(path), { recursive: true });
+  await createFolderAsync(dirname(path));
   const temporary = `${path}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`;
   await writeFile(temporary, content);
   await rename(temporary, path);

@@ -5,8 +5,9 @@
  * beside it: created exclusively, holding the owner's pid and host, touched while held, and taken
  * over when the owner is gone (same host, dead pid) or has not touched it for a minute.
  */
+import { createFolderAsync } from "../folders.js";
 import { hostname } from "node:os";
-import { mkdir, open, readFile, rm, stat, utimes } from "node:fs/promises";
+import { open, readFile, rm, stat, utimes } from "node:fs/promises";
 import { dirname } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { abortedError } from "./api.js";
@@ -51,7 +52,7 @@ async function isStale(lockPath: string): Promise<boolean> {
  * The wait ends when that owner finishes, dies or stops touching the lock.
  */
 export async function withFileLock<T>(lockPath: string, what: string, signal: AbortSignal | undefined, fn: () => Promise<T>): Promise<T> {
-  await mkdir(dirname(lockPath), { recursive: true });
+  await createFolderAsync(dirname(lockPath));
   for (;;) {
     if (signal?.aborted) throw abortedError(what);
     try {

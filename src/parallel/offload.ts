@@ -9,7 +9,8 @@
  * in-memory dtype differs they are converted once, at load, into --offload-folder (as Accelerate
  * writes its offload folder).
  */
-import { closeSync, mkdirSync, openSync, writeSync } from "node:fs";
+import { createFolder } from "../folders.js";
+import { closeSync, openSync, renameSync, rmSync, writeSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import type { Backend, DeviceMatrix } from "../backend/backend.js";
 import type { CpuMatrix, CpuQuantizedMatrix } from "../backend/cpu.js";
@@ -312,7 +313,7 @@ function requireFolder(options: OffloadOptions, what: string, source: string): s
     throw new BlossomError("parameter", `offloadFolder: ${options.offloadFolder} is the checkpoint's own folder; the converted weights need a folder of their own`);
   }
   try {
-    mkdirSync(options.offloadFolder, { recursive: true });
+    createFolder(options.offloadFolder);
   } catch (err) {
     throw new BlossomError("parameter", `offloadFolder: cannot use ${options.offloadFolder} as a folder (${(err as NodeJS.ErrnoException).code ?? String(err)})`);
   }
@@ -322,16 +323,24 @@ function requireFolder(options: OffloadOptions, what: string, source: string): s
 /** Converts a matrix to `dtype` and writes it to `file` (the offload folder). */
 function writeConverted(backend: Backend, view: TensorView, dtype: StorageDType, file: string): MatrixSource {
   const m = backend.matrix(view, dtype) as CpuMatrix;
-  const fd = openSync(file, "w");
+  // Written aside and renamed into place: another process using the same folder keeps the file it
+  // mapped (truncating that file under its mapping would kill it with SIGBUS).
+  const partial = `${file}.${process.pid}.partial`;
+  const fd = openSync(partial, "w");
   try {
     const chunk = 1 << 30;
     for (let off = 0; off < m.bytes; off += chunk) {
       const n = Math.min(chunk, m.bytes - off);
       writeSync(fd, new Uint8Array(native().view(m.region, m.byteOffset + off, n)));
     }
-  } finally {
+  } catch (err) {
     closeSync(fd);
+    rmSync(partial, { force: true });
     backend.freeMatrix(m);
+    throw err;
   }
+  closeSync(fd);
+  backend.freeMatrix(m);
+  renameSync(partial, file);
   return denseSource(file, 0, m.bytes, dtype, m.outFeatures, m.inFeatures);
 }

@@ -51,13 +51,15 @@ export function parseMaxMemory(text: string): Map<DeviceId, number> {
     const fields = part.split(":").map((s) => s.trim());
     if (fields.length > 2) throw new BlossomError("parameter", `--max-memory: "${part}" has more than one ":" (expected device:size, e.g. cpu:4GiB)`);
     const [rawKey, rawSize] = fields as [string, string | undefined];
-    const key: DeviceId = /^\d+$/.test(rawKey) ? Number(rawKey) : (rawKey as DeviceId);
+    const key: DeviceId = /^\d{1,4}$/.test(rawKey) ? Number(rawKey) : (rawKey as DeviceId);
     if (key !== "cpu" && key !== "disk" && typeof key !== "number") {
-      throw new BlossomError("parameter", `--max-memory: "${rawKey}" is not a device (expected 0, 1, ..., cpu or disk)`);
+      throw new BlossomError("parameter", `--max-memory: "${rawKey}" is not a device (expected 0, 1, ... (up to 9999), cpu or disk)`);
     }
     if (budgets.has(key)) throw new BlossomError("parameter", `--max-memory: device ${key} is listed twice`);
     if (key === "disk") {
-      budgets.set("disk", rawSize === undefined ? Infinity : parseSize(rawSize, "--max-memory disk"));
+      // Offloaded weights stay in the checkpoint (or the offload folder): there is nothing to cap.
+      if (rawSize !== undefined) throw new BlossomError("parameter", `--max-memory: disk takes no size (got "${part}"); write "disk"`);
+      budgets.set("disk", Infinity);
       continue;
     }
     if (rawSize === undefined) throw new BlossomError("parameter", `--max-memory: device ${key} needs a size, e.g. ${key}:2GiB`);

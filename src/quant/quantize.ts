@@ -10,7 +10,8 @@
  * int8-mixed has one scale per row; its group_size records the widest row, so every row is one group.
  * The tokenizer and every other top-level file are copied alongside.
  */
-import { copyFileSync, existsSync, mkdirSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { createFolder } from "../folders.js";
+import { copyFileSync, existsSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { CpuBackend } from "../backend/cpu.js";
 import { indexFileName, openCheckpoint } from "../checkpoint/checkpoint.js";
@@ -91,7 +92,7 @@ export async function quantizeCheckpoint(sourceDir: string, outDir: string, opti
     // decreasing element size (the safetensors library's order), so every offset stays aligned.
     const shards = planShards(plan, { maxShardBytes });
     createdOut = !existsSync(outDir);
-    mkdirSync(outDir, { recursive: true });
+    createFolder(outDir);
     const writerOf = new Map<string, SafetensorsWriter>();
     for (const [i, entries] of shards.shards.entries()) {
       const file = join(outDir, shards.files[i]!);

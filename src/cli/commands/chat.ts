@@ -75,7 +75,12 @@ function parseValue(text: string): unknown {
 function applySettings(params: GenerationParams, changes: Record<string, unknown>): GenerationParams {
   const next: Record<string, unknown> = { ...params };
   for (const [name, value] of Object.entries(changes)) {
-    const key = settingNames[name] ?? (Object.values(settingNames).includes(name as keyof GenerationParams) ? (name as keyof GenerationParams) : undefined);
+    // Own properties only: "constructor" or "__proto__" are not settings.
+    const key = Object.hasOwn(settingNames, name)
+      ? settingNames[name]
+      : Object.values(settingNames).includes(name as keyof GenerationParams)
+        ? (name as keyof GenerationParams)
+        : undefined;
     if (!key) throw new BlossomError("parameter", `${name}: not a setting (expected one of: ${Object.keys(settingNames).join(", ")})`);
     next[key] = key === "stop" && typeof value === "string" ? [value] : value;
   }
@@ -85,7 +90,7 @@ function applySettings(params: GenerationParams, changes: Record<string, unknown
     if (err instanceof BlossomError) {
       // Say it with the names the user typed.
       const [camel, ...rest] = err.message.split(":");
-      throw new BlossomError("parameter", `${snakeName[camel as keyof GenerationParams] ?? camel}:${rest.join(":")}`);
+      throw new BlossomError("parameter", `${Object.hasOwn(snakeName, camel!) ? snakeName[camel as keyof GenerationParams] : camel}:${rest.join(":")}`);
     }
     throw err;
   }

@@ -3,7 +3,8 @@
  * (a bloom-560m-shaped random checkpoint), prints generations for the guide's eight sentences, then
  * the guide's benchmark table for batch sizes 1, 8, 16, 32 and a chart.
  */
-import { existsSync, mkdirSync, readFileSync } from "node:fs";
+import { createFolder } from "../../folders.js";
+import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import type { Command } from "commander";
 import { runBenchmark } from "../../bench/bench.js";
@@ -38,7 +39,7 @@ export async function ensureDefaultModel(log: (line: string) => void): Promise<s
     log(`default model: ${dir} (cached)`);
     return dir;
   }
-  mkdirSync(dir, { recursive: true });
+  createFolder(dir);
   log(`default model: creating a ${defaultModel.preset}-shaped random checkpoint (${defaultModel.dtype}) in ${dir} ...`);
   const r = await createRandomCheckpoint({ preset: defaultModel.preset, dtype: defaultModel.dtype, out: dir, seed: defaultModel.seed });
   log(`  wrote ${formatBytes(r.bytes)} in ${r.seconds.toFixed(1)} s`);
@@ -92,7 +93,7 @@ export function registerDemoCommand(program: Command): void {
       });
       printReport(report, out);
       const chartDir = join(blossomCacheDir(), "demo");
-      mkdirSync(chartDir, { recursive: true });
+      createFolder(chartDir);
       const chart = join(chartDir, "bench.svg");
       writeFileSync(chart, renderChart(report.results, batchSizes, "Blossom on this machine: ms/token by batch size (bloom-560m shape, bf16)"));
       writeFileSync(join(chartDir, "bench.json"), JSON.stringify(report, null, 2) + "\n");
