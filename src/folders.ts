@@ -1,10 +1,9 @@
 /**
  * Creating folders: one level at a time, because Node's recursive mkdir (sync and async) loops
  * forever when a parent cannot hold folders (e.g. under /proc), where a plain mkdir fails at once
- * with the reason.
+ * with the reason. Synchronous everywhere (the Hub client's too): a few mkdir calls take microseconds.
  */
 import { existsSync, mkdirSync, statSync } from "node:fs";
-import { mkdir, stat } from "node:fs/promises";
 import { dirname, resolve } from "node:path";
 
 /** The folders to create, outermost first: `path` and its missing parents. */
@@ -36,18 +35,4 @@ export function createFolder(path: string): void {
     }
   }
   if (!statSync(path).isDirectory()) throw notAFolder(resolve(path));
-}
-
-/** The asynchronous createFolder. */
-export async function createFolderAsync(path: string): Promise<void> {
-  const abs = resolve(path);
-  // Existence is probed synchronously (cheap), the folders are made asynchronously.
-  for (const dir of missingFolders(abs, existsSync)) {
-    try {
-      await mkdir(dir);
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
-    }
-  }
-  if (!(await stat(abs)).isDirectory()) throw notAFolder(abs);
 }

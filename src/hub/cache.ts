@@ -10,7 +10,7 @@
  *     .no_exist/<commit>/<filename>   empty marker: the file is known to be absent at that commit
  *   <cache>/.locks/models--org--name/ lock files (Blossom's are `<etag>.blossom.lock`)
  */
-import { createFolderAsync } from "../folders.js";
+import { createFolder } from "../folders.js";
 import { randomBytes } from "node:crypto";
 import { constants as fsConstants } from "node:fs";
 import { copyFile, lstat, readFile, readdir, realpath, rename, rm, stat, symlink, writeFile } from "node:fs/promises";
@@ -102,7 +102,7 @@ export async function writeRef(paths: RepoCachePaths, revision: string, commit: 
 
 export async function markNoExist(paths: RepoCachePaths, commit: string, filename: string): Promise<void> {
   const marker = paths.noExist(commit, filename);
-  await createFolderAsync(dirname(marker));
+  createFolder(dirname(marker));
   await writeFile(marker, "");
 }
 
@@ -113,7 +113,7 @@ export async function markNoExist(paths: RepoCachePaths, commit: string, filenam
  * half-made pointer (and a copy never writes through an existing link into the blob).
  */
 export async function linkPointer(blobPath: string, pointerPath: string): Promise<void> {
-  await createFolderAsync(dirname(pointerPath));
+  createFolder(dirname(pointerPath));
   const temporary = `${pointerPath}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`;
   try {
     await symlink(relative(dirname(pointerPath), blobPath), temporary);
@@ -125,7 +125,7 @@ export async function linkPointer(blobPath: string, pointerPath: string): Promis
 
 /** A write that readers never see half done. */
 export async function writeFileAtomic(path: string, content: string): Promise<void> {
-  await createFolderAsync(dirname(path));
+  createFolder(dirname(path));
   const temporary = `${path}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`;
   await writeFile(temporary, content);
   await rename(temporary, path);

@@ -5,7 +5,7 @@
  * beside it: created exclusively, holding the owner's pid and host, touched while held, and taken
  * over when the owner is gone (same host, dead pid) or has not touched it for a minute.
  */
-import { createFolderAsync } from "../folders.js";
+import { createFolder } from "../folders.js";
 import { hostname } from "node:os";
 import { open, readFile, rm, stat, utimes } from "node:fs/promises";
 import { dirname } from "node:path";
@@ -52,7 +52,7 @@ async function isStale(lockPath: string): Promise<boolean> {
  * The wait ends when that owner finishes, dies or stops touching the lock.
  */
 export async function withFileLock<T>(lockPath: string, what: string, signal: AbortSignal | undefined, fn: () => Promise<T>): Promise<T> {
-  await createFolderAsync(dirname(lockPath));
+  createFolder(dirname(lockPath));
   for (;;) {
     if (signal?.aborted) throw abortedError(what);
     try {

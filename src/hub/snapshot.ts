@@ -3,7 +3,7 @@
  * commit, pick the files, ask the Hub for each missing file's etag and size, check free space, then
  * download a few at a time and link them into `snapshots/<commit>/`.
  */
-import { createFolderAsync } from "../folders.js";
+import { createFolder } from "../folders.js";
 import { readFile, statfs } from "node:fs/promises";
 import { dirname } from "node:path";
 import { BlossomError } from "../errors.js";
@@ -91,7 +91,7 @@ export async function downloadSnapshot(options: SnapshotDownloadOptions): Promis
   const plan = planFiles(info.siblings, where);
 
   const paths = new RepoCachePaths(options.cacheDir, repoId);
-  await createFolderAsync(paths.snapshot(commit));
+  createFolder(paths.snapshot(commit));
   await writeRef(paths, revision, commit);
   for (const name of plan.absentFiles) await markNoExist(paths, commit, name);
 
@@ -156,7 +156,7 @@ async function fetchIntoSnapshot(
   }
   if (toDownload.length === 0) return { files: [], bytes: 0 };
 
-  await createFolderAsync(dirname(paths.blob("x")));
+  createFolder(dirname(paths.blob("x")));
   let totalBytes = 0;
   let neededBytes = 0;
   for (const { meta } of toDownload) {
