@@ -66,6 +66,9 @@ export function registerDemoCommand(program: Command): void {
       const started = performance.now();
       const dir = o.model ?? (await ensureDefaultModel(out));
       const model = await loadModel(dir, o.threads !== undefined ? { threads: o.threads } : {});
+      // The table's row is named by the format the weights are stored (and run) in.
+      const formatName: Record<string, string> = { f32: "fp32", f16: "fp16", bf16: "bf16", i8: "int8" };
+      const rowLabel = `blossom ${model.info.storedDtypes.map((d) => formatName[d] ?? d).join("/")}`;
       try {
         const i = model.info;
         out(`loaded in ${i.loadSeconds.toFixed(2)} s: ${i.numLayers} layers, hidden ${i.hiddenSize}, vocab ${i.vocabSize}, ` +
@@ -86,7 +89,7 @@ export function registerDemoCommand(program: Command): void {
       const batchSizes = [1, 8, 16, 32];
       out(`Benchmark: the guide's table for batch sizes ${batchSizes.join(", ")} (${o.newTokens} new tokens, ${o.cycles} cycles after a warm-up):`);
       const report = await runBenchmark({
-        configs: [{ label: "blossom bf16", model: dir, dtype: "auto", strategy: "single", threads: o.threads }],
+        configs: [{ label: rowLabel, model: dir, dtype: "auto", strategy: "single", threads: o.threads }],
         settings: { batchSizes, newTokens: o.newTokens, cycles: o.cycles, maxMemoryBytes: availableMemory() },
         probe: true,
         ...(o.threads !== undefined ? { threads: o.threads } : {}),
