@@ -25,6 +25,8 @@ export interface Checkpoint {
 
 /** Which safetensors files make up the checkpoint, and (if sharded) which tensor lives where. */
 function listWeightFiles(dir: string): { files: string[]; weightMap: Map<string, string> | undefined } {
+  // One file beside an index: the file, as transformers' from_pretrained and the Hub download choose.
+  if (existsSync(join(dir, singleFileName))) return { files: [singleFileName], weightMap: undefined };
   const indexPath = join(dir, indexFileName);
   if (existsSync(indexPath)) {
     let json: unknown;
@@ -53,7 +55,6 @@ function listWeightFiles(dir: string): { files: string[]; weightMap: Map<string,
     }
     return { files, weightMap: map };
   }
-  if (existsSync(join(dir, singleFileName))) return { files: [singleFileName], weightMap: undefined };
   const present = existsSync(dir) ? readdirSync(dir) : [];
   const other = present.filter((f) => /\.(bin|pt|pth|h5|msgpack|ckpt)$/.test(f));
   const hint = other.length

@@ -80,9 +80,9 @@ export function readSafetensorsHeader(file: string): SafetensorsHeader {
     readSync(fd, headerBuf, 0, headerLength, 8);
     let json: unknown;
     try {
-      json = JSON.parse(headerBuf.toString("utf8"));
+      json = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(headerBuf));
     } catch (err) {
-      throw checkpointError(file, `header is not valid JSON (${(err as Error).message})`);
+      throw checkpointError(file, `header is not valid JSON in UTF-8 (${(err as Error).message})`);
     }
     if (typeof json !== "object" || json === null || Array.isArray(json)) {
       throw checkpointError(file, "header must be a JSON object of tensors");
@@ -93,7 +93,7 @@ export function readSafetensorsHeader(file: string): SafetensorsHeader {
     let metadata: Record<string, string> = {};
     for (const [name, entry] of Object.entries(json as Record<string, unknown>)) {
       if (name === "__metadata__") {
-        if (typeof entry !== "object" || entry === null || Object.values(entry).some((v) => typeof v !== "string")) {
+        if (typeof entry !== "object" || entry === null || Array.isArray(entry) || Object.values(entry).some((v) => typeof v !== "string")) {
           throw checkpointError(file, `"__metadata__" must map strings to strings`);
         }
         metadata = entry as Record<string, string>;

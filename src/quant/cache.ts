@@ -6,9 +6,10 @@
  */
 import { createHash } from "node:crypto";
 import { existsSync, realpathSync, renameSync, rmSync, statSync } from "node:fs";
-import { join, basename } from "node:path";
+import { basename, dirname, join } from "node:path";
 import { Worker } from "node:worker_threads";
 import { blossomCacheDir } from "../cache.js";
+import { createFolder } from "../folders.js";
 import { BlossomError } from "../errors.js";
 import { quantSpec, type QuantScheme } from "./scheme.js";
 
@@ -21,6 +22,11 @@ export async function quantizedCopy(source: string, scheme: QuantScheme, groupSi
   const out = join(blossomCacheDir(), "quantized", `${basename(real)}-${scheme}-g${spec.groupSize}-${key}`);
   if (existsSync(join(out, "config.json"))) return out;
   const partial = `${out}.partial-${process.pid}`;
+  try {
+    createFolder(dirname(out));
+  } catch (err) {
+    throw new BlossomError("parameter", `BLOSSOM_CACHE: cannot keep the quantized copy in ${dirname(out)} (${(err as NodeJS.ErrnoException).code ?? String(err)}); set BLOSSOM_CACHE to a writable folder`);
+  }
   rmSync(partial, { recursive: true, force: true });
   const result = await new Promise<{ ok: boolean; message?: string }>((resolve, reject) => {
     const worker = new Worker(new URL("./cache-worker.js", import.meta.url), {
