@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { appendFileSync, readFileSync, rmSync, truncateSync, writeFileSync } from "node:fs";
-import { join } from "node:path";
+import { basename, join } from "node:path";
 import { describe, test } from "node:test";
 import { native } from "../src/backend/native.js";
 import { openCheckpoint } from "../src/checkpoint/checkpoint.js";
@@ -243,6 +243,17 @@ describe("malformed checkpoints fail with errors naming the file and tensor", ()
     withCopy("tiny-bloom-a", (dir) => {
       editJson(join(dir, "config.json"), (c) => void (c.n_layer = 1e9));
       assertLoadFails(dir, join(dir, "config.json"), "n_layer 1000000000 needs 12 tensors a layer");
+    }));
+
+  test("model.safetensors beside an index is the one read (as transformers chooses)", () =>
+    withCopy("tiny-bloom-a", (dir) => {
+      writeFileSync(join(dir, "model.safetensors.index.json"), JSON.stringify({ metadata: {}, weight_map: { "ln_f.bias": "model-00001-of-00009.safetensors" } }));
+      const loaded = loadEngine(dir, { kvCacheTokens: 64 });
+      try {
+        assert.deepEqual(loaded.checkpoint.files.map((f) => basename(f.file)), ["model.safetensors"]);
+      } finally {
+        loaded.dispose();
+      }
     }));
 
   test("a weight_map naming '.' as a shard", () =>
