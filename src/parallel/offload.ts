@@ -327,20 +327,19 @@ function writeConverted(backend: Backend, view: TensorView, dtype: StorageDType,
   // mapped (truncating that file under its mapping would kill it with SIGBUS).
   const partial = `${file}.${process.pid}.partial`;
   const fd = openSync(partial, "w");
+  let written = false;
   try {
     const chunk = 1 << 30;
     for (let off = 0; off < m.bytes; off += chunk) {
       const n = Math.min(chunk, m.bytes - off);
       writeSync(fd, new Uint8Array(native().view(m.region, m.byteOffset + off, n)));
     }
-  } catch (err) {
+    written = true;
+  } finally {
     closeSync(fd);
-    rmSync(partial, { force: true });
     backend.freeMatrix(m);
-    throw err;
+    if (!written) rmSync(partial, { force: true });
   }
-  closeSync(fd);
-  backend.freeMatrix(m);
   renameSync(partial, file);
   return denseSource(file, 0, m.bytes, dtype, m.outFeatures, m.inFeatures);
 }

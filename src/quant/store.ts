@@ -80,17 +80,24 @@ function requireInt8Backend(backend: Backend): NonNullable<Backend["quantizedMat
  * The matrix factory for an int8 store, or undefined when neither the request nor the checkpoint
  * involves int8 (the caller then uses its ordinary factory). Throws on conflicting requests.
  */
+/** A pre-quantized checkpoint is used as quantized: dtype "auto" or its own scheme. `verb`: "load", "plan". */
+export function checkDtypeForQuantized(dir: string, scheme: QuantScheme, dtype: string, verb: string): void {
+  if (dtype !== "auto" && dtype !== scheme) throw parameterError("dtype", `${dir} is quantized (${scheme}); ${verb} it with dtype "auto" or "${scheme}", not ${JSON.stringify(dtype)}`);
+}
+
 export function int8MatrixFactory(
   checkpoint: Checkpoint,
   backend: Backend,
   options: Int8Options,
 ): { makeMatrix: MakeMatrix; scheme: QuantScheme; quantizesAtLoad: boolean } | undefined {
   const stored = checkpointQuantSpec(checkpoint, options.threshold);
+  // The threshold is int8-mixed's alone, whether the checkpoint or the request says int8-mixed.
+  const scheme = stored?.scheme ?? (isQuantScheme(options.dtype) ? options.dtype : undefined);
+  if (options.threshold !== undefined && scheme !== "int8-mixed") {
+    throw parameterError("int8Threshold", `applies to int8-mixed only (${stored ? `${checkpoint.dir} is quantized as ${stored.scheme}` : `dtype is ${JSON.stringify(options.dtype)}`})`);
+  }
   if (stored) {
-    if (options.dtype !== "auto" && options.dtype !== stored.scheme) {
-      throw parameterError("dtype", `${checkpoint.dir} is quantized (${stored.scheme}); load it with dtype "auto" or "${stored.scheme}", not ${JSON.stringify(options.dtype)}`);
-    }
-    if (stored.scheme === "int8" && options.threshold !== undefined) throw parameterError("int8Threshold", `applies to int8-mixed only (${checkpoint.dir} is quantized as int8)`);
+    checkDtypeForQuantized(checkpoint.dir, stored.scheme, options.dtype, "load");
     if (options.groupSize !== undefined && options.groupSize !== stored.groupSize) {
       throw parameterError("int8GroupSize", `${checkpoint.dir} was quantized with group size ${stored.groupSize}; it cannot be loaded with ${options.groupSize}`);
     }
@@ -107,10 +114,8 @@ export function int8MatrixFactory(
   }
   if (!isQuantScheme(options.dtype)) {
     if (options.groupSize !== undefined) throw parameterError("int8GroupSize", `applies to dtype int8 only (dtype is ${JSON.stringify(options.dtype)})`);
-    if (options.threshold !== undefined) throw parameterError("int8Threshold", `applies to dtype int8-mixed only (dtype is ${JSON.stringify(options.dtype)})`);
     return undefined;
   }
-  if (options.dtype === "int8" && options.threshold !== undefined) throw parameterError("int8Threshold", `applies to dtype int8-mixed only (dtype is "int8")`);
   const spec = quantSpec(options.dtype, options);
   const quantized = requireInt8Backend(backend);
   // Each source matrix is read once to quantize; its pages are dropped so only the int8 copy stays resident.

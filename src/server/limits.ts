@@ -38,8 +38,9 @@ export async function preparePrompt(
   let text: string;
   if (typeof input === "string") {
     if (input.length === 0) throw validationError(field, "must not be empty");
-    checkWellFormed(input, field);
-    if (truncate === undefined) await checkTextLength(model, input, field, limits);
+    // With truncate a long text is allowed: only its last tokens are kept.
+    if (truncate === undefined) await checkText(model, input, field, limits);
+    else checkWellFormed(input, field);
     ids = await model.tokenizer.encode(input);
     text = input;
   } else {
@@ -62,6 +63,12 @@ export async function preparePrompt(
 
 export function checkTokenCount(tokens: number, field: string, limits: RequestLimits): void {
   if (tokens > limits.maxInputLength) throw validationError(field, `must have at most ${limits.maxInputLength} tokens (--max-input-length); got ${tokens}`);
+}
+
+/** The checks a text passes before it is tokenized: well-formed, and not too long for --max-input-length tokens. */
+export async function checkText(model: Model, text: string, field: string, limits: RequestLimits): Promise<void> {
+  checkWellFormed(text, field);
+  await checkTextLength(model, text, field, limits);
 }
 
 /** Refuses text with a lone UTF-16 surrogate, which the tokenizer would silently read as U+FFFD. */

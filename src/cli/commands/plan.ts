@@ -7,9 +7,8 @@ import { bloomTensors } from "../../models/bloom-weights.js";
 import { resolveModelDir } from "../../model.js";
 import { bloomModules, matrixBytesAs, type MatrixBytes } from "../../parallel/modules.js";
 import type { Checkpoint } from "../../checkpoint/checkpoint.js";
-import { checkpointQuantSpec, isInt8ExtraTensor } from "../../quant/store.js";
+import { checkDtypeForQuantized, checkpointQuantSpec, isInt8ExtraTensor } from "../../quant/store.js";
 import { isQuantScheme, quantizedMatrixBytes, quantSpec } from "../../quant/scheme.js";
-import { parameterError } from "../../errors.js";
 import { orderedDevices, parseMaxMemory, placementModes, planPlacement, type Plan } from "../../parallel/planner.js";
 import { dtypeChoices } from "../options.js";
 
@@ -54,7 +53,7 @@ export function formatPlan(plan: Plan): string {
 function planMatrixBytes(checkpoint: Checkpoint, dtype: WeightDType): MatrixBytes {
   const stored = checkpointQuantSpec(checkpoint);
   if (stored) {
-    if (dtype !== "auto" && dtype !== stored.scheme) throw parameterError("dtype", `${checkpoint.dir} is quantized (${stored.scheme}); plan it with dtype "auto" or "${stored.scheme}", not ${JSON.stringify(dtype)}`);
+    checkDtypeForQuantized(checkpoint.dir, stored.scheme, dtype, "plan");
     return (v) => (v.dtype === "i8" ? quantizedMatrixBytes(v.shape[0]!, v.shape[1]!, stored.groupSize) : v.byteLength);
   }
   if (isQuantScheme(dtype)) {

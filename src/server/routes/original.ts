@@ -14,7 +14,7 @@ import type { Model } from "../../model.js";
 import { padLeft } from "../../tokenizer/tokenizer.js";
 import type { ServerContext } from "../context.js";
 import { clientClosed, HttpError, validationError } from "../http-error.js";
-import { checkMaxNewTokens, checkStops, checkTextLength, checkTokenCount, checkWellFormed, defaultMaxNewTokens, preparePrompt, resolveParams } from "../limits.js";
+import { checkMaxNewTokens, checkStops, checkText, checkTokenCount, defaultMaxNewTokens, preparePrompt, resolveParams } from "../limits.js";
 import { CancelReason } from "../service.js";
 import { cancelOnDisconnect } from "../sse.js";
 import { parseBody } from "../validate.js";
@@ -166,8 +166,7 @@ export function registerOriginalRoutes(app: FastifyInstance, context: ServerCont
     const body = parseBody(tokenizeSchema, req.body);
     const model = context.service.readyModel();
     const limits = context.limits(model);
-    body.text.forEach((t, i) => checkWellFormed(t, `text[${i}]`));
-    await Promise.all(body.text.map((t, i) => checkTextLength(model, t, `text[${i}]`, limits)));
+    await Promise.all(body.text.map((t, i) => checkText(model, t, `text[${i}]`, limits)));
     const ids = await Promise.all(body.text.map((t) => model.tokenizer.encode(t)));
     ids.forEach((row, i) => checkTokenCount(row.length, `text[${i}]`, limits));
     const padded = body.padding ? padLeft(ids, model.tokenizer.padTokenId ?? 0) : undefined;

@@ -14,7 +14,7 @@ import type { GenerationParams } from "../../generate/params.js";
 import type { Model } from "../../model.js";
 import type { ServerContext } from "../context.js";
 import { clientClosed, errorBody, HttpError, validationError } from "../http-error.js";
-import { checkMaxNewTokens, checkStops, checkTextLength, checkTokenCount, checkWellFormed, defaultMaxNewTokens, drawSeed, preparePrompt, resolveParams, type Prompt } from "../limits.js";
+import { checkMaxNewTokens, checkStops, checkText, checkTokenCount, defaultMaxNewTokens, drawSeed, preparePrompt, resolveParams, type Prompt } from "../limits.js";
 import { cancelOnDisconnect, SseStream } from "../sse.js";
 import { fromLibraryError, type GeneratedToken, type SequenceResult } from "../service.js";
 import { parseBody } from "../validate.js";
@@ -243,8 +243,7 @@ export function registerTgiRoutes(app: FastifyInstance, context: ServerContext):
     const model = context.service.readyModel();
     if (body.inputs.length === 0) throw validationError("inputs", "must not be empty");
     const limits = context.limits(model);
-    checkWellFormed(body.inputs, "inputs");
-    await checkTextLength(model, body.inputs, "inputs", limits);
+    await checkText(model, body.inputs, "inputs", limits);
     const { ids, offsets } = await model.tokenizer.encodeWithOffsets(body.inputs);
     checkTokenCount(ids.length, "inputs", limits);
     // Offsets count characters (code points), as TGI's do; slice by code point, not UTF-16 unit.
