@@ -152,8 +152,12 @@ export interface GenerateResult {
 }
 
 export interface StreamEvent {
-  /** The token just generated (absent only on a final event after cancellation). */
-  token?: { id: number; logprob: number; special: boolean };
+  /**
+   * The token just generated (absent only on a final event after cancellation). Its `text` is the
+   * token's own text as text-generation-inference's decode_token gives it: "" for a special token
+   * or while a multi-byte character is incomplete, which then comes whole with the token that ends it.
+   */
+  token?: { id: number; logprob: number; special: boolean; text: string };
   /** New text to show (may be empty while a multi-byte character or a possible stop string is pending). */
   text: string;
   /** Set on the last event. */
@@ -568,9 +572,10 @@ class GenerationRun {
         if (this.finished) return;
         this.firstTokenAt ??= performance.now();
         this.tokenIds.push(u.token);
-        const { emit, stopped } = this.stops.push(this.decoder.push(u.token));
+        const own = this.decoder.push(u.token);
+        const { emit, stopped } = this.stops.push(own);
         let text = emit;
-        const token = { id: u.token, logprob: u.logprob, special: tokenizer.specialTokenIds.has(u.token) };
+        const token = { id: u.token, logprob: u.logprob, special: tokenizer.specialTokenIds.has(u.token), text: own };
         const reason: FinishReason | undefined = stopped ? "stop_sequence" : u.finish;
         if (reason && !stopped) text += tail();
         this.text += text;

@@ -215,9 +215,11 @@ describe("server on trained-bloom-small", () => {
     const choice = stopped.body.choices[0];
     assert.equal(choice.text, "In the beginning of the first month");
     assert.equal(choice.finish_reason, "stop");
-    assert.deepEqual(choice.logprobs.tokens, [" of", " the", " first", " month", ","]);
-    assert.equal(choice.logprobs.token_logprobs.length, 5);
-    assert.equal(choice.logprobs.text_offset[0], "In the beginning".length);
+    // With echo the prompt's tokens come first (the first without a log-probability), as OpenAI lists them.
+    assert.deepEqual(choice.logprobs.tokens, ["In", " the", " beginning", " of", " the", " first", " month", ","]);
+    assert.equal(choice.logprobs.token_logprobs.length, 8);
+    assert.equal(choice.logprobs.token_logprobs[0], null);
+    assert.equal(choice.logprobs.text_offset[3], "In the beginning".length);
 
     const two = await post(`${url}/v1/completions`, { prompt: ["In the beginning", "And the LORD said unto Moses,"], max_tokens: 8, temperature: 0 });
     assert.deepEqual(

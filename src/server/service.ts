@@ -19,6 +19,8 @@ export interface GeneratedToken {
   special: boolean;
   /** The text this token added to the output (may be "" while a character or a possible stop string is pending). */
   text: string;
+  /** The token's own text ("" for a special token or an incomplete character; see StreamEvent.token). */
+  tokenText: string;
 }
 
 export interface SequenceResult {
@@ -82,6 +84,10 @@ export class GenerationService {
    */
   admit(count: number): { controller: AbortController; release: () => void } {
     this.readyModel();
+    if (count > this.maxConcurrent) {
+      // Never admissible, so not a "retry later" (clients retry a 429 by themselves).
+      throw new HttpError("validation", `${count} prompts in one request exceed --max-concurrent-requests (${this.maxConcurrent}); send at most ${this.maxConcurrent}`);
+    }
     if (this.inFlight + count > this.maxConcurrent) {
       this.metrics.overloaded.inc();
       throw new HttpError(
@@ -127,7 +133,8 @@ export class GenerationService {
         else this.metrics.timePerToken.observe((now - last) / 1000);
         last = now;
         this.metrics.generatedTokens.inc();
-        const token: GeneratedToken = { ...event.token, text: event.text };
+        const { text: tokenText, ...rest } = event.token;
+        const token: GeneratedToken = { ...rest, text: event.text, tokenText };
         tokens.push(token);
         onToken?.(token, event.finishReason);
       } else if (event.text && tokens.length > 0) {

@@ -10,6 +10,10 @@ import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { Tokenizer } from "tokenizers";
 import { BlossomError } from "../errors.js";
+import { byteToUnicode } from "./synthetic.js";
+
+/** GPT-2's byte-level table inverted: printable character -> the byte it stands for. */
+const unicodeToByte = new Map(byteToUnicode().map((c, b) => [c, b]));
 
 export interface BatchEncoding {
   inputIds: number[][];
@@ -40,6 +44,8 @@ export class BloomTokenizer {
   private readonly decoder: { decode(tokens: string[]): string } | null;
   /** id -> token string, filled lazily (idToToken crosses into native code). */
   private readonly tokenCache = new Map<number, string | null>();
+  /** Whether the decoder is byte-level (each token string is bytes written with GPT-2's table); found on first use. */
+  private byteLevel: boolean | undefined;
 
   private constructor(file: string, tokenizer: Tokenizer, added: AddedTokenJson[], config: Record<string, unknown>) {
     this.file = file;
@@ -107,6 +113,29 @@ export class BloomTokenizer {
       this.tokenCache.set(id, t);
     }
     return t;
+  }
+
+  /**
+   * The bytes a token stands for: a part of a multi-byte UTF-8 character stays a part. Byte-level
+   * BPE (BLOOM's) token strings are mapped back through GPT-2's table; for other decoders, and for
+   * added tokens written as plain text, the UTF-8 of the token's decoded text. Empty outside the vocabulary.
+   */
+  tokenBytes(id: number): Uint8Array {
+    const token = this.idToToken(id);
+    if (token === null) return new Uint8Array(0);
+    // "Ġ" is the space byte in GPT-2's table: a byte-level decoder turns it into " ".
+    this.byteLevel ??= this.decoder !== null && this.decoder.decode(["\u0120"]) === " ";
+    if (this.byteLevel && !this.specialTokenIds.has(id)) {
+      const bytes = new Uint8Array(token.length);
+      let i = 0;
+      for (const ch of token) {
+        const b = unicodeToByte.get(ch);
+        if (b === undefined) return new TextEncoder().encode(this.decode([id], { skipSpecialTokens: false }));
+        bytes[i++] = b;
+      }
+      return bytes.subarray(0, i);
+    }
+    return new TextEncoder().encode(this.decode([id], { skipSpecialTokens: false }));
   }
 
   /**

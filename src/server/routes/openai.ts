@@ -1,10 +1,12 @@
 /**
  * OpenAI-compatible completions (https://platform.openai.com/docs/api-reference/completions):
  *   POST /v1/completions   {model, prompt, max_tokens, temperature, top_p, stop, stream, seed, echo, logprobs, ...}
- *   GET  /v1/models
+ *   GET  /v1/models, /v1/models/{id}
  * Streaming sends text_completion chunks as server-sent events and ends with `data: [DONE]`.
  * Like vLLM, it also takes top_k, repetition_penalty, typical_p, min_tokens and
- * no_repeat_ngram_size. One model is served, so `model` is not checked against it.
+ * no_repeat_ngram_size. One model is served, so `model` is not checked against it (as
+ * text-generation-inference's OpenAI routes do; vLLM answers 404): clients written for another
+ * model name work unchanged. GET /v1/models/{id} does check it.
  */
 import { randomBytes } from "node:crypto";
 import type { FastifyInstance, FastifyReply } from "fastify";
@@ -14,8 +16,8 @@ import type { FinishReason } from "../../generate/stopping.js";
 import type { Model } from "../../model.js";
 import type { ServerContext } from "../context.js";
 import { clientClosed, errorBody, HttpError, validationError } from "../http-error.js";
-import { checkMaxNewTokens, checkStops, preparePrompt, resolveParams, type Prompt } from "../limits.js";
-import { fromLibraryError, type GeneratedToken, type SequenceResult } from "../service.js";
+import { checkMaxNewTokens, checkStops, defaultMaxNewTokens, preparePrompt, resolveParams, type Prompt } from "../limits.js";
+import { fromLibraryError, type SequenceResult } from "../service.js";
 import { cancelOnDisconnect, SseStream } from "../sse.js";
 import { parseBody } from "../validate.js";
 
@@ -126,7 +128,7 @@ async function prepare(context: ServerContext, model: Model, body: CompletionReq
   const field = (i: number) => (inputs.length === 1 && (typeof body.prompt === "string" || typeof body.prompt[0] === "number") ? "prompt" : `prompt[${i}]`);
   const prompts = await Promise.all(inputs.map((input, i) => preparePrompt(model, input, field(i), limits)));
   const params = prompts.map((p, i) => {
-    const maxNewTokens = body.max_tokens ?? Math.max(1, Math.min(openaiDefaultMaxTokens, limits.maxTotalTokens - p.ids.length));
+    const maxNewTokens = body.max_tokens ?? defaultMaxNewTokens(limits, p.ids.length, openaiDefaultMaxTokens);
     checkMaxNewTokens("max_tokens", maxNewTokens, p.ids.length, limits, field(i));
     return buildParams(body, maxNewTokens, stop);
   });
@@ -144,18 +146,66 @@ interface LogprobsState {
   text_offset: number[];
 }
 
-function logprobsOf(model: Model, tokens: GeneratedToken[], offset: number): LogprobsState {
-  const out: LogprobsState = { tokens: [], token_logprobs: [], top_logprobs: null, text_offset: [] };
-  let at = offset;
+const utf8 = new TextDecoder("utf-8", { fatal: true });
+
+/** A token as OpenAI lists it: its text, or `bytes:\xNN…` when it holds part of a UTF-8 character. */
+function tokenString(bytes: Uint8Array): string {
+  try {
+    return utf8.decode(bytes);
+  } catch {
+    return `bytes:${Array.from(bytes, (b) => `\\x${b.toString(16).padStart(2, "0")}`).join("")}`;
+  }
+}
+
+/**
+ * Code-point offsets of tokens in a text, from the tokens' bytes: a token starts at the character
+ * that holds its first byte (OpenAI's text_offset: `text[text_offset[i]:]` starts at token i).
+ */
+class TextOffsets {
+  /** UTF-8 lead bytes seen so far: the characters begun. */
+  private begun = 0;
+  constructor(private readonly base: number) {}
+
+  next(bytes: Uint8Array): number {
+    const continuesCharacter = bytes.length > 0 && (bytes[0]! & 0xc0) === 0x80 && this.begun > 0;
+    const at = this.base + this.begun - (continuesCharacter ? 1 : 0);
+    for (const b of bytes) if ((b & 0xc0) !== 0x80) this.begun++;
+    return at;
+  }
+}
+
+function codePoints(text: string): number {
+  let n = 0;
+  for (const _ of text) n++;
+  return n;
+}
+
+interface LoggedToken {
+  id: number;
+  logprob: number | null;
+  special: boolean;
+}
+
+/**
+ * OpenAI's logprobs of `tokens`, with offsets into the choice's text from `offsets`. `inText`:
+ * whether special tokens are written in the text (the echoed prompt) or left out (the completion).
+ */
+function logprobsOf(model: Model, tokens: readonly LoggedToken[], offsets: TextOffsets, inText: "special" | "skip-special", into?: LogprobsState): LogprobsState {
+  const out: LogprobsState = into ?? { tokens: [], token_logprobs: [], top_logprobs: null, text_offset: [] };
   for (const t of tokens) {
-    // Each token's own string, as OpenAI lists them (a stop string's last token included).
-    const text = model.tokenizer.decode([t.id], { skipSpecialTokens: false });
-    out.tokens.push(text);
+    const bytes = model.tokenizer.tokenBytes(t.id);
+    // Each token is listed (a stop string's last token included), special ones by their own text.
+    out.tokens.push(tokenString(bytes));
     out.token_logprobs.push(t.logprob);
-    out.text_offset.push(at);
-    at += text.length;
+    out.text_offset.push(offsets.next(t.special && inText === "skip-special" ? new Uint8Array(0) : bytes));
   }
   return out;
+}
+
+/** The echoed prompt's tokens with their log-probabilities (none for the first, as OpenAI gives). */
+async function echoedTokens(model: Model, ids: number[]): Promise<LoggedToken[]> {
+  const logprobs = ids.length > 1 ? await model.tokenLogprobs(ids, 1) : [];
+  return ids.map((id, i) => ({ id, logprob: i === 0 ? null : logprobs[i - 1]!, special: model.tokenizer.specialTokenIds.has(id) }));
 }
 
 function endedReason(result: SequenceResult): FinishReason {
@@ -172,16 +222,18 @@ async function complete(context: ServerContext, reply: FastifyReply, body: Compl
   cancelOnDisconnect(reply, controller);
   try {
     const results = await Promise.all(prompts.map((p, i) => context.service.run({ promptIds: p.ids, params: params[i]!, signal: controller.signal })));
-    const choices = results.map((r, i) => {
+    const choices = [];
+    for (const [i, r] of results.entries()) {
       const finish = endedReason(r);
       const echo = body.echo ? prompts[i]!.text : "";
-      return {
-        text: echo + r.text,
-        index: i,
-        logprobs: body.logprobs != null ? logprobsOf(model, r.tokens, echo.length) : null,
-        finish_reason: openaiFinishReason(finish),
-      };
-    });
+      let logprobs: LogprobsState | null = null;
+      if (body.logprobs != null) {
+        // With echo the prompt's tokens come first, as OpenAI lists them (loglikelihood clients read these).
+        const echoed = body.echo ? logprobsOf(model, await echoedTokens(model, prompts[i]!.ids), new TextOffsets(0), "special") : undefined;
+        logprobs = logprobsOf(model, r.tokens, new TextOffsets(codePoints(echo)), "skip-special", echoed);
+      }
+      choices.push({ text: echo + r.text, index: i, logprobs, finish_reason: openaiFinishReason(finish) });
+    }
     const promptTokens = prompts.reduce((a, p) => a + p.ids.length, 0);
     const completionTokens = results.reduce((a, r) => a + r.tokens.length, 0);
     return {
@@ -217,13 +269,13 @@ async function completeStream(context: ServerContext, reply: FastifyReply, body:
     ...extra,
   });
   const sse = new SseStream(reply, "data: ");
-  const offsets = prompts.map(() => 0);
+  const offsets = prompts.map((p) => new TextOffsets(body.echo ? codePoints(p.text) : 0));
   try {
     if (body.echo) {
-      prompts.forEach((p, index) => {
-        sse.send(chunk([{ text: p.text, index, logprobs: null, finish_reason: null }]));
-        offsets[index] = p.text.length;
-      });
+      for (const [index, p] of prompts.entries()) {
+        const logprobs = body.logprobs != null ? logprobsOf(model, await echoedTokens(model, p.ids), new TextOffsets(0), "special") : null;
+        sse.send(chunk([{ text: p.text, index, logprobs, finish_reason: null }]));
+      }
     }
     const results = await Promise.all(
       prompts.map((p, index) =>
@@ -232,8 +284,7 @@ async function completeStream(context: ServerContext, reply: FastifyReply, body:
           params: params[index]!,
           signal: controller.signal,
           onToken: (token, finish) => {
-            const logprobs = body.logprobs != null ? logprobsOf(model, [token], offsets[index]!) : null;
-            offsets[index]! += logprobs ? logprobs.tokens[0]!.length : 0;
+            const logprobs = body.logprobs != null ? logprobsOf(model, [token], offsets[index]!, "skip-special") : null;
             const finishReason = finish === undefined || finish === "cancelled" ? null : openaiFinishReason(finish);
             sse.send(chunk([{ text: token.text, index, logprobs, finish_reason: finishReason }]));
           },
@@ -274,19 +325,15 @@ export function registerOpenAiRoutes(app: FastifyInstance, context: ServerContex
   });
 
   const created = Math.floor(Date.now() / 1000);
-  app.get("/v1/models", { config }, async () => {
+  const modelObject = () => {
     const model = context.service.model;
-    return {
-      object: "list",
-      data: [
-        {
-          id: context.modelId,
-          object: "model",
-          created,
-          owned_by: "blossom",
-          max_model_len: model ? context.limits(model).maxTotalTokens : null,
-        },
-      ],
-    };
+    return { id: context.modelId, object: "model", created, owned_by: "blossom", max_model_len: model ? context.limits(model).maxTotalTokens : null };
+  };
+  app.get("/v1/models", { config }, async () => ({ object: "list", data: [modelObject()] }));
+  // The SDKs' models.retrieve(id); an id may hold "/" (org/name), which the SDKs send unescaped.
+  app.get<{ Params: { "*": string } }>("/v1/models/*", { config }, async (req) => {
+    const id = req.params["*"];
+    if (id !== context.modelId) throw new HttpError("not_found", `The model \`${id}\` does not exist; this server serves \`${context.modelId}\``);
+    return modelObject();
   });
 }

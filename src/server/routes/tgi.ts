@@ -120,9 +120,14 @@ async function prepare(context: ServerContext, model: Model, inputs: string, p: 
   };
 }
 
-/** A token as TGI reports it; special tokens show their own text (clients skip them by the flag). */
-function tgiToken(model: Model, t: GeneratedToken) {
-  return { id: t.id, text: t.special ? (model.tokenizer.idToToken(t.id) ?? "") : t.text, logprob: t.logprob, special: t.special };
+/**
+ * A token as TGI reports it. In `details` its text is the token's own (TGI's decode_token: a
+ * character split across tokens comes whole with its last token); in a stream event it is what
+ * the token released to the output, so the events' texts add up to generated_text, with stop
+ * strings cut. Special tokens show their own text (clients skip them by the flag).
+ */
+function tgiToken(model: Model, t: GeneratedToken, text: "own" | "released") {
+  return { id: t.id, text: t.special ? (model.tokenizer.idToToken(t.id) ?? "") : text === "own" ? t.tokenText : t.text, logprob: t.logprob, special: t.special };
 }
 
 async function prefillDetails(model: Model, ids: number[]) {
@@ -164,7 +169,7 @@ async function generate(context: ServerContext, reply: FastifyReply, inputs: str
               generated_tokens: result.tokens.length,
               seed: request.seed,
               prefill,
-              tokens: result.tokens.map((t) => tgiToken(model, t)),
+              tokens: result.tokens.map((t) => tgiToken(model, t, "own")),
             },
           }
         : {}),
@@ -194,7 +199,7 @@ async function generateStream(context: ServerContext, reply: FastifyReply, input
         const last = finish !== undefined && finish !== "cancelled";
         sse.send({
           index,
-          token: tgiToken(model, token),
+          token: tgiToken(model, token, "released"),
           generated_text: last ? (request.returnFullText ? request.prompt.text : "") + generated : null,
           details: last && request.details ? { finish_reason: finish, generated_tokens: index, seed: request.seed, input_length: request.prompt.ids.length } : null,
         });

@@ -1,0 +1,135 @@
+/**
+ * Details of the APIs that clients read field by field: OpenAI's logprobs with echo (the prompt's
+ * tokens first, as loglikelihood clients such as lm-eval-harness use them), text_offset in code
+ * points that lines up with the text, tokens that hold part of a character as `bytes:`, the
+ * default max_tokens under --allowed-max-new-tokens, a request that can never be admitted (400,
+ * not a 429 that SDKs retry), GET /v1/models/{id}; TGI's details tokens with their own text.
+ */
+import assert from "node:assert/strict";
+import { after, before, describe, test } from "node:test";
+import { loadModel, type Model } from "../src/index.js";
+import { startServer, type BlossomServer } from "../src/server/server.js";
+import { fixtureDir } from "./helpers/fixtures.js";
+import { get, post, postStream } from "./helpers/http-client.js";
+
+/** The text from code point `offset` on (OpenAI's offsets count characters, as Python does). */
+const fromCodePoint = (text: string, offset: number) => Array.from(text).slice(offset).join("");
+
+/** Every listed token that is whole text sits at its offset; a `bytes:` token's offset is a character it is part of. */
+function assertOffsetsLineUp(text: string, logprobs: { tokens: string[]; text_offset: number[] }, special: Set<string>) {
+  const chars = Array.from(text);
+  logprobs.tokens.forEach((token, i) => {
+    const at = logprobs.text_offset[i]!;
+    assert.ok(at >= 0 && at <= chars.length, `offset ${at} of token ${i} is inside the text`);
+    if (i > 0) assert.ok(at >= logprobs.text_offset[i - 1]!, "offsets never go back");
+    if (special.has(token)) return;
+    if (token.startsWith("bytes:")) assert.ok(chars[at]!.codePointAt(0)! > 0x7f, `token ${i} (${token}) is part of the character at ${at}`);
+    else assert.ok(fromCodePoint(text, at).startsWith(token), `token ${i} ${JSON.stringify(token)} at ${at}: ${JSON.stringify(fromCodePoint(text, at).slice(0, 20))}`);
+  });
+}
+
+describe("OpenAI and TGI field details", () => {
+  let model: Model;
+  let server: BlossomServer;
+  let url: string;
+  const modelId = "org/small";
+  before(async () => {
+    model = await loadModel(fixtureDir("trained-bloom-small"));
+    server = await startServer({ model, port: 0, modelId, allowedMaxNewTokens: 8, maxConcurrentRequests: 1 });
+    await server.ready;
+    url = server.url;
+  });
+  after(async () => {
+    await server.close();
+    await model.dispose();
+  });
+
+  test("echo with logprobs lists the prompt's tokens first, the first with null, then the completion's", async () => {
+    const prompt = "In the beginning";
+    const ids = await model.tokenizer.encode(prompt);
+    const expected = await model.tokenLogprobs(ids, 1);
+    const r = await post(`${url}/v1/completions`, { prompt, max_tokens: 5, temperature: 0, echo: true, logprobs: 0 });
+    assert.equal(r.status, 200, JSON.stringify(r.body));
+    const choice = r.body.choices[0];
+    const lp = choice.logprobs;
+    assert.ok(choice.text.startsWith(prompt));
+    assert.equal(lp.tokens.length, ids.length + r.body.usage.completion_tokens);
+    assert.deepEqual(lp.tokens.slice(0, ids.length), ids.map((id) => model.tokenizer.decode([id])));
+    assert.equal(lp.token_logprobs[0], null);
+    for (let i = 1; i < ids.length; i++) assert.ok(Math.abs(lp.token_logprobs[i] - expected[i - 1]!) < 1e-5, `prompt token ${i}`);
+    for (const v of lp.token_logprobs.slice(ids.length)) assert.ok(v <= 0);
+    assert.equal(lp.text_offset[0], 0);
+    assertOffsetsLineUp(choice.text, lp, new Set());
+
+    // The stream's first chunk carries the prompt's part; the tokens' chunks follow on from it.
+    const s = await postStream(`${url}/v1/completions`, { prompt, max_tokens: 5, temperature: 0, echo: true, logprobs: 0, stream: true });
+    const chunks = s.events.filter((e) => e !== "[DONE]").map((e) => e.choices[0]);
+    assert.equal(chunks[0].text, prompt);
+    assert.deepEqual(chunks[0].logprobs.tokens, lp.tokens.slice(0, ids.length));
+    assert.deepEqual(chunks[0].logprobs.token_logprobs, lp.token_logprobs.slice(0, ids.length));
+    const streamed = chunks.flatMap((c) => c.logprobs?.text_offset ?? []);
+    assert.deepEqual(streamed, lp.text_offset);
+  });
+
+  test("text_offset counts code points and lines up with the text; partial characters are bytes:", async () => {
+    // Characters outside the trained model's text come out as several byte tokens each.
+    for (const prompt of ["😀 In the beginning", "héllo wörld — ∑"]) {
+      const r = await post(`${url}/v1/completions`, { prompt, max_tokens: 8, temperature: 0, echo: true, logprobs: 0 });
+      assert.equal(r.status, 200, JSON.stringify(r.body));
+      const { text, logprobs } = r.body.choices[0];
+      assertOffsetsLineUp(text, logprobs, new Set());
+      assert.ok(logprobs.tokens.some((t: string) => /^bytes:(\\x[0-9a-f]{2})+$/.test(t)), `some token of ${JSON.stringify(prompt)} is part of a character: ${JSON.stringify(logprobs.tokens)}`);
+      // The completion's offsets start where the echoed prompt ends.
+      const promptTokens = (await model.tokenizer.encode(prompt)).length;
+      assert.equal(logprobs.text_offset[promptTokens], Array.from(prompt).length);
+    }
+  });
+
+  test("a special token takes no room in the completion's text", async () => {
+    const eos = model.tokenizer.eosTokenId!;
+    // min_tokens 0 and a prompt ending the way the fixture's text ends its verses make </s> likely; force it instead with the token ids path.
+    const r = await post(`${url}/v1/completions`, { prompt: [eos, ...(await model.tokenizer.encode("And God said"))], max_tokens: 4, temperature: 0, echo: true, logprobs: 0 });
+    assert.equal(r.status, 200, JSON.stringify(r.body));
+    const { text, logprobs } = r.body.choices[0];
+    // The echoed prompt writes </s> (ids are decoded with their special tokens), so it has width there.
+    assert.ok(text.startsWith("</s>And God said"));
+    assert.equal(logprobs.tokens[0], "</s>");
+    assert.equal(logprobs.text_offset[1], 4);
+    assertOffsetsLineUp(text, logprobs, new Set(["</s>"]));
+  });
+
+  test("without max_tokens the default fits --allowed-max-new-tokens", async () => {
+    const r = await post(`${url}/v1/completions`, { prompt: "In the beginning", temperature: 0 });
+    assert.equal(r.status, 200, JSON.stringify(r.body));
+    assert.ok(r.body.usage.completion_tokens <= 8);
+  });
+
+  test("more prompts than --max-concurrent-requests is a 400, not a 429 to retry", async () => {
+    const r = await post(`${url}/v1/completions`, { prompt: ["a", "b"], max_tokens: 2 });
+    assert.equal(r.status, 400, JSON.stringify(r.body));
+    assert.equal(r.body.error.type, "invalid_request_error");
+    assert.match(r.body.error.message, /2 prompts in one request exceed --max-concurrent-requests \(1\)/);
+    const original = await post(`${url}/generate/`, { text: ["a", "b"], max_new_tokens: 2 });
+    assert.equal(original.status, 400, JSON.stringify(original.body));
+  });
+
+  test("GET /v1/models/{id} answers for the served id (slashes included) and 404 otherwise", async () => {
+    const r = await get(`${url}/v1/models/${modelId}`);
+    assert.equal(r.status, 200);
+    assert.equal(r.body.id, modelId);
+    assert.equal(r.body.object, "model");
+    const missing = await get(`${url}/v1/models/gpt-4`);
+    assert.equal(missing.status, 404);
+    assert.match(missing.body.error.message, /gpt-4.*does not exist/);
+  });
+
+  test("TGI details list each token with its own text, even while a stop string is pending", async () => {
+    const r = await post(`${url}/generate`, { inputs: "In the beginning", parameters: { max_new_tokens: 6, details: true, stop: [" first month of"] } });
+    assert.equal(r.status, 200, JSON.stringify(r.body));
+    const tokens: { id: number; text: string; special: boolean }[] = r.body.details.tokens;
+    for (const t of tokens) if (!t.special) assert.equal(t.text, model.tokenizer.decode([t.id]), `token ${t.id}`);
+    // Their texts add up to the decoded ids (the stop string did not match, so also to generated_text).
+    assert.equal(tokens.map((t) => t.text).join(""), model.tokenizer.decode(tokens.map((t) => t.id)));
+    assert.equal(r.body.generated_text, model.tokenizer.decode(tokens.map((t) => t.id)));
+  });
+});
