@@ -25,15 +25,19 @@ export class Rng {
     this.seed = seed;
     const low = seed % TWO_POW_32;
     const high = Math.floor(seed / TWO_POW_32);
-    // splitmix32's output is a bijection of its counter, so s0 alone tells apart seeds with different low
-    // words and s1 those with different high words: distinct seeds never share a starting state.
-    const lowStream = splitmix32(low);
-    const highStream = splitmix32(high ^ 0x5bd1e995);
-    this.s0 = lowStream();
-    this.s1 = highStream();
-    this.s2 = lowStream();
-    this.s3 = highStream();
+    // Every state word depends on both halves of the seed: xoshiro128**'s first output is a function
+    // of s1 alone, so an s1 made from the high word only gave every seed below 2^32 the same first
+    // draw. x mixes the halves; splitmix32's output is a bijection of its counter, so s0 tells x
+    // apart, and s1 then gives back the high word: distinct seeds never share a starting state.
+    const x = (low ^ splitmix32(high ^ 0x5bd1e995)()) >>> 0;
+    const stream = splitmix32(x);
+    this.s0 = stream();
+    this.s1 = stream() ^ splitmix32(high ^ 0x27d4eb2f)();
+    this.s2 = stream();
+    this.s3 = stream();
     if ((this.s0 | this.s1 | this.s2 | this.s3) === 0) this.s3 = 1; // the all-zero state is a fixed point
+    // A few steps so that every word has passed through xoshiro's own mixing before the first draw.
+    for (let i = 0; i < 8; i++) this.nextUint32();
   }
 
   /** The next 32 random bits, as an unsigned integer. */
