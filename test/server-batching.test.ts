@@ -6,6 +6,7 @@
  * Orderings and counters only: no timing is asserted.
  */
 import assert from "node:assert/strict";
+import { connect } from "node:net";
 import { after, before, describe, test } from "node:test";
 import { loadModel, type Model } from "../src/index.js";
 import { startServer, type BlossomServer } from "../src/server/server.js";
@@ -99,6 +100,39 @@ describe("continuous batching and cancellation on trained-bloom-small", () => {
     const text = await allFree(url);
     assert.equal(metric(text, "blossom_sequences_finished_total", 'reason="cancelled"'), cancelledBefore + 2);
     assert.equal(metric(text, "blossom_batch_current_size"), 0);
+  });
+
+  test("a client gone before its request is admitted (while its prompt is tokenized) has nothing generated for it", async () => {
+    // A long prompt keeps the route in its tokenizing step while the socket closes; each request is
+    // sent whole over a raw socket that is destroyed at once.
+    const prompt = "And the LORD spake unto Moses, saying, ".repeat(24);
+    const requests: [string, unknown][] = [
+      ["/generate_stream", { inputs: prompt, parameters: { max_new_tokens: 2000, min_new_tokens: 2000 } }],
+      ["/generate", { inputs: prompt, parameters: { max_new_tokens: 2000, min_new_tokens: 2000 } }],
+      ["/v1/completions", { prompt, max_tokens: 2000, min_tokens: 2000, stream: true }],
+      ["/v1/completions", { prompt, max_tokens: 2000, min_tokens: 2000 }],
+      ["/generate/", { text: [prompt], max_new_tokens: 2000, min_length: 2000 }],
+    ];
+    const { port } = new URL(url);
+    const before = metric(await metrics(url), "blossom_generated_tokens_total") ?? 0;
+    for (let round = 0; round < 3; round++) {
+      for (const [path, body] of requests) {
+        const json = JSON.stringify(body);
+        await new Promise<void>((resolve, reject) => {
+          const socket = connect(Number(port), "127.0.0.1", () => {
+            socket.write(`POST ${path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(json)}\r\n\r\n${json}`, () => {
+              socket.destroy();
+              resolve();
+            });
+          });
+          socket.on("error", reject);
+        });
+      }
+    }
+    const text = await allFree(url);
+    const generated = (metric(text, "blossom_generated_tokens_total") ?? 0) - before;
+    // Each of the 15 requests makes at most the few tokens of a step or two before its close is seen.
+    assert.ok(generated < 2000, `${generated} tokens were generated for clients that had gone`);
   });
 
   test("over --max-concurrent-requests a request gets 429 in each API's shape; capacity returns after cancellation", async () => {

@@ -120,4 +120,42 @@ describe("web UI in headless Chromium", { skip }, () => {
     assert.match((await page.textContent("#error")) ?? "", /parameters\.max_new_tokens: must be <= 2048/);
     assert.equal(await page.textContent("#finish-reason"), "error");
   });
+
+  test("a run that ends on </s> shows the text held back until then (the start of a stop string)", async () => {
+    // The random-weight tiny-bloom-a ends sampled runs with </s> now and then; trained-bloom-small never does.
+    const tiny = await loadModel(fixtureDir("tiny-bloom-a"));
+    const other = await startServer({ model: tiny, port: 0 });
+    try {
+      await other.ready;
+      const parameters = { max_new_tokens: 40, do_sample: true, temperature: 2 };
+      let found: { seed: number; text: string } | undefined;
+      for (let seed = 0; seed < 400 && !found; seed++) {
+        const r = await post(`${other.url}/generate`, { inputs: "The", parameters: { ...parameters, seed, details: true } });
+        if (r.body.details.finish_reason === "eos_token" && Array.from(r.body.generated_text as string).length >= 3) found = { seed, text: r.body.generated_text };
+      }
+      assert.ok(found, "some seed below 400 ends on </s>");
+      // A stop string that starts with the text's last characters holds them back until </s> ends the run.
+      const stop = Array.from(found.text).slice(-3).join("") + "ZZZ";
+      const expected = await post(`${other.url}/generate`, { inputs: "The", parameters: { ...parameters, seed: found.seed, stop: [stop] } });
+      assert.equal(expected.body.generated_text, found.text);
+
+      await page.goto(`${other.url}/`);
+      await waitText("#status", /^ready$/);
+      await page.fill("#prompt", "The");
+      await page.fill("#max_new_tokens", "40");
+      await page.check("#do_sample");
+      await page.fill("#top_k", "0");
+      await page.evaluate(`(() => { for (const [id, v] of Object.entries({ temperature: "2", top_p: "1", typical_p: "1" })) { const e = document.getElementById(id); e.value = v; e.dispatchEvent(new Event("input")); } })()`);
+      await page.fill("#seed", String(found.seed));
+      await page.fill("#stop_sequences", stop);
+      await page.click("#generate");
+      await waitText("#finish-reason", /^done/);
+      assert.equal(await page.textContent("#finish-reason"), "done (eos token)");
+      assert.equal(await page.textContent("#generated"), found.text);
+    } finally {
+      await page.goto(`${server.url}/`);
+      await other.close();
+      await tiny.dispose();
+    }
+  });
 });

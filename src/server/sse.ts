@@ -59,7 +59,11 @@ export class SseStream {
  * its sequences and frees their KV-cache blocks at the engine's next step.
  */
 export function cancelOnDisconnect(reply: FastifyReply, controller: AbortController): void {
-  reply.raw.once("close", () => {
+  const cancel = () => {
     if (!reply.raw.writableFinished) controller.abort(new CancelReason("client"));
-  });
+  };
+  // The routes call this after tokenizing the prompt: a client gone by then has already fired
+  // "close", and waiting for it would leave its sequence generating for nobody.
+  if (reply.raw.destroyed || reply.request.raw.socket?.destroyed === true) cancel();
+  else reply.raw.once("close", cancel);
 }

@@ -194,6 +194,9 @@ async function generate() {
         $("ttft").textContent = formatMs(now - started);
       }
       if (!event.token.special) generated.append(event.token.text);
+      // The last event's generated_text is the whole output: it includes text held back until the
+      // end (a possible stop string, an incomplete character) even when the last token is </s>.
+      if (typeof event.generated_text === "string") generated.textContent = event.generated_text;
       $("token-count").textContent = String(count);
       if (count > 1) $("tokens-per-second").textContent = ((count - 1) / ((now - firstAt) / 1000)).toFixed(1);
       if (event.details) finish = event.details.finish_reason;
