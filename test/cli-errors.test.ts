@@ -34,6 +34,26 @@ describe("CLI errors name what is wrong", () => {
   const aFile = join(dir, "a-file");
   writeFileSync(aFile, "x");
 
+  test("--no-repeat-ngram-size reaches the library (commander read it as the negation of a boolean)", async () => {
+    const trained = fixtureDir("trained-bloom-small");
+    const r = run(["generate", "-m", trained, "--max-new-tokens", "20", "--no-repeat-ngram-size", "2", "--json", "In the beginning"]);
+    assert.equal(r.status, 0, r.stderr);
+    const ids: number[] = JSON.parse(r.stdout).tokenIds;
+    const { loadModel } = await import("../src/index.js");
+    const m = await loadModel(trained);
+    try {
+      const prompt = await m.tokenizer.encode("In the beginning");
+      const expected = await m.generate(["In the beginning"], { maxNewTokens: 20, noRepeatNgramSize: 2 });
+      assert.deepEqual(ids, expected.tokenIds[0]);
+      const all = [...prompt, ...ids];
+      const bigrams = all.slice(1).map((id, i) => `${all[i]},${id}`);
+      assert.equal(new Set(bigrams).size, bigrams.length, "no bigram repeats");
+    } finally {
+      await m.dispose();
+    }
+    refused(["generate", "-m", trained, "--no-repeat-ngram-size", "x", "hi"], /--no-repeat-ngram-size must be an integer/);
+  });
+
   test("conflicting generate options", () => {
     refused(["generate", "-m", model, "--greedy", "--temperature", "0.5", "hi"], /^blossom: --greedy: cannot be combined with --sample or a sampling option/);
     refused(["generate", "-m", model, "--greedy", "--sample", "hi"], /^blossom: --greedy: cannot be combined/);

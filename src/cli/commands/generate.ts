@@ -1,6 +1,6 @@
 /** `blossom generate`: prints continuations of prompts, like the guide's bloom-*-inference.py scripts. */
 import { BlossomError } from "../../errors.js";
-import type { Command } from "commander";
+import { Option, type Command } from "commander";
 import type { GenerateResult } from "../../model.js";
 import type { GenerationParamsInput } from "../../generate/params.js";
 import { addModelOptions, collect, loadModelForCli, parseInteger, parseNumber, type ModelCliOptions } from "../options.js";
@@ -53,6 +53,16 @@ export function generationParamsFromCli(o: GenerateCliOptions): GenerationParams
   return params;
 }
 
+/**
+ * --no-repeat-ngram-size N (transformers' name). Commander reads every --no-* flag as the negation
+ * of a boolean --repeat-ngram-size, which left noRepeatNgramSize unset whatever N was given.
+ */
+function noRepeatNgramSize(): Option {
+  const option = new Option("--no-repeat-ngram-size <n>", "never repeat an n-gram of this size").argParser(parseInteger("--no-repeat-ngram-size", 0));
+  option.negate = false;
+  return option;
+}
+
 /** The sampling options, shared by generate, chat and bench. */
 export function addGenerationOptions(command: Command): Command {
   return command
@@ -65,7 +75,7 @@ export function addGenerationOptions(command: Command): Command {
     .option("--top-p <p>", "nucleus sampling: keep the smallest set with probability >= p (implies --sample)", parseNumber("--top-p"))
     .option("--typical-p <p>", "typical sampling mass (implies --sample)", parseNumber("--typical-p"))
     .option("--repetition-penalty <r>", "penalise tokens already present (1 = off)", parseNumber("--repetition-penalty"))
-    .option("--no-repeat-ngram-size <n>", "never repeat an n-gram of this size", parseInteger("--no-repeat-ngram-size", 0))
+    .addOption(noRepeatNgramSize())
     .option("--stop <text>", "stop when this text is generated (repeatable)", collect)
     .option("--seed <n>", "random seed for reproducible sampling", parseInteger("--seed", 0));
 }
