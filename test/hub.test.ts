@@ -210,6 +210,66 @@ describe("resolveModel with a Hub", () => {
     assert.deepEqual(await readFile(join(resolved.dir, "tokenizer.json")), t.files["tokenizer.json"]);
   });
 
+  it("gives up on a server that falls silent (no answer, or a body that stops) and resumes from where it stopped", async () => {
+    const idle = { ...t.options, idleTimeoutMs: 300 };
+    // The body stops after 100 000 bytes with the connection left open: the next try resumes there.
+    t.hub.faults.push({ kind: "stall", file: SHARD, afterBytes: 100_000, times: 1 });
+    const resolved = await resolveModel(REPO, idle);
+    assert.deepEqual(await readFile(join(resolved.dir, SHARD)), t.files[SHARD]);
+    const gets = t.hub.requestsFor(new RegExp(`^/cdn/${sha256(t.files[SHARD]!)}$`), "GET");
+    assert.deepEqual(gets.map((r) => r.range), [undefined, "bytes=100000-"]);
+
+    // A server that never answers, every time: a bounded failure that says why.
+    await rm(t.cacheDir, { recursive: true, force: true });
+    t.hub.faults.push({ kind: "stall", file: SHARD, afterBytes: -1, times: 2 });
+    await assert.rejects(resolveModel(REPO, { ...idle, attempts: 2 }), hubError(/failed after 2 attempts \(.*: nothing received for 0\.3 s \(HF_HUB_DOWNLOAD_TIMEOUT\)\); nothing was received$/));
+  });
+
+  it("checks a plain file's git blob id against what arrived when no size was announced", async () => {
+    t.hub.faults.push({ kind: "unsized-truncated", file: "config.json", times: 1 });
+    await assert.rejects(resolveModel(REPO, t.options), hubError(/config\.json: downloaded file rejected: git sha1 [0-9a-f]{40}, expected/));
+    const resolved = await resolveModel(REPO, t.options);
+    assert.deepEqual(await readFile(join(resolved.dir, "config.json")), t.files["config.json"]);
+  });
+
+  it("refuses an ETag that cannot name a cache file", async () => {
+    for (const etag of ["..", "."]) {
+      t.hub.faults.push({ kind: "etag", file: "config.json", etag, times: 1 });
+      await assert.rejects(resolveModel(REPO, t.options), hubError(new RegExp(`config\\.json: unusable ETag '"${etag.replace(/\./g, "\\.")}"'`)));
+      t.hub.faults.length = 0;
+    }
+    // Nothing was written beside the repo's folder (an etag ".." once named models--…-b.incomplete).
+    assert.deepEqual((await readdir(t.cacheDir)).sort(), [".locks", "models--blossom-test--tiny-bloom-b"]);
+    assert.deepEqual(await readdir(join(t.cacheDir, ".locks")), ["models--blossom-test--tiny-bloom-b"]);
+  });
+
+  it("names the download server, not the repo, when the CDN answers an error; retries its 5xx", async () => {
+    t.hub.faults.push({ kind: "status", file: SHARD, status: 403, times: 1 });
+    await assert.rejects(resolveModel(REPO, t.options), (err: unknown) => {
+      const message = (err as Error).message;
+      assert.match(message, new RegExp(`${SHARD}: the download server http://127\\.0\\.0\\.1:\\d+ refused the file \\(403\\); the signed address`));
+      assert.doesNotMatch(message, /gated|HF_TOKEN/);
+      return true;
+    });
+    t.hub.faults.push({ kind: "status", file: SHARD, status: 503, times: 1 });
+    const resolved = await resolveModel(REPO, t.options);
+    assert.deepEqual(await readFile(join(resolved.dir, SHARD)), t.files[SHARD]);
+  });
+
+  it("retries the Hub's 5xx/429 on metadata, and falls back to the cache when it keeps failing", async () => {
+    t.hub.apiFailure = { status: 503, times: 1 };
+    await resolveModel(REPO, t.options); // the second try answers
+    t.hub.apiFailure = { status: 500, times: 100 };
+    const cached = await resolveModel(REPO, t.options);
+    assert.equal(cached.fromCache, true);
+    assert.equal(cached.commit, t.main);
+    // Not in the cache: the failure itself, after the tries.
+    t.hub.apiFailure = { status: 429, times: 100 };
+    const before = t.hub.requestsFor(/^\/api\/models\//).length;
+    await assert.rejects(resolveModel(`${REPO}@v1`, { ...t.options, attempts: 2 }), hubError(/answered 429.*not in the cache/));
+    assert.equal(t.hub.requestsFor(/^\/api\/models\//).length - before, 2);
+  });
+
   it("answers a gated repo's 401 with advice, and downloads with a valid token", async () => {
     await assert.rejects(resolveModel(GATED_REPO, t.options), hubError(/gated-bloom.*gated or private.*no token was sent: set HF_TOKEN/));
     await assert.rejects(resolveModel(PRIVATE_REPO, t.options), hubError(/private-bloom.*gated or private.*set HF_TOKEN/));

@@ -6,6 +6,7 @@
  * Error answers carry `x-error-code` (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo), which
  * turns into a message that says what to do.
  */
+import { setTimeout as sleep } from "node:timers/promises";
 import { BlossomError } from "../errors.js";
 
 /** The Hub could not be reached at all (as opposed to answering with an error). */
@@ -32,6 +33,7 @@ export interface RevisionInfo {
 }
 
 export interface FileMetadata {
+  repoId: string;
   filename: string;
   commit: string | undefined;
   /** The normalized etag: sha256 of the content for LFS files, git blob sha1 otherwise. */
@@ -48,6 +50,10 @@ export interface HubClientOptions {
   token: string | undefined;
   signal?: AbortSignal | undefined;
   fetch?: typeof fetch | undefined;
+  /** Tries of a metadata request that the Hub answers with 5xx or 429 (default 3). */
+  attempts?: number | undefined;
+  /** Wait before retry k (1-based) is retryDelayMs · 2^(k-1) (default 1 s). */
+  retryDelayMs?: number | undefined;
 }
 
 const METADATA_TIMEOUT_MS = 30_000;
@@ -81,12 +87,32 @@ export class HubClient {
   private readonly token: string | undefined;
   private readonly signal: AbortSignal | undefined;
   private readonly fetchImpl: typeof fetch;
+  private readonly attempts: number;
+  private readonly retryDelayMs: number;
 
   constructor(options: HubClientOptions) {
     this.endpoint = options.endpoint;
     this.token = options.token;
     this.signal = options.signal;
     this.fetchImpl = options.fetch ?? fetch;
+    this.attempts = Math.max(1, options.attempts ?? 3);
+    this.retryDelayMs = options.retryDelayMs ?? 1_000;
+  }
+
+  /** Runs a metadata call again, with growing waits, while the Hub answers 5xx or 429. */
+  private async retrying<T>(what: string, call: () => Promise<T>): Promise<T> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await call();
+      } catch (err) {
+        if (!(err instanceof HubTransientError) || attempt >= this.attempts) throw err;
+        try {
+          await sleep(this.retryDelayMs * 2 ** (attempt - 1), undefined, { signal: this.signal });
+        } catch {
+          throw abortedError(what);
+        }
+      }
+    }
   }
 
   get hasToken(): boolean {
@@ -99,13 +125,13 @@ export class HubClient {
    */
   async request(
     url: string,
-    init: { method?: string; headers?: Record<string, string>; sendToken: boolean; redirect?: "follow" | "manual"; timeoutMs?: number },
+    init: { method?: string; headers?: Record<string, string>; sendToken: boolean; redirect?: "follow" | "manual"; timeoutMs?: number; signal?: AbortSignal },
     what: string,
   ): Promise<Response> {
     if (this.signal?.aborted) throw abortedError(what);
     const headers: Record<string, string> = { "accept-encoding": "identity", "user-agent": "blossom", ...init.headers };
     if (init.sendToken && this.token !== undefined) headers["authorization"] = `Bearer ${this.token}`;
-    const signals = [this.signal, init.timeoutMs === undefined ? undefined : AbortSignal.timeout(init.timeoutMs)].filter(
+    const signals = [this.signal, init.signal, init.timeoutMs === undefined ? undefined : AbortSignal.timeout(init.timeoutMs)].filter(
       (s): s is AbortSignal => s !== undefined,
     );
     try {
@@ -118,6 +144,10 @@ export class HubClient {
     } catch (err) {
       if (this.signal?.aborted) throw abortedError(what);
       const cause = (err as { cause?: { code?: string; message?: string } }).cause;
+      if (init.signal?.aborted) {
+        // The caller's own deadline (a download's idle timeout): the server was reached but said nothing.
+        throw new HubConnectionError(`${what}: ${new URL(url).origin}: ${String((init.signal.reason as Error | undefined)?.message ?? "timed out")}`, { cause: err });
+      }
       const reason = isAbortError(err) ? "timed out" : (cause?.code ?? cause?.message ?? (err as Error).message);
       throw new HubConnectionError(`${what}: cannot reach ${new URL(url).origin} (${reason})`, { cause: err });
     }
@@ -125,6 +155,10 @@ export class HubClient {
 
   /** Resolves a branch, tag or commit to its commit and file list. */
   async revisionInfo(repoId: string, revision: string): Promise<RevisionInfo> {
+    return this.retrying(`${repoId}@${revision}`, () => this.revisionInfoOnce(repoId, revision));
+  }
+
+  private async revisionInfoOnce(repoId: string, revision: string): Promise<RevisionInfo> {
     const url = `${this.endpoint}/api/models/${repoId}/revision/${encodeURIComponent(revision)}`;
     const what = `${repoId}@${revision}`;
     const response = await this.request(url, { sendToken: true, timeoutMs: METADATA_TIMEOUT_MS }, what);
@@ -149,6 +183,10 @@ export class HubClient {
    * CDN and becomes the download address, as in huggingface_hub's `get_hf_file_metadata`.
    */
   async fileMetadata(repoId: string, commit: string, filename: string): Promise<FileMetadata> {
+    return this.retrying(`${repoId}/${filename}`, () => this.fileMetadataOnce(repoId, commit, filename));
+  }
+
+  private async fileMetadataOnce(repoId: string, commit: string, filename: string): Promise<FileMetadata> {
     let url = `${this.endpoint}/${repoId}/resolve/${encodeURIComponent(commit)}/${encodePath(filename)}`;
     const what = `${repoId}/${filename}`;
     for (let hop = 0; hop <= MAX_RELATIVE_REDIRECTS; hop++) {
@@ -160,24 +198,25 @@ export class HubClient {
           url = new URL(location, url).href;
           continue;
         }
-        return this.metadataFrom(response, filename, new URL(location, url).href, false);
+        return this.metadataFrom(response, repoId, filename, new URL(location, url).href, false);
       }
       if (!response.ok) throw await this.responseError(response, { repoId, revision: commit, filename });
-      return this.metadataFrom(response, filename, url, true);
+      return this.metadataFrom(response, repoId, filename, url, true);
     }
     throw new BlossomError("hub", `${what}: more than ${MAX_RELATIVE_REDIRECTS} redirects from ${this.endpoint}`);
   }
 
-  private metadataFrom(response: Response, filename: string, downloadUrl: string, sendToken: boolean): FileMetadata {
+  private metadataFrom(response: Response, repoId: string, filename: string, downloadUrl: string, sendToken: boolean): FileMetadata {
     const rawEtag = response.headers.get("x-linked-etag") ?? response.headers.get("etag");
     if (rawEtag === null || normalizeEtag(rawEtag) === "") {
       throw new BlossomError("hub", `${filename}: the Hub sent no ETag, so the file cannot be cached or verified`);
     }
     const etag = normalizeEtag(rawEtag);
-    if (!/^[A-Za-z0-9._-]+$/.test(etag)) throw new BlossomError("hub", `${filename}: unusable ETag '${rawEtag}'`);
+    // The etag names the blob file in the cache: no path separators, and not "." or "..".
+    if (!/^[A-Za-z0-9._-]+$/.test(etag) || /^\.+$/.test(etag)) throw new BlossomError("hub", `${filename}: unusable ETag '${rawEtag}'`);
     const sizeHeader = response.headers.get("x-linked-size") ?? response.headers.get("content-length");
     const size = sizeHeader !== null && /^\d+$/.test(sizeHeader) ? Number(sizeHeader) : undefined;
-    return { filename, commit: response.headers.get("x-repo-commit") ?? undefined, etag, size, downloadUrl, sendToken };
+    return { repoId, filename, commit: response.headers.get("x-repo-commit") ?? undefined, etag, size, downloadUrl, sendToken };
   }
 
   /** Turns an error answer into a message that names the repo, revision or file and the fix. */
@@ -186,19 +225,7 @@ export class HubClient {
     about: { repoId: string; revision?: string; filename?: string },
   ): Promise<BlossomError> {
     const code = response.headers.get("x-error-code");
-    let detail = "";
-    try {
-      const text = await response.text();
-      try {
-        const parsed = JSON.parse(text) as { error?: unknown };
-        detail = typeof parsed.error === "string" ? parsed.error : "";
-      } catch {
-        detail = text.slice(0, 200);
-      }
-    } catch {
-      // The body is only a detail.
-    }
-    const suffix = detail === "" ? "" : ` (${response.status}: ${detail})`;
+    const suffix = await errorDetail(response);
     const repo = `${about.repoId}${about.revision !== undefined ? `@${about.revision}` : ""}`;
     const target = about.filename !== undefined ? `${about.repoId}/${about.filename}` : repo;
     const tokenAdvice = this.hasToken
@@ -227,4 +254,37 @@ export class HubClient {
     }
     return new BlossomError("hub", `${target}: ${this.endpoint} answered ${response.status}${suffix}`);
   }
+
+  /**
+   * An error answer from the server an LFS file is downloaded from (a CDN the Hub redirected to,
+   * sent no token): it says nothing about the repo's access, so the message names that server.
+   */
+  async downloadError(response: Response, label: string, url: string): Promise<BlossomError> {
+    const suffix = await errorDetail(response);
+    const origin = new URL(url).origin;
+    const status = response.status;
+    if (status >= 500 || status === 429) return new HubTransientError(`${label}: the download server ${origin} answered ${status}${suffix}`);
+    if (status === 401 || status === 403) {
+      return new BlossomError("hub", `${label}: the download server ${origin} refused the file (${status}); the signed address the Hub gave may have expired: run the command again${suffix}`);
+    }
+    if (status === 404) return new BlossomError("hub", `${label}: the download server ${origin} has no such file (404), though the Hub listed it${suffix}`);
+    return new BlossomError("hub", `${label}: the download server ${origin} answered ${status}${suffix}`);
+  }
+}
+
+/** " (status: message)" from an error answer's JSON `error` or the start of its text; "" if none. */
+async function errorDetail(response: Response): Promise<string> {
+  let detail = "";
+  try {
+    const text = await response.text();
+    try {
+      const parsed = JSON.parse(text) as { error?: unknown };
+      detail = typeof parsed.error === "string" ? parsed.error : "";
+    } catch {
+      detail = text.slice(0, 200);
+    }
+  } catch {
+    // The body is only a detail.
+  }
+  return detail === "" ? "" : ` (${response.status}: ${detail})`;
 }

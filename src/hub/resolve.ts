@@ -6,7 +6,7 @@
 import { stat } from "node:fs/promises";
 import { dirname } from "node:path";
 import { BlossomError, parameterError } from "../errors.js";
-import { HubConnectionError } from "./api.js";
+import { HubConnectionError, HubTransientError } from "./api.js";
 import { isFile, readRef, RepoCachePaths } from "./cache.js";
 import { checkSnapshotFiles } from "./files.js";
 import { DEFAULT_REVISION, isCommitHash, parseModelRef, revisionProblem } from "./ref.js";
@@ -42,7 +42,7 @@ export interface ResolvedModel {
 }
 
 /** Testing seams beyond the public options (retry pacing, a fake `statfs`). */
-export type ResolveInternals = Pick<SnapshotDownloadOptions, "concurrency" | "attempts" | "retryDelayMs" | "fetch" | "freeBytes">;
+export type ResolveInternals = Pick<SnapshotDownloadOptions, "concurrency" | "attempts" | "retryDelayMs" | "idleTimeoutMs" | "fetch" | "freeBytes">;
 
 async function isDirectory(path: string): Promise<boolean> {
   try {
@@ -129,6 +129,7 @@ async function resolveHubModel(ref: string, options: ResolveOptions & ResolveInt
       concurrency: options.concurrency,
       attempts: options.attempts,
       retryDelayMs: options.retryDelayMs,
+      idleTimeoutMs: options.idleTimeoutMs,
       fetch: options.fetch,
       freeBytes: options.freeBytes,
     });
@@ -141,8 +142,9 @@ async function resolveHubModel(ref: string, options: ResolveOptions & ResolveInt
       downloadedBytes: downloaded.downloadedBytes,
     };
   } catch (err) {
-    if (!(err instanceof HubConnectionError)) throw err;
-    // Like huggingface_hub: with the Hub out of reach, what the cache holds for this revision will do.
+    if (!(err instanceof HubConnectionError || err instanceof HubTransientError)) throw err;
+    // Like huggingface_hub: with the Hub out of reach or failing (5xx, 429 after retries), what the
+    // cache holds for this revision will do.
     const cached = await lookInCache(paths, revision);
     if (cached.ok) return { dir: cached.dir, repoId, commit: cached.commit, fromCache: true };
     throw new BlossomError("hub", `${err.message}, and ${where} is not in the cache: ${cached.reason}`, { cause: err });

@@ -5,6 +5,7 @@
 import { readFileSync } from "node:fs";
 import { homedir } from "node:os";
 import { join } from "node:path";
+import { BlossomError } from "../errors.js";
 
 export const DEFAULT_ENDPOINT = "https://huggingface.co";
 
@@ -54,4 +55,16 @@ export function hubToken(override?: string): string | undefined {
 /** `HF_HUB_OFFLINE` (or the older `TRANSFORMERS_OFFLINE`) set to 1/ON/YES/TRUE. */
 export function hubOffline(override?: boolean): boolean {
   return override ?? isTrue(env("HF_HUB_OFFLINE") ?? env("TRANSFORMERS_OFFLINE"));
+}
+
+/**
+ * How long a file transfer may receive nothing before it is abandoned and retried from where it
+ * stopped: `HF_HUB_DOWNLOAD_TIMEOUT` seconds, 10 by default (huggingface_hub's variable and default).
+ */
+export function hubDownloadTimeoutMs(): number {
+  const value = env("HF_HUB_DOWNLOAD_TIMEOUT");
+  if (value === undefined) return 10_000;
+  const seconds = Number(value);
+  if (!(seconds > 0) || !Number.isFinite(seconds)) throw new BlossomError("parameter", `HF_HUB_DOWNLOAD_TIMEOUT: expected a positive number of seconds, got ${JSON.stringify(value)}`);
+  return seconds * 1000;
 }

@@ -14,6 +14,7 @@ import { withFileLock } from "./lock.js";
 import { formatBytes, silentProgress, terminalProgress, type DownloadProgress } from "./progress.js";
 import { checkRelativeFilename, isCommitHash } from "./ref.js";
 import { downloadBlob } from "./transfer.js";
+import { hubDownloadTimeoutMs } from "./settings.js";
 
 export interface SnapshotDownloadOptions {
   repoId: string;
@@ -29,6 +30,8 @@ export interface SnapshotDownloadOptions {
   /** Attempts per file before giving up (each resumes the last). */
   attempts?: number;
   retryDelayMs?: number;
+  /** Silence after which a transfer is retried (default: HF_HUB_DOWNLOAD_TIMEOUT, 10 s). */
+  idleTimeoutMs?: number;
   fetch?: typeof fetch;
   /** Free bytes where the cache lives; `fs.statfs` unless a test says otherwise. */
   freeBytes?: (dir: string) => Promise<number>;
@@ -83,7 +86,7 @@ interface BlobJob {
 
 export async function downloadSnapshot(options: SnapshotDownloadOptions): Promise<SnapshotDownloadResult> {
   const { repoId, revision, signal } = options;
-  const client = new HubClient({ endpoint: options.endpoint, token: options.token, signal, fetch: options.fetch });
+  const client = new HubClient({ endpoint: options.endpoint, token: options.token, signal, fetch: options.fetch, attempts: options.attempts, retryDelayMs: options.retryDelayMs });
   const where = `${repoId}@${revision}`;
   const info = await client.revisionInfo(repoId, revision);
   const commit = info.sha;
@@ -188,6 +191,7 @@ async function fetchIntoSnapshot(
           signal,
           attempts: options.attempts ?? DEFAULT_ATTEMPTS,
           retryDelayMs: options.retryDelayMs ?? DEFAULT_RETRY_DELAY_MS,
+          idleTimeoutMs: options.idleTimeoutMs ?? hubDownloadTimeoutMs(),
           onBytes: (count, restart) => {
             if (restart) {
               progress.fileStarted(name, meta.size, count);

@@ -19,6 +19,11 @@ export interface TransferOptions {
   retryDelayMs: number;
   /** Called with the bytes already on disk when a transfer (re)starts, then with each chunk's size. */
   onBytes?: ((bytes: number, restart: boolean) => void) | undefined;
+  /**
+   * A transfer that receives nothing (headers or bytes) for this long is abandoned and retried from
+   * where it stopped, as huggingface_hub's HF_HUB_DOWNLOAD_TIMEOUT does.
+   */
+  idleTimeoutMs: number;
 }
 
 const WRITE_BATCH_BYTES = 1 << 20;
@@ -106,10 +111,11 @@ async function fillIncomplete(
     }
   }
   const reason = lastError instanceof Error ? lastError.message : String(lastError);
+  const kept = ((await stat(incompletePath).catch(() => undefined))?.size ?? 0) > 0;
   throw new BlossomError(
     "hub",
-    `${label}: download failed after ${attempts} attempts (${reason}); the partial file ${incompletePath} ` +
-      "is kept and the next run resumes it",
+    `${label}: download failed after ${attempts} attempts (${reason}); ` +
+      (kept ? `the partial file ${incompletePath} is kept and the next run resumes it` : "nothing was received"),
     { cause: lastError },
   );
 }
@@ -124,7 +130,36 @@ async function transferOnce(
   options: TransferOptions,
 ): Promise<void> {
   const headers: Record<string, string> = onDisk > 0 ? { range: `bytes=${onDisk}-` } : {};
-  const response = await client.request(meta.downloadUrl, { headers, sendToken: meta.sendToken }, label);
+  // A stalled server (no answer, or a body that stops coming) is given up after idleTimeoutMs of silence.
+  const idle = new AbortController();
+  const seconds = options.idleTimeoutMs / 1000;
+  let timer: NodeJS.Timeout | undefined;
+  const quietSince = () => {
+    clearTimeout(timer);
+    timer = setTimeout(() => idle.abort(new Error(`nothing received for ${seconds} s (HF_HUB_DOWNLOAD_TIMEOUT)`)), options.idleTimeoutMs);
+  };
+  quietSince();
+  try {
+    await receive(client, meta, label, incompletePath, onDisk, hasher, options, headers, idle.signal, quietSince);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+async function receive(
+  client: HubClient,
+  meta: FileMetadata,
+  label: string,
+  incompletePath: string,
+  onDisk: number,
+  hasher: Hash | undefined,
+  options: TransferOptions,
+  headers: Record<string, string>,
+  idle: AbortSignal,
+  quietSince: () => void,
+): Promise<void> {
+  const response = await client.request(meta.downloadUrl, { headers, sendToken: meta.sendToken, signal: idle }, label);
+  quietSince();
   let start = onDisk;
   if (response.status === 416) {
     // The server holds fewer bytes than our partial: the partial is not of this file. Start over.
@@ -133,7 +168,8 @@ async function transferOnce(
     throw new PrematureEndError(`the server refused to resume at byte ${onDisk}`);
   }
   if (!response.ok) {
-    throw await client.responseError(response, { repoId: label, revision: meta.commit });
+    if (!meta.sendToken) throw await client.downloadError(response, label, meta.downloadUrl);
+    throw await client.responseError(response, { repoId: meta.repoId, filename: meta.filename, ...(meta.commit !== undefined ? { revision: meta.commit } : {}) });
   }
   if (response.status === 206) {
     const range = /^bytes (\d+)-\d+\/(\d+|\*)$/.exec(response.headers.get("content-range") ?? "");
@@ -179,11 +215,12 @@ async function transferOnce(
         // What arrived before the connection dropped is a valid prefix: keep it for the resume.
         await flush();
         if (options.signal?.aborted) throw err;
-        const cause = (err as { cause?: { message?: string } }).cause?.message ?? (err as Error).message;
+        const cause = idle.aborted ? String((idle.reason as Error).message) : ((err as { cause?: { message?: string } }).cause?.message ?? (err as Error).message);
         const of = meta.size === undefined ? "" : ` of ${meta.size}`;
         throw new PrematureEndError(`connection lost at byte ${start + received}${of}: ${cause}`);
       }
       if (next.done === true) break;
+      quietSince();
       const chunk = next.value;
       batch.push(Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength));
       batchBytes += chunk.byteLength;
@@ -201,6 +238,11 @@ async function transferOnce(
 
 async function verify(meta: FileMetadata, label: string, incompletePath: string, hasher: Hash | undefined): Promise<void> {
   const size = (await stat(incompletePath)).size;
+  if (hasher === undefined && meta.size === undefined && /^[0-9a-f]{40}$/.test(meta.etag)) {
+    // No size was announced, so the git blob id (which starts with the size) is computed from what arrived.
+    hasher = createHash("sha1").update(`blob ${size}\0`);
+    await hashExisting(incompletePath, hasher, size);
+  }
   const rejected = async (why: string): Promise<never> => {
     await rm(incompletePath, { force: true });
     throw new BlossomError(

@@ -54,7 +54,15 @@ export type Fault =
   /** Send `afterBytes` bytes of the body, then drop the connection; `times` times. */
   | { kind: "cut"; file: string; afterBytes: number; times: number }
   /** Flip one byte in the middle of the body; `times` times. */
-  | { kind: "corrupt"; file: string; times: number };
+  | { kind: "corrupt"; file: string; times: number }
+  /** Send `afterBytes` bytes of the body (none, or not even the headers when -1), then fall silent with the connection open. */
+  | { kind: "stall"; file: string; afterBytes: number; times: number }
+  /** Answer the GET with this status (a JSON error body). */
+  | { kind: "status"; file: string; status: number; times: number }
+  /** Send no size (HEAD and GET without Content-Length) and end the GET cleanly after half the body. */
+  | { kind: "unsized-truncated"; file: string; times: number }
+  /** Give this ETag in the HEAD answer (and the GET's). */
+  | { kind: "etag"; file: string; etag: string; times: number };
 
 const LFS_FILE = /\.(safetensors|bin|h5|msgpack|onnx)$/;
 
@@ -78,6 +86,10 @@ export function blobName(filename: string, content: Buffer): string {
 export class FakeHub {
   readonly requests: LoggedRequest[] = [];
   readonly faults: Fault[] = [];
+  /** The revision API answers this status `times` times (a Hub having trouble). */
+  apiFailure: { status: number; times: number } | undefined;
+  /** Responses left hanging by "stall" faults, ended when the hub stops. */
+  private readonly stalled = new Set<ServerResponse>();
   /** Accepted tokens for gated repos. */
   readonly tokens = new Set<string>(["hf_fake_valid_token"]);
   private readonly repos = new Map<string, FakeRepo>();
@@ -133,6 +145,7 @@ export class FakeHub {
     const server = this.server;
     if (server === undefined) return;
     this.server = undefined;
+    for (const res of this.stalled) res.destroy();
     server.closeAllConnections();
     await new Promise<void>((resolve) => server.close(() => resolve()));
   }
@@ -206,6 +219,10 @@ export class FakeHub {
       res.writeHead(307, { location: `/api/models/${renamed}/revision/${encodeURIComponent(revision)}`, "content-length": 0 });
       return void res.end();
     }
+    if (this.apiFailure !== undefined && this.apiFailure.times > 0) {
+      this.apiFailure.times--;
+      return this.error(res, this.apiFailure.status, undefined, "the Hub is having trouble");
+    }
     if (this.denied(req, res, id, false)) return;
     const repo = this.repos.get(id)!;
     const commit = this.commitFor(repo, revision);
@@ -250,11 +267,12 @@ export class FakeHub {
     this.serveContent(req, res, content, filename, { etag: `"${gitBlobSha1(content)}"`, "x-repo-commit": commit.sha });
   }
 
-  private takeFault(filename: string): Fault | undefined {
+  /** The next fault ordered for `filename`; a GET uses it up, a HEAD only looks. */
+  private takeFault(filename: string, method: string | undefined): Fault | undefined {
     const index = this.faults.findIndex((f) => f.file === filename && f.times > 0);
     if (index < 0) return undefined;
     const fault = this.faults[index]!;
-    fault.times--;
+    if (method !== "HEAD") fault.times--;
     return fault;
   }
 
@@ -274,17 +292,30 @@ export class FakeHub {
         return void res.end();
       }
     }
+    const fault = this.takeFault(filename, req.method);
+    if (fault?.kind === "status" && req.method !== "HEAD") return this.error(res, fault.status, undefined, `fault: ${fault.status}`);
+    if (fault?.kind === "stall" && fault.afterBytes < 0) {
+      this.stalled.add(res);
+      return; // no answer at all
+    }
+    if (fault?.kind === "etag") headers = { ...headers, etag: `"${fault.etag}"` };
+    const unsized = fault?.kind === "unsized-truncated";
     const status = range !== null ? 206 : 200;
     res.writeHead(status, {
       ...headers,
       "accept-ranges": "bytes",
       "content-type": "application/octet-stream",
-      "content-length": content.length - start,
+      ...(unsized ? {} : { "content-length": content.length - start }),
       ...(status === 206 ? { "content-range": `bytes ${start}-${content.length - 1}/${content.length}` } : {}),
     });
     if (req.method === "HEAD") return void res.end();
     let body = content.subarray(start);
-    const fault = this.takeFault(filename);
+    if (unsized) return void res.end(body.subarray(0, body.length >> 1));
+    if (fault?.kind === "stall") {
+      this.stalled.add(res);
+      res.write(body.subarray(0, fault.afterBytes));
+      return;
+    }
     if (fault?.kind === "corrupt") {
       body = Buffer.from(body);
       body[body.length >> 1]! ^= 0xff;
