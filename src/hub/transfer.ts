@@ -100,7 +100,12 @@ async function fillIncomplete(
         options.onBytes?.(onDisk, true);
         return hasher;
       }
-      await transferOnce(client, meta, label, incompletePath, onDisk, hasher, options);
+      const idle = new IdleWatch(options.idleTimeoutMs);
+      try {
+        await transferOnce(client, meta, label, incompletePath, onDisk, hasher, options, idle);
+      } finally {
+        idle.stop();
+      }
       return hasher;
     } catch (err) {
       if (signal?.aborted) {
@@ -120,6 +125,27 @@ async function fillIncomplete(
   );
 }
 
+/** Aborts its signal once `ms` pass without a touch(): a server that has fallen silent. */
+class IdleWatch {
+  private readonly controller = new AbortController();
+  private timer: NodeJS.Timeout | undefined;
+  readonly signal = this.controller.signal;
+
+  constructor(private readonly ms: number) {
+    this.touch();
+  }
+
+  touch(): void {
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => this.controller.abort(new Error(`nothing received for ${this.ms / 1000} s (HF_HUB_DOWNLOAD_TIMEOUT)`)), this.ms);
+  }
+
+  stop(): void {
+    clearTimeout(this.timer);
+  }
+}
+
+/** One GET of the rest of the file, given up when `idle` fires (a server that has fallen silent). */
 async function transferOnce(
   client: HubClient,
   meta: FileMetadata,
@@ -128,38 +154,11 @@ async function transferOnce(
   onDisk: number,
   hasher: Hash | undefined,
   options: TransferOptions,
+  idle: IdleWatch,
 ): Promise<void> {
   const headers: Record<string, string> = onDisk > 0 ? { range: `bytes=${onDisk}-` } : {};
-  // A stalled server (no answer, or a body that stops coming) is given up after idleTimeoutMs of silence.
-  const idle = new AbortController();
-  const seconds = options.idleTimeoutMs / 1000;
-  let timer: NodeJS.Timeout | undefined;
-  const quietSince = () => {
-    clearTimeout(timer);
-    timer = setTimeout(() => idle.abort(new Error(`nothing received for ${seconds} s (HF_HUB_DOWNLOAD_TIMEOUT)`)), options.idleTimeoutMs);
-  };
-  quietSince();
-  try {
-    await receive(client, meta, label, incompletePath, onDisk, hasher, options, headers, idle.signal, quietSince);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
-async function receive(
-  client: HubClient,
-  meta: FileMetadata,
-  label: string,
-  incompletePath: string,
-  onDisk: number,
-  hasher: Hash | undefined,
-  options: TransferOptions,
-  headers: Record<string, string>,
-  idle: AbortSignal,
-  quietSince: () => void,
-): Promise<void> {
-  const response = await client.request(meta.downloadUrl, { headers, sendToken: meta.sendToken, signal: idle }, label);
-  quietSince();
+  const response = await client.request(meta.downloadUrl, { headers, sendToken: meta.sendToken, signal: idle.signal }, label);
+  idle.touch();
   let start = onDisk;
   if (response.status === 416) {
     // The server holds fewer bytes than our partial: the partial is not of this file. Start over.
@@ -215,12 +214,12 @@ async function receive(
         // What arrived before the connection dropped is a valid prefix: keep it for the resume.
         await flush();
         if (options.signal?.aborted) throw err;
-        const cause = idle.aborted ? String((idle.reason as Error).message) : ((err as { cause?: { message?: string } }).cause?.message ?? (err as Error).message);
+        const cause = idle.signal.aborted ? String((idle.signal.reason as Error).message) : ((err as { cause?: { message?: string } }).cause?.message ?? (err as Error).message);
         const of = meta.size === undefined ? "" : ` of ${meta.size}`;
         throw new PrematureEndError(`connection lost at byte ${start + received}${of}: ${cause}`);
       }
       if (next.done === true) break;
-      quietSince();
+      idle.touch();
       const chunk = next.value;
       batch.push(Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength));
       batchBytes += chunk.byteLength;
