@@ -17,7 +17,7 @@ import { formatBytes } from "../src/engine/memory.js";
 import type { WeightDType } from "../src/engine/weights.js";
 import type { KVDType } from "../src/backend/backend.js";
 import { loadModel } from "../src/index.js";
-import { benchArgs } from "./stats.js";
+import { benchArgs, intOption, median, outputOption } from "./stats.js";
 
 const { values: o } = benchArgs("npm run bench:decode --", "decode", {
   options: {
@@ -32,8 +32,11 @@ const { values: o } = benchArgs("npm run bench:decode --", "decode", {
     "prompt-tokens": { type: "string" },
   },
 });
-const newTokens = Number(o["new-tokens"]);
-const runs = Number(o.runs);
+// The first token is the prompt's; decode time is measured between the later ones.
+const newTokens = intOption("--new-tokens", o["new-tokens"], 2)!;
+const runs = intOption("--runs", o.runs, 1)!;
+const promptTokensOption = intOption("--prompt-tokens", o["prompt-tokens"], 1);
+const jsonFile = outputOption("--json", o.json);
 const log = (line: string) => process.stdout.write(line + "\n");
 
 /** Bytes of file-backed memory this process maps with 2 MiB page-table entries (Linux), if known. */
@@ -48,7 +51,7 @@ function filePmdMappedBytes(): number | undefined {
 }
 
 const dir = o.model ?? (await ensureDefaultModel(log));
-const threads = o.threads ? Number(o.threads) : native().cpuInfo().physicalCores;
+const threads = intOption("--threads", o.threads, 1) ?? native().cpuInfo().physicalCores;
 const model = await loadModel(dir, {
   dtype: o.dtype as WeightDType,
   threads,
@@ -59,9 +62,9 @@ try {
   const info = model.info;
   const sentence = "DeepSpeed is a machine learning framework";
   let prompt: string | number[] = sentence;
-  if (o["prompt-tokens"]) {
+  if (promptTokensOption !== undefined) {
     const ids = await model.tokenizer.encode(sentence + ". ");
-    prompt = Array.from({ length: Number(o["prompt-tokens"]) }, (_, i) => ids[i % ids.length]!);
+    prompt = Array.from({ length: promptTokensOption }, (_, i) => ids[i % ids.length]!);
   }
   const promptTokens = typeof prompt === "string" ? (await model.tokenizer.encode(prompt)).length : prompt.length;
   // Bytes a decode step reads: every weight matrix once (the tied head is the embedding, read once
@@ -76,7 +79,6 @@ try {
   // run is bracketed by its own probes and compared with the floor of that moment: the higher of the
   // two probes, the stricter floor. The median of the per-run ratios is the figure.
   const probe = () => native().probeReadBandwidth(1 << 30, threads, 3);
-  const med = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
   const runsMeasured: { msPerToken: number; medianStepMs: number; probesGBs: [number, number]; bandwidthGBs: number; floorMs: number; ratio: number; medianStepRatio: number }[] = [];
   let before = probe();
   for (let r = 0; r < runs; r++) {
@@ -87,15 +89,15 @@ try {
     const after = probe();
     // Decode time per token: the first token (prefill of the prompt) is excluded.
     const msPerToken = (arrivals.at(-1)! - arrivals[0]!) / (arrivals.length - 1);
-    const medianStepMs = med(arrivals.slice(1).map((t, i) => t - arrivals[i]!));
+    const medianStepMs = median(arrivals.slice(1).map((t, i) => t - arrivals[i]!));
     const bandwidthGBs = Math.max(before, after);
     const floorMs = (stepBytes / (bandwidthGBs * 1e9)) * 1000;
     runsMeasured.push({ msPerToken, medianStepMs, probesGBs: [before, after], bandwidthGBs, floorMs, ratio: msPerToken / floorMs, medianStepRatio: medianStepMs / floorMs });
     before = after;
   }
-  const median = med(runsMeasured.map((r) => r.msPerToken));
-  const ratio = med(runsMeasured.map((r) => r.ratio));
-  const stepRatio = med(runsMeasured.map((r) => r.medianStepRatio));
+  const msPerToken = median(runsMeasured.map((r) => r.msPerToken));
+  const ratio = median(runsMeasured.map((r) => r.ratio));
+  const stepRatio = median(runsMeasured.map((r) => r.medianStepRatio));
   const hugeBytes = filePmdMappedBytes();
   log(`model: ${dir} (${info.numLayers} layers, hidden ${info.hiddenSize}, vocab ${info.vocabSize}), ${info.storedDtypes.join("/")} as ${info.dtype}, ${info.threads} threads, ${info.kernels} kernels${o["row-major"] ? ", every matrix row-major" : ""}, KV cache ${info.kvDtype}`);
   log(`prompt: ${promptTokens} tokens`);
@@ -108,9 +110,9 @@ try {
         ` median step ${r.medianStepMs.toFixed(2)} ms = ${r.medianStepRatio.toFixed(3)} x`,
     );
   }
-  log(`median ${median.toFixed(2)} ms/token; median ratio ${ratio.toFixed(3)} x the bandwidth floor (median step: ${stepRatio.toFixed(3)} x)`);
-  if (o.json) {
-    writeFileSync(o.json, JSON.stringify({ dir, info, stepBytes, weightBytes, kvBytes, hugePageBytes: hugeBytes, msPerToken: median, ratio, medianStepRatio: stepRatio, runs: runsMeasured }, null, 2) + "\n");
+  log(`median ${msPerToken.toFixed(2)} ms/token; median ratio ${ratio.toFixed(3)} x the bandwidth floor (median step: ${stepRatio.toFixed(3)} x)`);
+  if (jsonFile) {
+    writeFileSync(jsonFile, JSON.stringify({ dir, info, stepBytes, weightBytes, kvBytes, hugePageBytes: hugeBytes, msPerToken, ratio, medianStepRatio: stepRatio, runs: runsMeasured }, null, 2) + "\n");
   }
 } finally {
   await model.dispose();

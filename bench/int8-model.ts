@@ -22,7 +22,7 @@ import { native } from "../src/backend/native.js";
 import { loadEngine, type EngineOptions, type LoadedEngine } from "../src/engine/load.js";
 import { quantizeCheckpoint } from "../src/quant/quantize.js";
 import { createRandomCheckpoint } from "../src/checkpoint/create-random.js";
-import { median, benchArgs } from "./stats.js";
+import { median, benchArgs, outputOption } from "./stats.js";
 
 interface Variant {
   name: string;
@@ -53,8 +53,9 @@ function decodeSteps(batch: number): number {
 function timeDecode(loaded: LoadedEngine, batch: number, steps: number, seed: number): number {
   const { engine } = loaded;
   const sequences = Array.from({ length: batch }, () => engine.createSequence());
-  let token = (seed * 7919) % 1000;
-  const next = () => (token = (token * 48271 + 11) % 200000);
+  const vocab = loaded.model.config.vocabSize;
+  let token = (seed * 7919) % Math.min(1000, vocab);
+  const next = () => (token = (token * 48271 + 11) % vocab);
   try {
     engine.step(sequences.map((sequence) => ({ sequence, tokens: Array.from({ length: promptTokens }, next), logits: "last" as const })));
     const started = performance.now();
@@ -118,6 +119,7 @@ export async function runModel(argv: string[]): Promise<void> {
       json: { type: "string" },
     },
   });
+  outputOption("--json", values.json);
   const dir = values.dir!;
   const threads = values.threads ? Number(values.threads) : undefined;
   if (!existsSync(join(dir, "model.safetensors"))) {

@@ -17,7 +17,7 @@ import { join, resolve } from "node:path";
 import { SafetensorsFile } from "../src/checkpoint/safetensors.js";
 import { readTensorAsF32 } from "../src/backend/reference.js";
 import { loadModel, type LoadModelOptions, type Model } from "../src/index.js";
-import { benchArgs } from "./stats.js";
+import { benchArgs, outputOption } from "./stats.js";
 
 const fixtureNames = ["tiny-bloom-a", "tiny-bloom-b", "tiny-bloom-c", "trained-bloom-small"];
 
@@ -173,6 +173,7 @@ export async function runQuality(argv: string[]): Promise<void> {
       json: { type: "string" },
     },
   });
+  outputOption("--json", values.json);
   const list = (v: string) => v.split(",").map((s) => s.trim()).filter(Boolean);
   const variants: Variant[] = [
     { name: "fp32 (as stored)", options: { dtype: "auto" } },

@@ -26,7 +26,7 @@ import { writeFileSync } from "node:fs";
 import { ActivationMode, DTypeCode, Epilogue, native, type NativeRegion } from "../src/backend/native.js";
 import { runModel } from "./int8-model.js";
 import { runQuality } from "./int8-quality.js";
-import { median, nowMs, benchArgs } from "./stats.js";
+import { median, nowMs, benchArgs, outputOption } from "./stats.js";
 
 interface Shape {
   layer: string;
@@ -92,6 +92,7 @@ function runKernels(argv: string[]): void {
       json: { type: "string" },
     },
   });
+  outputOption("--json", values.json);
   const addon = native();
   const cpu = addon.cpuInfo();
   const threads = values.threads ? Number(values.threads) : cpu.physicalCores;
@@ -222,4 +223,7 @@ if (command === "quality") await runQuality(rest);
 else if (command === "model") await runModel(rest);
 else if (command === "kernels") runKernels(rest);
 else if (command.startsWith("-")) runKernels(process.argv.slice(2));
-else throw new Error(`bench:int8: unknown part "${command}" (expected kernels, model or quality)`);
+else {
+  process.stderr.write(`int8: unknown part "${command}" (expected kernels, model or quality; --help lists each part's options)\n`);
+  process.exit(2);
+}

@@ -33,7 +33,7 @@ import { cpus } from "node:os";
 import { DTypeCode, Epilogue, native, type NativeRegion, type StorageDType } from "../src/backend/native.js";
 import { parameterError } from "../src/errors.js";
 import { defaultLinearPanels, linearPanelWidth } from "../src/backend/cpu.js";
-import { median, nowMs, benchArgs } from "./stats.js";
+import { median, nowMs, benchArgs, outputOption } from "./stats.js";
 import { float32ToFloat16 } from "../src/checkpoint/half-float.js";
 
 interface LayerShape {
@@ -198,6 +198,7 @@ function main(): void {
       layout: { type: "string", default: "engine" },
     },
   });
+  outputOption("--json", values.json);
   const layout = values.layout!;
   if (!["engine", "rows", "both"].includes(layout)) throw parameterError("--layout", `expected engine, rows or both, got ${layout}`);
   const addon = native();

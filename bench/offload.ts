@@ -12,7 +12,9 @@ import { fileURLToPath } from "node:url";
 import { native } from "../src/backend/native.js";
 import { ensureDefaultModel } from "../src/cli/commands/demo.js";
 import { loadModel, type LoadModelOptions } from "../src/index.js";
-import { benchArgs } from "./stats.js";
+import { parseMaxMemory } from "../src/parallel/planner.js";
+import { BlossomError, parameterError } from "../src/errors.js";
+import { benchArgs, intOption } from "./stats.js";
 
 const { values: o, positionals } = benchArgs("npm run bench:offload --", "offload", {
   options: {
@@ -24,7 +26,13 @@ const { values: o, positionals } = benchArgs("npm run bench:offload --", "offloa
   allowPositionals: true,
 });
 void positionals;
-const newTokens = Number(o["new-tokens"]);
+// The first token is the prompt's; decode time is measured between the later ones.
+const newTokens = intOption("--new-tokens", o["new-tokens"], 2)!;
+try {
+  parseMaxMemory(o.budget!);
+} catch (err) {
+  throw err instanceof BlossomError ? parameterError("--budget", err.message.replace(/^--max-memory:? ?/, "")) : err;
+}
 
 interface RunResult {
   label: string;
@@ -77,9 +85,16 @@ if (o.run !== undefined) {
   const log = (line: string) => process.stdout.write(line + "\n");
   const dir = o.model ?? (await ensureDefaultModel(log));
   const script = fileURLToPath(import.meta.url);
-  const results: RunResult[] = runs.map((_, i) =>
-    JSON.parse(execFileSync(process.execPath, [script, "--run", String(i), "--model", dir, "--budget", o.budget!, "--new-tokens", String(newTokens)], { encoding: "utf8" }).trim().split("\n").pop()!) as RunResult,
-  );
+  const results: RunResult[] = runs.map(([label], i) => {
+    let out: string;
+    try {
+      out = execFileSync(process.execPath, [script, "--run", String(i), "--model", dir, "--budget", o.budget!, "--new-tokens", String(newTokens)], { encoding: "utf8" });
+    } catch {
+      // The child has said why on stderr (it inherits ours).
+      throw new BlossomError("internal", `the run "${label}" failed (its error is above)`);
+    }
+    return JSON.parse(out.trim().split("\n").pop()!) as RunResult;
+  });
   const budget = /cpu:([^,]+)/.exec(o.budget!)?.[1];
   log(`model ${dir}, budget ${o.budget}, ${newTokens} greedy tokens at batch 1`);
   for (const r of results) {

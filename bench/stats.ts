@@ -1,5 +1,7 @@
 /** Small helpers shared by the benchmark scripts. */
 import { parseArgs, type ParseArgsConfig } from "node:util";
+import { checkOutputFile } from "../src/cli/options.js";
+import { BlossomError, parameterError } from "../src/errors.js";
 
 /** The median (mean of the middle two for an even count). */
 export function median(xs: number[]): number {
@@ -28,6 +30,14 @@ export function benchArgs<const T extends BenchArgsConfig>(command: string, file
     });
     return `usage: ${command} [options] (each option is described at the top of bench/${file}.ts)\n${lines.join("\n")}\n`;
   };
+  // A bad option value or an unusable model ends the script with one line, like an unknown option.
+  if (process.listenerCount("uncaughtException") === 0) {
+    process.on("uncaughtException", (err) => {
+      if (!(err instanceof BlossomError)) throw err;
+      process.stderr.write(`${file}: ${err.message}\n`);
+      process.exit(2);
+    });
+  }
   const argv = config.args ?? process.argv.slice(2);
   if (argv.includes("--help") || argv.includes("-h")) {
     process.stdout.write(usage());
@@ -39,4 +49,18 @@ export function benchArgs<const T extends BenchArgsConfig>(command: string, file
     process.stderr.write(`${file}: ${(err as Error).message}\n${usage()}`);
     process.exit(2);
   }
+}
+
+/** An integer option's value (`undefined` when not given), refused by name below `min`. */
+export function intOption(option: string, value: string | undefined, min: number): number | undefined {
+  if (value === undefined) return undefined;
+  const n = Number(value);
+  if (value.trim() === "" || !Number.isInteger(n) || n < min) throw parameterError(option, `expected an integer >= ${min}, got ${JSON.stringify(value)}`);
+  return n;
+}
+
+/** A --json (or other output) path checked before a long run rather than after it. */
+export function outputOption(option: string, value: string | undefined): string | undefined {
+  if (value !== undefined) checkOutputFile(value, option);
+  return value;
 }

@@ -7,6 +7,7 @@ import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
 import { describe, test } from "node:test";
 import { fileURLToPath } from "node:url";
+import { fixtureDir } from "./helpers/fixtures.js";
 
 const script = (name: string) => fileURLToPath(new URL(`../bench/${name}.js`, import.meta.url));
 
@@ -39,6 +40,30 @@ describe("benchmark scripts' options", () => {
       assert.equal(r.stdout, "");
     });
   }
+  test("a bad option value is one line naming the option, exit code 2, before any model loads", () => {
+    const tiny = fixtureDir("tiny-bloom-a");
+    const cases: [string, string[], RegExp][] = [
+      ["decode", ["--model", tiny, "--runs", "0"], /^decode: --runs: expected an integer >= 1, got "0"$/],
+      ["decode", ["--model", tiny, "--new-tokens", "1"], /^decode: --new-tokens: expected an integer >= 2, got "1"$/],
+      ["decode", ["--model", tiny, "--threads", "x"], /^decode: --threads: expected an integer >= 1/],
+      ["decode", ["--model", tiny, "--json", "/nonexistent-folder/x.json"], /^decode: --json \/nonexistent-folder\/x\.json: the folder \/nonexistent-folder does not exist$/],
+      ["decode", ["--model", tiny, "--dtype", "fp8", "--runs", "1", "--new-tokens", "2"], /^decode: dtype: expected one of/],
+      ["offload", ["--model", tiny, "--budget", "lots"], /^offload: --budget: "lots" is not a device/],
+      ["offload", ["--model", tiny, "--new-tokens", "1"], /^offload: --new-tokens: expected an integer >= 2/],
+      ["kernels", ["--quick", "--layout", "diagonal"], /^kernels: --layout: expected engine, rows or both, got diagonal$/],
+      ["kernels", ["--quick", "--json", "/nonexistent-folder/k.json"], /^kernels: --json .*does not exist$/],
+      ["int8", ["sideways"], /^int8: unknown part "sideways"/],
+      ["int8", ["quality", "--json", "/nonexistent-folder/q.json"], /^int8-quality: --json .*does not exist$/],
+    ];
+    for (const [file, args, expected] of cases) {
+      const r = spawnSync(process.execPath, [script(file), ...args], { encoding: "utf8", timeout: 60_000 });
+      const name = [file, ...args].join(" ");
+      assert.equal(r.status, 2, `${name}: exit ${r.status}\n${r.stderr}`);
+      assert.match(r.stderr.trim(), expected, name);
+      assert.doesNotMatch(r.stderr, /\n\s+at /, `no stack trace: ${name}`);
+    }
+  });
+
   test("a string option without its value is named", () => {
     const r = spawnSync(process.execPath, [script("decode"), "--runs"], { encoding: "utf8", timeout: 60_000 });
     assert.equal(r.status, 2);

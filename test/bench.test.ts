@@ -3,8 +3,8 @@
  * SVG chart, and OOM cells (not a crash) when the memory budget cannot be met.
  */
 import assert from "node:assert/strict";
-import { execFile } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { execFile, spawn } from "node:child_process";
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
@@ -76,7 +76,8 @@ describe("blossom bench", () => {
     const report = JSON.parse(readFileSync(json, "utf8")) as BenchReport;
     for (const c of report.results[0]!.cells) {
       assert.equal(c.status, "oom");
-      if (c.status === "oom") assert.match(c.reason, /budget 1\.0 MiB/);
+      // The parts named add up to the prediction (the runtime's share was left out of the text).
+      if (c.status === "oom") assert.match(c.reason, /\(weights .*, KV cache .*, activations .*, runtime .*\) > budget 1\.0 MiB/);
     }
   });
 
@@ -128,6 +129,54 @@ describe("blossom bench", () => {
     const tensor = report.results.find((r) => r.config.strategy === "tensor");
     if (tensor) assert.deepEqual(tensor.engine!.tensorParallel, { rank: 0, size: 2 });
     assert.equal(report.results.find((r) => r.config.strategy === "replicas")!.engine!.replicas, 2);
+  });
+
+  test("a configuration named twice is measured once; a row that cannot run at all makes the exit code 1", async () => {
+    const { stdout } = await run(process.execPath, [
+      cli, "bench", "-m", fixtureDir("tiny-bloom-a"), "--dtype", "auto,fp32,fp32", "--batch-sizes", "1", "--new-tokens", "2", "--cycles", "1", "--no-probe",
+    ]);
+    assert.equal(stdout.split("\n").filter((l) => l.startsWith("| blossom fp32")).length, 1, stdout);
+
+    // A folder without tokenizer.json: its cells say "error", and the run is a failure, not a result.
+    const broken = join(dir, "no-tokenizer");
+    mkdirSync(broken);
+    for (const f of ["config.json", "model.safetensors"]) copyFileSync(join(fixtureDir("tiny-bloom-a"), f), join(broken, f));
+    const failed = await run(process.execPath, [cli, "bench", "-m", broken, "--batch-sizes", "1,2", "--new-tokens", "2", "--cycles", "1", "--no-probe"]).then(
+      () => undefined,
+      (err: { code: number; stdout: string }) => err,
+    );
+    assert.ok(failed, "exit code 1");
+    assert.equal(failed.code, 1);
+    assert.match(failed.stdout, /\| blossom fp32 \|\s+error \|\s+error \|/);
+  });
+
+  test("a signal to the bench process alone (kill PID) ends its child too", async () => {
+    const child = spawn(process.execPath, [
+      cli, "bench", "-m", fixtureDir("trained-bloom-small"), "--batch-sizes", "1,64", "--new-tokens", "2000", "--cycles", "50", "--no-probe", "--no-progress",
+    ], { stdio: "ignore" });
+    const exited = new Promise<NodeJS.Signals | null>((resolve) => child.on("exit", (_code, signal) => resolve(signal)));
+    // Wait (bounded) for the measuring child process to be running.
+    const childrenOf = (pid: number) => {
+      try {
+        return readFileSync(`/proc/${pid}/task/${pid}/children`, "utf8").trim().split(/\s+/).filter(Boolean).map(Number);
+      } catch {
+        return [];
+      }
+    };
+    let grandchild: number | undefined;
+    for (let i = 0; i < 400 && grandchild === undefined; i++) {
+      grandchild = childrenOf(child.pid!)[0];
+      if (grandchild === undefined) await new Promise((r) => setTimeout(r, 25));
+    }
+    assert.ok(grandchild, "the bench started its child");
+    child.kill("SIGTERM");
+    assert.equal(await exited, "SIGTERM");
+    let alive = true;
+    for (let i = 0; i < 400 && alive; i++) {
+      alive = existsSync(`/proc/${grandchild}`) && !/^State:\s+Z/m.test(readFileSync(`/proc/${grandchild}/status`, "utf8"));
+      if (alive) await new Promise((r) => setTimeout(r, 25));
+    }
+    assert.equal(alive, false, `child ${grandchild} ended with the bench`);
   });
 
   test("bad options are refused with the option's name", async () => {

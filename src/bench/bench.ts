@@ -45,6 +45,15 @@ function runConfig(config: BenchConfig, settings: BenchSettings, prompts: string
     const job: ChildJob = { config, settings, prompts };
     const [command, args] = childCommand(config, Buffer.from(JSON.stringify(job)).toString("base64"));
     const child = spawn(command, args, { stdio: ["ignore", "pipe", "inherit"] });
+    // A signal to this process alone (kill PID, a supervisor) reaches the child too, which would
+    // otherwise go on computing, orphaned; then this process ends the way the signal asks.
+    const forwarded: NodeJS.Signals[] = ["SIGTERM", "SIGINT", "SIGHUP"];
+    const forward = (signal: NodeJS.Signals) => {
+      child.kill(signal);
+      for (const s of forwarded) process.removeListener(s, forward);
+      process.kill(process.pid, signal);
+    };
+    for (const s of forwarded) process.once(s, forward);
     // Peak memory of the whole configuration (every rank), sampled from /proc while a batch size runs.
     let cellPeak: number | undefined;
     const sampler = setInterval(() => {
@@ -88,6 +97,7 @@ function runConfig(config: BenchConfig, settings: BenchSettings, prompts: string
       }
     });
     child.on("close", (code, signal) => {
+      for (const s of forwarded) process.removeListener(s, forward);
       clearInterval(sampler);
       // A configuration killed for memory (SIGKILL from the OOM killer) leaves its remaining cells as OOM.
       const missing = settings.batchSizes.filter((bs) => !result.cells.some((c) => c.batchSize === bs));

@@ -81,7 +81,7 @@ async function runCell(model: Model, job: ChildJob, batchSize: number, promptTok
     return {
       batchSize,
       status: "oom",
-      reason: `predicted ${formatBytes(predicted.total)} (weights ${formatBytes(predicted.weights)}, KV cache ${formatBytes(predicted.kvCache)}, activations ${formatBytes(predicted.activations)}) > budget ${formatBytes(settings.maxMemoryBytes)}`,
+      reason: `predicted ${formatBytes(predicted.total)} (weights ${formatBytes(predicted.weights)}, KV cache ${formatBytes(predicted.kvCache)}, activations ${formatBytes(predicted.activations)}, runtime ${formatBytes(predicted.runtime)}) > budget ${formatBytes(settings.maxMemoryBytes)}`,
       predicted,
     };
   }

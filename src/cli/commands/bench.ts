@@ -115,8 +115,11 @@ export function registerBenchCommand(program: Command): void {
         const name = strategy === "single" ? "" : strategy === "tensor" ? `tensor x${o.ranks} ` : strategy === "replicas" ? `replicas x${o.replicas} ` : `${strategy} `;
         for (const dtype of o.dtype) {
           for (const kvDtype of o.kvDtype) {
+            const label = `blossom ${name}${dtypeLabel(dtype)}${kvDtype === "fp32" ? "" : ` kv ${kvDtype}`}`;
+            // A list naming one configuration twice (bf16,bf16; or auto and the stored format) measures it once.
+            if (configs.some((c) => c.label === label)) continue;
             configs.push({
-              label: `blossom ${name}${dtypeLabel(dtype)}${kvDtype === "fp32" ? "" : ` kv ${kvDtype}`}`,
+              label,
               model: dir,
               dtype,
               ...(kvDtype === "fp32" ? {} : { kvDtype }),
@@ -145,5 +148,7 @@ export function registerBenchCommand(program: Command): void {
         writeFileSync(o.chart, renderChart(report.results, report.settings.batchSizes, `Blossom: ms/token by batch size — ${basename(dir)}`));
         process.stdout.write(`chart: ${o.chart}\n`);
       }
+      // OOM is a result; a cell that could not be measured at all ("error") is a failure.
+      if (report.results.some((r) => report.settings.batchSizes.some((bs) => !r.cells.some((c) => c.batchSize === bs)))) process.exitCode = 1;
     });
 }

@@ -68,7 +68,9 @@ export function registerDemoCommand(program: Command): void {
       const model = await loadModel(dir, o.threads !== undefined ? { threads: o.threads } : {});
       // The table's row is named by the format the weights are stored (and run) in.
       const formatName: Record<string, string> = { f32: "fp32", f16: "fp16", bf16: "bf16", i8: "int8" };
-      const rowLabel = `blossom ${model.info.storedDtypes.map((d) => formatName[d] ?? d).join("/")}`;
+      const formats = model.info.storedDtypes.map((d) => formatName[d] ?? d).join("/");
+      const rowLabel = `blossom ${formats}`;
+      const chartTitle = `Blossom on this machine: ms/token by batch size (${o.model ? `${o.model}, ${model.info.numLayers} layers, hidden ${model.info.hiddenSize}` : "bloom-560m shape"}, ${formats})`;
       try {
         const i = model.info;
         out(`loaded in ${i.loadSeconds.toFixed(2)} s: ${i.numLayers} layers, hidden ${i.hiddenSize}, vocab ${i.vocabSize}, ` +
@@ -98,7 +100,7 @@ export function registerDemoCommand(program: Command): void {
       const chartDir = join(blossomCacheDir(), "demo");
       createFolder(chartDir);
       const chart = join(chartDir, "bench.svg");
-      writeFileSync(chart, renderChart(report.results, batchSizes, "Blossom on this machine: ms/token by batch size (bloom-560m shape, bf16)"));
+      writeFileSync(chart, renderChart(report.results, batchSizes, chartTitle));
       writeFileSync(join(chartDir, "bench.json"), JSON.stringify(report, null, 2) + "\n");
       out(`chart: ${chart}`);
       out(`JSON:  ${join(chartDir, "bench.json")}`);
