@@ -588,8 +588,13 @@ class GenerationRun {
       };
       const onEnded = (reason: FinishReason | "cancelled", error?: BlossomError) => {
         if (this.finished) return;
-        if (error && this.tokenIds.length === 0) {
+        if (error) {
+          // The engine failed (its worker died, or this sequence's token choice failed): the caller
+          // gets the tokens streamed so far, then the error, never a run that looks cancelled by it.
+          const text = this.tokenIds.length > 0 ? tail() : "";
+          if (text) this.events.push({ text });
           this.finished = true;
+          signal?.removeEventListener("abort", onAbort);
           reject(error);
           this.wakeUp();
           return;

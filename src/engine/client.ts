@@ -49,10 +49,15 @@ export class EngineClient implements EngineHandle {
     this.worker = worker;
     this.info = info;
     worker.on("message", (m: Response) => this.onMessage(m));
-    worker.on("error", (err) => this.fail(new BlossomError("internal", `engine worker failed: ${err.message}`)));
+    worker.on("error", (err) => {
+      this.exitError ??= new BlossomError("internal", `the engine worker failed (${err.message}); load the model again`);
+      this.fail(this.exitError);
+    });
     worker.on("exit", (code) => {
       this.exited = true;
-      this.fail(this.exitError ?? new BlossomError("internal", `engine worker exited (code ${code})`));
+      // Kept for every later call: each is refused with the reason, none waits on a worker that is gone.
+      this.exitError ??= new BlossomError("internal", `the engine worker exited (code ${code}); load the model again`);
+      this.fail(this.exitError);
     });
   }
 
@@ -151,8 +156,17 @@ export class EngineClient implements EngineHandle {
     this.generations.clear();
   }
 
+  /** Whether the worker still runs (not disposed, not exited). */
+  get alive(): boolean {
+    return !this.exited && this.exitError === undefined;
+  }
+
+  private gone(): BlossomError {
+    return this.exitError ?? new BlossomError("internal", "the engine worker has exited; load the model again");
+  }
+
   private request<T>(message: WithoutId<Request>): Promise<T> {
-    if (this.exited) return Promise.reject(this.exitError ?? new BlossomError("internal", "the engine has been disposed"));
+    if (this.exited) return Promise.reject(this.gone());
     const id = this.nextId++;
     return new Promise<T>((resolve, reject) => {
       this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject });
@@ -183,6 +197,7 @@ export class EngineClient implements EngineHandle {
 
   /** Starts a generation; tokens arrive through `handlers`. Returns a function that cancels it. */
   async submit(promptIds: number[], params: GenerationParams, eosTokenIds: number[], handlers: GenerationHandlers): Promise<() => void> {
+    if (this.exited) throw this.gone();
     const id = this.nextId++;
     this.generations.set(id, handlers);
     const reply = new Promise<unknown>((resolve, reject) => this.pending.set(id, { resolve, reject }));

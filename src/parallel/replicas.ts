@@ -43,18 +43,28 @@ export class ReplicaSet implements EngineHandle {
     return new ReplicaSet(clients);
   }
 
+  /** The live replica with the fewest sequences (replica 0 if none lives: its calls say why). */
   private leastLoaded(): number {
-    let best = 0;
-    for (let i = 1; i < this.active.length; i++) if (this.active[i]! < this.active[best]!) best = i;
-    return best;
+    let best = -1;
+    for (let i = 0; i < this.active.length; i++) {
+      if (this.clients[i]!.alive && (best < 0 || this.active[i]! < this.active[best]!)) best = i;
+    }
+    return Math.max(best, 0);
+  }
+
+  /** Replicas whose worker still runs: a replica that died takes no new work while the others go on. */
+  private live(): EngineClient[] {
+    const alive = this.clients.filter((c) => c.alive);
+    return alive.length > 0 ? alive : this.clients.slice(0, 1);
   }
 
   /** Spreads the sequences over the replicas, runs them concurrently, and returns results in order. */
   private async spread<I, O>(items: I[], run: (client: EngineClient, part: I[]) => Promise<O[]>): Promise<O[]> {
-    const parts = this.clients.map(() => [] as { index: number; item: I }[]);
-    items.forEach((item, index) => parts[(this.nextForward + index) % this.clients.length]!.push({ index, item }));
-    this.nextForward = (this.nextForward + items.length) % this.clients.length;
-    const results = await Promise.all(parts.map((p, r) => (p.length ? run(this.clients[r]!, p.map((x) => x.item)) : Promise.resolve([]))));
+    const clients = this.live();
+    const parts = clients.map(() => [] as { index: number; item: I }[]);
+    items.forEach((item, index) => parts[(this.nextForward + index) % clients.length]!.push({ index, item }));
+    this.nextForward = (this.nextForward + items.length) % clients.length;
+    const results = await Promise.all(parts.map((p, r) => (p.length ? run(clients[r]!, p.map((x) => x.item)) : Promise.resolve([]))));
     const out = new Array<O>(items.length);
     parts.forEach((p, r) => p.forEach((x, k) => (out[x.index] = results[r]![k]!)));
     return out;

@@ -125,23 +125,33 @@ export class GenerationService {
     const tokens: GeneratedToken[] = [];
     let text = "";
     let finishReason: FinishReason | "cancelled" = "cancelled";
-    for await (const event of model.stream(promptIds, { ...params, signal })) {
-      text += event.text;
-      if (event.token) {
-        const now = performance.now();
-        if (tokens.length === 0) this.metrics.timeToFirstToken.observe((now - started) / 1000);
-        else this.metrics.timePerToken.observe((now - last) / 1000);
-        last = now;
-        this.metrics.generatedTokens.inc();
-        const { text: tokenText, ...rest } = event.token;
-        const token: GeneratedToken = { ...rest, text: event.text, tokenText };
-        tokens.push(token);
-        onToken?.(token, event.finishReason);
-      } else if (event.text && tokens.length > 0) {
-        // Text released at the end without a token (a cancelled run's held-back tail).
-        tokens[tokens.length - 1]!.text += event.text;
+    try {
+      for await (const event of model.stream(promptIds, { ...params, signal })) {
+        text += event.text;
+        if (event.token) {
+          const now = performance.now();
+          if (tokens.length === 0) this.metrics.timeToFirstToken.observe((now - started) / 1000);
+          else this.metrics.timePerToken.observe((now - last) / 1000);
+          last = now;
+          this.metrics.generatedTokens.inc();
+          const { text: tokenText, ...rest } = event.token;
+          const token: GeneratedToken = { ...rest, text: event.text, tokenText };
+          tokens.push(token);
+          onToken?.(token, event.finishReason);
+        } else if (event.text && tokens.length > 0) {
+          // Text released at the end without a token (a cancelled run's held-back tail).
+          tokens[tokens.length - 1]!.text += event.text;
+        }
+        if (event.finishReason) finishReason = event.finishReason;
       }
-      if (event.finishReason) finishReason = event.finishReason;
+    } catch (err) {
+      // The engine failed this sequence (its worker died, or its token choice failed): a 5xx-class
+      // answer that says so; the client's own mistakes keep their 4xx.
+      if (err instanceof BlossomError && err.code === "internal") {
+        this.metrics.finished.inc({ reason: "cancelled" });
+        throw new HttpError("generation", `the engine failed while generating this sequence: ${err.message}`);
+      }
+      throw err;
     }
     this.metrics.finished.inc({ reason: finishReason });
     const result: SequenceResult = { text, tokens, finishReason };
