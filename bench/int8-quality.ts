@@ -181,7 +181,9 @@ export async function runQuality(argv: string[]): Promise<void> {
     ...list(values.thresholds!).map((t) => ({ name: `int8-mixed t${t}`, options: { dtype: "int8-mixed" as const, int8Threshold: Number(t) } })),
   ];
   const results: FixtureResult[] = [];
-  console.log(`${"fixture".padEnd(20)} ${"variant".padEnd(18)} ${"cos min".padStart(9)} ${"cos mean".padStart(9)} ${"greedy>=10".padStart(10)}  prefix lengths   ppl (change)       KL/token   top-1`);
+  // Wide enough for the trained fixture's 9 prompts' greedy prefix lengths (up to 30 tokens each).
+  const prefixWidth = 26;
+  console.log(`${"fixture".padEnd(20)} ${"variant".padEnd(18)} ${"cos min".padStart(9)} ${"cos mean".padStart(9)} ${"greedy>=10".padStart(10)}  ${"prefix lengths".padEnd(prefixWidth)} ${"ppl (change)".padEnd(18)} KL/token   top-1`);
   for (const name of fixtureNames) {
     const dir = join(values.fixtures!, name);
     const fp32 = name === "trained-bloom-small" ? await loadModel(dir, { dtype: "auto" }) : undefined;
@@ -192,7 +194,7 @@ export async function runQuality(argv: string[]): Promise<void> {
         const ppl = r.perplexity !== undefined ? `${r.perplexity.toFixed(3)} (${(r.perplexityChange! * 100).toFixed(2)}%)` : "";
         const kl = r.klMean !== undefined ? `${r.klMean.toExponential(2)}   ${(r.top1Agreement! * 100).toFixed(1)}%` : "";
         console.log(
-          `${name.padEnd(20)} ${v.name.padEnd(18)} ${r.cosineMin.toFixed(6).padStart(9)} ${r.cosineMean.toFixed(6).padStart(9)} ${`${r.greedyAgree10}/${r.greedyPrompts}`.padStart(10)}  ${r.greedyPrefix.join(",").padEnd(16)} ${ppl.padEnd(18)} ${kl}`,
+          `${name.padEnd(20)} ${v.name.padEnd(18)} ${r.cosineMin.toFixed(6).padStart(9)} ${r.cosineMean.toFixed(6).padStart(9)} ${`${r.greedyAgree10}/${r.greedyPrompts}`.padStart(10)}  ${r.greedyPrefix.join(",").padEnd(prefixWidth)} ${ppl.padEnd(18)} ${kl}`.trimEnd(),
         );
       }
     } finally {
