@@ -33,9 +33,13 @@ export function benchArgs<const T extends BenchArgsConfig>(command: string, file
   // A bad option value or an unusable model ends the script with one line, like an unknown option.
   if (process.listenerCount("uncaughtException") === 0) {
     process.on("uncaughtException", (err) => {
-      if (!(err instanceof BlossomError)) throw err;
-      process.stderr.write(`${file}: ${err.message}\n`);
-      process.exit(2);
+      if (err instanceof BlossomError) {
+        process.stderr.write(`${file}: ${err.message}\n`);
+        process.exit(2);
+      }
+      // Anything else is a bug: its stack, and the usual exit code.
+      process.stderr.write(`${err?.stack ?? String(err)}\n`);
+      process.exit(1);
     });
   }
   const argv = config.args ?? process.argv.slice(2);

@@ -7,6 +7,7 @@ import { downloadFileToCacheDir, scanCacheDir } from "@huggingface/hub";
 import { BlossomError } from "../src/errors.js";
 import { parseModelRef } from "../src/hub/ref.js";
 import { resolveModel } from "../src/hub/resolve.js";
+import { hubDownloadTimeoutMs } from "../src/hub/settings.js";
 import {
   BIN_ONLY_REPO,
   blobName,
@@ -57,6 +58,28 @@ describe("model references", () => {
   it("returns an existing folder unchanged without touching the network", async () => {
     const resolved = await resolveModel(FIXTURE_DIR, { endpoint: "http://127.0.0.1:9", offline: false });
     assert.deepEqual(resolved, { dir: FIXTURE_DIR, fromCache: false });
+  });
+});
+
+describe("HF_HUB_DOWNLOAD_TIMEOUT", () => {
+  it("is seconds (default 10); a huge value means no limit rather than a timer that fires at once", () => {
+    const saved = process.env.HF_HUB_DOWNLOAD_TIMEOUT;
+    try {
+      delete process.env.HF_HUB_DOWNLOAD_TIMEOUT;
+      assert.equal(hubDownloadTimeoutMs(), 10_000);
+      process.env.HF_HUB_DOWNLOAD_TIMEOUT = "2.5";
+      assert.equal(hubDownloadTimeoutMs(), 2500);
+      // setTimeout fires at once for more than 2^31 - 1 ms.
+      process.env.HF_HUB_DOWNLOAD_TIMEOUT = "3000000";
+      assert.equal(hubDownloadTimeoutMs(), 2 ** 31 - 1);
+      for (const bad of ["0", "-1", "soon"]) {
+        process.env.HF_HUB_DOWNLOAD_TIMEOUT = bad;
+        assert.throws(() => hubDownloadTimeoutMs(), /HF_HUB_DOWNLOAD_TIMEOUT: expected a positive number of seconds/);
+      }
+    } finally {
+      if (saved === undefined) delete process.env.HF_HUB_DOWNLOAD_TIMEOUT;
+      else process.env.HF_HUB_DOWNLOAD_TIMEOUT = saved;
+    }
   });
 });
 
@@ -211,7 +234,8 @@ describe("resolveModel with a Hub", () => {
   });
 
   it("gives up on a server that falls silent (no answer, or a body that stops) and resumes from where it stopped", async () => {
-    const idle = { ...t.options, idleTimeoutMs: 300 };
+    // Only waits on the server count (hashing and writing do not), so a loaded machine does not trip it.
+    const idle = { ...t.options, idleTimeoutMs: 1000 };
     // The body stops after 100 000 bytes with the connection left open: the next try resumes there.
     t.hub.faults.push({ kind: "stall", file: SHARD, afterBytes: 100_000, times: 1 });
     const resolved = await resolveModel(REPO, idle);
@@ -222,7 +246,7 @@ describe("resolveModel with a Hub", () => {
     // A server that never answers, every time: a bounded failure that says why.
     await rm(t.cacheDir, { recursive: true, force: true });
     t.hub.faults.push({ kind: "stall", file: SHARD, afterBytes: -1, times: 2 });
-    await assert.rejects(resolveModel(REPO, { ...idle, attempts: 2 }), hubError(/failed after 2 attempts \(.*: nothing received for 0\.3 s \(HF_HUB_DOWNLOAD_TIMEOUT\)\); nothing was received$/));
+    await assert.rejects(resolveModel(REPO, { ...idle, attempts: 2 }), hubError(/failed after 2 attempts \(.*: nothing received for 1 s \(HF_HUB_DOWNLOAD_TIMEOUT\)\); nothing was received$/));
   });
 
   it("checks a plain file's git blob id against what arrived when no size was announced", async () => {

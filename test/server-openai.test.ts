@@ -8,6 +8,8 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import { loadModel, type Model } from "../src/index.js";
+import { Rng } from "../src/generate/rng.js";
+import { TextOffsets } from "../src/server/routes/openai.js";
 import { startServer, type BlossomServer } from "../src/server/server.js";
 import { fixtureDir } from "./helpers/fixtures.js";
 import { get, post, postStream } from "./helpers/http-client.js";
@@ -96,6 +98,64 @@ describe("OpenAI and TGI field details", () => {
     assert.equal(logprobs.tokens[0], "</s>");
     assert.equal(logprobs.text_offset[1], 4);
     assertOffsetsLineUp(text, logprobs, new Set(["</s>"]));
+  });
+
+  test("offsets stay in line with the text where the bytes are not valid UTF-8 (each bad subpart is one U+FFFD)", async () => {
+    // Prompt ids: a lone continuation byte, then "b" and more text.
+    const byteToken = (byte: number) => {
+      for (let id = 0; id < 1000; id++) {
+        const b = model.tokenizer.tokenBytes(id);
+        if (b.length === 1 && b[0] === byte) return id;
+      }
+      throw new Error(`no token for byte ${byte}`);
+    };
+    const b = await model.tokenizer.encode("beth");
+    for (const prompt of [[byteToken(0x80), ...b], [...(await model.tokenizer.encode("a")), byteToken(0x80), ...b], [byteToken(0xe2), byteToken(0x82), ...b]]) {
+      const r = await post(`${url}/v1/completions`, { prompt, max_tokens: 4, temperature: 0, echo: true, logprobs: 0 });
+      assert.equal(r.status, 200, JSON.stringify(r.body));
+      const { text, logprobs } = r.body.choices[0];
+      assert.ok(text.includes("\uFFFD"), JSON.stringify(text));
+      assertOffsetsLineUp(text, logprobs, new Set());
+      assert.ok(fromCodePoint(text, logprobs.text_offset[prompt.length - b.length]).startsWith("beth"));
+    }
+  });
+
+  test("TextOffsets agrees with UTF-8 decoding on random bytes cut into random tokens", () => {
+    const rng = new Rng(11);
+    const pool = [0x41, 0x80, 0xbf, 0xc2, 0xc3, 0xa9, 0xe0, 0xa0, 0xe2, 0x82, 0xac, 0xed, 0x9f, 0xf0, 0x90, 0x98, 0xf4, 0x8f, 0xff, 0xc0];
+    const characters = (bytes: Uint8Array) => Array.from(new TextDecoder().decode(bytes)).length;
+    for (let trial = 0; trial < 2000; trial++) {
+      const bytes = Uint8Array.from({ length: 1 + Math.floor(rng.nextFloat() * 12) }, () => pool[Math.floor(rng.nextFloat() * pool.length)]!);
+      const offsets = new TextOffsets(0);
+      for (let p = 0; p < bytes.length; ) {
+        const length = Math.min(bytes.length - p, 1 + Math.floor(rng.nextFloat() * 3));
+        // The character holding byte p: the one it continues (the count does not grow with it), or a new one.
+        const before = characters(bytes.subarray(0, p)), after = characters(bytes.subarray(0, p + 1));
+        assert.equal(offsets.next(bytes.subarray(p, p + length)), after === before ? before - 1 : before, `bytes ${Array.from(bytes, (x) => x.toString(16))}, token at ${p}`);
+        p += length;
+      }
+    }
+  });
+
+  test("a special token the completion ends with takes no room in its text", async () => {
+    const tiny = await loadModel(fixtureDir("tiny-bloom-a"));
+    const other = await startServer({ model: tiny, port: 0 });
+    try {
+      await other.ready;
+      let found = false;
+      for (let seed = 0; seed < 400 && !found; seed++) {
+        const r = await post(`${other.url}/v1/completions`, { prompt: "The", max_tokens: 40, temperature: 2, seed, logprobs: 0 });
+        const { text, logprobs, finish_reason } = r.body.choices[0];
+        if (finish_reason !== "stop" || logprobs.tokens.at(-1) !== "</s>") continue;
+        found = true;
+        assert.equal(logprobs.text_offset.at(-1), Array.from(text as string).length);
+        assertOffsetsLineUp(text, logprobs, new Set(["</s>"]));
+      }
+      assert.ok(found, "some seed below 400 ends on </s>");
+    } finally {
+      await other.close();
+      await tiny.dispose();
+    }
   });
 
   test("without max_tokens the default fits --allowed-max-new-tokens", async () => {

@@ -49,16 +49,20 @@ describe("an engine worker that dies", () => {
   test("replicas: a dead replica takes no new work; the others carry on", async () => {
     const model = await loadModel(fixtureDir("tiny-bloom-a"), { strategy: "replicas", replicas: 2 });
     try {
-      const alone = await model.generate(["hello", "world"], { maxNewTokens: 6 });
       await workerOf(model, 0).terminate();
       // Let the exit event arrive.
       for (let i = 0; i < 100 && (model as unknown as { client: { clients: { alive: boolean }[] } }).client.clients[0]!.alive; i++) await new Promise((r) => setTimeout(r, 10));
       for (let round = 0; round < 3; round++) {
-        const r = await model.generate(["hello", "world"], { maxNewTokens: 6 });
-        assert.deepEqual(r.tokenIds, alone.tokenIds);
+        const r = await model.generate(["hello", "world"], { maxNewTokens: 6, minNewTokens: 6 });
+        assert.deepEqual(r.numGeneratedTokens, [6, 6]);
+        assert.deepEqual(r.finishReasons, ["length", "length"]);
       }
       const logits = await model.forward([[5, 6], [7, 8]]);
       assert.deepEqual(logits.dims.slice(0, 2), [2, 2]);
+      // Figures and perplexity come from the live replica.
+      const stats = await model.stats();
+      assert.equal(stats.running, 0);
+      assert.ok((await model.perplexity("hello world, hello world")).perplexity > 0);
     } finally {
       await model.dispose();
     }

@@ -66,5 +66,6 @@ export function hubDownloadTimeoutMs(): number {
   if (value === undefined) return 10_000;
   const seconds = Number(value);
   if (!(seconds > 0) || !Number.isFinite(seconds)) throw new BlossomError("parameter", `HF_HUB_DOWNLOAD_TIMEOUT: expected a positive number of seconds, got ${JSON.stringify(value)}`);
-  return seconds * 1000;
+  // Timers hold at most 2^31 - 1 ms (24.8 days; a larger value fires at once): a huge value means "no limit".
+  return Math.min(seconds * 1000, 2 ** 31 - 1);
 }

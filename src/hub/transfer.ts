@@ -135,11 +135,13 @@ class IdleWatch {
     this.touch();
   }
 
+  /** (Re)starts the deadline: a wait on the server begins. */
   touch(): void {
     clearTimeout(this.timer);
     this.timer = setTimeout(() => this.controller.abort(new Error(`nothing received for ${this.ms / 1000} s (HF_HUB_DOWNLOAD_TIMEOUT)`)), this.ms);
   }
 
+  /** Pauses the deadline while this process works (hashing, writing). */
   stop(): void {
     clearTimeout(this.timer);
   }
@@ -158,7 +160,8 @@ async function transferOnce(
 ): Promise<void> {
   const headers: Record<string, string> = onDisk > 0 ? { range: `bytes=${onDisk}-` } : {};
   const response = await client.request(meta.downloadUrl, { headers, sendToken: meta.sendToken, signal: idle.signal }, label);
-  idle.touch();
+  // Only waits on the server count as its silence: hashing a large partial or writing to disk does not.
+  idle.stop();
   let start = onDisk;
   if (response.status === 416) {
     // The server holds fewer bytes than our partial: the partial is not of this file. Start over.
@@ -209,7 +212,9 @@ async function transferOnce(
     for (;;) {
       let next: IteratorResult<Uint8Array>;
       try {
+        idle.touch();
         next = await chunks.next();
+        idle.stop();
       } catch (err) {
         // What arrived before the connection dropped is a valid prefix: keep it for the resume.
         await flush();
@@ -219,7 +224,6 @@ async function transferOnce(
         throw new PrematureEndError(`connection lost at byte ${start + received}${of}: ${cause}`);
       }
       if (next.done === true) break;
-      idle.touch();
       const chunk = next.value;
       batch.push(Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength));
       batchBytes += chunk.byteLength;

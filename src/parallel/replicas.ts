@@ -111,8 +111,9 @@ export class ReplicaSet implements EngineHandle {
     return this.clients[s.replica]!.closeSession(s.local);
   }
 
+  /** The live replicas' figures (a dead replica's worker cannot answer; the others go on). */
   async stats(): Promise<EngineStats> {
-    const all = await Promise.all(this.clients.map((c) => c.stats()));
+    const all = await Promise.all(this.live().map((c) => c.stats()));
     const sum = (k: keyof Omit<EngineStats, "offload" | "kvBlockSize" | "residentBytes">) => all.reduce((a, s) => a + s[k], 0);
     return {
       waiting: sum("waiting"),

@@ -152,7 +152,7 @@ export class ServerMetrics {
     this.timePerToken = r.add(
       new Histogram("blossom_time_per_output_token_seconds", "Time between consecutive tokens of a sequence", exponentialBuckets(0.0005, 2, 14)),
     );
-    this.finished = r.add(new Counter("blossom_sequences_finished_total", "Generated sequences, by finish reason (length, eos_token, stop_sequence, cancelled)"));
+    this.finished = r.add(new Counter("blossom_sequences_finished_total", "Generated sequences, by finish reason (length, eos_token, stop_sequence, cancelled: by the client or at shutdown, error: the engine failed it)"));
     this.overloaded = r.add(new Counter("blossom_requests_rejected_overloaded_total", "Generation requests refused with 429 at the concurrency limit"));
     this.inFlight = r.add(new Gauge("blossom_sequences_in_flight", "Sequences accepted by the server and not finished (queued or running)", readInFlight));
     this.queueSize = r.add(new Gauge("blossom_queue_size", "Sequences waiting in the engine for admission to the batch"));

@@ -148,7 +148,7 @@ export class GenerationService {
       // The engine failed this sequence (its worker died, or its token choice failed): a 5xx-class
       // answer that says so; the client's own mistakes keep their 4xx.
       if (err instanceof BlossomError && err.code === "internal") {
-        this.metrics.finished.inc({ reason: "cancelled" });
+        this.metrics.finished.inc({ reason: "error" });
         throw new HttpError("generation", `the engine failed while generating this sequence: ${err.message}`);
       }
       throw err;

@@ -159,18 +159,67 @@ function tokenString(bytes: Uint8Array): string {
 
 /**
  * Code-point offsets of tokens in a text, from the tokens' bytes: a token starts at the character
- * that holds its first byte (OpenAI's text_offset: `text[text_offset[i]:]` starts at token i).
+ * that holds its first byte (OpenAI's text_offset: `text[text_offset[i]:]` starts at token i). The
+ * bytes go through UTF-8 decoding as the tokenizer's lossy decode does it (WHATWG / Rust's
+ * from_utf8_lossy: each maximal invalid subpart is one U+FFFD), so offsets stay in line with the
+ * text even where the bytes are not valid UTF-8.
  */
-class TextOffsets {
-  /** UTF-8 lead bytes seen so far: the characters begun. */
-  private begun = 0;
+export class TextOffsets {
+  /** Characters finished so far (a pending multi-byte sequence becomes character `count`). */
+  private count = 0;
+  private needed = 0;
+  private seen = 0;
+  private lower = 0x80;
+  private upper = 0xbf;
+
   constructor(private readonly base: number) {}
 
+  /** The offset of a token made of `bytes` (a token with none sits where the next character will). */
   next(bytes: Uint8Array): number {
-    const continuesCharacter = bytes.length > 0 && (bytes[0]! & 0xc0) === 0x80 && this.begun > 0;
-    const at = this.base + this.begun - (continuesCharacter ? 1 : 0);
-    for (const b of bytes) if ((b & 0xc0) !== 0x80) this.begun++;
-    return at;
+    if (bytes.length === 0) return this.base + this.count;
+    const first = this.byte(bytes[0]!);
+    for (let i = 1; i < bytes.length; i++) this.byte(bytes[i]!);
+    return this.base + first;
+  }
+
+  /** Feeds one byte; returns the index of the character it belongs to. */
+  private byte(b: number): number {
+    if (this.needed > 0) {
+      if (b < this.lower || b > this.upper) {
+        // The pending sequence is cut short: it is one U+FFFD, and this byte starts afresh.
+        this.count++;
+        this.reset();
+        return this.byte(b);
+      }
+      this.lower = 0x80;
+      this.upper = 0xbf;
+      if (++this.seen === this.needed) {
+        this.reset();
+        return this.count++;
+      }
+      return this.count;
+    }
+    if (b <= 0x7f) return this.count++;
+    if (b >= 0xc2 && b <= 0xdf) this.needed = 1;
+    else if (b >= 0xe0 && b <= 0xef) {
+      this.needed = 2;
+      if (b === 0xe0) this.lower = 0xa0;
+      if (b === 0xed) this.upper = 0x9f;
+    } else if (b >= 0xf0 && b <= 0xf4) {
+      this.needed = 3;
+      if (b === 0xf0) this.lower = 0x90;
+      if (b === 0xf4) this.upper = 0x8f;
+    } else {
+      return this.count++; // a byte that never starts a character: one U+FFFD
+    }
+    return this.count;
+  }
+
+  private reset(): void {
+    this.needed = 0;
+    this.seen = 0;
+    this.lower = 0x80;
+    this.upper = 0xbf;
   }
 }
 
