@@ -11,6 +11,7 @@ import { promisify } from "node:util";
 import { after, describe, test } from "node:test";
 import { fileURLToPath } from "node:url";
 import type { BenchReport } from "../src/bench/types.js";
+import { quantizeCheckpoint } from "../src/quant/quantize.js";
 import { fixtureDir } from "./helpers/fixtures.js";
 import { hasMpirun } from "./helpers/system.js";
 
@@ -148,6 +149,14 @@ describe("blossom bench", () => {
     assert.ok(failed, "exit code 1");
     assert.equal(failed.code, 1);
     assert.match(failed.stdout, /\| blossom fp32 \|\s+error \|\s+error \|/);
+  });
+
+  test("a pre-quantized checkpoint's auto row is named by its scheme", async () => {
+    const quantized = join(dir, "tiny-int8");
+    await quantizeCheckpoint(fixtureDir("tiny-bloom-a"), quantized, { scheme: "int8" });
+    const { stdout } = await run(process.execPath, [cli, "bench", "-m", quantized, "--dtype", "auto,int8", "--batch-sizes", "1", "--new-tokens", "2", "--cycles", "1", "--no-probe"]);
+    // auto is int8 here: one row, named so (it was "blossom fp32", from torch_dtype).
+    assert.deepEqual(stdout.split("\n").filter((l) => l.startsWith("| blossom")).map((l) => l.split("|")[1]!.trim()), ["blossom int8"]);
   });
 
   test("a signal to the bench process alone (kill PID) ends its child too", async () => {

@@ -54,6 +54,12 @@ describe("CLI errors name what is wrong", () => {
     refused(["generate", "-m", trained, "--no-repeat-ngram-size", "x", "hi"], /--no-repeat-ngram-size must be an integer/);
   });
 
+  test("perplexity of a file that is not UTF-8 is refused with the first bad byte (it scored a text with U+FFFD instead)", () => {
+    const bad = join(dir, "latin1.txt");
+    writeFileSync(bad, Buffer.concat([Buffer.from("ok \uFFFD fine "), Buffer.from([0xff, 0xfe, 0x80]), Buffer.from("abc the LORD")]));
+    refused(["perplexity", "-m", fixtureDir("trained-bloom-small"), "--file", bad], /--file .*latin1\.txt: not valid UTF-8 \(first bad byte at offset 12: 0xff\)/);
+  });
+
   test("conflicting generate options", () => {
     refused(["generate", "-m", model, "--greedy", "--temperature", "0.5", "hi"], /^blossom: --greedy: cannot be combined with --sample or a sampling option/);
     refused(["generate", "-m", model, "--greedy", "--sample", "hi"], /^blossom: --greedy: cannot be combined/);

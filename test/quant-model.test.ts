@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
@@ -229,6 +229,22 @@ describe("malformed quantized checkpoints fail clearly", () => {
       (dir) => editJson(join(dir, "config.json"), (c) => void delete c.quantization_config),
       /tensor "h\.0\.mlp\.dense_4h_to_h\.weight" is int8 but config\.json has no quantization_config/,
     ],
+    [
+      "a group size that is not a multiple of 32",
+      (dir) => editJson(join(dir, "config.json"), (c) => void ((c.quantization_config as Record<string, unknown>).group_size = 257)),
+      /quantization_config\.group_size: expected a multiple of 32 \(as `blossom quantize` writes\), got 257/,
+    ],
+    [
+      // 288 gives the same scale shapes as 256 for rows of 256 inputs; the files record what they were written with.
+      "a group size other than the one the weight files were written with",
+      (dir) => editJson(join(dir, "config.json"), (c) => void ((c.quantization_config as Record<string, unknown>).group_size = 288)),
+      /quantization_config\.group_size is 288, but .*model\.safetensors was quantized with group size 256/,
+    ],
+    [
+      "a threshold that is not a number >= 0",
+      (dir) => editJson(join(dir, "config.json"), (c) => void ((c.quantization_config as Record<string, unknown>).threshold = "abc")),
+      /config\.json.*quantization_config\.threshold: expected a number >= 0, got "abc"/,
+    ],
     ["a dtype other than the checkpoint's scheme", () => {}, /is quantized \(int8\); load it with dtype "auto" or "int8", not "bf16"/, { dtype: "bf16" }],
     ["a group size other than the checkpoint's", () => {}, /was quantized with group size 256; it cannot be loaded with 64/, { int8GroupSize: 64 }],
   ];
@@ -245,6 +261,32 @@ describe("malformed quantized checkpoints fail clearly", () => {
       }
     });
   }
+
+  test("an int8-mixed checkpoint given a group size says it takes none", async () => {
+    const mixed = join(tmp, "mixed-for-group");
+    await quantizeCheckpoint(fixtureDir("tiny-bloom-a"), mixed, { scheme: "int8-mixed" });
+    assert.throws(() => loadEngine(mixed, { int8GroupSize: 256 }), /is quantized as int8-mixed \(one scale per row\), which takes no group size/);
+  });
+
+  test("a source whose files are symlinks (a Hub snapshot) gets its tokenizer and side files copied; create-random's marker is not", async () => {
+    const snapshot = join(tmp, "snapshot-links");
+    mkdirSync(snapshot);
+    for (const f of readdirSync(fixtureDir("trained-bloom-small"))) {
+      if (f !== "golden") symlinkSync(join(fixtureDir("trained-bloom-small"), f), join(snapshot, f));
+    }
+    writeFileSync(join(snapshot, ".blossom-random.json"), "{}");
+    const out = join(tmp, "snapshot-links-int8");
+    await quantizeCheckpoint(snapshot, out, { scheme: "int8" });
+    const copied = readdirSync(out).sort();
+    for (const f of ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]) assert.ok(copied.includes(f), `${f} in ${copied}`);
+    assert.ok(!copied.includes(".blossom-random.json"));
+    const m = await loadModel(out);
+    try {
+      assert.equal((await m.generate(["In the beginning"], { maxNewTokens: 3 })).numGeneratedTokens[0], 3);
+    } finally {
+      await m.dispose();
+    }
+  });
 
   test("quantizing a quantized checkpoint, or into a folder that is not empty, is refused", async () => {
     await assert.rejects(quantizeCheckpoint(good, join(tmp, "twice"), { scheme: "int8" }), /already quantized \(int8\)/);

@@ -21,6 +21,8 @@ import { bloomTensors } from "../models/bloom-weights.js";
 import type { StorageDType } from "../backend/native.js";
 import { native, type NativeRegion } from "../backend/native.js";
 import { groupsPerRow, quantMethod, quantSpec, scaleTensorName, type QuantScheme } from "./scheme.js";
+import { groupSizeMetadataKey } from "./store.js";
+import { RANDOM_CHECKPOINT_MARKER } from "../checkpoint/create-random.js";
 import { planShards, SafetensorsWriter, shardIndexJson, tensorByteLength, type TensorSpec } from "../checkpoint/safetensors-writer.js";
 
 export interface QuantizeCheckpointOptions {
@@ -96,7 +98,8 @@ export async function quantizeCheckpoint(sourceDir: string, outDir: string, opti
     const writerOf = new Map<string, SafetensorsWriter>();
     for (const [i, entries] of shards.shards.entries()) {
       const file = join(outDir, shards.files[i]!);
-      const writer = await SafetensorsWriter.create(file, entries, { metadata: { format: "pt" } });
+      const metadata: Record<string, string> = { format: "pt", ...(spec.scheme === "int8" ? { [groupSizeMetadataKey]: String(spec.groupSize) } : {}) };
+      const writer = await SafetensorsWriter.create(file, entries, { metadata });
       writers.push(writer);
       written.push(file);
       for (const e of entries) writerOf.set(e.name, writer);
@@ -152,10 +155,12 @@ export async function quantizeCheckpoint(sourceDir: string, outDir: string, opti
     const configFile = join(outDir, "config.json");
     writeFileSync(configFile, JSON.stringify(config, null, 2) + "\n");
     written.push(configFile);
-    for (const f of readdirSync(sourceDir, { withFileTypes: true })) {
-      if (!f.isFile() || f.name === "config.json" || isWeightFile(f.name)) continue;
-      copyFileSync(join(sourceDir, f.name), join(outDir, f.name));
-      written.push(join(outDir, f.name));
+    for (const name of readdirSync(sourceDir)) {
+      // Following links: a Hub snapshot's files are symlinks into its blobs. create-random's marker
+      // stays behind (it lets create-random overwrite the folder it made, which this one is not).
+      if (name === "config.json" || name === RANDOM_CHECKPOINT_MARKER || isWeightFile(name) || !statSync(join(sourceDir, name), { throwIfNoEntry: false })?.isFile()) continue;
+      copyFileSync(join(sourceDir, name), join(outDir, name));
+      written.push(join(outDir, name));
     }
     return { files: written, bytes, sourceBytes: checkpoint.totalBytes, quantizedTensors, seconds: (performance.now() - started) / 1000 };
   } catch (err) {

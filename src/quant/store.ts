@@ -34,10 +34,19 @@ export function checkpointQuantSpec(checkpoint: Checkpoint, threshold?: number):
   }
   if (!isQuantScheme(q.scheme)) throw checkpointError(file, `quantization_config.scheme: expected "int8" or "int8-mixed", got ${JSON.stringify(q.scheme)}`);
   const storedThreshold = q.raw.threshold;
+  if (storedThreshold !== undefined && (typeof storedThreshold !== "number" || Number.isNaN(storedThreshold) || storedThreshold < 0)) {
+    throw checkpointError(file, `quantization_config.threshold: expected a number >= 0, got ${JSON.stringify(storedThreshold)}`);
+  }
   const t = threshold ?? (typeof storedThreshold === "number" ? storedThreshold : defaultThreshold);
   if (q.scheme === "int8-mixed") return { ...quantSpec("int8-mixed", { threshold: t }) };
+  if (q.groupSize % 32 !== 0) {
+    throw checkpointError(file, `quantization_config.group_size: expected a multiple of 32 (as \`blossom quantize\` writes), got ${q.groupSize}`);
+  }
   return { scheme: "int8", groupSize: q.groupSize, threshold: t, activationMode: "grouped" };
 }
+
+/** The safetensors metadata key under which `blossom quantize` records an int8 checkpoint's group size. */
+export const groupSizeMetadataKey = "blossom_int8_group_size";
 
 /** Checks a pre-quantized checkpoint's int8 tensors against their scales and the config's group size. */
 export function validateQuantizedTensors(checkpoint: Checkpoint, spec: QuantSpec): void {
@@ -63,6 +72,15 @@ export function validateQuantizedTensors(checkpoint: Checkpoint, spec: QuantSpec
       );
     }
     if (scales.byteOffset % 2 !== 0) throw checkpointError(scales.file, `tensor "${scalesName}" starts at an odd byte offset; fp16 scales must be 2-byte aligned`);
+  }
+  // `blossom quantize` also records the group size in each weight file: the two must agree (scale
+  // shapes alone cannot tell 352 from 384 for rows of 1024).
+  if (spec.scheme !== "int8") return;
+  for (const f of checkpoint.files) {
+    const written = f.header.metadata[groupSizeMetadataKey];
+    if (written !== undefined && written !== String(spec.groupSize)) {
+      throw checkpointError(`${checkpoint.dir}/config.json`, `quantization_config.group_size is ${spec.groupSize}, but ${f.file} was quantized with group size ${written}`);
+    }
   }
 }
 
@@ -99,7 +117,12 @@ export function int8MatrixFactory(
   if (stored) {
     checkDtypeForQuantized(checkpoint.dir, stored.scheme, options.dtype, "load");
     if (options.groupSize !== undefined && options.groupSize !== stored.groupSize) {
-      throw parameterError("int8GroupSize", `${checkpoint.dir} was quantized with group size ${stored.groupSize}; it cannot be loaded with ${options.groupSize}`);
+      throw parameterError(
+        "int8GroupSize",
+        stored.scheme === "int8-mixed"
+          ? `${checkpoint.dir} is quantized as int8-mixed (one scale per row), which takes no group size`
+          : `${checkpoint.dir} was quantized with group size ${stored.groupSize}; it cannot be loaded with ${options.groupSize}`,
+      );
     }
     validateQuantizedTensors(checkpoint, stored);
     const quantized = requireInt8Backend(backend);

@@ -108,8 +108,10 @@ export function registerBenchCommand(program: Command): void {
       } else if (o.maxMemory !== undefined) {
         maxMemoryBytes = parseSize(o.maxMemory, "--max-memory");
       }
-      const stored = readBloomConfig(dir).torchDtype;
-      const dtypeLabel = (d: string) => (d === "auto" && stored ? { float32: "fp32", float16: "fp16", bfloat16: "bf16" }[stored] : d);
+      // "auto" runs what the checkpoint stores: its quantization scheme, else its torch_dtype.
+      const storedConfig = readBloomConfig(dir);
+      const stored = storedConfig.quantization?.scheme ?? (storedConfig.torchDtype ? { float32: "fp32", float16: "fp16", bfloat16: "bf16" }[storedConfig.torchDtype] : undefined);
+      const dtypeLabel = (d: string) => (d === "auto" && stored ? stored : d);
       const configs: BenchConfig[] = [];
       for (const strategy of o.strategy) {
         const name = strategy === "single" ? "" : strategy === "tensor" ? `tensor x${o.ranks} ` : strategy === "replicas" ? `replicas x${o.replicas} ` : `${strategy} `;

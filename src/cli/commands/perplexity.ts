@@ -19,11 +19,19 @@ export function registerPerplexityCommand(program: Command): void {
     .option("--stride <n>", "tokens between window starts (default: --context)", parseInteger("--stride", 1))
     .option("--json", "print the result as JSON")
     .action(async (o: PerplexityCliOptions) => {
-      let text: string;
+      let bytes: Buffer;
       try {
-        text = readFileSync(o.file, "utf8");
+        bytes = readFileSync(o.file);
       } catch (err) {
         throw new BlossomError("input", `--file ${o.file}: cannot read (${(err as NodeJS.ErrnoException).code ?? String(err)})`);
+      }
+      let text: string;
+      try {
+        // Strictly: replacing bad bytes with U+FFFD would score a text other than the file's.
+        text = new TextDecoder("utf-8", { fatal: true }).decode(bytes);
+      } catch {
+        const at = firstInvalidUtf8(bytes);
+        throw new BlossomError("input", `--file ${o.file}: not valid UTF-8 (first bad byte at offset ${at}: 0x${bytes[at]?.toString(16).padStart(2, "0")})`);
       }
       const model = await loadModelForCli(o);
       try {
@@ -45,4 +53,18 @@ export function registerPerplexityCommand(program: Command): void {
         await model.dispose();
       }
     });
+}
+
+/** The offset of the first byte where `bytes` stops being valid UTF-8. */
+function firstInvalidUtf8(bytes: Uint8Array): number {
+  // Up to the first bad sequence the lossy decoding is exact, so its UTF-8 length is that offset;
+  // a U+FFFD that the file itself holds (EF BF BD) is skipped.
+  const text = new TextDecoder().decode(bytes);
+  for (let from = 0; ; ) {
+    const k = text.indexOf("\uFFFD", from);
+    if (k < 0) return bytes.length;
+    const at = Buffer.byteLength(text.slice(0, k));
+    if (!(bytes[at] === 0xef && bytes[at + 1] === 0xbf && bytes[at + 2] === 0xbd)) return at;
+    from = k + 1;
+  }
 }
