@@ -13,7 +13,8 @@
  * Options: --groups 32,64,128,256 (int8 group sizes), --thresholds 6 (int8-mixed), --fixtures DIR, --json FILE.
  */
 import { readFileSync, writeFileSync } from "node:fs";
-import { join, resolve } from "node:path";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
 import { SafetensorsFile } from "../src/checkpoint/safetensors.js";
 import { readTensorAsF32 } from "../src/backend/reference.js";
 import { loadModel, type LoadModelOptions, type Model } from "../src/index.js";
@@ -169,7 +170,8 @@ export async function runQuality(argv: string[]): Promise<void> {
     options: {
       groups: { type: "string", default: "32,64,128,256" },
       thresholds: { type: "string", default: "6" },
-      fixtures: { type: "string", default: resolve("../shared/fixtures") },
+      // Beside the repository (dist/bench/ is two levels down), wherever the script is run from.
+      fixtures: { type: "string", default: process.env.BLOSSOM_FIXTURES ?? resolve(dirname(fileURLToPath(import.meta.url)), "../../../shared/fixtures") },
       json: { type: "string" },
     },
   });

@@ -86,7 +86,7 @@ export function registerBenchCommand(program: Command): void {
     .option("--batch-sizes <list>", "comma-separated batch sizes", parseBatchSizes, [1, 8, 16, 32, 64, 128, 256, 512])
     .option("--new-tokens <n>", "tokens generated per sequence", parseInteger("--new-tokens", 1), 100)
     .option("--cycles <n>", "timed runs per batch size (after one warm-up)", parseInteger("--cycles", 1), 5)
-    .option("--max-memory <size>", "memory budget, e.g. 16GiB (default: available RAM)")
+    .option("--max-memory <size>", "memory budget, e.g. 16GiB (default: available RAM), or per-device budgets for pipeline rows, e.g. 0:4GiB,cpu:8GiB,disk")
     .option("--threads <n>", "compute threads (default: physical cores)", parseInteger("--threads", 1, 1024))
     .option("--replicas <n>", "replicas: engine workers, each decoding a batch of the column's size", parseInteger("--replicas", 1, 64), 2)
     .option("--ranks <n>", "tensor: MPI ranks launched with mpirun", parseInteger("--ranks", 1, 64), 2)
