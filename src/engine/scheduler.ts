@@ -55,6 +55,11 @@ export class Scheduler {
   private readonly running: Running[] = [];
   steps = 0;
   generatedTokens = 0;
+  /**
+   * Free blocks kept back from admission for work outside the batch (a forward or score waiting
+   * for room), so a stream of new requests cannot keep it waiting forever.
+   */
+  holdBlocks = 0;
 
   constructor(
     private readonly engine: Engine,
@@ -102,11 +107,10 @@ export class Scheduler {
     if (request.promptIds.length === 0) throw new BlossomError("input", "the prompt is empty: BLOOM needs at least one token to condition on");
     const need = request.promptIds.length + request.maxNewTokens;
     const kv = this.engine.kvCache;
-    if (kv.blocksFor(need) > kv.numBlocks || need > this.options.maxBatchTotalTokens) {
-      throw new BlossomError(
-        "memory",
-        `prompt (${request.promptIds.length} tokens) + max_new_tokens (${request.maxNewTokens}) = ${need} tokens exceeds the KV-cache capacity of ${Math.min(kv.capacityTokens, this.options.maxBatchTotalTokens)} tokens`,
-      );
+    const what = `prompt (${request.promptIds.length} tokens) + max_new_tokens (${request.maxNewTokens}) = ${need} tokens`;
+    if (kv.blocksFor(need) > kv.numBlocks) throw new BlossomError("memory", `${what} exceeds the KV-cache capacity of ${kv.capacityTokens} tokens`);
+    if (need > this.options.maxBatchTotalTokens) {
+      throw new BlossomError("memory", `${what} exceeds the batch's token budget of ${this.options.maxBatchTotalTokens} (maxBatchTotalTokens, --max-batch-total-tokens)`);
     }
     this.waiting.push(request);
   }
@@ -126,7 +130,8 @@ export class Scheduler {
     return undefined;
   }
 
-  private reservedTotal(): number {
+  /** Blocks running sequences may still grow into: not free for anything else. */
+  reservedTotal(): number {
     return this.running.reduce((a, r) => a + r.reservedBlocks, 0);
   }
 
@@ -138,7 +143,7 @@ export class Scheduler {
   private admit(): Running[] {
     const admitted: Running[] = [];
     const kv = this.engine.kvCache;
-    let reserved = this.reservedTotal();
+    let reserved = this.reservedTotal() + this.holdBlocks;
     let totalTokens = this.totalTokens();
     let prefill = 0;
     while (this.waiting.length > 0 && this.running.length + admitted.length < this.options.maxBatchSize) {

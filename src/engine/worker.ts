@@ -34,6 +34,8 @@ export function serializeError(err: unknown): SerializedError {
 
 class Worker {
   private readonly queue: Request[] = [];
+  /** forward / score requests waiting for KV blocks that running generations hold or have been promised. */
+  private readonly deferred: Request[] = [];
   private readonly sessions = new Map<number, Sequence>();
   private nextSession = 1;
   private readonly scheduler: Scheduler;
@@ -106,11 +108,61 @@ class Worker {
     // A running one retires at the next step and is reported then.
   }
 
+  /**
+   * Blocks a one-off step over fresh sequences (forward, score) needs, or undefined for other requests.
+   * Such a step runs only on blocks no running generation is owed; otherwise it waits its turn.
+   */
+  private freshBlocks(request: Request): number | undefined {
+    const kv = this.loaded.engine.kvCache;
+    if (request.type === "forward") return request.sequences.reduce((a, tokens) => a + kv.blocksFor(tokens.length), 0);
+    if (request.type === "score") return request.sequences.reduce((a, s) => a + kv.blocksFor(s.tokens.length), 0);
+    return undefined;
+  }
+
+  /** Blocks free and promised to no running generation. */
+  private unpromisedBlocks(): number {
+    return this.loaded.engine.kvCache.freeBlockCount - this.scheduler.reservedTotal();
+  }
+
+  /** Runs the oldest deferred request if it fits now; if nothing will ever free room for it, says so. Returns whether it acted. */
+  private runDeferred(): boolean {
+    const head = this.deferred[0];
+    if (!head) return false;
+    const need = this.freshBlocks(head)!;
+    if (need > this.unpromisedBlocks()) {
+      if (this.scheduler.runningCount > 0) return false; // running generations will free their blocks
+      // Only open sessions hold the rest: waiting would be forever.
+      this.deferred.shift();
+      const kv = this.loaded.engine.kvCache;
+      send({
+        type: "error",
+        id: head.id,
+        error: serializeError(
+          new BlossomError("memory", `the KV cache has ${kv.freeBlockCount} free blocks of ${kv.blockSize} tokens and this ${head.type} needs ${need}: open sessions hold the rest (close some)`),
+        ),
+      });
+    } else {
+      this.deferred.shift();
+      this.handle(head);
+    }
+    this.scheduler.holdBlocks = this.deferred.length > 0 ? this.freshBlocks(this.deferred[0]!)! : 0;
+    return true;
+  }
+
   async run(): Promise<void> {
     while (!this.disposed) {
       const request = this.queue.shift();
       if (request) {
-        this.handle(request);
+        const need = this.freshBlocks(request);
+        if (need !== undefined && (this.deferred.length > 0 || (need <= this.loaded.engine.kvCache.numBlocks && need > this.unpromisedBlocks()))) {
+          // Wait for room, in order; admission keeps the head's blocks back meanwhile.
+          this.deferred.push(request);
+          this.scheduler.holdBlocks = this.freshBlocks(this.deferred[0]!)!;
+        } else {
+          this.handle(request);
+        }
+      } else if (this.runDeferred()) {
+        // ran (or refused) a request that was waiting for room
       } else if (this.scheduler.hasWork()) {
         this.generationStep();
       } else {
@@ -190,6 +242,15 @@ class Worker {
           if (!sequence) throw new BlossomError("input", `feed: no open session ${e.session}`);
           return { sequence, tokens: e.tokens, logits: e.logits };
         });
+        // A session keeps what it takes: never the blocks running generations were promised.
+        const need = engine.blocksNeeded(entries);
+        const promised = this.scheduler.reservedTotal();
+        if (need <= engine.kvCache.freeBlockCount && need > engine.kvCache.freeBlockCount - promised) {
+          throw new BlossomError(
+            "memory",
+            `feed: needs ${need} blocks of ${engine.kvCache.blockSize} tokens; ${engine.kvCache.freeBlockCount} are free but ${promised} of them are promised to running generations (retry when they finish, or close sessions)`,
+          );
+        }
         return engine.step(entries).map((l) => l.slice());
       }
       case "close": {
@@ -214,6 +275,7 @@ class Worker {
       case "dispose": {
         this.disposed = true;
         for (const id of this.scheduler.clear()) send({ type: "ended", id, finish: "cancelled" });
+        for (const r of this.deferred.splice(0)) send({ type: "error", id: r.id, error: serializeError(new BlossomError("aborted", "the model was disposed")) });
         for (const s of this.sessions.values()) engine.freeSequence(s);
         this.loaded.comm?.broadcastExit();
         this.loaded.dispose();
