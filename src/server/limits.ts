@@ -41,8 +41,9 @@ export async function preparePrompt(
     // With truncate a long text is allowed: only its last tokens are kept.
     if (truncate === undefined) await checkText(model, input, field, limits);
     else checkWellFormed(input, field);
-    ids = await model.tokenizer.encode(input);
-    text = input;
+    const tail = truncate !== undefined ? await lastTokens(model, input, truncate) : undefined;
+    ids = tail ?? (await model.tokenizer.encode(input));
+    text = tail ? model.tokenizer.decode(tail, { skipSpecialTokens: false }) : input;
   } else {
     if (input.length === 0) throw validationError(field, "must not be empty");
     const vocab = model.config.vocabSize;
@@ -59,6 +60,26 @@ export async function preparePrompt(
   }
   checkTokenCount(ids.length, field, limits);
   return { ids, text };
+}
+
+/**
+ * The last `count` tokens of a long text without tokenizing all of it (megabytes take seconds and
+ * hundreds of MB): tokenization is local (a pre-tokenizer splits words, BPE merges within them), so
+ * two tails cut at different places that agree on their last `count` tokens have the whole text's.
+ * Undefined when the text is short, or the tails do not agree (then the caller tokenizes it all).
+ */
+async function lastTokens(model: Model, text: string, count: number): Promise<number[] | undefined> {
+  const chars = (count + 64) * 16;
+  if (text.length <= 2 * chars) return undefined;
+  const tail = async (length: number) => {
+    let start = text.length - length;
+    const code = text.charCodeAt(start);
+    if (code >= 0xdc00 && code <= 0xdfff) start++; // not half of a surrogate pair
+    const ids = await model.tokenizer.encode(text.slice(start));
+    return ids.length > count + 8 ? ids.slice(ids.length - count) : undefined;
+  };
+  const [a, b] = await Promise.all([tail(chars), tail(chars + 97)]);
+  return a && b && a.every((id, i) => id === b[i]) ? a : undefined;
 }
 
 export function checkTokenCount(tokens: number, field: string, limits: RequestLimits): void {

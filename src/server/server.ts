@@ -50,6 +50,10 @@ export async function startServer(serverOptions: ServerOptions): Promise<Blossom
     logger: logger === false ? false : { level: logger === true ? "info" : logger },
     // Request bodies hold prompts; 4 MiB is far above --max-input-length tokens of text.
     bodyLimit: 4 * 1024 * 1024,
+    // A request (headers and body) must arrive within a minute: a client that trickles its body, or
+    // never ends a chunked one, is answered 408 instead of holding its connection forever. (Responses
+    // are not limited: a long generation takes what it takes.)
+    requestTimeout: 60_000,
     // "/generate" (TGI) and "/generate/" (the original server) are different APIs.
     routerOptions: { ignoreTrailingSlash: false },
     // A URL the router cannot decode ("/health%") is answered in the API's own error shape, not fastify's.

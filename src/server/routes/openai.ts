@@ -368,6 +368,9 @@ export function registerOpenAiRoutes(app: FastifyInstance, context: ServerContex
   const config = { family: "openai" as const };
 
   app.post("/v1/completions", { config }, async (req, reply) => {
+    // zod's record drops a "__proto__" key, which JSON.parse keeps as an own property: look at the raw body.
+    const rawBias = (req.body as { logit_bias?: unknown } | null)?.logit_bias;
+    if (rawBias !== null && typeof rawBias === "object" && Object.keys(rawBias).length > 0) throw validationError("logit_bias", "is not supported");
     const body = parseBody(completionSchema, req.body);
     if (body.stream) return completeStream(context, reply, body);
     return complete(context, reply, body);

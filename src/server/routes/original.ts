@@ -11,6 +11,7 @@
 import type { FastifyInstance, FastifyRequest } from "fastify";
 import { z } from "zod";
 import type { Model } from "../../model.js";
+import { maxStopStringLength } from "../../generate/params.js";
 import { padLeft } from "../../tokenizer/tokenizer.js";
 import type { ServerContext } from "../context.js";
 import { clientClosed, HttpError, validationError } from "../http-error.js";
@@ -102,7 +103,9 @@ export function registerOriginalRoutes(app: FastifyInstance, context: ServerCont
     (body.stop_sequences ?? []).forEach((s, i) => {
       if (s.trim() === "") throw validationError(`stop_sequences[${i}]`, "must not be only whitespace (stop sequences are matched stripped)");
     });
-    const stop = (body.stop_sequences ?? []).flatMap((s) => [s.trim(), ` ${s.trim()}`]);
+    // The spaced form only decides whether the space before a stop is cut too; at the longest
+    // allowed length it would be one character too long, and the stripped form still stops there.
+    const stop = (body.stop_sequences ?? []).flatMap((s) => (s.trim().length < maxStopStringLength ? [s.trim(), ` ${s.trim()}`] : [s.trim()]));
     if (body.pad_token_id != null && body.pad_token_id >= model.config.vocabSize) {
       throw validationError("pad_token_id", `must be a token id in [0, ${model.config.vocabSize}) (got ${body.pad_token_id})`);
     }
@@ -139,7 +142,8 @@ export function registerOriginalRoutes(app: FastifyInstance, context: ServerCont
     const { controller, release } = context.service.admit(prompts.length);
     cancelOnDisconnect(reply, controller);
     // max_time, as in transformers: stop generating after this many seconds and return what there is.
-    const deadline = body.max_time != null ? setTimeout(() => controller.abort(new CancelReason("deadline")), body.max_time * 1000) : undefined;
+    // Timers hold at most 2^31 - 1 ms (24.8 days; more fires at once): a longer max_time is no deadline.
+    const deadline = body.max_time != null && body.max_time * 1000 < 2 ** 31 ? setTimeout(() => controller.abort(new CancelReason("deadline")), body.max_time * 1000) : undefined;
     try {
       const results = await Promise.all(prompts.map((p, i) => context.service.run({ promptIds: p.ids, params: params[i]!, signal: controller.signal })));
       if (results.some((r) => r.cancelledBy === "client")) throw clientClosed();
@@ -180,7 +184,7 @@ export function registerOriginalRoutes(app: FastifyInstance, context: ServerCont
     };
   });
 
-  app.post("/forward/", countAs("forward"), async (req) => {
+  app.post("/forward/", countAs("forward"), async (req, reply) => {
     const started = performance.now();
     const body = parseBody(forwardSchema, req.body);
     const model = context.service.readyModel();
@@ -189,8 +193,22 @@ export function registerOriginalRoutes(app: FastifyInstance, context: ServerCont
       throw validationError("response", `must have as many entries as conditioning_text (${body.conditioning_text.length}); got ${body.response.length}`);
     }
     if (body.response.length > limits.maxBatchSize) throw validationError("response", `must have at most ${limits.maxBatchSize} entries (max batch size); got ${body.response.length}`);
-    const nll = await conditionalNll(model, body.conditioning_text, body.response, limits.maxInputLength);
-    return { nll, is_encoder_decoder: false, query_id: req.queryId, total_time_taken: seconds(started) };
+    // The cheap length check every route makes before tokenizing (megabytes take seconds).
+    await Promise.all([
+      ...body.conditioning_text.map((t, i) => checkText(model, t, `conditioning_text[${i}]`, limits)),
+      ...body.response.map((t, i) => checkText(model, t, `response[${i}]`, limits)),
+    ]);
+    // Scored sequences count against --max-concurrent-requests like generated ones, and a client
+    // that leaves stops the scoring of its remaining texts.
+    const { controller, release } = context.service.admit(body.response.length);
+    cancelOnDisconnect(reply, controller);
+    try {
+      const nll = await conditionalNll(model, body.conditioning_text, body.response, limits.maxInputLength, controller.signal);
+      return { nll, is_encoder_decoder: false, query_id: req.queryId, total_time_taken: seconds(started) };
+    } finally {
+      controller.abort();
+      release();
+    }
   });
 }
 
@@ -199,7 +217,7 @@ export function registerOriginalRoutes(app: FastifyInstance, context: ServerCont
  * response tokens of the batch: transformers' causal-LM loss with the conditioning labels set to
  * -100, which is what the original /forward/ returned.
  */
-async function conditionalNll(model: Model, conditioning: string[], responses: string[], maxInputLength: number): Promise<number> {
+async function conditionalNll(model: Model, conditioning: string[], responses: string[], maxInputLength: number, signal: AbortSignal): Promise<number> {
   let total = 0;
   let count = 0;
   const rows = await Promise.all(
@@ -216,6 +234,7 @@ async function conditionalNll(model: Model, conditioning: string[], responses: s
     }),
   );
   for (const row of rows) {
+    if (signal.aborted) throw clientClosed();
     const logprobs = await model.tokenLogprobs(row.ids, row.from);
     for (const lp of logprobs) total -= lp;
     count += logprobs.length;

@@ -1,0 +1,115 @@
+/**
+ * Hostile or careless clients within the documented limits (a security audit's findings): a body
+ * that never finishes arriving is timed out; /forward/ counts against --max-concurrent-requests and
+ * stops scoring for a client that left; megabyte texts are refused or truncated without tokenizing
+ * all of them; max_time beyond a timer's range is no deadline (it cut generation after 1 ms);
+ * stop_sequences of the longest allowed length pass; logit_bias with a "__proto__" key is refused
+ * like any other.
+ */
+import assert from "node:assert/strict";
+import { connect } from "node:net";
+import { after, before, describe, test } from "node:test";
+import { loadModel, type Model } from "../src/index.js";
+import { startServer, type BlossomServer } from "../src/server/server.js";
+import { fixtureDir } from "./helpers/fixtures.js";
+import { get, metric, post } from "./helpers/http-client.js";
+
+describe("abuse within the limits", () => {
+  let model: Model;
+  let server: BlossomServer;
+  let url: string;
+  before(async () => {
+    model = await loadModel(fixtureDir("trained-bloom-small"));
+    server = await startServer({ model, port: 0, maxConcurrentRequests: 4, maxInputLength: 64, allowedMaxNewTokens: 2048 });
+    await server.ready;
+    url = server.url;
+  });
+  after(async () => {
+    await server.close();
+    await model.dispose();
+  });
+
+  test("a request must arrive whole within a minute (a trickled body held its connection forever)", () => {
+    // Node answers 408 at its next connection check after the deadline; the setting is what matters here.
+    assert.equal(server.app.server.requestTimeout, 60_000);
+  });
+
+  test("/forward/ counts its texts against --max-concurrent-requests", async () => {
+    const r = await post(`${url}/forward/`, { conditioning_text: ["a", "b", "c", "d", "e"], response: [" x", " y", " z", " w", " v"] });
+    assert.equal(r.status, 400, JSON.stringify(r.body));
+    assert.match(r.body.message, /5 prompts in one request exceed --max-concurrent-requests \(4\)/);
+    const ok = await post(`${url}/forward/`, { conditioning_text: ["In the beginning"], response: [" of the first month"] });
+    assert.equal(ok.status, 200, JSON.stringify(ok.body));
+  });
+
+  test("/forward/ refuses a megabyte text from its start, like every route", async () => {
+    const huge = "a".repeat(2 ** 20);
+    for (const body of [
+      { conditioning_text: [huge], response: [" b"] },
+      { conditioning_text: ["a"], response: [huge] },
+    ]) {
+      const r = await post(`${url}/forward/`, body);
+      assert.equal(r.status, 400, JSON.stringify(r.body).slice(0, 300));
+      assert.match(r.body.message, /must have at most 64 tokens \(--max-input-length\); its first 1024 characters alone are/);
+    }
+  });
+
+  test("truncate keeps the last tokens of a megabyte text without tokenizing all of it, and the same ones", async () => {
+    const sentence = "And the LORD spake unto Moses, saying, Speak unto the children of Israel. ";
+    const long = sentence.repeat(Math.ceil(2 ** 20 / sentence.length));
+    const r = await post(`${url}/generate`, { inputs: long, parameters: { max_new_tokens: 3, truncate: 32, details: true, decoder_input_details: true } });
+    assert.equal(r.status, 200, JSON.stringify(r.body).slice(0, 300));
+    const all = await model.tokenizer.encode(long);
+    assert.deepEqual(
+      r.body.details.prefill.map((t: { id: number }) => t.id),
+      all.slice(all.length - 32),
+    );
+  });
+
+  test("max_time beyond a timer's range is no deadline (it cut the generation after about 1 ms)", async () => {
+    for (const maxTime of [2147484, 1e300]) {
+      const r = await post(`${url}/generate/`, { text: ["In the beginning"], max_new_tokens: 300, min_length: 400, max_time: maxTime });
+      assert.equal(r.status, 200, JSON.stringify(r.body));
+      assert.deepEqual(r.body.num_generated_tokens, [300]);
+    }
+  });
+
+  test("stop_sequences of the longest allowed length pass", async () => {
+    const r = await post(`${url}/generate/`, { text: ["hi"], max_new_tokens: 4, stop_sequences: ["a".repeat(256)] });
+    assert.equal(r.status, 200, JSON.stringify(r.body));
+  });
+
+  test('logit_bias with a "__proto__" key is refused like any other', async () => {
+    for (const bias of ['{"__proto__": 5}', '{"__proto__": {"x": 1}}', '{"constructor": 5}']) {
+      const r = await post(`${url}/v1/completions`, `{"prompt": "x", "max_tokens": 2, "logit_bias": ${bias}}`);
+      assert.equal(r.status, 400, `${bias}: ${JSON.stringify(r.body)}`);
+      assert.match(r.body.error.message, /logit_bias: is not supported/);
+    }
+    // Nothing leaked into later requests.
+    const ok = await post(`${url}/v1/completions`, { prompt: "x", max_tokens: 2 });
+    assert.equal(ok.status, 200);
+  });
+
+  test("a /forward/ client that leaves stops its scoring", async () => {
+    const { port } = new URL(url);
+    const before = metric((await get(`${url}/metrics`)).body as string, "blossom_sequences_in_flight");
+    const json = JSON.stringify({ conditioning_text: ["In the beginning", "And God said", "Let there be", "And it was so"], response: [" of", " Let", " light", " and"] });
+    await new Promise<void>((resolve, reject) => {
+      const socket = connect(Number(port), "127.0.0.1", () => {
+        socket.write(`POST /forward/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(json)}\r\n\r\n${json}`, () => {
+          socket.destroy();
+          resolve();
+        });
+      });
+      socket.on("error", reject);
+    });
+    // Whatever point it reached, the request releases its slots (bounded wait).
+    let inFlight: number | undefined;
+    for (let i = 0; i < 200; i++) {
+      inFlight = metric((await get(`${url}/metrics`)).body as string, "blossom_sequences_in_flight");
+      if (inFlight === before) break;
+      await new Promise((r) => setTimeout(r, 25));
+    }
+    assert.equal(inFlight, before);
+  });
+});
