@@ -90,6 +90,12 @@ describe("abuse within the limits", () => {
     assert.equal(ok.status, 200);
   });
 
+  test("a compressed body is refused (it was read as if it were the JSON)", async () => {
+    const r = await post(`${url}/generate`, { inputs: "hi" }, { "content-encoding": "gzip" });
+    assert.equal(r.status, 415, JSON.stringify(r.body));
+    assert.match(r.body.error, /Content-Encoding gzip is not supported/);
+  });
+
   test("a /forward/ client that leaves stops its scoring", async () => {
     const { port } = new URL(url);
     const before = metric((await get(`${url}/metrics`)).body as string, "blossom_sequences_in_flight");

@@ -208,6 +208,12 @@ function installJsonParser(app: FastifyInstance): void {
   // Only JSON is accepted: text/plain (fastify's other default) gets the 415 that names the media type.
   app.removeContentTypeParser("text/plain");
   app.addContentTypeParser("application/json", { parseAs: "buffer" }, (req, body, done) => {
+    // A compressed body would be read as if it were the JSON itself.
+    const encoding = (req.headers["content-encoding"] ?? "identity").trim().toLowerCase();
+    if (encoding !== "identity") {
+      done(new HttpError("malformed", `body: Content-Encoding ${encoding} is not supported; send the JSON uncompressed`, undefined, 415), undefined);
+      return;
+    }
     const charset = /;\s*charset\s*=\s*"?([^";\s]+)/i.exec(req.headers["content-type"] ?? "")?.[1]?.toLowerCase();
     if (charset !== undefined && charset !== "utf-8" && charset !== "utf8") {
       done(new HttpError("malformed", `body: charset ${charset} is not supported; send JSON in UTF-8`, undefined, 415), undefined);
