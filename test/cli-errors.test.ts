@@ -60,6 +60,25 @@ describe("CLI errors name what is wrong", () => {
     refused(["perplexity", "-m", fixtureDir("trained-bloom-small"), "--file", bad], /--file .*latin1\.txt: not valid UTF-8 \(first bad byte at offset 12: 0xff\)/);
   });
 
+  test("perplexity keeps a UTF-8 BOM as U+FEFF (as Python's utf-8 does) and counts a bad byte's offset from the file's start", async () => {
+    const trained = fixtureDir("trained-bloom-small");
+    const withBom = join(dir, "bom.txt");
+    writeFileSync(withBom, Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), Buffer.from("In the beginning God created the heaven and the earth.")]));
+    const r = run(["perplexity", "-m", trained, "--file", withBom, "--json"]);
+    assert.equal(r.status, 0, r.stderr);
+    const { loadModel } = await import("../src/index.js");
+    const m = await loadModel(trained);
+    try {
+      const expected = await m.perplexity("\uFEFFIn the beginning God created the heaven and the earth.");
+      assert.equal(JSON.parse(r.stdout).tokens, expected.tokens);
+    } finally {
+      await m.dispose();
+    }
+    const bad = join(dir, "bom-bad.txt");
+    writeFileSync(bad, Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), Buffer.from("abc "), Buffer.from([0xff]), Buffer.from(" def")]));
+    refused(["perplexity", "-m", trained, "--file", bad], /not valid UTF-8 \(first bad byte at offset 7: 0xff\)/);
+  });
+
   test("conflicting generate options", () => {
     refused(["generate", "-m", model, "--greedy", "--temperature", "0.5", "hi"], /^blossom: --greedy: cannot be combined with --sample or a sampling option/);
     refused(["generate", "-m", model, "--greedy", "--sample", "hi"], /^blossom: --greedy: cannot be combined/);

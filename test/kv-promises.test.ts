@@ -78,6 +78,18 @@ describe("KV blocks promised to running generations", () => {
     assert.equal((await scored).length, tokens.length - 1);
   });
 
+  test("a forward that could never fit is refused at once with the cache's capacity, even behind a waiting one", async () => {
+    const long = await startLong(850);
+    const waiting = model.forward([Array.from({ length: 200 }, (_, i) => 10 + (i % 1000))]);
+    await assert.rejects(model.forward([Array.from({ length: 1100 }, (_, i) => 10 + (i % 1000))]), (err: unknown) => {
+      assert.ok(err instanceof BlossomError && err.code === "memory", String(err));
+      assert.match(err.message, /capacity 1024 tokens/);
+      return true;
+    });
+    assert.equal(await long.done, 900);
+    await waiting;
+  });
+
   test("a forward that open sessions leave no room for is refused, not left waiting", async () => {
     const session = await model.openSession();
     try {

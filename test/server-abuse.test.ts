@@ -20,7 +20,7 @@ describe("abuse within the limits", () => {
   let url: string;
   before(async () => {
     model = await loadModel(fixtureDir("trained-bloom-small"));
-    server = await startServer({ model, port: 0, maxConcurrentRequests: 4, maxInputLength: 64, allowedMaxNewTokens: 2048 });
+    server = await startServer({ model, port: 0, maxConcurrentRequests: 4, maxInputLength: 64, allowedMaxNewTokens: 2048, maxStopSequences: 16 });
     await server.ready;
     url = server.url;
   });
@@ -66,17 +66,28 @@ describe("abuse within the limits", () => {
     );
   });
 
+  test("truncate of a long text with no place to cut (no spaces) is still exact", async () => {
+    const long = "ab".repeat(40_000);
+    const r = await post(`${url}/generate`, { inputs: long, parameters: { max_new_tokens: 1, truncate: 32, decoder_input_details: true, details: true } });
+    assert.equal(r.status, 200, JSON.stringify(r.body).slice(0, 300));
+    const all = await model.tokenizer.encode(long);
+    assert.deepEqual(r.body.details.prefill.map((t: { id: number }) => t.id), all.slice(all.length - 32));
+  });
+
   test("max_time beyond a timer's range is no deadline (it cut the generation after about 1 ms)", async () => {
-    for (const maxTime of [2147484, 1e300]) {
+    for (const maxTime of [2147483.6475, 2147484, 1e300]) {
       const r = await post(`${url}/generate/`, { text: ["In the beginning"], max_new_tokens: 300, min_length: 400, max_time: maxTime });
       assert.equal(r.status, 200, JSON.stringify(r.body));
       assert.deepEqual(r.body.num_generated_tokens, [300]);
     }
   });
 
-  test("stop_sequences of the longest allowed length pass", async () => {
+  test("stop_sequences of the longest allowed length pass, and as many as --max-stop-sequences allows", async () => {
     const r = await post(`${url}/generate/`, { text: ["hi"], max_new_tokens: 4, stop_sequences: ["a".repeat(256)] });
     assert.equal(r.status, 200, JSON.stringify(r.body));
+    // Each is also matched after a space: 9 of them made 18 stop strings, over the library's 16.
+    const nine = await post(`${url}/generate/`, { text: ["hi"], max_new_tokens: 4, stop_sequences: Array.from({ length: 9 }, (_, i) => `stop${i}`) });
+    assert.equal(nine.status, 200, JSON.stringify(nine.body));
   });
 
   test('logit_bias with a "__proto__" key is refused like any other', async () => {

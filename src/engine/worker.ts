@@ -154,7 +154,8 @@ class Worker {
       const request = this.queue.shift();
       if (request) {
         const need = this.freshBlocks(request);
-        if (need !== undefined && (this.deferred.length > 0 || (need <= this.loaded.engine.kvCache.numBlocks && need > this.unpromisedBlocks()))) {
+        // One that could never fit is refused at once by the engine (the cache's capacity), not queued.
+        if (need !== undefined && need <= this.loaded.engine.kvCache.numBlocks && (this.deferred.length > 0 || need > this.unpromisedBlocks())) {
           // Wait for room, in order; admission keeps the head's blocks back meanwhile.
           this.deferred.push(request);
           this.scheduler.holdBlocks = this.freshBlocks(this.deferred[0]!)!;

@@ -4,6 +4,7 @@
  * and the generation parameters. Each failure names the request's own field.
  */
 import { randomInt } from "node:crypto";
+import { BLOOM_WORD_CHAR } from "../tokenizer/synthetic.js";
 import { hasLoneSurrogate, maxStopStringLength, resolveGenerationParams, type GenerationParams, type GenerationParamsInput } from "../generate/params.js";
 import type { Model } from "../model.js";
 import { BlossomError } from "../errors.js";
@@ -64,21 +65,30 @@ export async function preparePrompt(
 
 /**
  * The last `count` tokens of a long text without tokenizing all of it (megabytes take seconds and
- * hundreds of MB): tokenization is local (a pre-tokenizer splits words, BPE merges within them), so
- * two tails cut at different places that agree on their last `count` tokens have the whole text's.
- * Undefined when the text is short, or the tails do not agree (then the caller tokenizes it all).
+ * hundreds of MB). The text is cut where a word starts after a space: BLOOM's pre-tokenizer always
+ * splits there (` ?word` pieces; whitespace and punctuation runs are pieces of their own), and
+ * byte-level BPE merges only within a piece, so the tail's tokens are the whole text's from there
+ * on. Two tails cut at different such places must agree on their last `count` tokens (a guard for a
+ * tokenizer that splits otherwise). Undefined when the text is short, has no such place near the
+ * end, or the tails disagree: the caller then tokenizes it all.
  */
 async function lastTokens(model: Model, text: string, count: number): Promise<number[] | undefined> {
   const chars = (count + 64) * 16;
   if (text.length <= 2 * chars) return undefined;
-  const tail = async (length: number) => {
-    let start = text.length - length;
-    const code = text.charCodeAt(start);
-    if (code >= 0xdc00 && code <= 0xdfff) start++; // not half of a surrogate pair
+  const wordAfterSpace = (i: number) => text[i] === " " && i + 1 < text.length && BLOOM_WORD_CHAR.test(String.fromCodePoint(text.codePointAt(i + 1)!));
+  /** The nearest such cut at or before `from`, looking back at most 4096 characters. */
+  const cutBefore = (from: number) => {
+    for (let i = from; i > 0 && i > from - 4096; i--) if (wordAfterSpace(i)) return i;
+    return undefined;
+  };
+  const first = cutBefore(text.length - chars);
+  const second = first === undefined ? undefined : cutBefore(first - 1);
+  if (first === undefined || second === undefined) return undefined;
+  const tail = async (start: number) => {
     const ids = await model.tokenizer.encode(text.slice(start));
     return ids.length > count + 8 ? ids.slice(ids.length - count) : undefined;
   };
-  const [a, b] = await Promise.all([tail(chars), tail(chars + 97)]);
+  const [a, b] = await Promise.all([tail(first), tail(second)]);
   return a && b && a.every((id, i) => id === b[i]) ? a : undefined;
 }
 

@@ -25,6 +25,9 @@ export const BLOOM_SPLIT_PATTERN = " ?[^(\\s|[.,!?\u2026\u3002\uff0c\u3001\u0964
 const SPLIT_REGEX =
   / ?[^()|\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c]+/gu;
 
+/** A character BLOOM's split pattern counts as part of a word (not whitespace, punctuation or ()|). */
+export const BLOOM_WORD_CHAR = /^[^()|\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c]$/u;
+
 export const SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"] as const;
 
 /** Ids 0..3 are the special tokens, 4..259 the 256 bytes in byte order, then one id per merge. */

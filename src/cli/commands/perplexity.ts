@@ -28,7 +28,8 @@ export function registerPerplexityCommand(program: Command): void {
       let text: string;
       try {
         // Strictly: replacing bad bytes with U+FFFD would score a text other than the file's.
-        text = new TextDecoder("utf-8", { fatal: true }).decode(bytes);
+        // A UTF-8 BOM stays in the text (U+FEFF), as Python's open(encoding="utf-8") keeps it.
+        text = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true }).decode(bytes);
       } catch {
         const at = firstInvalidUtf8(bytes);
         throw new BlossomError("input", `--file ${o.file}: not valid UTF-8 (first bad byte at offset ${at}: 0x${bytes[at]?.toString(16).padStart(2, "0")})`);
@@ -59,7 +60,7 @@ export function registerPerplexityCommand(program: Command): void {
 function firstInvalidUtf8(bytes: Uint8Array): number {
   // Up to the first bad sequence the lossy decoding is exact, so its UTF-8 length is that offset;
   // a U+FFFD that the file itself holds (EF BF BD) is skipped.
-  const text = new TextDecoder().decode(bytes);
+  const text = new TextDecoder("utf-8", { ignoreBOM: true }).decode(bytes);
   for (let from = 0; ; ) {
     const k = text.indexOf("\uFFFD", from);
     if (k < 0) return bytes.length;

@@ -11,7 +11,7 @@
 import type { FastifyInstance, FastifyRequest } from "fastify";
 import { z } from "zod";
 import type { Model } from "../../model.js";
-import { maxStopStringLength } from "../../generate/params.js";
+import { maxStopStringLength, maxStopStrings } from "../../generate/params.js";
 import { padLeft } from "../../tokenizer/tokenizer.js";
 import type { ServerContext } from "../context.js";
 import { clientClosed, HttpError, validationError } from "../http-error.js";
@@ -105,7 +105,10 @@ export function registerOriginalRoutes(app: FastifyInstance, context: ServerCont
     });
     // The spaced form only decides whether the space before a stop is cut too; at the longest
     // allowed length it would be one character too long, and the stripped form still stops there.
-    const stop = (body.stop_sequences ?? []).flatMap((s) => (s.trim().length < maxStopStringLength ? [s.trim(), ` ${s.trim()}`] : [s.trim()]));
+    // (and only while the doubled list stays within the library's stop-string limit: the client's
+    // count is what --max-stop-sequences checks).
+    const spaced = 2 * (body.stop_sequences ?? []).length <= maxStopStrings;
+    const stop = (body.stop_sequences ?? []).flatMap((s) => (spaced && s.trim().length < maxStopStringLength ? [s.trim(), ` ${s.trim()}`] : [s.trim()]));
     if (body.pad_token_id != null && body.pad_token_id >= model.config.vocabSize) {
       throw validationError("pad_token_id", `must be a token id in [0, ${model.config.vocabSize}) (got ${body.pad_token_id})`);
     }
@@ -143,7 +146,7 @@ export function registerOriginalRoutes(app: FastifyInstance, context: ServerCont
     cancelOnDisconnect(reply, controller);
     // max_time, as in transformers: stop generating after this many seconds and return what there is.
     // Timers hold at most 2^31 - 1 ms (24.8 days; more fires at once): a longer max_time is no deadline.
-    const deadline = body.max_time != null && body.max_time * 1000 < 2 ** 31 ? setTimeout(() => controller.abort(new CancelReason("deadline")), body.max_time * 1000) : undefined;
+    const deadline = body.max_time != null && body.max_time * 1000 <= 2 ** 31 - 1 ? setTimeout(() => controller.abort(new CancelReason("deadline")), body.max_time * 1000) : undefined;
     try {
       const results = await Promise.all(prompts.map((p, i) => context.service.run({ promptIds: p.ids, params: params[i]!, signal: controller.signal })));
       if (results.some((r) => r.cancelledBy === "client")) throw clientClosed();
@@ -234,7 +237,10 @@ async function conditionalNll(model: Model, conditioning: string[], responses: s
     }),
   );
   for (const row of rows) {
-    if (signal.aborted) throw clientClosed();
+    if (signal.aborted) {
+      if (signal.reason instanceof CancelReason && signal.reason.by === "shutdown") throw new HttpError("unavailable", "the server is shutting down; the scoring was cancelled");
+      throw clientClosed();
+    }
     const logprobs = await model.tokenLogprobs(row.ids, row.from);
     for (const lp of logprobs) total -= lp;
     count += logprobs.length;
