@@ -1,6 +1,10 @@
 /** Pipeline placement against hand-computed expectations for each mode and budget. */
 import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
 import { describe, test } from "node:test";
+import { fileURLToPath } from "node:url";
+import { loadModel } from "../src/index.js";
+import { fixtureDir } from "./helpers/fixtures.js";
 import { BlossomError } from "../src/errors.js";
 import { parseMaxMemory, planPlacement, type DeviceId, type PlannedModule } from "../src/parallel/planner.js";
 
@@ -81,5 +85,37 @@ describe("planner", () => {
       () => planPlacement(modules, parseMaxMemory("0:130B,cpu:45B"), "sequential"),
       (err: unknown) => err instanceof BlossomError && /cannot place h\.1 \(20 B\)/.test(err.message) && /disk/.test(err.message),
     );
+  });
+});
+
+describe("blossom plan shows the placement a pipeline load makes", () => {
+  const cli = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
+  const model = fixtureDir("trained-bloom-small");
+  const planOutput = (budget: string) => spawnSync(process.execPath, [cli, "plan", "-m", model, "--max-memory", budget], { encoding: "utf8", timeout: 60_000 });
+
+  test("a cpu budget the process's own memory uses up is refused by plan as by the load", async () => {
+    const r = planOutput("cpu:100MiB");
+    assert.equal(r.status, 1);
+    assert.match(r.stderr, /cannot place word_embeddings .* less 100\.0 MiB for this process's own memory/);
+    await assert.rejects(loadModel(model, { strategy: "pipeline", maxMemory: "cpu:100MiB" }), /less 100\.0 MiB for this process's own memory/);
+  });
+
+  test("the layers plan puts on disk are the ones the load streams from disk", async () => {
+    const budget = "0:4MiB,1:2MiB,cpu:3.5MiB,disk";
+    const r = planOutput(budget);
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(r.stdout, /cpu: 3\.5 MiB given, 0 B left for weights after this process's own memory and the read-ahead buffers/);
+    const disk = /^disk\s+-\s+\S+ \S+\s+(.*)$/m.exec(r.stdout)![1]!;
+    const layers = disk.split(", ").flatMap((part) => {
+      const range = /^h\.(\d+)-h\.(\d+)$/.exec(part);
+      if (range) return Array.from({ length: Number(range[2]) - Number(range[1]) + 1 }, (_, i) => `h.${Number(range[1]) + i}`);
+      return /^h\.\d+$/.test(part) ? [part] : [];
+    });
+    const m = await loadModel(model, { strategy: "pipeline", maxMemory: budget });
+    try {
+      assert.equal((await m.stats()).offload?.diskLayers, layers.length, r.stdout);
+    } finally {
+      await m.dispose();
+    }
   });
 });

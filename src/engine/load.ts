@@ -13,13 +13,12 @@ import { BlossomError } from "../errors.js";
 import { BloomModel } from "../models/bloom.js";
 import { bloomTensors } from "../models/bloom-weights.js";
 import { Engine } from "./engine.js";
-import { formatBytes } from "./memory.js";
 import { KVCachePool, kvBytesPerToken, resolveKvDtype } from "./kv-cache.js";
 import type { KVDType } from "../backend/backend.js";
 import type { TensorView } from "../checkpoint/safetensors.js";
 import { bloomModules, matrixBytesAs } from "../parallel/modules.js";
 import { PipelineWeightStore, type OffloadOptions } from "../parallel/offload.js";
-import { parseMaxMemory, planPlacement, reserveProcessMemory, type PlacementMode } from "../parallel/planner.js";
+import { parseMaxMemory, planForProcess, type PlacementMode } from "../parallel/planner.js";
 import { matrixDtype, ResidentWeightStore, WeightBuilder, type WeightDType, type WeightStore } from "./weights.js";
 import { int8MatrixFactory, isInt8ExtraTensor } from "../quant/store.js";
 import { isQuantScheme, scaleTensorName } from "../quant/scheme.js";
@@ -118,20 +117,7 @@ export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngi
       // row, a chunk of the LM head): mapped 2 MiB at a time, each would keep a whole huge page resident.
       for (const view of checkpoint.tensors.values()) native().advise(view.region, view.byteOffset, view.byteLength, "nohugepage");
       const modules = bloomModules(tensors, matrixBytesAs(dtypeOf));
-      const given = parseMaxMemory(maxMemory);
-      const budgets = reserveProcessMemory(given, modules, native().residentBytes());
-      let plan;
-      try {
-        plan = planPlacement(modules, budgets, placement ?? "auto");
-      } catch (err) {
-        // The cpu budget the planner saw is what this process's own memory (and, with disk, the
-        // read-ahead buffers) left of the one given: say so, or "cpu: 0 B" reads as a parsing error.
-        const cpuGiven = given.get("cpu"), cpuLeft = budgets.get("cpu");
-        if (err instanceof BlossomError && cpuGiven !== undefined && cpuLeft !== undefined && cpuLeft < cpuGiven) {
-          throw new BlossomError(err.code, `${err.message} (cpu: ${formatBytes(cpuGiven)} given, less ${formatBytes(cpuGiven - cpuLeft)} for this process's own memory${given.has("disk") ? " and the read-ahead buffers" : ""})`, { cause: err });
-        }
-        throw err;
-      }
+      const { plan } = planForProcess(modules, parseMaxMemory(maxMemory), placement ?? "auto", native().residentBytes());
       weights = new PipelineWeightStore(tensors, builder, backend, plan, dtypeOf, offload, (v) => checkpoint.tensors.get(scaleTensorName(v.name)));
       // Loading copied the small tensors (layer norms, biases) out of the mapping, and where the page
       // cache holds the file in large folios, reading one mapped the folio's neighbours too. Drop

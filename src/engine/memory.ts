@@ -25,7 +25,8 @@ export interface BatchMemory {
   total: number;
 }
 
-const runtimeBytes = 120 * 2 ** 20;
+/** What a process running a model holds besides weights, KV cache and activations (Node, the addon, the tokenizer, the worker). */
+export const runtimeBytes = 120 * 2 ** 20;
 
 /**
  * Memory one generation batch needs: every sequence caches prompt + new tokens; the largest step is

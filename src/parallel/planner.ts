@@ -15,7 +15,7 @@
  * needs no room of its own); the fill only moves forward through the devices.
  */
 import { BlossomError } from "../errors.js";
-import { formatBytes, parseSize } from "../engine/memory.js";
+import { formatBytes, parseSize, runtimeBytes } from "../engine/memory.js";
 
 export type DeviceId = number | "cpu" | "disk";
 export type PlacementMode = "auto" | "balanced" | "balanced_low_0" | "sequential";
@@ -152,4 +152,24 @@ export function reserveProcessMemory(budgets: Map<DeviceId, number>, modules: Pl
   const reserved = processBytes + (out.has("disk") ? 2 * largestBlock + streamedHeadBytes : 0);
   out.set(key, Math.max(0, out.get(key)! - reserved));
   return out;
+}
+
+/**
+ * The placement a pipeline load makes: the cpu budget less what the process itself holds (its
+ * resident memory, at least the usual runtime) and, with disk, the read-ahead buffers; then planPlacement. `blossom plan` calls it too, so it shows the
+ * placement a load will use. A module that cannot be placed says how much of the cpu budget went.
+ */
+export function planForProcess(modules: PlannedModule[], given: Map<DeviceId, number>, mode: PlacementMode, residentBytes: number): { plan: Plan; budgets: Map<DeviceId, number> } {
+  // At least the usual runtime, so that `plan` (a lighter process than a loading one) and the load agree.
+  const budgets = reserveProcessMemory(given, modules, Math.max(residentBytes, runtimeBytes));
+  try {
+    return { plan: planPlacement(modules, budgets, mode), budgets };
+  } catch (err) {
+    // "cpu: 0 B" would read as a parsing error: say what took the budget.
+    const cpuGiven = given.get("cpu"), cpuLeft = budgets.get("cpu");
+    if (err instanceof BlossomError && cpuGiven !== undefined && cpuLeft !== undefined && cpuLeft < cpuGiven) {
+      throw new BlossomError(err.code, `${err.message} (cpu: ${formatBytes(cpuGiven)} given, less ${formatBytes(cpuGiven - cpuLeft)} for this process's own memory${given.has("disk") ? " and the read-ahead buffers" : ""})`, { cause: err });
+    }
+    throw err;
+  }
 }

@@ -9,7 +9,8 @@ import { bloomModules, matrixBytesAs, type MatrixBytes } from "../../parallel/mo
 import type { Checkpoint } from "../../checkpoint/checkpoint.js";
 import { checkDtypeForQuantized, checkpointQuantSpec, isInt8ExtraTensor } from "../../quant/store.js";
 import { isQuantScheme, quantizedMatrixBytes, quantSpec } from "../../quant/scheme.js";
-import { orderedDevices, parseMaxMemory, placementModes, planPlacement, type Plan } from "../../parallel/planner.js";
+import { orderedDevices, parseMaxMemory, placementModes, planForProcess, type Plan } from "../../parallel/planner.js";
+import { native } from "../../backend/native.js";
 import { dtypeChoices } from "../options.js";
 
 /** "h.0, h.1, h.2, h.5" -> "h.0-h.2, h.5". */
@@ -83,8 +84,14 @@ export function registerPlanCommand(program: Command): void {
         } catch (err) {
           throw new InvalidArgumentError((err as Error).message);
         }
-        const plan = planPlacement(modules, budgets, o.placement);
-        process.stdout.write(`${dir}: ${formatBytes(plan.totalBytes)} of weights (${o.dtype}), placement ${o.placement}\n\n${formatPlan(plan)}\n`);
+        // The placement a pipeline load will make: the cpu budget less what the process holds itself.
+        const { plan, budgets: left } = planForProcess(modules, budgets, o.placement, native().residentBytes());
+        const cpuGiven = budgets.get("cpu"), cpuLeft = left.get("cpu");
+        const reserved =
+          cpuGiven !== undefined && cpuLeft !== undefined && cpuLeft < cpuGiven
+            ? `cpu: ${formatBytes(cpuGiven)} given, ${formatBytes(cpuLeft)} left for weights after this process's own memory${budgets.has("disk") ? " and the read-ahead buffers" : ""}\n`
+            : "";
+        process.stdout.write(`${dir}: ${formatBytes(plan.totalBytes)} of weights (${o.dtype}), placement ${o.placement}\n${reserved}\n${formatPlan(plan)}\n`);
       } finally {
         checkpoint.dispose();
       }
