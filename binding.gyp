@@ -1,6 +1,8 @@
 {
   "variables": {
-    "has_mpi": "<!(sh -c 'command -v mpicxx >/dev/null 2>&1 && echo 1 || echo 0')"
+    # MPI (the tensor strategy) with Open MPI's compiler wrapper, which answers --showme; with
+    # another MPI's wrapper (MPICH's takes -compile-info) or none, the addon builds without it.
+    "has_mpi": "<!(sh -c 'mpicxx --showme:compile >/dev/null 2>&1 && echo 1 || echo 0')"
   },
   "targets": [
     {
