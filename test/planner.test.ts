@@ -1,6 +1,9 @@
 /** Pipeline placement against hand-computed expectations for each mode and budget. */
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
+import { copyFileSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { describe, test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { loadModel } from "../src/index.js";
@@ -116,6 +119,30 @@ describe("blossom plan shows the placement a pipeline load makes", () => {
       assert.equal((await m.stats()).offload?.diskLayers, layers.length, r.stdout);
     } finally {
       await m.dispose();
+    }
+  });
+});
+
+describe("plan and load reserve the same for the process, whatever it holds at the moment", () => {
+  test("a checkpoint with a large tokenizer.json: plan and the load refuse a budget alike, naming the same figures", async () => {
+    // The reservation is estimated from the files (runtime + 13x tokenizer.json), so padding the
+    // tokenizer file moves both the same way, while the processes' resident sizes differ.
+    const dir = mkdtempSync(join(tmpdir(), "blossom-plan-tokenizer-"));
+    try {
+      const source = fixtureDir("trained-bloom-small");
+      for (const f of readdirSync(source)) if (f !== "golden" && f !== "tokenizer.json") copyFileSync(join(source, f), join(dir, f));
+      writeFileSync(join(dir, "tokenizer.json"), readFileSync(join(source, "tokenizer.json"), "utf8") + " ".repeat(10 * 2 ** 20));
+      const cli = fileURLToPath(new URL("../src/cli/main.js", import.meta.url));
+      const budget = "cpu:254MiB";
+      const r = spawnSync(process.execPath, [cli, "plan", "-m", dir, "--max-memory", budget, "--placement", "sequential"], { encoding: "utf8", timeout: 60_000 });
+      assert.equal(r.status, 1, r.stdout);
+      const planned = /cannot place .*/.exec(r.stderr)![0];
+      await assert.rejects(loadModel(dir, { strategy: "pipeline", maxMemory: budget, placement: "sequential" }), (err: Error) => {
+        assert.equal(err.message, planned);
+        return true;
+      });
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
     }
   });
 });

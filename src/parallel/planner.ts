@@ -15,7 +15,7 @@
  * needs no room of its own); the fill only moves forward through the devices.
  */
 import { BlossomError } from "../errors.js";
-import { formatBytes, parseSize, runtimeBytes } from "../engine/memory.js";
+import { formatBytes, parseSize } from "../engine/memory.js";
 
 export type DeviceId = number | "cpu" | "disk";
 export type PlacementMode = "auto" | "balanced" | "balanced_low_0" | "sequential";
@@ -156,12 +156,18 @@ export function reserveProcessMemory(budgets: Map<DeviceId, number>, modules: Pl
 
 /**
  * The placement a pipeline load makes: the cpu budget less what the process itself holds (its
- * resident memory, at least the usual runtime) and, with disk, the read-ahead buffers; then planPlacement. `blossom plan` calls it too, so it shows the
+ * resident memory, at least processBytesEstimate) and, with disk, the read-ahead buffers; then planPlacement. `blossom plan` calls it too, so it shows the
  * placement a load will use. A module that cannot be placed says how much of the cpu budget went.
  */
-export function planForProcess(modules: PlannedModule[], given: Map<DeviceId, number>, mode: PlacementMode, residentBytes: number): { plan: Plan; budgets: Map<DeviceId, number> } {
-  // At least the usual runtime, so that `plan` (a lighter process than a loading one) and the load agree.
-  const budgets = reserveProcessMemory(given, modules, Math.max(residentBytes, runtimeBytes));
+export function planForProcess(
+  modules: PlannedModule[],
+  given: Map<DeviceId, number>,
+  mode: PlacementMode,
+  process: { residentBytes: number; estimateBytes: number },
+): { plan: Plan; budgets: Map<DeviceId, number> } {
+  // The estimate from the checkpoint's files, unless the process already holds more: `plan` (a
+  // lighter process than a loading one) and the load then reserve the same.
+  const budgets = reserveProcessMemory(given, modules, Math.max(process.residentBytes, process.estimateBytes));
   try {
     return { plan: planPlacement(modules, budgets, mode), budgets };
   } catch (err) {

@@ -1,7 +1,7 @@
 /** `blossom plan`: prints the pipeline placement and the bytes on each device, before loading anything. */
 import { InvalidArgumentError, Option, type Command } from "commander";
 import { openCheckpoint } from "../../checkpoint/checkpoint.js";
-import { formatBytes } from "../../engine/memory.js";
+import { formatBytes, processBytesEstimate } from "../../engine/memory.js";
 import { matrixDtype, type WeightDType } from "../../engine/weights.js";
 import { bloomTensors } from "../../models/bloom-weights.js";
 import { resolveModelDir } from "../../model.js";
@@ -85,7 +85,7 @@ export function registerPlanCommand(program: Command): void {
           throw new InvalidArgumentError((err as Error).message);
         }
         // The placement a pipeline load will make: the cpu budget less what the process holds itself.
-        const { plan, budgets: left } = planForProcess(modules, budgets, o.placement, native().residentBytes());
+        const { plan, budgets: left } = planForProcess(modules, budgets, o.placement, { residentBytes: native().residentBytes(), estimateBytes: processBytesEstimate(dir) });
         const cpuGiven = budgets.get("cpu"), cpuLeft = left.get("cpu");
         const reserved =
           cpuGiven !== undefined && cpuLeft !== undefined && cpuLeft < cpuGiven

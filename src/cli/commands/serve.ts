@@ -46,8 +46,9 @@ export function registerServeCommand(program: Command): void {
       checkStrategy(o.strategy);
       if (o.strategy === "tensor" && mpiRank() !== 0) {
         // A tensor-parallel follower: no HTTP server, only its slice of every step (loadModel exits when rank 0 stops).
-        // mpirun forwards SIGTERM / Ctrl-C to every rank: a follower keeps computing while rank 0 drains
-        // its requests, and ends when rank 0 says so (dying at once broke the steps still running).
+        // A SIGTERM / Ctrl-C that reaches every rank (a supervisor signalling the process group) must
+        // not end a follower while rank 0 drains its requests: it ends when rank 0 says so. (Open MPI's
+        // mpirun, signalled itself, kills every rank shortly after anyway: stop rank 0 instead.)
         for (const signal of ["SIGTERM", "SIGINT"] as const) process.on(signal, () => undefined);
         await loadModel(o.model, modelOptionsFromCli(o));
         return;
