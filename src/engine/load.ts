@@ -6,7 +6,7 @@ import { freemem } from "node:os";
 import type { Backend } from "../backend/backend.js";
 import { CpuBackend, type LinearPanels } from "../backend/cpu.js";
 import { native } from "../backend/native.js";
-import { processBytesEstimate } from "./memory.js";
+import { processBytesFor } from "./memory.js";
 import { MpiCollectives, TensorParallelWeightStore, tensorShard } from "../parallel/tensor.js";
 import type { ModelShard } from "../models/bloom.js";
 import { openCheckpoint, type Checkpoint } from "../checkpoint/checkpoint.js";
@@ -118,7 +118,7 @@ export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngi
       // row, a chunk of the LM head): mapped 2 MiB at a time, each would keep a whole huge page resident.
       for (const view of checkpoint.tensors.values()) native().advise(view.region, view.byteOffset, view.byteLength, "nohugepage");
       const modules = bloomModules(tensors, matrixBytesAs(dtypeOf));
-      const { plan } = planForProcess(modules, parseMaxMemory(maxMemory), placement ?? "auto", { residentBytes: native().residentBytes(), estimateBytes: processBytesEstimate(checkpoint.dir) });
+      const { plan } = planForProcess(modules, parseMaxMemory(maxMemory), placement ?? "auto", processBytesFor(checkpoint.dir));
       weights = new PipelineWeightStore(tensors, builder, backend, plan, dtypeOf, offload, (v) => checkpoint.tensors.get(scaleTensorName(v.name)));
       // Loading copied the small tensors (layer norms, biases) out of the mapping, and where the page
       // cache holds the file in large folios, reading one mapped the folio's neighbours too. Drop

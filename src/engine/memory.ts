@@ -5,6 +5,7 @@
 import { readFileSync, statSync } from "node:fs";
 import { freemem } from "node:os";
 import { join } from "node:path";
+import { native } from "../backend/native.js";
 import { BlossomError } from "../errors.js";
 
 export interface ModelShape {
@@ -43,6 +44,11 @@ export function processBytesEstimate(dir: string): number {
     // No tokenizer: loading will say so.
   }
   return runtimeBytes + 13 * tokenizerFile;
+}
+
+/** What to count for this process when budgeting memory for `dir`: the estimate, or its resident size if more. */
+export function processBytesFor(dir: string): number {
+  return Math.max(native().residentBytes(), processBytesEstimate(dir));
 }
 
 /**

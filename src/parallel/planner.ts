@@ -155,19 +155,14 @@ export function reserveProcessMemory(budgets: Map<DeviceId, number>, modules: Pl
 }
 
 /**
- * The placement a pipeline load makes: the cpu budget less what the process itself holds (its
- * resident memory, at least processBytesEstimate) and, with disk, the read-ahead buffers; then planPlacement. `blossom plan` calls it too, so it shows the
- * placement a load will use. A module that cannot be placed says how much of the cpu budget went.
+ * The placement a pipeline load makes: the cpu budget less what the process itself holds
+ * (processBytesFor: estimated from the checkpoint's files, so `plan` — a lighter process than a
+ * loading one — reserves the same) and, with disk, the read-ahead buffers; then planPlacement.
+ * `blossom plan` calls it too, so it shows the placement a load will use. A module that cannot be
+ * placed says how much of the cpu budget went.
  */
-export function planForProcess(
-  modules: PlannedModule[],
-  given: Map<DeviceId, number>,
-  mode: PlacementMode,
-  process: { residentBytes: number; estimateBytes: number },
-): { plan: Plan; budgets: Map<DeviceId, number> } {
-  // The estimate from the checkpoint's files, unless the process already holds more: `plan` (a
-  // lighter process than a loading one) and the load then reserve the same.
-  const budgets = reserveProcessMemory(given, modules, Math.max(process.residentBytes, process.estimateBytes));
+export function planForProcess(modules: PlannedModule[], given: Map<DeviceId, number>, mode: PlacementMode, processBytes: number): { plan: Plan; budgets: Map<DeviceId, number> } {
+  const budgets = reserveProcessMemory(given, modules, processBytes);
   try {
     return { plan: planPlacement(modules, budgets, mode), budgets };
   } catch (err) {

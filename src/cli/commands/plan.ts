@@ -1,7 +1,7 @@
 /** `blossom plan`: prints the pipeline placement and the bytes on each device, before loading anything. */
 import { InvalidArgumentError, Option, type Command } from "commander";
 import { openCheckpoint } from "../../checkpoint/checkpoint.js";
-import { formatBytes, processBytesEstimate } from "../../engine/memory.js";
+import { formatBytes, processBytesFor } from "../../engine/memory.js";
 import { matrixDtype, type WeightDType } from "../../engine/weights.js";
 import { bloomTensors } from "../../models/bloom-weights.js";
 import { resolveModelDir } from "../../model.js";
@@ -10,7 +10,6 @@ import type { Checkpoint } from "../../checkpoint/checkpoint.js";
 import { checkDtypeForQuantized, checkpointQuantSpec, isInt8ExtraTensor } from "../../quant/store.js";
 import { isQuantScheme, quantizedMatrixBytes, quantSpec } from "../../quant/scheme.js";
 import { orderedDevices, parseMaxMemory, placementModes, planForProcess, type Plan } from "../../parallel/planner.js";
-import { native } from "../../backend/native.js";
 import { dtypeChoices } from "../options.js";
 
 /** "h.0, h.1, h.2, h.5" -> "h.0-h.2, h.5". */
@@ -85,7 +84,7 @@ export function registerPlanCommand(program: Command): void {
           throw new InvalidArgumentError((err as Error).message);
         }
         // The placement a pipeline load will make: the cpu budget less what the process holds itself.
-        const { plan, budgets: left } = planForProcess(modules, budgets, o.placement, { residentBytes: native().residentBytes(), estimateBytes: processBytesEstimate(dir) });
+        const { plan, budgets: left } = planForProcess(modules, budgets, o.placement, processBytesFor(dir));
         const cpuGiven = budgets.get("cpu"), cpuLeft = left.get("cpu");
         const reserved =
           cpuGiven !== undefined && cpuLeft !== undefined && cpuLeft < cpuGiven
