@@ -101,6 +101,20 @@ describe("abuse within the limits", () => {
     assert.equal(ok.status, 200);
   });
 
+  test("a route used with the wrong method answers 405 with Allow (it was a 404 'no route')", async () => {
+    for (const [method, path, allow] of [
+      ["GET", "/generate", "POST"],
+      ["PUT", "/v1/completions", "POST"],
+      ["POST", "/health", "GET, HEAD"],
+    ] as const) {
+      const r = await fetch(`${url}${path}`, { method });
+      assert.equal(r.status, 405, `${method} ${path}`);
+      assert.equal(r.headers.get("allow"), allow);
+      assert.match(await r.text(), /method not allowed/);
+    }
+    assert.equal((await fetch(`${url}/nothing-here`)).status, 404);
+  });
+
   test("a compressed body is refused (it was read as if it were the JSON)", async () => {
     const r = await post(`${url}/generate`, { inputs: "hi" }, { "content-encoding": "gzip" });
     assert.equal(r.status, 415, JSON.stringify(r.body));

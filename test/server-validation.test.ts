@@ -169,8 +169,10 @@ describe("request validation", () => {
     const missing = await post(`${url}/v1/chat/completions`, { messages: [] });
     assert.equal(missing.status, 404);
     assert.match(missing.body.error.message, /no route POST \/v1\/chat\/completions/);
+    // A route that exists under another method: 405 with Allow.
     const wrongMethod = await get(`${url}/generate`);
-    assert.equal(wrongMethod.status, 404);
+    assert.equal(wrongMethod.status, 405);
+    assert.equal(wrongMethod.headers.get("allow"), "POST");
   });
 
   test("extreme but valid sampling values answer 200 on every API (a temperature of 5e-324 once crashed the process)", async () => {

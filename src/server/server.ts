@@ -105,7 +105,14 @@ export async function startServer(serverOptions: ServerOptions): Promise<Blossom
   const logsErrors = logger !== false && logger !== "fatal";
   app.setErrorHandler((error: FastifyError | HttpError | Error, request, reply) => sendError(error, request, reply, logsErrors));
   app.setNotFoundHandler((request, reply) => {
-    const err = new HttpError("not_found", `no route ${request.method} ${request.url.split("?")[0]}; see GET /info and the README for the API`);
+    const path = request.url.split("?")[0]!;
+    // A route that exists under other methods answers 405 with Allow, as HTTP asks (GET /generate).
+    const allowed = ["GET", "HEAD", "POST"].filter((method) => method !== request.method && app.hasRoute({ method, url: path }));
+    if (allowed.length > 0) {
+      const err = new HttpError("malformed", `${request.method} ${path}: method not allowed; use ${allowed.join(" or ")}`, undefined, 405);
+      return reply.code(405).header("allow", allowed.join(", ")).send(errorBody(err, familyOf(request)));
+    }
+    const err = new HttpError("not_found", `no route ${request.method} ${path}; see GET /info and the README for the API`);
     return reply.code(404).send(errorBody(err, familyOf(request)));
   });
 
