@@ -183,6 +183,35 @@ describe("OpenAI and TGI field details", () => {
     assert.match(missing.body.error.message, /gpt-4.*does not exist/);
   });
 
+  test("clients written for TGI: POST / returns the full text by default, a 'model' field is ignored, and TGI's names work on /v1/completions", async () => {
+    const prompt = "In the beginning";
+    const compat = await post(`${url}/`, { inputs: prompt, parameters: { max_new_tokens: 4 } });
+    assert.equal(compat.status, 200, JSON.stringify(compat.body));
+    const plain = await post(`${url}/generate`, { inputs: prompt, parameters: { max_new_tokens: 4 }, model: "bigscience/bloom" });
+    assert.equal(plain.status, 200, JSON.stringify(plain.body));
+    // TGI's compat route includes the prompt unless told otherwise; /generate does not.
+    assert.equal(compat.body[0].generated_text, prompt + plain.body.generated_text);
+    const without = await post(`${url}/`, { inputs: prompt, parameters: { max_new_tokens: 4, return_full_text: false } });
+    assert.equal(without.body[0].generated_text, plain.body.generated_text);
+
+    // Hugging Face's client (v4) posts TGI parameters to /v1/completions, as TGI's OpenAI route takes them.
+    const hf = await post(`${url}/v1/completions`, { prompt, max_tokens: 4, do_sample: false, return_full_text: true, details: true, decoder_input_details: false, watermark: false, top_n_tokens: 0 });
+    assert.equal(hf.status, 200, JSON.stringify(hf.body));
+    assert.equal(hf.body.choices[0].text, prompt + plain.body.generated_text);
+    // truncate keeps the prompt's last tokens: here " In the beginning".
+    const truncated = await post(`${url}/v1/completions`, { prompt: "Genesis. " + prompt, max_tokens: 4, temperature: 0, truncate: 3, echo: true });
+    const tail = await post(`${url}/v1/completions`, { prompt: " " + prompt, max_tokens: 4, temperature: 0, echo: true });
+    assert.equal(truncated.body.choices[0].text, tail.body.choices[0].text);
+    assert.ok(truncated.body.choices[0].text.startsWith(" " + prompt));
+    const watermark = await post(`${url}/v1/completions`, { prompt, max_tokens: 4, watermark: true });
+    assert.equal(watermark.status, 400);
+    assert.equal(watermark.body.error.param, "watermark");
+    // Anything else unknown is still named.
+    const typo = await post(`${url}/v1/completions`, { prompt, max_token: 4 });
+    assert.equal(typo.status, 400);
+    assert.match(typo.body.error.message, /max_token: unknown field/);
+  });
+
   test("TGI details list each token with its own text, even while a stop string is pending", async () => {
     const r = await post(`${url}/generate`, { inputs: "In the beginning", parameters: { max_new_tokens: 6, details: true, stop: [" first month of"] } });
     assert.equal(r.status, 200, JSON.stringify(r.body));

@@ -51,8 +51,29 @@ const completionSchema = z.strictObject({
   repetition_penalty: optional(z.number().gt(0)),
   min_tokens: optional(z.int().min(0)),
   no_repeat_ngram_size: optional(z.int().min(0)),
+  // text-generation-inference's parameter names, which Hugging Face's own client (v4) sends here as
+  // TGI's OpenAI route takes them: do_sample false is greedy, return_full_text is echo, truncate
+  // keeps a prompt's last tokens, details have no place in a completion (ignored).
+  do_sample: optional(z.boolean()),
+  return_full_text: optional(z.boolean()),
+  truncate: optional(z.int().min(1)),
+  details: optional(z.boolean()),
+  decoder_input_details: optional(z.boolean()),
+  watermark: optional(z.boolean()),
+  top_n_tokens: optional(z.int().min(0)),
 });
 type CompletionRequest = z.output<typeof completionSchema>;
+
+/** The TGI names folded into their OpenAI meanings (see completionSchema). */
+function withTgiNames(body: CompletionRequest): CompletionRequest {
+  if (body.watermark) throw validationError("watermark", "is not supported");
+  if (body.top_n_tokens) throw validationError("top_n_tokens", `is not supported; logprobs: 0 gives the chosen tokens' log-probabilities (got ${body.top_n_tokens})`);
+  return {
+    ...body,
+    ...(body.return_full_text ? { echo: true } : {}),
+    ...(body.do_sample === false ? { temperature: 0 } : {}),
+  };
+}
 
 /** OpenAI's default max_tokens for completions. */
 const openaiDefaultMaxTokens = 16;
@@ -126,7 +147,7 @@ async function prepare(context: ServerContext, model: Model, body: CompletionReq
   const inputs = promptList(body.prompt);
   if (inputs.length > limits.maxBatchSize) throw validationError("prompt", `must have at most ${limits.maxBatchSize} prompts (--max-batch-size); got ${inputs.length}`);
   const field = (i: number) => (inputs.length === 1 && (typeof body.prompt === "string" || typeof body.prompt[0] === "number") ? "prompt" : `prompt[${i}]`);
-  const prompts = await Promise.all(inputs.map((input, i) => preparePrompt(model, input, field(i), limits)));
+  const prompts = await Promise.all(inputs.map((input, i) => preparePrompt(model, input, field(i), limits, body.truncate ?? undefined)));
   const params = prompts.map((p, i) => {
     const maxNewTokens = body.max_tokens ?? defaultMaxNewTokens(limits, p.ids.length, openaiDefaultMaxTokens);
     checkMaxNewTokens("max_tokens", maxNewTokens, p.ids.length, limits, field(i));
@@ -371,7 +392,7 @@ export function registerOpenAiRoutes(app: FastifyInstance, context: ServerContex
     // zod's record drops a "__proto__" key, which JSON.parse keeps as an own property: look at the raw body.
     const rawBias = (req.body as { logit_bias?: unknown } | null)?.logit_bias;
     if (rawBias !== null && typeof rawBias === "object" && Object.keys(rawBias).length > 0) throw validationError("logit_bias", "is not supported");
-    const body = parseBody(completionSchema, req.body);
+    const body = withTgiNames(parseBody(completionSchema, req.body));
     if (body.stream) return completeStream(context, reply, body);
     return complete(context, reply, body);
   });

@@ -48,8 +48,9 @@ export const tgiParametersSchema = z.strictObject({
 });
 export type TgiParameters = z.output<typeof tgiParametersSchema>;
 
-const generateSchema = z.strictObject({ inputs: z.string(), parameters: tgiParametersSchema.optional() });
-const compatSchema = z.strictObject({ inputs: z.string(), parameters: tgiParametersSchema.optional(), stream: z.boolean().optional() });
+// `model` is accepted and ignored, as TGI does (one model is served; older Hugging Face clients send it).
+const generateSchema = z.strictObject({ inputs: z.string(), parameters: tgiParametersSchema.optional(), model: optional(z.string()) });
+const compatSchema = z.strictObject({ inputs: z.string(), parameters: tgiParametersSchema.optional(), stream: z.boolean().optional(), model: optional(z.string()) });
 const tokenizeSchema = z.strictObject({ inputs: z.string(), parameters: tgiParametersSchema.optional() });
 
 interface TgiRequest {
@@ -239,6 +240,9 @@ export function registerTgiRoutes(app: FastifyInstance, context: ServerContext):
   // TGI's compatibility route (the Inference API's shape): a list with one result, or a stream.
   app.post("/", { config }, async (req, reply) => {
     const body = parseBody(compatSchema, req.body);
+    // TGI's compat route returns the full text unless told otherwise, for a text-generation model
+    // (what /info reports): Hugging Face's clients post here and expect the prompt included.
+    if (body.parameters?.return_full_text == null) body.parameters = { ...body.parameters, return_full_text: true };
     if (body.stream) return generateStream(context, reply, body.inputs, body.parameters);
     return [await generate(context, reply, body.inputs, body.parameters)];
   });
