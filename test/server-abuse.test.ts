@@ -113,6 +113,27 @@ describe("abuse within the limits", () => {
       assert.match(await r.text(), /method not allowed/);
     }
     assert.equal((await fetch(`${url}/nothing-here`)).status, 404);
+    // Routes with a parameter or a wildcard, and paths that look like route patterns (they made a 500).
+    for (const [method, path, status] of [
+      ["POST", "/v1/models/foo", 405],
+      ["POST", "/v1/models/bigscience/bloom", 405],
+      ["POST", "/ui/app.js", 405],
+      ["DELETE", "/:x(", 404],
+      ["GET", "/**", 404],
+    ] as const) {
+      const r = await fetch(`${url}${path}`, { method });
+      assert.equal(r.status, status, `${method} ${path}: ${await r.text()}`);
+    }
+  });
+
+  test("truncate above --max-input-length is refused by name before tokenizing (TGI does the same)", async () => {
+    const long = "In the beginning ".repeat(50_000);
+    const tgi = await post(`${url}/generate`, { inputs: long, parameters: { max_new_tokens: 1, truncate: 1_000_000_000 } });
+    assert.equal(tgi.status, 422, JSON.stringify(tgi.body).slice(0, 200));
+    assert.match(tgi.body.error, /^parameters\.truncate: must be <= 64 \(--max-input-length\)/);
+    const openai = await post(`${url}/v1/completions`, { prompt: long, max_tokens: 1, truncate: 65 });
+    assert.equal(openai.status, 400);
+    assert.equal(openai.body.error.param, "truncate");
   });
 
   test("a compressed body is refused (it was read as if it were the JSON)", async () => {

@@ -206,6 +206,21 @@ describe("OpenAI and TGI field details", () => {
     const watermark = await post(`${url}/v1/completions`, { prompt, max_tokens: 4, watermark: true });
     assert.equal(watermark.status, 400);
     assert.equal(watermark.body.error.param, "watermark");
+    // As TGI: do_sample false is greedy only when no warper asks for sampling.
+    const texts = new Set<string>();
+    for (const seed of [1, 2, 3, 4]) {
+      const r = await post(`${url}/v1/completions`, { prompt, max_tokens: 8, do_sample: false, temperature: 1.5, seed });
+      texts.add(r.body.choices[0].text);
+    }
+    assert.ok(texts.size > 1, "sampled with its temperature");
+    const conflict = await post(`${url}/v1/completions`, { prompt, max_tokens: 2, echo: true, return_full_text: false });
+    assert.equal(conflict.status, 400);
+    assert.equal(conflict.body.error.param, "return_full_text");
+    // The full text starts with the inputs as sent, even when truncate kept only their end (as TGI).
+    const compatTruncated = await post(`${url}/`, { inputs: "Genesis. " + prompt, parameters: { max_new_tokens: 4, truncate: 3 } });
+    assert.ok(compatTruncated.body[0].generated_text.startsWith("Genesis. " + prompt), compatTruncated.body[0].generated_text);
+    const tokenize = await post(`${url}/tokenize`, { inputs: prompt, model: "bigscience/bloom" });
+    assert.equal(tokenize.status, 200);
     // Anything else unknown is still named.
     const typo = await post(`${url}/v1/completions`, { prompt, max_token: 4 });
     assert.equal(typo.status, 400);

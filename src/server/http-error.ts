@@ -12,6 +12,7 @@ export type ErrorKind =
   | "malformed" // the body is not JSON, or not the media type expected
   | "validation" // well-formed but wrong: unknown field, wrong type, out of range, too long
   | "not_found"
+  | "method_not_allowed" // the route exists under other methods
   | "overloaded" // over the concurrency limit
   | "unavailable" // loading or shutting down
   | "generation" // the engine failed this request (it keeps serving others)
@@ -50,6 +51,8 @@ export function statusFor(kind: ErrorKind, family: ApiFamily): number {
       return family === "tgi" ? 422 : 400;
     case "not_found":
       return 404;
+    case "method_not_allowed":
+      return 405;
     case "overloaded":
       return 429;
     case "unavailable":
@@ -72,6 +75,7 @@ const tgiErrorType: Record<ErrorKind, string> = {
   malformed: "validation",
   validation: "validation",
   not_found: "not_found",
+  method_not_allowed: "method_not_allowed",
   overloaded: "overloaded",
   unavailable: "unavailable",
   generation: "generation",
@@ -83,6 +87,7 @@ const openaiErrorType: Record<ErrorKind, string> = {
   malformed: "invalid_request_error",
   validation: "invalid_request_error",
   not_found: "not_found_error",
+  method_not_allowed: "invalid_request_error",
   overloaded: "rate_limit_error",
   unavailable: "server_error",
   generation: "server_error",
@@ -94,6 +99,7 @@ const originalErrorName: Record<ErrorKind, string> = {
   malformed: "BadRequest",
   validation: "ValidationError",
   not_found: "NotFound",
+  method_not_allowed: "MethodNotAllowed",
   overloaded: "Overloaded",
   unavailable: "ServiceUnavailable",
   generation: "GenerationError",

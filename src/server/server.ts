@@ -104,12 +104,25 @@ export async function startServer(serverOptions: ServerOptions): Promise<Blossom
   // With logging off, internal errors still go to stderr: an error id nobody can look up is useless.
   const logsErrors = logger !== false && logger !== "fatal";
   app.setErrorHandler((error: FastifyError | HttpError | Error, request, reply) => sendError(error, request, reply, logsErrors));
+  // Every route's method and path pattern, to tell "wrong method" (405) from "no such path" (404).
+  const routes: { method: string; pattern: RegExp }[] = [];
+  app.addHook("onRoute", (route) => {
+    // ":name" is one segment, "*" the rest; everything else literal (the router matches the decoded path).
+    const source = route.url.split(/(:[A-Za-z0-9_]+|\*)/).map((part) => (part === "*" ? ".*" : part.startsWith(":") ? "[^/]+" : part.replace(/[.*+?^${}()|[\]\\]/g, "\\$&"))).join("");
+    for (const method of [route.method].flat()) routes.push({ method, pattern: new RegExp(`^${source}$`) });
+  });
   app.setNotFoundHandler((request, reply) => {
     const path = request.url.split("?")[0]!;
+    let decoded = path;
+    try {
+      decoded = decodeURIComponent(path);
+    } catch {
+      // Left as sent: it matches no route either way.
+    }
     // A route that exists under other methods answers 405 with Allow, as HTTP asks (GET /generate).
-    const allowed = ["GET", "HEAD", "POST"].filter((method) => method !== request.method && app.hasRoute({ method, url: path }));
+    const allowed = [...new Set(routes.filter((r) => r.method !== request.method && r.pattern.test(decoded)).map((r) => r.method))];
     if (allowed.length > 0) {
-      const err = new HttpError("malformed", `${request.method} ${path}: method not allowed; use ${allowed.join(" or ")}`, undefined, 405);
+      const err = new HttpError("method_not_allowed", `${request.method} ${path}: method not allowed; use ${allowed.join(" or ")}`);
       return reply.code(405).header("allow", allowed.join(", ")).send(errorBody(err, familyOf(request)));
     }
     const err = new HttpError("not_found", `no route ${request.method} ${path}; see GET /info and the README for the API`);

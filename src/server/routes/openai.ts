@@ -68,10 +68,15 @@ type CompletionRequest = z.output<typeof completionSchema>;
 function withTgiNames(body: CompletionRequest): CompletionRequest {
   if (body.watermark) throw validationError("watermark", "is not supported");
   if (body.top_n_tokens) throw validationError("top_n_tokens", `is not supported; logprobs: 0 gives the chosen tokens' log-probabilities (got ${body.top_n_tokens})`);
+  if (body.return_full_text != null && body.echo != null && body.return_full_text !== body.echo) {
+    throw validationError("return_full_text", `says ${body.return_full_text} but echo says ${body.echo}; send one of them`);
+  }
+  // As TGI: do_sample false is greedy unless a warper asks for sampling (then it samples anyway).
+  const warped = (body.temperature != null && body.temperature !== 1) || body.top_k != null || (body.top_p != null && body.top_p < 1) || (body.typical_p != null && body.typical_p < 1);
   return {
     ...body,
     ...(body.return_full_text ? { echo: true } : {}),
-    ...(body.do_sample === false ? { temperature: 0 } : {}),
+    ...(body.do_sample === false && !warped ? { temperature: 0 } : {}),
   };
 }
 
@@ -147,6 +152,9 @@ async function prepare(context: ServerContext, model: Model, body: CompletionReq
   const inputs = promptList(body.prompt);
   if (inputs.length > limits.maxBatchSize) throw validationError("prompt", `must have at most ${limits.maxBatchSize} prompts (--max-batch-size); got ${inputs.length}`);
   const field = (i: number) => (inputs.length === 1 && (typeof body.prompt === "string" || typeof body.prompt[0] === "number") ? "prompt" : `prompt[${i}]`);
+  if (body.truncate != null && body.truncate > limits.maxInputLength) {
+    throw validationError("truncate", `must be <= ${limits.maxInputLength} (--max-input-length); got ${body.truncate}`);
+  }
   const prompts = await Promise.all(inputs.map((input, i) => preparePrompt(model, input, field(i), limits, body.truncate ?? undefined)));
   const params = prompts.map((p, i) => {
     const maxNewTokens = body.max_tokens ?? defaultMaxNewTokens(limits, p.ids.length, openaiDefaultMaxTokens);

@@ -51,7 +51,7 @@ export type TgiParameters = z.output<typeof tgiParametersSchema>;
 // `model` is accepted and ignored, as TGI does (one model is served; older Hugging Face clients send it).
 const generateSchema = z.strictObject({ inputs: z.string(), parameters: tgiParametersSchema.optional(), model: optional(z.string()) });
 const compatSchema = z.strictObject({ inputs: z.string(), parameters: tgiParametersSchema.optional(), stream: z.boolean().optional(), model: optional(z.string()) });
-const tokenizeSchema = z.strictObject({ inputs: z.string(), parameters: tgiParametersSchema.optional() });
+const tokenizeSchema = z.strictObject({ inputs: z.string(), parameters: tgiParametersSchema.optional(), model: optional(z.string()) });
 
 interface TgiRequest {
   prompt: Prompt;
@@ -60,7 +60,8 @@ interface TgiRequest {
   seed: number | null;
   details: boolean;
   decoderInputDetails: boolean;
-  returnFullText: boolean;
+  /** What return_full_text puts before the output: the inputs as sent (as TGI does), even when truncated. */
+  fullTextPrefix: string;
 }
 
 /** TGI defaults max_new_tokens to 100 when a request gives none. */
@@ -74,6 +75,10 @@ async function prepare(context: ServerContext, model: Model, inputs: string, p: 
   if (p.top_n_tokens != null && p.top_n_tokens > 0) throw validationError("parameters.top_n_tokens", `is not supported (got ${p.top_n_tokens})`);
   const stop = p.stop ?? [];
   checkStops("parameters.stop", stop, limits);
+  if (p.truncate != null && p.truncate > limits.maxInputLength) {
+    // As TGI: a prompt longer than that is refused anyway, after tokenizing all of it.
+    throw validationError("parameters.truncate", `must be <= ${limits.maxInputLength} (--max-input-length); got ${p.truncate}`);
+  }
   const prompt = await preparePrompt(model, inputs, "inputs", limits, p.truncate ?? undefined);
   const maxNewTokens = p.max_new_tokens ?? defaultMaxNewTokens(limits, prompt.ids.length, tgiDefaultMaxNewTokens);
   checkMaxNewTokens("parameters.max_new_tokens", maxNewTokens, prompt.ids.length, limits, "inputs");
@@ -117,7 +122,7 @@ async function prepare(context: ServerContext, model: Model, inputs: string, p: 
     seed,
     details: p.details ?? false,
     decoderInputDetails: p.decoder_input_details ?? false,
-    returnFullText: p.return_full_text ?? false,
+    fullTextPrefix: p.return_full_text ? inputs : "",
   };
 }
 
@@ -162,7 +167,7 @@ async function generate(context: ServerContext, reply: FastifyReply, inputs: str
     reply.header("x-generated-tokens", String(result.tokens.length));
     reply.header("x-total-time", String(Math.round(performance.now() - started)));
     return {
-      generated_text: (request.returnFullText ? request.prompt.text : "") + result.text,
+      generated_text: request.fullTextPrefix + result.text,
       ...(request.details || request.decoderInputDetails
         ? {
             details: {
@@ -201,7 +206,7 @@ async function generateStream(context: ServerContext, reply: FastifyReply, input
         sse.send({
           index,
           token: tgiToken(model, token, "released"),
-          generated_text: last ? (request.returnFullText ? request.prompt.text : "") + generated : null,
+          generated_text: last ? request.fullTextPrefix + generated : null,
           details: last && request.details ? { finish_reason: finish, generated_tokens: index, seed: request.seed, input_length: request.prompt.ids.length } : null,
         });
       },
