@@ -3,8 +3,9 @@
  * forever when a parent cannot hold folders (e.g. under /proc), where a plain mkdir fails at once
  * with the reason. Synchronous everywhere (the Hub client's too): a few mkdir calls take microseconds.
  */
-import { existsSync, mkdirSync, statSync } from "node:fs";
-import { dirname, resolve } from "node:path";
+import { randomBytes } from "node:crypto";
+import { existsSync, mkdirSync, readdirSync, rmSync, statSync } from "node:fs";
+import { basename, dirname, join, resolve } from "node:path";
 
 /** The folders to create, outermost first: `path` and its missing parents. */
 function missingFolders(path: string, exists: (p: string) => boolean): string[] {
@@ -35,4 +36,34 @@ export function createFolder(path: string): void {
     }
   }
   if (!statSync(path).isDirectory()) throw notAFolder(resolve(path));
+}
+
+/** Whether a process with this pid runs on this machine. */
+export function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
+/**
+ * A new, empty folder to write `target` into before renaming it into place
+ * (`<target>.partial-<pid>-<random>`: unique to this call, even among calls in one process); first
+ * removes such folders that processes which no longer run left beside it (a run killed mid-write
+ * would otherwise leave its partial copy forever).
+ */
+export function partialFolderFor(target: string): string {
+  const parent = dirname(resolve(target));
+  const prefix = `${basename(resolve(target))}.partial-`;
+  createFolder(parent);
+  for (const name of readdirSync(parent)) {
+    if (!name.startsWith(prefix)) continue;
+    const pid = Number(name.slice(prefix.length).split("-")[0]);
+    if (Number.isInteger(pid) && pid > 0 && pid !== process.pid && !processAlive(pid)) rmSync(join(parent, name), { recursive: true, force: true });
+  }
+  const work = join(parent, `${prefix}${process.pid}-${randomBytes(4).toString("hex")}`);
+  mkdirSync(work);
+  return work;
 }

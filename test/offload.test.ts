@@ -92,7 +92,22 @@ describe("pipeline offload", () => {
         assert.equal(maxAbsDiff(r.logits, fp32.logits), 0);
         assert.deepEqual(r.tokens, fp32.tokens);
         const files = readdirSync(folder);
-        assert.ok(files.includes("word_embeddings.bin") && files.includes("h.3.dense4hToH.bin"), files.join(", "));
+        // Named by dtype and source, so processes sharing the folder with other models or dtypes never read each other's files.
+        assert.ok(files.some((f) => /^word_embeddings\.f32\.[0-9a-f]{12}\.bin$/.test(f)) && files.some((f) => /^h\.3\.dense4hToH\.f32\.[0-9a-f]{12}\.bin$/.test(f)), files.join(", "));
+        // Another dtype in the same folder writes files of its own.
+        const r16 = run({ dtype: "fp16", pipeline: { maxMemory: "cpu:1MB,disk", placement: "sequential", offloadFolder: folder } });
+        try {
+          const fp16 = run({ dtype: "fp16" });
+          assert.equal(maxAbsDiff(r16.logits, fp16.logits), 0);
+          fp16.loaded.dispose();
+          assert.ok(readdirSync(folder).some((f) => /^h\.3\.dense4hToH\.f16\.[0-9a-f]{12}\.bin$/.test(f)));
+          // And the fp32 model, whose files were written first and are read lazily, still reads its own.
+          const again = run({ dtype: "fp32", pipeline: { maxMemory: "cpu:1MB,disk", placement: "sequential", offloadFolder: folder } });
+          assert.equal(maxAbsDiff(again.logits, fp32.logits), 0);
+          again.loaded.dispose();
+        } finally {
+          r16.loaded.dispose();
+        }
       } finally {
         r.loaded.dispose();
       }

@@ -7,10 +7,12 @@
  * stays at a few chunks whatever the model size. A seed fixes every byte of the output.
  */
 import { availableParallelism } from "node:os";
-import { mkdir, readdir, rm, stat, writeFile } from "node:fs/promises";
+import { existsSync, renameSync } from "node:fs";
+import { readdir, rm, stat, writeFile } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { Worker } from "node:worker_threads";
 import { BlossomError, parameterError } from "../errors.js";
+import { partialFolderFor } from "../folders.js";
 import { writeSyntheticTokenizer } from "../tokenizer/synthetic.js";
 import { bloomTensorShapes, configJsonText, getPreset, presetConfig, type CheckpointDType } from "./presets.js";
 import { RANDOM_BLOCK_ELEMENTS, randomTensorBytes, type RandomDType, type RandomInit } from "./random-weights.js";
@@ -95,36 +97,49 @@ export async function createRandomCheckpoint(options: CreateRandomOptions): Prom
   const indexFile = plan.files.length > 1 ? ["model.safetensors.index.json"] : [];
   const files = ["config.json", ...plan.files, ...indexFile, "tokenizer.json", ...Object.keys(SMALL_FILES)];
 
-  await prepareOutputDirectory(dir);
-  // Written first: if this run is interrupted, the next one recognises the directory and replaces it.
-  await writeFile(
-    join(dir, RANDOM_CHECKPOINT_MARKER),
-    JSON.stringify({ generator: "blossom create-random", preset: preset.name, dtype, seed, files }, null, 2) + "\n",
-  );
-
-  const totalElements = specs.reduce((sum, spec) => sum + tensorElementCount(spec.shape), 0);
-  const threads = options.threads ?? (totalElements < WORKER_THRESHOLD ? 0 : Math.min(4, availableParallelism()));
-  // Tensors are requested in file order: shard by shard, each sorted as the writer lays it out.
-  const writeOrder = plan.shards.flatMap((shard) => planSafetensors(shard).order);
-  const generator = new ChunkScheduler(writeOrder, storageDType, seed, threads, options.signal);
+  await checkOutputDirectory(dir);
+  // Everything is written into a folder of this process's own, then renamed into place: an
+  // interrupted run leaves `dir` as it was (its partial folder is removed by the next run), and two
+  // processes creating the same checkpoint never write into each other's files.
+  const work = partialFolderFor(dir);
   try {
-    const sources: TensorSource[] = specs.map((spec) => ({ ...spec, data: () => generator.chunks(spec.name) }));
-    await writeShardedCheckpoint(dir, sources, { maxShardBytes, onProgress: options.onProgress, signal: options.signal });
-  } finally {
-    await generator.close();
+    await writeInto(work);
+  } catch (err) {
+    await rm(work, { recursive: true, force: true });
+    throw err;
   }
-
-  await writeFile(join(dir, "config.json"), configJsonText(presetConfig(preset.name, dtype)));
-  await writeSyntheticTokenizer(join(dir, "tokenizer.json"), { vocabSize: preset.vocabSize });
-  for (const [name, text] of Object.entries(SMALL_FILES)) await writeFile(join(dir, name), text);
-
   let bytes = 0;
-  for (const file of files) bytes += (await stat(join(dir, file))).size;
+  for (const file of files) bytes += (await stat(join(work, file))).size;
+  await moveIntoPlace(work, dir);
   return { dir, bytes, seconds: (performance.now() - started) / 1000 };
+
+  async function writeInto(dir: string): Promise<void> {
+    // The marker lets a later create-random replace this folder (and nothing else).
+    await writeFile(
+      join(dir, RANDOM_CHECKPOINT_MARKER),
+      JSON.stringify({ generator: "blossom create-random", preset: preset.name, dtype, seed, files }, null, 2) + "\n",
+    );
+
+    const totalElements = specs.reduce((sum, spec) => sum + tensorElementCount(spec.shape), 0);
+    const threads = options.threads ?? (totalElements < WORKER_THRESHOLD ? 0 : Math.min(4, availableParallelism()));
+    // Tensors are requested in file order: shard by shard, each sorted as the writer lays it out.
+    const writeOrder = plan.shards.flatMap((shard) => planSafetensors(shard).order);
+    const generator = new ChunkScheduler(writeOrder, storageDType, seed, threads, options.signal);
+    try {
+      const sources: TensorSource[] = specs.map((spec) => ({ ...spec, data: () => generator.chunks(spec.name) }));
+      await writeShardedCheckpoint(dir, sources, { maxShardBytes, onProgress: options.onProgress, signal: options.signal });
+    } finally {
+      await generator.close();
+    }
+
+    await writeFile(join(dir, "config.json"), configJsonText(presetConfig(preset.name, dtype)));
+    await writeSyntheticTokenizer(join(dir, "tokenizer.json"), { vocabSize: preset.vocabSize });
+    for (const [name, text] of Object.entries(SMALL_FILES)) await writeFile(join(dir, name), text);
+  }
 }
 
-/** Empty or new: fine. Earlier create-random output: its files are removed. Anything else: refused. */
-async function prepareOutputDirectory(dir: string): Promise<void> {
+/** Empty, new, or an earlier create-random output (replaced at the end): fine. Anything else: refused. */
+async function checkOutputDirectory(dir: string): Promise<void> {
   let entries: string[];
   try {
     const info = await stat(dir);
@@ -132,22 +147,44 @@ async function prepareOutputDirectory(dir: string): Promise<void> {
     entries = await readdir(dir);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
-    await mkdir(dir, { recursive: true });
     return;
   }
-  if (entries.length === 0) return;
-  if (!entries.includes(RANDOM_CHECKPOINT_MARKER)) {
+  if (entries.length > 0 && !entries.includes(RANDOM_CHECKPOINT_MARKER)) {
     throw parameterError(
       "out",
       `${dir} is not empty and is not a create-random output (it has no ${RANDOM_CHECKPOINT_MARKER}); choose a new or empty directory`,
     );
   }
-  // Only names create-random writes (never a path, never a user's other files), partial ones included.
-  const ours = /^(config\.json|generation_config\.json|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|model(-\d{5}-of-\d{5})?\.safetensors(\.partial)?|model\.safetensors\.index\.json)$/;
-  for (const entry of entries) {
-    if (ours.test(entry)) await rm(join(dir, entry), { force: true });
+}
+
+/**
+ * Renames the finished folder to `dir`: over a missing or empty one directly, over an earlier
+ * create-random output (or another process's, finished first) by moving that aside and removing it.
+ */
+async function moveIntoPlace(work: string, dir: string): Promise<void> {
+  try {
+    renameSync(work, dir);
+    return;
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code !== "ENOTEMPTY" && code !== "EEXIST") {
+      await rm(work, { recursive: true, force: true });
+      throw err;
+    }
   }
-  await rm(join(dir, RANDOM_CHECKPOINT_MARKER), { force: true });
+  if (!existsSync(join(dir, RANDOM_CHECKPOINT_MARKER))) {
+    await rm(work, { recursive: true, force: true });
+    throw parameterError("out", `${dir} was filled by something other than create-random while this run worked; choose a new or empty directory`);
+  }
+  // A user's own files in the earlier output move into the new one; create-random's are replaced.
+  const ours = /^(config\.json|generation_config\.json|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|model(-\d{5}-of-\d{5})?\.safetensors(\.partial)?|model\.safetensors\.index\.json)$/;
+  for (const entry of await readdir(dir)) {
+    if (entry !== RANDOM_CHECKPOINT_MARKER && !ours.test(entry) && !existsSync(join(work, entry))) renameSync(join(dir, entry), join(work, entry));
+  }
+  const aside = `${work}.old`;
+  renameSync(dir, aside);
+  renameSync(work, dir);
+  await rm(aside, { recursive: true, force: true });
 }
 
 interface ChunkJob {

@@ -5,7 +5,7 @@
  * beside it: created exclusively, holding the owner's pid and host, touched while held, and taken
  * over when the owner is gone (same host, dead pid) or has not touched it for a minute.
  */
-import { createFolder } from "../folders.js";
+import { createFolder, processAlive } from "../folders.js";
 import { hostname } from "node:os";
 import { open, readFile, rm, stat, utimes } from "node:fs/promises";
 import { dirname } from "node:path";
@@ -21,14 +21,6 @@ interface LockOwner {
   host: string;
 }
 
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as { code?: string }).code === "EPERM";
-  }
-}
 
 async function isStale(lockPath: string): Promise<boolean> {
   try {

@@ -10,7 +10,8 @@
  * writes its offload folder).
  */
 import { createFolder } from "../folders.js";
-import { closeSync, openSync, renameSync, rmSync, writeSync } from "node:fs";
+import { closeSync, openSync, realpathSync, renameSync, rmSync, statSync, writeSync } from "node:fs";
+import { createHash } from "node:crypto";
 import { dirname, join, resolve } from "node:path";
 import type { Backend, DeviceMatrix } from "../backend/backend.js";
 import type { CpuMatrix, CpuQuantizedMatrix } from "../backend/cpu.js";
@@ -131,7 +132,7 @@ export class PipelineWeightStore implements WeightStore {
       let region = emb.region, byteOffset = emb.byteOffset, bytes = emb.byteLength;
       if (dtype !== emb.dtype) {
         const folder = requireFolder(options, `offloading word_embeddings as ${dtype} (stored as ${emb.dtype})`, emb.file);
-        const src = writeConverted(backend, emb, dtype, join(folder, "word_embeddings.bin")).parts[0]!;
+        const src = writeConverted(backend, emb, dtype, join(folder, "word_embeddings")).parts[0]!;
         this.ownedMapping = region = native().mapFile(src.path);
         byteOffset = 0;
         bytes = src.bytes;
@@ -177,7 +178,7 @@ export class PipelineWeightStore implements WeightStore {
           sources[name] = denseSource(t.weight.file, t.weight.byteOffset, t.weight.byteLength, dtype, outFeatures, inFeatures);
         } else {
           const folder = requireFolder(options, `offloading h.${i} as ${dtype} (stored as ${t.weight.dtype})`, t.weight.file);
-          sources[name] = writeConverted(backend, t.weight, dtype, join(folder, `h.${i}.${name}.bin`));
+          sources[name] = writeConverted(backend, t.weight, dtype, join(folder, `h.${i}.${name}`));
         }
         for (const part of sources[name].parts) bytes += align(part.bytes);
       }
@@ -320,8 +321,16 @@ function requireFolder(options: OffloadOptions, what: string, source: string): s
   return options.offloadFolder;
 }
 
-/** Converts a matrix to `dtype` and writes it to `file` (the offload folder). */
-function writeConverted(backend: Backend, view: TensorView, dtype: StorageDType, file: string): MatrixSource {
+/**
+ * Converts a matrix to `dtype` and writes it beside `base` (in the offload folder), named by the
+ * dtype and the source tensor (its file, that file's modification time, its place in it): processes
+ * sharing a folder with other models or dtypes never read each other's conversions (a reader opens
+ * a layer's file by name when it first needs it).
+ */
+function writeConverted(backend: Backend, view: TensorView, dtype: StorageDType, base: string): MatrixSource {
+  const source = realpathSync(view.file);
+  const key = createHash("sha256").update(`${source}\n${statSync(source).mtimeMs}\n${view.byteOffset}\n${view.byteLength}\n${dtype}`).digest("hex").slice(0, 12);
+  const file = `${base}.${dtype}.${key}.bin`;
   const m = backend.matrix(view, dtype) as CpuMatrix;
   // Written aside and renamed into place: another process using the same folder keeps the file it
   // mapped (truncating that file under its mapping would kill it with SIGBUS).

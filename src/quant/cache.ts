@@ -9,7 +9,7 @@ import { existsSync, realpathSync, renameSync, rmSync, statSync } from "node:fs"
 import { basename, dirname, join } from "node:path";
 import { Worker } from "node:worker_threads";
 import { blossomCacheDir } from "../cache.js";
-import { createFolder } from "../folders.js";
+import { partialFolderFor } from "../folders.js";
 import { BlossomError } from "../errors.js";
 import { quantSpec, type QuantScheme } from "./scheme.js";
 
@@ -21,13 +21,13 @@ export async function quantizedCopy(source: string, scheme: QuantScheme, groupSi
   const key = createHash("sha256").update(`${real}\n${stamp}\n${scheme}\n${spec.groupSize}`).digest("hex").slice(0, 16);
   const out = join(blossomCacheDir(), "quantized", `${basename(real)}-${scheme}-g${spec.groupSize}-${key}`);
   if (existsSync(join(out, "config.json"))) return out;
-  const partial = `${out}.partial-${process.pid}`;
+  let partial: string;
   try {
-    createFolder(dirname(out));
+    // Its own partial folder (and those of runs killed mid-write removed), renamed into place when done.
+    partial = partialFolderFor(out);
   } catch (err) {
     throw new BlossomError("parameter", `BLOSSOM_CACHE: cannot keep the quantized copy in ${dirname(out)} (${(err as NodeJS.ErrnoException).code ?? String(err)}); set BLOSSOM_CACHE to a writable folder`);
   }
-  rmSync(partial, { recursive: true, force: true });
   const result = await new Promise<{ ok: boolean; message?: string }>((resolve, reject) => {
     const worker = new Worker(new URL("./cache-worker.js", import.meta.url), {
       workerData: { source: real, out: partial, scheme, ...(scheme === "int8" ? { groupSize: spec.groupSize } : {}) },

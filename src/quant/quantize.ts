@@ -10,9 +10,9 @@
  * int8-mixed has one scale per row; its group_size records the widest row, so every row is one group.
  * The tokenizer and every other top-level file are copied alongside.
  */
-import { createFolder } from "../folders.js";
-import { copyFileSync, existsSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
-import { join } from "node:path";
+import { partialFolderFor } from "../folders.js";
+import { copyFileSync, existsSync, readdirSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { join, relative } from "node:path";
 import { CpuBackend } from "../backend/cpu.js";
 import { indexFileName, openCheckpoint } from "../checkpoint/checkpoint.js";
 import type { SafetensorsDtype, TensorView } from "../checkpoint/safetensors.js";
@@ -68,8 +68,10 @@ export async function quantizeCheckpoint(sourceDir: string, outDir: string, opti
   const backend = new CpuBackend(options.threads === undefined ? {} : { threads: options.threads });
   const checkpoint = openCheckpoint(sourceDir);
   const written: string[] = [];
+  // Everything is written into a folder of this process's own and renamed into place at the end: a
+  // second process quantizing into the same --out never mixes or deletes files with this one.
+  let work: string | undefined;
   const writers: SafetensorsWriter[] = [];
-  let createdOut = false;
   try {
     if (checkpoint.config.quantization) throw checkpointError(join(sourceDir, "config.json"), `the checkpoint is already quantized (${checkpoint.config.quantization.scheme})`);
     const tensors = bloomTensors(checkpoint);
@@ -93,11 +95,10 @@ export async function quantizeCheckpoint(sourceDir: string, outDir: string, opti
     // Shards in state-dict order, as save_pretrained splits them; each file lays its tensors out by
     // decreasing element size (the safetensors library's order), so every offset stays aligned.
     const shards = planShards(plan, { maxShardBytes });
-    createdOut = !existsSync(outDir);
-    createFolder(outDir);
+    work = partialFolderFor(outDir);
     const writerOf = new Map<string, SafetensorsWriter>();
     for (const [i, entries] of shards.shards.entries()) {
-      const file = join(outDir, shards.files[i]!);
+      const file = join(work!, shards.files[i]!);
       const metadata: Record<string, string> = { format: "pt", ...(spec.scheme === "int8" ? { [groupSizeMetadataKey]: String(spec.groupSize) } : {}) };
       const writer = await SafetensorsWriter.create(file, entries, { metadata });
       writers.push(writer);
@@ -136,7 +137,7 @@ export async function quantizeCheckpoint(sourceDir: string, outDir: string, opti
 
     const bytes = plan.reduce((a, e) => a + tensorByteLength(e), 0);
     if (shards.files.length > 1) {
-      const indexFile = join(outDir, indexFileName);
+      const indexFile = join(work, indexFileName);
       writeFileSync(indexFile, shardIndexJson(shards));
       written.push(indexFile);
     }
@@ -152,21 +153,29 @@ export async function quantizeCheckpoint(sourceDir: string, outDir: string, opti
         quantized_tensors: quantizedTensors,
       },
     };
-    const configFile = join(outDir, "config.json");
+    const configFile = join(work, "config.json");
     writeFileSync(configFile, JSON.stringify(config, null, 2) + "\n");
     written.push(configFile);
     for (const name of readdirSync(sourceDir)) {
       // Following links: a Hub snapshot's files are symlinks into its blobs. create-random's marker
       // stays behind (it lets create-random overwrite the folder it made, which this one is not).
       if (name === "config.json" || name === RANDOM_CHECKPOINT_MARKER || isWeightFile(name) || !statSync(join(sourceDir, name), { throwIfNoEntry: false })?.isFile()) continue;
-      copyFileSync(join(sourceDir, name), join(outDir, name));
-      written.push(join(outDir, name));
+      copyFileSync(join(sourceDir, name), join(work, name));
+      written.push(join(work, name));
     }
-    return { files: written, bytes, sourceBytes: checkpoint.totalBytes, quantizedTensors, seconds: (performance.now() - started) / 1000 };
+    // rename replaces an empty --out (made by the user), not one another process has filled meanwhile.
+    try {
+      renameSync(work, outDir);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === "ENOTEMPTY" || code === "EEXIST") throw parameterError("out", `${outDir} was written by another process while this one worked; choose a new folder`);
+      throw err;
+    }
+    const files = written.map((f) => join(outDir, relative(work!, f)));
+    return { files, bytes, sourceBytes: checkpoint.totalBytes, quantizedTensors, seconds: (performance.now() - started) / 1000 };
   } catch (err) {
     for (const w of writers) await w.abort();
-    for (const f of written) rmSync(f, { force: true });
-    if (createdOut && readdirSync(outDir).length === 0) rmSync(outDir, { recursive: true, force: true });
+    if (work) rmSync(work, { recursive: true, force: true });
     if (err instanceof BlossomError) throw err;
     throw new BlossomError("internal", `quantize: ${(err as Error).message}`, { cause: err });
   } finally {

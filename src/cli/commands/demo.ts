@@ -4,6 +4,7 @@
  * the guide's benchmark table for batch sizes 1, 8, 16, 32 and a chart.
  */
 import { createFolder } from "../../folders.js";
+import { withFileLock } from "../../hub/lock.js";
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import type { Command } from "commander";
@@ -39,11 +40,17 @@ export async function ensureDefaultModel(log: (line: string) => void): Promise<s
     log(`default model: ${dir} (cached)`);
     return dir;
   }
-  createFolder(dir);
-  log(`default model: creating a ${defaultModel.preset}-shaped random checkpoint (${defaultModel.dtype}) in ${dir} ...`);
-  const r = await createRandomCheckpoint({ preset: defaultModel.preset, dtype: defaultModel.dtype, out: dir, seed: defaultModel.seed });
-  log(`  wrote ${formatBytes(r.bytes)} in ${r.seconds.toFixed(1)} s`);
-  return dir;
+  // One creator at a time (two `npm start` at once): the second waits, then finds it made.
+  return withFileLock(`${dir}.lock`, "the default model", undefined, async () => {
+    if (isCompleteRandomCheckpoint(dir)) {
+      log(`default model: ${dir} (made by another process meanwhile)`);
+      return dir;
+    }
+    log(`default model: creating a ${defaultModel.preset}-shaped random checkpoint (${defaultModel.dtype}) in ${dir} ...`);
+    const r = await createRandomCheckpoint({ preset: defaultModel.preset, dtype: defaultModel.dtype, out: dir, seed: defaultModel.seed });
+    log(`  wrote ${formatBytes(r.bytes)} in ${r.seconds.toFixed(1)} s`);
+    return dir;
+  });
 }
 
 interface DemoOptions {

@@ -1,0 +1,61 @@
+/**
+ * Processes (and calls) that write the same output at once: each writes into a partial folder of
+ * its own and renames it into place, so none mixes or deletes another's files, and what a run killed
+ * mid-write leaves is removed by the next one (an audit found: two quantize runs left a folder
+ * without weights while the winner reported success; two create-random runs renamed each other's
+ * files; a killed run's partial int8 copy stayed in the cache for good).
+ */
+import assert from "node:assert/strict";
+import { mkdirSync, mkdtempSync, readdirSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, describe, test } from "node:test";
+import { createRandomCheckpoint } from "../src/checkpoint/create-random.js";
+import { processAlive } from "../src/folders.js";
+import { loadModel } from "../src/index.js";
+import { quantizeCheckpoint } from "../src/quant/quantize.js";
+import { fixtureDir } from "./helpers/fixtures.js";
+
+describe("writers of the same output", () => {
+  const dir = mkdtempSync(join(tmpdir(), "blossom-concurrent-"));
+  after(() => rmSync(dir, { recursive: true, force: true }));
+
+  test("two quantize runs into one --out: one complete checkpoint, the other refused, nothing partial left", async () => {
+    for (let round = 0; round < 4; round++) {
+      const out = join(dir, `q${round}`);
+      const results = await Promise.allSettled([0, 1].map(() => quantizeCheckpoint(fixtureDir("trained-bloom-small"), out, { scheme: "int8" })));
+      assert.equal(results.filter((r) => r.status === "fulfilled").length, 1, JSON.stringify(results.map((r) => r.status)));
+      const refused = results.find((r) => r.status === "rejected") as PromiseRejectedResult;
+      assert.match(String(refused.reason.message), /was written by another process|exists and is not an empty folder/);
+      const m = await loadModel(out);
+      try {
+        assert.equal((await m.generate(["In the beginning"], { maxNewTokens: 2 })).numGeneratedTokens[0], 2);
+      } finally {
+        await m.dispose();
+      }
+      assert.deepEqual(readdirSync(dir).filter((f) => f.includes(".partial-")), []);
+    }
+  });
+
+  test("two create-random runs into one folder both succeed, and the folder they leave loads", async () => {
+    const out = join(dir, "random");
+    await Promise.all([0, 1].map(() => createRandomCheckpoint({ preset: "tiny", dtype: "bf16", out, seed: 3 })));
+    const m = await loadModel(out);
+    try {
+      assert.equal((await m.generate(["hello"], { maxNewTokens: 2 })).numGeneratedTokens[0], 2);
+    } finally {
+      await m.dispose();
+    }
+    assert.deepEqual(readdirSync(dir).filter((f) => f.startsWith("random.")), []);
+  });
+
+  test("a partial folder a dead process left is removed by the next writer", async () => {
+    let dead = 4_000_000;
+    while (processAlive(dead)) dead++;
+    const out = join(dir, "after-crash");
+    const leftover = `${out}.partial-${dead}-deadbeef`;
+    mkdirSync(leftover);
+    await quantizeCheckpoint(fixtureDir("trained-bloom-small"), out, { scheme: "int8" });
+    assert.deepEqual(readdirSync(dir).filter((f) => f.startsWith("after-crash.")), []);
+  });
+});
