@@ -6,12 +6,12 @@
  * files; a killed run's partial int8 copy stayed in the cache for good).
  */
 import assert from "node:assert/strict";
-import { mkdirSync, mkdtempSync, readdirSync, rmSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { basename, join } from "node:path";
 import { after, describe, test } from "node:test";
 import { createRandomCheckpoint } from "../src/checkpoint/create-random.js";
-import { processAlive } from "../src/folders.js";
+import { partialFolderFor, processAlive } from "../src/folders.js";
 import { loadModel } from "../src/index.js";
 import { quantizeCheckpoint } from "../src/quant/quantize.js";
 import { fixtureDir } from "./helpers/fixtures.js";
@@ -49,13 +49,53 @@ describe("writers of the same output", () => {
     assert.deepEqual(readdirSync(dir).filter((f) => f.startsWith("random.")), []);
   });
 
-  test("a partial folder a dead process left is removed by the next writer", async () => {
+  test("a partial folder a dead process of this host left is removed by the next writer; nothing else is", async () => {
     let dead = 4_000_000;
     while (processAlive(dead)) dead++;
     const out = join(dir, "after-crash");
-    const leftover = `${out}.partial-${dead}-deadbeef`;
-    mkdirSync(leftover);
+    // A leftover as this host names them, but for a dead pid.
+    const mine = partialFolderFor(out);
+    const leftover = mine.replace(`-${process.pid}-`, `-${dead}-`);
+    renameSync(mine, leftover);
+    // Not ours to remove: a user's folder with a similar name, another host's leftover.
+    const usersFolder = `${out}.partial-${dead}-notes`;
+    const tag = /\.partial-([0-9a-f]{6})-/.exec(leftover)![1]!;
+    const otherHost = leftover.replace(`.partial-${tag}-`, `.partial-${tag === "000000" ? "ffffff" : "000000"}-`);
+    mkdirSync(usersFolder);
+    mkdirSync(otherHost);
     await quantizeCheckpoint(fixtureDir("trained-bloom-small"), out, { scheme: "int8" });
-    assert.deepEqual(readdirSync(dir).filter((f) => f.startsWith("after-crash.")), []);
+    assert.deepEqual(readdirSync(dir).filter((f) => f.startsWith("after-crash.")).sort(), [basename(usersFolder), basename(otherHost)].sort());
+  });
+
+  test("--out that is a symlink to an empty folder, or the working folder: the files land there", async () => {
+    const real = join(dir, "real-out");
+    mkdirSync(real);
+    const link = join(dir, "link-out");
+    symlinkSync(real, link);
+    await quantizeCheckpoint(fixtureDir("trained-bloom-small"), link, { scheme: "int8" });
+    assert.ok(readdirSync(real).includes("model.safetensors"));
+    const here = join(dir, "cwd-out");
+    mkdirSync(here);
+    const cwd = process.cwd();
+    process.chdir(here);
+    try {
+      await createRandomCheckpoint({ preset: "tiny", dtype: "bf16", out: "." });
+    } finally {
+      process.chdir(cwd);
+    }
+    assert.ok(readdirSync(here).includes("model.safetensors"));
+  });
+
+  test("replacing an earlier create-random output keeps a user's own files and folders", async () => {
+    const out = join(dir, "with-notes");
+    await createRandomCheckpoint({ preset: "tiny", dtype: "bf16", out, seed: 1 });
+    writeFileSync(join(out, "notes.txt"), "mine");
+    mkdirSync(join(out, "mydata"));
+    writeFileSync(join(out, "mydata", "x.txt"), "x");
+    await Promise.all([2, 3].map((seed) => createRandomCheckpoint({ preset: "tiny", dtype: "bf16", out, seed })));
+    assert.equal(readFileSync(join(out, "notes.txt"), "utf8"), "mine");
+    assert.equal(readFileSync(join(out, "mydata", "x.txt"), "utf8"), "x");
+    const m = await loadModel(out);
+    await m.dispose();
   });
 });

@@ -73,7 +73,7 @@ export function linearPanelWidth(policy: LinearPanels | null, dtype: StorageDTyp
   return policy.width;
 }
 
-const bytesPerElement: Record<StorageDType, number> = { f32: 4, f16: 2, bf16: 2, i8: 1 };
+export const bytesPerElement: Record<StorageDType, number> = { f32: 4, f16: 2, bf16: 2, i8: 1 };
 
 /** A region of `bytes` from the addon, or a memory error naming what it was for. */
 function allocateRegion(bytes: number, what: string): NativeRegion {

@@ -7,12 +7,13 @@
  * stays at a few chunks whatever the model size. A seed fixes every byte of the output.
  */
 import { availableParallelism } from "node:os";
-import { existsSync, renameSync } from "node:fs";
+import { existsSync } from "node:fs";
 import { readdir, rm, stat, writeFile } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { Worker } from "node:worker_threads";
 import { BlossomError, parameterError } from "../errors.js";
-import { partialFolderFor } from "../folders.js";
+import { beginOutput, type OutputFolder } from "../folders.js";
+import { withFileLock } from "../hub/lock.js";
 import { writeSyntheticTokenizer } from "../tokenizer/synthetic.js";
 import { bloomTensorShapes, configJsonText, getPreset, presetConfig, type CheckpointDType } from "./presets.js";
 import { RANDOM_BLOCK_ELEMENTS, randomTensorBytes, type RandomDType, type RandomInit } from "./random-weights.js";
@@ -98,19 +99,19 @@ export async function createRandomCheckpoint(options: CreateRandomOptions): Prom
   const files = ["config.json", ...plan.files, ...indexFile, "tokenizer.json", ...Object.keys(SMALL_FILES)];
 
   await checkOutputDirectory(dir);
-  // Everything is written into a folder of this process's own, then renamed into place: an
-  // interrupted run leaves `dir` as it was (its partial folder is removed by the next run), and two
-  // processes creating the same checkpoint never write into each other's files.
-  const work = partialFolderFor(dir);
+  // Everything is written into a folder of this process's own, then put in place: an interrupted
+  // run leaves `dir` as it was (its partial folder is removed by the next run into the same --out),
+  // and two processes creating the same checkpoint never write into each other's files.
+  const output = beginOutput(dir);
   try {
-    await writeInto(work);
+    await writeInto(output.work);
   } catch (err) {
-    await rm(work, { recursive: true, force: true });
+    output.abort();
     throw err;
   }
   let bytes = 0;
-  for (const file of files) bytes += (await stat(join(work, file))).size;
-  await moveIntoPlace(work, dir);
+  for (const file of files) bytes += (await stat(join(output.work, file))).size;
+  await putInPlace(output, files);
   return { dir, bytes, seconds: (performance.now() - started) / 1000 };
 
   async function writeInto(dir: string): Promise<void> {
@@ -158,33 +159,25 @@ async function checkOutputDirectory(dir: string): Promise<void> {
 }
 
 /**
- * Renames the finished folder to `dir`: over a missing or empty one directly, over an earlier
- * create-random output (or another process's, finished first) by moving that aside and removing it.
+ * Puts the finished folder at the target: renamed over a missing or empty one; over an earlier
+ * create-random output file by file (each rename replaces one file whole), then that output's
+ * stale files (shards of another layout) removed — a user's own files are never moved or touched.
+ * One writer at a time per target, so two runs never leave a mix of their files.
  */
-async function moveIntoPlace(work: string, dir: string): Promise<void> {
-  try {
-    renameSync(work, dir);
-    return;
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    if (code !== "ENOTEMPTY" && code !== "EEXIST") {
-      await rm(work, { recursive: true, force: true });
-      throw err;
+async function putInPlace(output: OutputFolder, files: string[]): Promise<void> {
+  await withFileLock(`${output.target}.lock`, output.target, undefined, async () => {
+    if (output.commit()) return;
+    if (!existsSync(join(output.target, RANDOM_CHECKPOINT_MARKER))) {
+      output.abort();
+      throw parameterError("out", `${output.target} was filled by something other than create-random while this run worked; choose a new or empty directory`);
     }
-  }
-  if (!existsSync(join(dir, RANDOM_CHECKPOINT_MARKER))) {
-    await rm(work, { recursive: true, force: true });
-    throw parameterError("out", `${dir} was filled by something other than create-random while this run worked; choose a new or empty directory`);
-  }
-  // A user's own files in the earlier output move into the new one; create-random's are replaced.
-  const ours = /^(config\.json|generation_config\.json|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|model(-\d{5}-of-\d{5})?\.safetensors(\.partial)?|model\.safetensors\.index\.json)$/;
-  for (const entry of await readdir(dir)) {
-    if (entry !== RANDOM_CHECKPOINT_MARKER && !ours.test(entry) && !existsSync(join(work, entry))) renameSync(join(dir, entry), join(work, entry));
-  }
-  const aside = `${work}.old`;
-  renameSync(dir, aside);
-  renameSync(work, dir);
-  await rm(aside, { recursive: true, force: true });
+    const ours = /^(config\.json|generation_config\.json|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|model(-\d{5}-of-\d{5})?\.safetensors(\.partial)?|model\.safetensors\.index\.json)$/;
+    const fresh = new Set([...files, RANDOM_CHECKPOINT_MARKER]);
+    output.mergeInto();
+    for (const entry of await readdir(output.target)) {
+      if (ours.test(entry) && !fresh.has(entry)) await rm(join(output.target, entry), { force: true });
+    }
+  });
 }
 
 interface ChunkJob {

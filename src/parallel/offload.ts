@@ -14,7 +14,7 @@ import { closeSync, openSync, realpathSync, renameSync, rmSync, statSync, writeS
 import { createHash } from "node:crypto";
 import { dirname, join, resolve } from "node:path";
 import type { Backend, DeviceMatrix } from "../backend/backend.js";
-import type { CpuMatrix, CpuQuantizedMatrix } from "../backend/cpu.js";
+import { bytesPerElement, type CpuMatrix, type CpuQuantizedMatrix } from "../backend/cpu.js";
 import { native, type NativeRegion, type StorageDType } from "../backend/native.js";
 import type { TensorView } from "../checkpoint/safetensors.js";
 import { BlossomError } from "../errors.js";
@@ -331,6 +331,11 @@ function writeConverted(backend: Backend, view: TensorView, dtype: StorageDType,
   const source = realpathSync(view.file);
   const key = createHash("sha256").update(`${source}\n${statSync(source).mtimeMs}\n${view.byteOffset}\n${view.byteLength}\n${dtype}`).digest("hex").slice(0, 12);
   const file = `${base}.${dtype}.${key}.bin`;
+  const [outFeatures, inFeatures] = view.shape as [number, number];
+  const bytes = outFeatures * inFeatures * bytesPerElement[dtype];
+  // Converted before from this very source (its name says so): reused, so the folder holds one set
+  // per source and dtype instead of growing with every load.
+  if (statSync(file, { throwIfNoEntry: false })?.size === bytes) return denseSource(file, 0, bytes, dtype, outFeatures, inFeatures);
   const m = backend.matrix(view, dtype) as CpuMatrix;
   // Written aside and renamed into place: another process using the same folder keeps the file it
   // mapped (truncating that file under its mapping would kill it with SIGBUS).

@@ -10,8 +10,8 @@
  * int8-mixed has one scale per row; its group_size records the widest row, so every row is one group.
  * The tokenizer and every other top-level file are copied alongside.
  */
-import { partialFolderFor } from "../folders.js";
-import { copyFileSync, existsSync, readdirSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { beginOutput, type OutputFolder } from "../folders.js";
+import { copyFileSync, existsSync, readdirSync, statSync, writeFileSync } from "node:fs";
 import { join, relative } from "node:path";
 import { CpuBackend } from "../backend/cpu.js";
 import { indexFileName, openCheckpoint } from "../checkpoint/checkpoint.js";
@@ -70,7 +70,7 @@ export async function quantizeCheckpoint(sourceDir: string, outDir: string, opti
   const written: string[] = [];
   // Everything is written into a folder of this process's own and renamed into place at the end: a
   // second process quantizing into the same --out never mixes or deletes files with this one.
-  let work: string | undefined;
+  let output: OutputFolder | undefined;
   const writers: SafetensorsWriter[] = [];
   try {
     if (checkpoint.config.quantization) throw checkpointError(join(sourceDir, "config.json"), `the checkpoint is already quantized (${checkpoint.config.quantization.scheme})`);
@@ -95,10 +95,11 @@ export async function quantizeCheckpoint(sourceDir: string, outDir: string, opti
     // Shards in state-dict order, as save_pretrained splits them; each file lays its tensors out by
     // decreasing element size (the safetensors library's order), so every offset stays aligned.
     const shards = planShards(plan, { maxShardBytes });
-    work = partialFolderFor(outDir);
+    output = beginOutput(outDir);
+    const work = output.work;
     const writerOf = new Map<string, SafetensorsWriter>();
     for (const [i, entries] of shards.shards.entries()) {
-      const file = join(work!, shards.files[i]!);
+      const file = join(work, shards.files[i]!);
       const metadata: Record<string, string> = { format: "pt", ...(spec.scheme === "int8" ? { [groupSizeMetadataKey]: String(spec.groupSize) } : {}) };
       const writer = await SafetensorsWriter.create(file, entries, { metadata });
       writers.push(writer);
@@ -163,19 +164,14 @@ export async function quantizeCheckpoint(sourceDir: string, outDir: string, opti
       copyFileSync(join(sourceDir, name), join(work, name));
       written.push(join(work, name));
     }
-    // rename replaces an empty --out (made by the user), not one another process has filled meanwhile.
-    try {
-      renameSync(work, outDir);
-    } catch (err) {
-      const code = (err as NodeJS.ErrnoException).code;
-      if (code === "ENOTEMPTY" || code === "EEXIST") throw parameterError("out", `${outDir} was written by another process while this one worked; choose a new folder`);
-      throw err;
-    }
-    const files = written.map((f) => join(outDir, relative(work!, f)));
+    // In place over a missing or empty --out (made by the user), not one another process has filled meanwhile.
+    if (!output.commit()) throw parameterError("out", `${outDir} was written by another process while this one worked; choose a new folder`);
+    const target = output.target;
+    const files = written.map((f) => join(target, relative(work, f)));
     return { files, bytes, sourceBytes: checkpoint.totalBytes, quantizedTensors, seconds: (performance.now() - started) / 1000 };
   } catch (err) {
     for (const w of writers) await w.abort();
-    if (work) rmSync(work, { recursive: true, force: true });
+    output?.abort();
     if (err instanceof BlossomError) throw err;
     throw new BlossomError("internal", `quantize: ${(err as Error).message}`, { cause: err });
   } finally {

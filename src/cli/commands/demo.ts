@@ -41,7 +41,8 @@ export async function ensureDefaultModel(log: (line: string) => void): Promise<s
     return dir;
   }
   // One creator at a time (two `npm start` at once): the second waits, then finds it made.
-  return withFileLock(`${dir}.lock`, "the default model", undefined, async () => {
+  // (Its own lock name: create-random takes `${dir}.lock` while it puts the folder in place.)
+  return withFileLock(`${dir}.default-model.lock`, "the default model", undefined, async () => {
     if (isCompleteRandomCheckpoint(dir)) {
       log(`default model: ${dir} (made by another process meanwhile)`);
       return dir;
