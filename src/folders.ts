@@ -4,7 +4,9 @@
  * with the reason. Synchronous everywhere (the Hub client's too): a few mkdir calls take microseconds.
  */
 import { createHash, randomBytes } from "node:crypto";
-import { existsSync, mkdirSync, readdirSync, realpathSync, renameSync, rmSync, statSync } from "node:fs";
+import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, statSync } from "node:fs";
+import { BlossomError } from "./errors.js";
+import { withFileLock } from "./hub/lock.js";
 import { hostname } from "node:os";
 import { basename, dirname, join, resolve } from "node:path";
 
@@ -49,105 +51,113 @@ export function processAlive(pid: number): boolean {
   }
 }
 
-/** A short tag of this machine's name: partial folders record it, so a host only cleans up its own. */
-const hostTag = createHash("sha256").update(hostname()).digest("hex").slice(0, 6);
+/**
+ * A tag of this machine and process namespace (hostname, boot, pid namespace): partial folders
+ * record it, so a writer only removes leftovers whose pid it can check (not another host's on a
+ * shared cache, nor a container's with the same hostname).
+ */
+const hostTag = (() => {
+  const read = (path: string, link = false) => {
+    try {
+      return link ? readlinkSync(path) : readFileSync(path, "utf8").trim();
+    } catch {
+      return "";
+    }
+  };
+  const identity = `${hostname()}\n${read("/proc/sys/kernel/random/boot_id")}\n${read("/proc/self/ns/pid", true)}`;
+  return createHash("sha256").update(identity).digest("hex").slice(0, 6);
+})();
 
 function escapeRegExp(text: string): string {
   return text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
 }
 
-/**
- * A new, empty folder to write `target` into before renaming it into place
- * (`<target>.partial-<host>-<pid>-<random>`: unique to this call, even among calls in one process);
- * first removes such folders that processes of this host which no longer run left beside it (a run
- * killed mid-write would otherwise leave its partial copy forever). Only names of exactly that form
- * are touched, and never another host's (a cache shared over the network).
- */
-export function partialFolderFor(target: string): string {
-  const real = resolve(target);
-  const parent = dirname(real);
-  const base = basename(real);
-  createFolder(parent);
-  const ours = new RegExp(`^${escapeRegExp(base)}\\.partial-([0-9a-f]{6})-(\\d+)-[0-9a-f]{8}$`);
-  for (const name of readdirSync(parent)) {
-    const m = ours.exec(name);
+/** Names of partial folders: `<base>.partial-<tag>-<pid>-<random>` beside a target, `.partial-…` inside one. */
+const partialName = (base: string) => new RegExp(`^${escapeRegExp(base)}\\.partial-([0-9a-f]{6})-(\\d+)-[0-9a-f]{8}$`);
+/** Whether `name` is a partial folder that output folders keep inside a target while writing. */
+export const isInsidePartial = (name: string): boolean => partialName("").test(name);
+
+/** Removes partial folders for `base` in `parent` that dead processes of this machine left (exact names only). */
+function removeDeadPartials(parent: string, base: string): void {
+  const pattern = partialName(base);
+  let names: string[];
+  try {
+    names = readdirSync(parent);
+  } catch {
+    return;
+  }
+  for (const name of names) {
+    const m = pattern.exec(name);
     if (!m || m[1] !== hostTag) continue;
     const pid = Number(m[2]);
     if (pid !== process.pid && !processAlive(pid)) rmSync(join(parent, name), { recursive: true, force: true });
   }
+}
+
+/** Removes what dead writers of `target` left beside it (e.g. before reusing a finished cache entry). */
+export function removeDeadPartialsOf(target: string): void {
+  const real = resolve(target);
+  removeDeadPartials(dirname(real), basename(real));
+  removeDeadPartials(real, "");
+}
+
+function newPartial(parent: string, base: string): string {
+  removeDeadPartials(parent, base);
   const work = join(parent, `${base}.partial-${hostTag}-${process.pid}-${randomBytes(4).toString("hex")}`);
   mkdirSync(work);
   return work;
 }
 
-/** An output folder being written: `work` is where its files go; `commit` puts them at the target. */
+/** An output folder being written: `work` is where its files go until `place` puts them at the target. */
 export interface OutputFolder {
   /** The target, with symlinks resolved. */
   readonly target: string;
   readonly work: string;
   /**
-   * Puts the written folder in place: a rename over a missing or empty target; file by file into an
-   * empty target that cannot be replaced (a mount point, the working folder). Returns false, and
-   * leaves `work` as it is, when the target holds files by now (another writer's, or earlier ones).
+   * Puts the written files at the target, holding `<target>.lock`: all of them when the target is
+   * missing or holds nothing else; otherwise, with `merge`, file by file (each replacing its name)
+   * and then `merge` (which can remove stale files), or, without, nothing (returns false).
    */
-  commit(): boolean;
-  /** Moves each file of `work` into the non-empty target (replacing those of the same name), then removes `work`. */
-  mergeInto(): void;
-  /** Removes what was written. */
+  place(merge?: (target: string) => Promise<void>): Promise<boolean>;
+  /** Removes what was written (only that). */
   abort(): void;
 }
 
-function isEmptyFolder(path: string): boolean {
-  try {
-    return statSync(path).isDirectory() && readdirSync(path).length === 0;
-  } catch {
-    return false;
-  }
-}
-
 /**
- * Begins writing a folder at `target` (a new or empty folder, or one the caller will merge into):
- * written aside and renamed into place, so an interrupted run leaves nothing half-written there and
- * two writers never mix files. An empty target on another filesystem than its parent (a mounted
- * volume) is written in place, since nothing can be renamed onto it.
+ * Begins writing a folder at `target`. A missing target is written beside it and renamed into
+ * place (a half-written folder never appears under its name). An existing folder (empty, an earlier
+ * output, a symlink's folder, a mounted volume, the working folder) keeps its identity, mode and
+ * other files: the files are staged in a hidden partial folder inside it (the same filesystem) and
+ * moved up one by one. Two writers of one target never mix files: placing holds its lock.
  */
 export function beginOutput(target: string): OutputFolder {
-  const real = existsSync(target) ? realpathSync(target) : resolve(target);
-  if (isEmptyFolder(real) && statSync(real).dev !== statSync(dirname(real)).dev) {
-    return {
-      target: real,
-      work: real,
-      commit: () => true,
-      mergeInto: () => undefined,
-      abort: () => {
-        for (const name of readdirSync(real)) rmSync(join(real, name), { recursive: true, force: true });
-      },
-    };
+  if (!existsSync(target) && lstatSync(target, { throwIfNoEntry: false })?.isSymbolicLink()) {
+    throw new BlossomError("parameter", `out: ${target} is a symbolic link to nothing (${readlinkSync(target)})`);
   }
-  const work = partialFolderFor(real);
-  const moveEach = () => {
+  const real = existsSync(target) ? realpathSync(target) : resolve(target);
+  if (existsSync(real) && !statSync(real).isDirectory()) throw new BlossomError("parameter", `out: ${real} exists and is not a folder`);
+  const inside = existsSync(real);
+  if (!inside) createFolder(dirname(real));
+  const work = inside ? newPartial(real, "") : newPartial(dirname(real), basename(real));
+  const moveUp = () => {
     for (const name of readdirSync(work)) renameSync(join(work, name), join(real, name));
     rmSync(work, { recursive: true, force: true });
   };
   return {
     target: real,
     work,
-    commit: () => {
-      try {
-        renameSync(work, real);
-        return true;
-      } catch (err) {
-        const code = (err as NodeJS.ErrnoException).code;
-        if (code === "ENOTEMPTY" || code === "EEXIST") return false;
-        // An empty target that cannot be replaced (EBUSY: the working folder; ENOTDIR: a link).
-        if (isEmptyFolder(real)) {
-          moveEach();
+    place: (merge) =>
+      withFileLock(`${real}.lock`, real, undefined, async () => {
+        if (!existsSync(real)) {
+          renameSync(work, real);
           return true;
         }
-        throw err;
-      }
-    },
-    mergeInto: moveEach,
+        const others = readdirSync(real).filter((name) => !isInsidePartial(name) && join(real, name) !== work);
+        if (others.length > 0 && !merge) return false;
+        moveUp();
+        if (others.length > 0) await merge!(real);
+        return true;
+      }),
     abort: () => rmSync(work, { recursive: true, force: true }),
   };
 }

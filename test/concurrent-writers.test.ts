@@ -6,12 +6,12 @@
  * files; a killed run's partial int8 copy stayed in the cache for good).
  */
 import assert from "node:assert/strict";
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { chmodSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { basename, join } from "node:path";
 import { after, describe, test } from "node:test";
 import { createRandomCheckpoint } from "../src/checkpoint/create-random.js";
-import { partialFolderFor, processAlive } from "../src/folders.js";
+import { beginOutput, processAlive } from "../src/folders.js";
 import { loadModel } from "../src/index.js";
 import { quantizeCheckpoint } from "../src/quant/quantize.js";
 import { fixtureDir } from "./helpers/fixtures.js";
@@ -54,7 +54,7 @@ describe("writers of the same output", () => {
     while (processAlive(dead)) dead++;
     const out = join(dir, "after-crash");
     // A leftover as this host names them, but for a dead pid.
-    const mine = partialFolderFor(out);
+    const mine = beginOutput(out).work;
     const leftover = mine.replace(`-${process.pid}-`, `-${dead}-`);
     renameSync(mine, leftover);
     // Not ours to remove: a user's folder with a similar name, another host's leftover.
@@ -84,6 +84,23 @@ describe("writers of the same output", () => {
       process.chdir(cwd);
     }
     assert.ok(readdirSync(here).includes("model.safetensors"));
+  });
+
+  test("an existing empty --out keeps its identity and mode (files are staged inside it); a dangling symlink is refused", async () => {
+    const out = join(dir, "kept");
+    mkdirSync(out);
+    chmodSync(out, 0o2775);
+    const before = statSync(out);
+    await quantizeCheckpoint(fixtureDir("trained-bloom-small"), out, { scheme: "int8" });
+    const after = statSync(out);
+    assert.equal(after.ino, before.ino);
+    assert.equal(after.mode & 0o7777, 0o2775);
+    assert.ok(readdirSync(out).includes("model.safetensors"));
+    assert.ok(!readdirSync(out).some((f) => f.includes("partial")));
+    const dangling = join(dir, "dangling");
+    symlinkSync(join(dir, "nothing-here"), dangling);
+    await assert.rejects(createRandomCheckpoint({ preset: "tiny", dtype: "bf16", out: dangling }), /symbolic link to nothing/);
+    assert.deepEqual(readdirSync(dir).filter((f) => f.startsWith("dangling.")), []);
   });
 
   test("replacing an earlier create-random output keeps a user's own files and folders", async () => {

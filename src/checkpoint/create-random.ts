@@ -7,13 +7,11 @@
  * stays at a few chunks whatever the model size. A seed fixes every byte of the output.
  */
 import { availableParallelism } from "node:os";
-import { existsSync } from "node:fs";
 import { readdir, rm, stat, writeFile } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { Worker } from "node:worker_threads";
 import { BlossomError, parameterError } from "../errors.js";
-import { beginOutput, type OutputFolder } from "../folders.js";
-import { withFileLock } from "../hub/lock.js";
+import { beginOutput, isInsidePartial, type OutputFolder } from "../folders.js";
 import { writeSyntheticTokenizer } from "../tokenizer/synthetic.js";
 import { bloomTensorShapes, configJsonText, getPreset, presetConfig, type CheckpointDType } from "./presets.js";
 import { RANDOM_BLOCK_ELEMENTS, randomTensorBytes, type RandomDType, type RandomInit } from "./random-weights.js";
@@ -110,8 +108,13 @@ export async function createRandomCheckpoint(options: CreateRandomOptions): Prom
     throw err;
   }
   let bytes = 0;
-  for (const file of files) bytes += (await stat(join(output.work, file))).size;
-  await putInPlace(output, files);
+  try {
+    for (const file of files) bytes += (await stat(join(output.work, file))).size;
+    await putInPlace(output, files);
+  } catch (err) {
+    output.abort();
+    throw err;
+  }
   return { dir, bytes, seconds: (performance.now() - started) / 1000 };
 
   async function writeInto(dir: string): Promise<void> {
@@ -150,7 +153,7 @@ async function checkOutputDirectory(dir: string): Promise<void> {
     if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
     return;
   }
-  if (entries.length > 0 && !entries.includes(RANDOM_CHECKPOINT_MARKER)) {
+  if (entries.some((name) => !isInsidePartial(name)) && !entries.includes(RANDOM_CHECKPOINT_MARKER)) {
     throw parameterError(
       "out",
       `${dir} is not empty and is not a create-random output (it has no ${RANDOM_CHECKPOINT_MARKER}); choose a new or empty directory`,
@@ -159,23 +162,16 @@ async function checkOutputDirectory(dir: string): Promise<void> {
 }
 
 /**
- * Puts the finished folder at the target: renamed over a missing or empty one; over an earlier
- * create-random output file by file (each rename replaces one file whole), then that output's
- * stale files (shards of another layout) removed — a user's own files are never moved or touched.
- * One writer at a time per target, so two runs never leave a mix of their files.
+ * Puts the finished files at the target: all at once into a missing or empty one; over an earlier
+ * create-random output file by file (each rename replaces one file whole), then that output's stale
+ * files (shards of another layout) removed — a user's own files are never moved or touched.
  */
 async function putInPlace(output: OutputFolder, files: string[]): Promise<void> {
-  await withFileLock(`${output.target}.lock`, output.target, undefined, async () => {
-    if (output.commit()) return;
-    if (!existsSync(join(output.target, RANDOM_CHECKPOINT_MARKER))) {
-      output.abort();
-      throw parameterError("out", `${output.target} was filled by something other than create-random while this run worked; choose a new or empty directory`);
-    }
-    const ours = /^(config\.json|generation_config\.json|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|model(-\d{5}-of-\d{5})?\.safetensors(\.partial)?|model\.safetensors\.index\.json)$/;
-    const fresh = new Set([...files, RANDOM_CHECKPOINT_MARKER]);
-    output.mergeInto();
-    for (const entry of await readdir(output.target)) {
-      if (ours.test(entry) && !fresh.has(entry)) await rm(join(output.target, entry), { force: true });
+  const ours = /^(config\.json|generation_config\.json|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|model(-\d{5}-of-\d{5})?\.safetensors(\.partial)?|model\.safetensors\.index\.json)$/;
+  const fresh = new Set([...files, RANDOM_CHECKPOINT_MARKER]);
+  await output.place(async (target) => {
+    for (const entry of await readdir(target)) {
+      if (ours.test(entry) && !fresh.has(entry)) await rm(join(target, entry), { force: true });
     }
   });
 }

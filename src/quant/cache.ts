@@ -5,11 +5,11 @@
  * from disk.
  */
 import { createHash } from "node:crypto";
-import { existsSync, realpathSync, renameSync, rmSync, statSync } from "node:fs";
+import { existsSync, realpathSync, statSync } from "node:fs";
 import { basename, dirname, join } from "node:path";
 import { Worker } from "node:worker_threads";
 import { blossomCacheDir } from "../cache.js";
-import { partialFolderFor } from "../folders.js";
+import { createFolder, removeDeadPartialsOf } from "../folders.js";
 import { BlossomError } from "../errors.js";
 import { quantSpec, type QuantScheme } from "./scheme.js";
 
@@ -20,29 +20,25 @@ export async function quantizedCopy(source: string, scheme: QuantScheme, groupSi
   const stamp = statSync(join(real, "config.json")).mtimeMs;
   const key = createHash("sha256").update(`${real}\n${stamp}\n${scheme}\n${spec.groupSize}`).digest("hex").slice(0, 16);
   const out = join(blossomCacheDir(), "quantized", `${basename(real)}-${scheme}-g${spec.groupSize}-${key}`);
-  if (existsSync(join(out, "config.json"))) return out;
-  let partial: string;
+  if (existsSync(join(out, "config.json"))) {
+    removeDeadPartialsOf(out); // what writers killed mid-way left beside it
+    return out;
+  }
   try {
-    // Its own partial folder (and those of runs killed mid-write removed), renamed into place when done.
-    partial = partialFolderFor(out);
+    createFolder(dirname(out));
   } catch (err) {
     throw new BlossomError("parameter", `BLOSSOM_CACHE: cannot keep the quantized copy in ${dirname(out)} (${(err as NodeJS.ErrnoException).code ?? String(err)}); set BLOSSOM_CACHE to a writable folder`);
   }
+  // quantizeCheckpoint writes beside `out` and renames into place (or finds another process's there).
   const result = await new Promise<{ ok: boolean; message?: string }>((resolve, reject) => {
     const worker = new Worker(new URL("./cache-worker.js", import.meta.url), {
-      workerData: { source: real, out: partial, scheme, ...(scheme === "int8" ? { groupSize: spec.groupSize } : {}) },
+      workerData: { source: real, out, scheme, ...(scheme === "int8" ? { groupSize: spec.groupSize } : {}) },
     });
     worker.once("message", resolve);
     worker.once("error", reject);
   });
-  if (!result.ok) {
-    rmSync(partial, { recursive: true, force: true });
+  if (!result.ok && !existsSync(join(out, "config.json"))) {
     throw new BlossomError("checkpoint", `quantizing ${source} into the cache failed: ${result.message}`);
-  }
-  try {
-    renameSync(partial, out);
-  } catch {
-    rmSync(partial, { recursive: true, force: true }); // another process finished first
   }
   return out;
 }

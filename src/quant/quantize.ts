@@ -10,7 +10,7 @@
  * int8-mixed has one scale per row; its group_size records the widest row, so every row is one group.
  * The tokenizer and every other top-level file are copied alongside.
  */
-import { beginOutput, type OutputFolder } from "../folders.js";
+import { beginOutput, isInsidePartial, type OutputFolder } from "../folders.js";
 import { copyFileSync, existsSync, readdirSync, statSync, writeFileSync } from "node:fs";
 import { join, relative } from "node:path";
 import { CpuBackend } from "../backend/cpu.js";
@@ -62,7 +62,7 @@ export async function quantizeCheckpoint(sourceDir: string, outDir: string, opti
   const spec = quantSpec(options.scheme, { groupSize: options.groupSize });
   const maxShardBytes = options.maxShardBytes ?? 5e9;
   if (!(maxShardBytes > 0)) throw parameterError("maxShardBytes", `expected a positive size, got ${maxShardBytes}`);
-  if (existsSync(outDir) && (!statSync(outDir).isDirectory() || readdirSync(outDir).length > 0)) {
+  if (existsSync(outDir) && (!statSync(outDir).isDirectory() || readdirSync(outDir).some((name) => !isInsidePartial(name)))) {
     throw parameterError("out", `${outDir} exists and is not an empty folder; choose a new folder`);
   }
   const backend = new CpuBackend(options.threads === undefined ? {} : { threads: options.threads });
@@ -165,7 +165,7 @@ export async function quantizeCheckpoint(sourceDir: string, outDir: string, opti
       written.push(join(work, name));
     }
     // In place over a missing or empty --out (made by the user), not one another process has filled meanwhile.
-    if (!output.commit()) throw parameterError("out", `${outDir} was written by another process while this one worked; choose a new folder`);
+    if (!(await output.place())) throw parameterError("out", `${outDir} was written by another process while this one worked; choose a new folder`);
     const target = output.target;
     const files = written.map((f) => join(target, relative(work, f)));
     return { files, bytes, sourceBytes: checkpoint.totalBytes, quantizedTensors, seconds: (performance.now() - started) / 1000 };
