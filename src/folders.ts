@@ -74,8 +74,10 @@ function escapeRegExp(text: string): string {
 
 /** Names of partial folders: `<base>.partial-<tag>-<pid>-<random>` beside a target, `.partial-…` inside one. */
 const partialName = (base: string) => new RegExp(`^${escapeRegExp(base)}\\.partial-([0-9a-f]{6})-(\\d+)-[0-9a-f]{8}$`);
-/** Whether `name` is a partial folder that output folders keep inside a target while writing. */
-export const isInsidePartial = (name: string): boolean => partialName("").test(name);
+/** The lock an existing target holds inside itself while files are put in place (its parent may be read-only). */
+const insideLock = ".blossom-output.lock";
+/** Whether `name` is what output folders keep inside a target while writing (a partial folder, the lock). */
+export const isInsidePartial = (name: string): boolean => name === insideLock || partialName("").test(name);
 
 /** Removes partial folders for `base` in `parent` that dead processes of this machine left (exact names only). */
 function removeDeadPartials(parent: string, base: string): void {
@@ -114,7 +116,8 @@ export interface OutputFolder {
   readonly target: string;
   readonly work: string;
   /**
-   * Puts the written files at the target, holding `<target>.lock`: all of them when the target is
+   * Puts the written files at the target, holding a lock (`<target>.lock`, or inside an existing
+   * target, whose parent may not be writable): all of them when the target is
    * missing or holds nothing else; otherwise, with `merge`, file by file (each replacing its name)
    * and then `merge` (which can remove stale files), or, without, nothing (returns false).
    */
@@ -147,12 +150,12 @@ export function beginOutput(target: string): OutputFolder {
     target: real,
     work,
     place: (merge) =>
-      withFileLock(`${real}.lock`, real, undefined, async () => {
+      withFileLock(inside ? join(real, insideLock) : `${real}.lock`, real, undefined, async () => {
         if (!existsSync(real)) {
           renameSync(work, real);
           return true;
         }
-        const others = readdirSync(real).filter((name) => !isInsidePartial(name) && join(real, name) !== work);
+        const others = readdirSync(real).filter((name) => !isInsidePartial(name));
         if (others.length > 0 && !merge) return false;
         moveUp();
         if (others.length > 0) await merge!(real);
