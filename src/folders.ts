@@ -116,12 +116,14 @@ export interface OutputFolder {
   readonly target: string;
   readonly work: string;
   /**
-   * Puts the written files at the target, holding a lock (`<target>.lock`, or inside an existing
-   * target, whose parent may not be writable): all of them when the target is
-   * missing or holds nothing else; otherwise, with `merge`, file by file (each replacing its name)
-   * and then `merge` (which can remove stale files), or, without, nothing (returns false).
+   * Puts the written files at the target, holding its lock (`<target>/.blossom-output.lock` once it
+   * exists, taken inside `<target>.lock` by a writer that began before it did, so any two writers
+   * exclude each other; inside, the target's parent need not be writable): all of them when the
+   * target is missing or holds nothing else; when it holds other files, only if `accept(others)`
+   * says so (checked under the lock), file by file (each replacing its name), then `merge` (which can
+   * remove stale files). Returns false, having put nothing, when not accepted.
    */
-  place(merge?: (target: string) => Promise<void>): Promise<boolean>;
+  place(options?: { accept: (others: string[]) => boolean; merge: (target: string) => Promise<void> }): Promise<boolean>;
   /** Removes what was written (only that). */
   abort(): void;
 }
@@ -149,18 +151,25 @@ export function beginOutput(target: string): OutputFolder {
   return {
     target: real,
     work,
-    place: (merge) =>
-      withFileLock(inside ? join(real, insideLock) : `${real}.lock`, real, undefined, async () => {
+    place: (options) => {
+      const intoExisting = () =>
+        withFileLock(join(real, insideLock), real, undefined, async () => {
+          const others = readdirSync(real).filter((name) => !isInsidePartial(name));
+          if (others.length > 0 && !options?.accept(others)) return false;
+          moveUp();
+          if (others.length > 0) await options!.merge(real);
+          return true;
+        });
+      if (inside) return intoExisting();
+      return withFileLock(`${real}.lock`, real, undefined, async () => {
         if (!existsSync(real)) {
+          // Atomic: it fails (ENOTEMPTY) rather than land on a folder another writer filled meanwhile.
           renameSync(work, real);
           return true;
         }
-        const others = readdirSync(real).filter((name) => !isInsidePartial(name));
-        if (others.length > 0 && !merge) return false;
-        moveUp();
-        if (others.length > 0) await merge!(real);
-        return true;
-      }),
+        return intoExisting();
+      });
+    },
     abort: () => rmSync(work, { recursive: true, force: true }),
   };
 }

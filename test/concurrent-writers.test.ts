@@ -103,6 +103,30 @@ describe("writers of the same output", () => {
     assert.deepEqual(readdirSync(dir).filter((f) => f.startsWith("dangling.")), []);
   });
 
+  test("a folder filled by something else while create-random runs is left alone, and the run refused", async () => {
+    const out = join(dir, "filled-meanwhile");
+    let filled = false;
+    await assert.rejects(
+      createRandomCheckpoint({
+        preset: "tiny",
+        dtype: "bf16",
+        out,
+        onProgress: () => {
+          if (filled) return;
+          filled = true;
+          mkdirSync(out);
+          writeFileSync(join(out, "config.json"), "theirs");
+          writeFileSync(join(out, "model.safetensors.index.json"), "theirs too");
+        },
+      }),
+      /was filled by something other than create-random while this run worked/,
+    );
+    assert.equal(readFileSync(join(out, "config.json"), "utf8"), "theirs");
+    assert.equal(readFileSync(join(out, "model.safetensors.index.json"), "utf8"), "theirs too");
+    assert.deepEqual(readdirSync(out).sort(), ["config.json", "model.safetensors.index.json"]);
+    assert.deepEqual(readdirSync(dir).filter((f) => f.startsWith("filled-meanwhile.")), []);
+  });
+
   test("replacing an earlier create-random output keeps a user's own files and folders", async () => {
     const out = join(dir, "with-notes");
     await createRandomCheckpoint({ preset: "tiny", dtype: "bf16", out, seed: 1 });

@@ -169,11 +169,19 @@ async function checkOutputDirectory(dir: string): Promise<void> {
 async function putInPlace(output: OutputFolder, files: string[]): Promise<void> {
   const ours = /^(config\.json|generation_config\.json|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|model(-\d{5}-of-\d{5})?\.safetensors(\.partial)?|model\.safetensors\.index\.json)$/;
   const fresh = new Set([...files, RANDOM_CHECKPOINT_MARKER]);
-  await output.place(async (target) => {
-    for (const entry of await readdir(target)) {
-      if (ours.test(entry) && !fresh.has(entry)) await rm(join(target, entry), { force: true });
-    }
+  const placed = await output.place({
+    // Only over an earlier create-random output (checked again under the lock: something else may
+    // have filled the folder while this run worked).
+    accept: (others) => others.includes(RANDOM_CHECKPOINT_MARKER),
+    merge: async (target) => {
+      for (const entry of await readdir(target)) {
+        if (ours.test(entry) && !fresh.has(entry)) await rm(join(target, entry), { force: true });
+      }
+    },
   });
+  if (!placed) {
+    throw parameterError("out", `${output.target} was filled by something other than create-random while this run worked; choose a new or empty directory`);
+  }
 }
 
 interface ChunkJob {

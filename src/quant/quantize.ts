@@ -160,7 +160,7 @@ export async function quantizeCheckpoint(sourceDir: string, outDir: string, opti
     for (const name of readdirSync(sourceDir)) {
       // Following links: a Hub snapshot's files are symlinks into its blobs. create-random's marker
       // stays behind (it lets create-random overwrite the folder it made, which this one is not).
-      if (name === "config.json" || name === RANDOM_CHECKPOINT_MARKER || isWeightFile(name) || !statSync(join(sourceDir, name), { throwIfNoEntry: false })?.isFile()) continue;
+      if (name === "config.json" || name === RANDOM_CHECKPOINT_MARKER || isInsidePartial(name) || isWeightFile(name) || !statSync(join(sourceDir, name), { throwIfNoEntry: false })?.isFile()) continue;
       copyFileSync(join(sourceDir, name), join(work, name));
       written.push(join(work, name));
     }
