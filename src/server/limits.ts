@@ -33,8 +33,12 @@ export async function preparePrompt(
   input: string | number[],
   field: string,
   limits: RequestLimits,
-  truncate?: number,
+  truncate?: { tokens: number; field: string },
 ): Promise<Prompt> {
+  if (truncate !== undefined && truncate.tokens > limits.maxInputLength) {
+    // As TGI: a prompt longer than that is refused anyway, after tokenizing all of it.
+    throw validationError(truncate.field, `must be <= ${limits.maxInputLength} (--max-input-length); got ${truncate.tokens}`);
+  }
   let ids: number[];
   let text: string;
   if (typeof input === "string") {
@@ -42,7 +46,7 @@ export async function preparePrompt(
     // With truncate a long text is allowed: only its last tokens are kept.
     if (truncate === undefined) await checkText(model, input, field, limits);
     else checkWellFormed(input, field);
-    const tail = truncate !== undefined ? await lastTokens(model, input, truncate) : undefined;
+    const tail = truncate !== undefined ? await lastTokens(model, input, truncate.tokens) : undefined;
     ids = tail ?? (await model.tokenizer.encode(input));
     text = tail ? model.tokenizer.decode(tail, { skipSpecialTokens: false }) : input;
   } else {
@@ -55,8 +59,8 @@ export async function preparePrompt(
     text = model.tokenizer.decode(ids, { skipSpecialTokens: false });
   }
   if (ids.length === 0) throw validationError(field, "encodes to no tokens");
-  if (truncate !== undefined && ids.length > truncate) {
-    ids = ids.slice(ids.length - truncate);
+  if (truncate !== undefined && ids.length > truncate.tokens) {
+    ids = ids.slice(ids.length - truncate.tokens);
     text = model.tokenizer.decode(ids, { skipSpecialTokens: false });
   }
   checkTokenCount(ids.length, field, limits);
@@ -172,4 +176,15 @@ export function resolveParams(input: GenerationParamsInput, names: Partial<Recor
     }
     throw err;
   }
+}
+
+/** Whether TGI-style parameters ask for sampling by a warper (TGI samples then, whatever do_sample says). */
+export function asksForSampling(p: { temperature?: number | null; top_k?: number | null; top_p?: number | null; typical_p?: number | null }): boolean {
+  return (p.temperature != null && p.temperature !== 1) || p.top_k != null || (p.top_p != null && p.top_p < 1) || (p.typical_p != null && p.typical_p < 1);
+}
+
+/** log p of each prompt token given the ones before it; null for the first, which has no context (as TGI and OpenAI report it). */
+export async function promptLogprobs(model: Model, ids: number[]): Promise<(number | null)[]> {
+  const logprobs = await model.tokenLogprobs(ids, 1);
+  return ids.map((_, i) => (i === 0 ? null : logprobs[i - 1]!));
 }

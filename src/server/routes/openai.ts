@@ -16,7 +16,7 @@ import type { FinishReason } from "../../generate/stopping.js";
 import type { Model } from "../../model.js";
 import type { ServerContext } from "../context.js";
 import { clientClosed, errorBody, HttpError, validationError } from "../http-error.js";
-import { checkMaxNewTokens, checkStops, defaultMaxNewTokens, preparePrompt, resolveParams, type Prompt } from "../limits.js";
+import { asksForSampling, checkMaxNewTokens, checkStops, defaultMaxNewTokens, preparePrompt, promptLogprobs, resolveParams, type Prompt } from "../limits.js";
 import { fromLibraryError, type SequenceResult } from "../service.js";
 import { cancelOnDisconnect, SseStream } from "../sse.js";
 import { parseBody } from "../validate.js";
@@ -72,11 +72,10 @@ function withTgiNames(body: CompletionRequest): CompletionRequest {
     throw validationError("return_full_text", `says ${body.return_full_text} but echo says ${body.echo}; send one of them`);
   }
   // As TGI: do_sample false is greedy unless a warper asks for sampling (then it samples anyway).
-  const warped = (body.temperature != null && body.temperature !== 1) || body.top_k != null || (body.top_p != null && body.top_p < 1) || (body.typical_p != null && body.typical_p < 1);
   return {
     ...body,
     ...(body.return_full_text ? { echo: true } : {}),
-    ...(body.do_sample === false && !warped ? { temperature: 0 } : {}),
+    ...(body.do_sample === false && !asksForSampling(body) ? { temperature: 0 } : {}),
   };
 }
 
@@ -152,10 +151,8 @@ async function prepare(context: ServerContext, model: Model, body: CompletionReq
   const inputs = promptList(body.prompt);
   if (inputs.length > limits.maxBatchSize) throw validationError("prompt", `must have at most ${limits.maxBatchSize} prompts (--max-batch-size); got ${inputs.length}`);
   const field = (i: number) => (inputs.length === 1 && (typeof body.prompt === "string" || typeof body.prompt[0] === "number") ? "prompt" : `prompt[${i}]`);
-  if (body.truncate != null && body.truncate > limits.maxInputLength) {
-    throw validationError("truncate", `must be <= ${limits.maxInputLength} (--max-input-length); got ${body.truncate}`);
-  }
-  const prompts = await Promise.all(inputs.map((input, i) => preparePrompt(model, input, field(i), limits, body.truncate ?? undefined)));
+  const truncate = body.truncate != null ? { tokens: body.truncate, field: "truncate" } : undefined;
+  const prompts = await Promise.all(inputs.map((input, i) => preparePrompt(model, input, field(i), limits, truncate)));
   const params = prompts.map((p, i) => {
     const maxNewTokens = body.max_tokens ?? defaultMaxNewTokens(limits, p.ids.length, openaiDefaultMaxTokens);
     checkMaxNewTokens("max_tokens", maxNewTokens, p.ids.length, limits, field(i));
@@ -282,8 +279,8 @@ function logprobsOf(model: Model, tokens: readonly LoggedToken[], offsets: TextO
 
 /** The echoed prompt's tokens with their log-probabilities (none for the first, as OpenAI gives). */
 async function echoedTokens(model: Model, ids: number[]): Promise<LoggedToken[]> {
-  const logprobs = ids.length > 1 ? await model.tokenLogprobs(ids, 1) : [];
-  return ids.map((id, i) => ({ id, logprob: i === 0 ? null : logprobs[i - 1]!, special: model.tokenizer.specialTokenIds.has(id) }));
+  const logprobs = await promptLogprobs(model, ids);
+  return ids.map((id, i) => ({ id, logprob: logprobs[i] ?? null, special: model.tokenizer.specialTokenIds.has(id) }));
 }
 
 function endedReason(result: SequenceResult): FinishReason {

@@ -14,7 +14,7 @@ import type { GenerationParams } from "../../generate/params.js";
 import type { Model } from "../../model.js";
 import type { ServerContext } from "../context.js";
 import { clientClosed, errorBody, HttpError, validationError } from "../http-error.js";
-import { checkMaxNewTokens, checkStops, checkText, checkTokenCount, defaultMaxNewTokens, drawSeed, preparePrompt, resolveParams, type Prompt } from "../limits.js";
+import { asksForSampling, checkMaxNewTokens, checkStops, checkText, checkTokenCount, defaultMaxNewTokens, drawSeed, preparePrompt, promptLogprobs, resolveParams, type Prompt } from "../limits.js";
 import { cancelOnDisconnect, SseStream } from "../sse.js";
 import { fromLibraryError, type GeneratedToken, type SequenceResult } from "../service.js";
 import { parseBody } from "../validate.js";
@@ -75,19 +75,14 @@ async function prepare(context: ServerContext, model: Model, inputs: string, p: 
   if (p.top_n_tokens != null && p.top_n_tokens > 0) throw validationError("parameters.top_n_tokens", `is not supported (got ${p.top_n_tokens})`);
   const stop = p.stop ?? [];
   checkStops("parameters.stop", stop, limits);
-  if (p.truncate != null && p.truncate > limits.maxInputLength) {
-    // As TGI: a prompt longer than that is refused anyway, after tokenizing all of it.
-    throw validationError("parameters.truncate", `must be <= ${limits.maxInputLength} (--max-input-length); got ${p.truncate}`);
-  }
-  const prompt = await preparePrompt(model, inputs, "inputs", limits, p.truncate ?? undefined);
+  const prompt = await preparePrompt(model, inputs, "inputs", limits, p.truncate != null ? { tokens: p.truncate, field: "parameters.truncate" } : undefined);
   const maxNewTokens = p.max_new_tokens ?? defaultMaxNewTokens(limits, prompt.ids.length, tgiDefaultMaxNewTokens);
   checkMaxNewTokens("parameters.max_new_tokens", maxNewTokens, prompt.ids.length, limits, "inputs");
   if (p.min_new_tokens != null && p.min_new_tokens > maxNewTokens) {
     throw validationError("parameters.min_new_tokens", `must be <= max_new_tokens (${maxNewTokens}) (got ${p.min_new_tokens})`);
   }
   // As TGI's NextTokenChooser: any warper turns sampling on.
-  const warped = (p.temperature != null && p.temperature !== 1) || p.top_k != null || (p.top_p != null && p.top_p < 1) || (p.typical_p != null && p.typical_p < 1);
-  const doSample = (p.do_sample ?? false) || warped;
+  const doSample = (p.do_sample ?? false) || asksForSampling(p);
   const seed = doSample ? (p.seed ?? drawSeed()) : null;
   const params = resolveParams(
     {
@@ -137,9 +132,9 @@ function tgiToken(model: Model, t: GeneratedToken, text: "own" | "released") {
 }
 
 async function prefillDetails(model: Model, ids: number[]) {
-  const logprobs = await model.tokenLogprobs(ids, 1);
+  const logprobs = await promptLogprobs(model, ids);
   // TGI reports the first prompt token with a NaN logprob, which JSON carries as null.
-  return ids.map((id, i) => ({ id, text: model.tokenizer.decode([id], { skipSpecialTokens: false }), logprob: i === 0 ? null : logprobs[i - 1]! }));
+  return ids.map((id, i) => ({ id, text: model.tokenizer.decode([id], { skipSpecialTokens: false }), logprob: logprobs[i] ?? null }));
 }
 
 function finishReasonOf(result: SequenceResult): FinishReason {
