@@ -44,6 +44,12 @@ export interface LoadModelOptions {
   maxBatchSize?: number;
   /** Cap on prompt + max_new_tokens over running sequences (default: the KV cache's capacity). */
   maxBatchTotalTokens?: number;
+  /**
+   * Most prompt tokens one step feeds (default 4096, TGI's max_batch_prefill_tokens): a longer
+   * prompt, or several that add up to more, go in over several steps while the sequences already
+   * running keep decoding, a token each step.
+   */
+  maxBatchPrefillTokens?: number;
   /** How the model is spread over the machine (see src/parallel/): "single" (default), "pipeline", "tensor", "replicas" or "auto". */
   strategy?: Strategy;
   /** Pipeline: per-device budgets, "0:2GiB,1:2GiB,cpu:4GiB,disk". */
@@ -84,7 +90,7 @@ export function mpiRank(): number {
 /** Every loadModel option, so that a misspelt one is refused rather than ignored (the type keeps the list complete). */
 const loadOptionNames: Record<keyof LoadModelOptions, true> = {
   dtype: true, int8GroupSize: true, int8Threshold: true, threads: true, kvCacheTokens: true, kvDtype: true, maxBatchSize: true,
-  maxBatchTotalTokens: true, strategy: true, maxMemory: true, placement: true, offloadFolder: true, offloadPrefetch: true,
+  maxBatchTotalTokens: true, maxBatchPrefillTokens: true, strategy: true, maxMemory: true, placement: true, offloadFolder: true, offloadPrefetch: true,
   evictPageCache: true, replicas: true, linearPanels: true,
 };
 
@@ -96,7 +102,7 @@ const loadOptionNames: Record<keyof LoadModelOptions, true> = {
  */
 export function checkLoadOptions(options: unknown): LoadModelOptions {
   const o = knownOptions(options, loadOptionNames, "loadModel");
-  for (const name of ["kvCacheTokens", "maxBatchSize", "maxBatchTotalTokens"] as const) {
+  for (const name of ["kvCacheTokens", "maxBatchSize", "maxBatchTotalTokens", "maxBatchPrefillTokens"] as const) {
     const v = o[name];
     if (v !== undefined && (typeof v !== "number" || !Number.isSafeInteger(v) || v < 1)) throw parameterError(name, `expected an integer >= 1 (got ${describeValue(v)})`);
   }
@@ -116,7 +122,7 @@ export function checkLoadOptions(options: unknown): LoadModelOptions {
 
 /** Splits loadModel's options into what the engine worker needs. */
 export function engineOptionsFrom(options: LoadModelOptions): WorkerData["options"] {
-  const { strategy = "single", maxMemory, placement, offloadFolder, offloadPrefetch, evictPageCache, replicas, maxBatchSize: _b, maxBatchTotalTokens: _t, ...rest } = options;
+  const { strategy = "single", maxMemory, placement, offloadFolder, offloadPrefetch, evictPageCache, replicas, maxBatchSize: _b, maxBatchTotalTokens: _t, maxBatchPrefillTokens: _p, ...rest } = options;
   if (!strategies.includes(strategy)) {
     throw new BlossomError("parameter", `strategy: expected one of ${strategies.join(", ")}, got ${JSON.stringify(strategy)}`);
   }
@@ -265,7 +271,7 @@ export class Model {
 
   private static async loadResolved(dir: string, options: LoadModelOptions): Promise<Model> {
     const config = readBloomConfig(dir);
-    const { maxBatchSize, maxBatchTotalTokens } = options;
+    const { maxBatchSize, maxBatchTotalTokens, maxBatchPrefillTokens } = options;
     const engineOptions = engineOptionsFrom(options);
     // The worker maps the weights while this thread loads the tokenizer (about a second for BLOOM's).
     const data = {
@@ -273,6 +279,7 @@ export class Model {
       options: engineOptions,
       ...(maxBatchSize !== undefined ? { maxBatchSize } : {}),
       ...(maxBatchTotalTokens !== undefined ? { maxBatchTotalTokens } : {}),
+      ...(maxBatchPrefillTokens !== undefined ? { maxBatchPrefillTokens } : {}),
     };
     if (options.strategy === "tensor" && mpiRank() !== 0) {
       // Only rank 0 talks to the user: the others compute their slice of every step, then exit.

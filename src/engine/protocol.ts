@@ -88,4 +88,5 @@ export interface WorkerData {
   options: Omit<EngineOptions, "backend">;
   maxBatchSize?: number;
   maxBatchTotalTokens?: number;
+  maxBatchPrefillTokens?: number;
 }

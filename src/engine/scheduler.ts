@@ -4,6 +4,11 @@
  * mixes new prompts (prefill) with one token of each running sequence (decode). A short request
  * never waits for a long one to finish.
  *
+ * Prefill is chunked: a step feeds at most maxPrefillTokens prompt tokens (TGI's
+ * max_batch_prefill_tokens), a longer prompt going in over several steps, so the sequences already
+ * decoding keep receiving a token every step instead of stalling for the whole prompt (on a CPU a
+ * 2,000-token prompt of bloom-560m takes seconds). Prompts are fed in arrival order.
+ *
  * Memory: a request is admitted only when the KV cache can hold its prompt plus its
  * max_new_tokens, counting what running sequences may still grow into, so a running sequence
  * never meets a full cache.
@@ -37,6 +42,8 @@ interface Running {
   sequence: Sequence;
   tokens: number[]; // prompt + generated
   generated: number;
+  /** Prompt tokens already fed (a long prompt is fed over several steps). */
+  fed: number;
   /** Blocks this sequence may still need to reach prompt + maxNewTokens. */
   reservedBlocks: number;
   cancelled: boolean;
@@ -46,7 +53,7 @@ export interface SchedulerOptions {
   maxBatchSize: number;
   /** Cap on prompt + max_new_tokens summed over running sequences (TGI's max_batch_total_tokens). */
   maxBatchTotalTokens: number;
-  /** Most prompt tokens one step prefills; longer prompts still run, alone. */
+  /** Most prompt tokens one step feeds; a longer prompt is fed in chunks over several steps. */
   maxPrefillTokens: number;
 }
 
@@ -73,7 +80,7 @@ export class Scheduler {
    */
   private chooseBatched(batch: Running[], logits: Float32Array[]): ({ tokenId: number; logprob: number } | undefined)[] {
     const out: ({ tokenId: number; logprob: number } | undefined)[] = new Array(batch.length).fill(undefined);
-    if (!this.batchedGreedy) return out;
+    if (!this.batchedGreedy || batch.length === 0) return out;
     const masks = batch.map((r) => r.request.chooser.plainGreedyMask?.(r.generated));
     if (masks.some((m) => m === undefined)) return out;
     const vocab = this.engine.model.config.vocabSize;
@@ -139,27 +146,35 @@ export class Scheduler {
     return this.running.reduce((a, r) => a + r.request.promptIds.length + r.request.maxNewTokens, 0);
   }
 
-  /** Admits waiting requests that fit, in arrival order (no overtaking, so none starves). */
-  private admit(): Running[] {
+  /**
+   * Admits waiting requests that fit, in arrival order (no overtaking, so none starves), while this
+   * step has prompt tokens to spare (`budget`): each admitted request is fed from this step on.
+   */
+  private admit(budget: number): Running[] {
     const admitted: Running[] = [];
     const kv = this.engine.kvCache;
     let reserved = this.reservedTotal() + this.holdBlocks;
     let totalTokens = this.totalTokens();
-    let prefill = 0;
-    while (this.waiting.length > 0 && this.running.length + admitted.length < this.options.maxBatchSize) {
+    while (budget > 0 && this.waiting.length > 0 && this.running.length + admitted.length < this.options.maxBatchSize) {
       const req = this.waiting[0]!;
       const need = req.promptIds.length + req.maxNewTokens;
       const blocks = kv.blocksFor(need);
       if (reserved + blocks > kv.freeBlockCount) break;
       if (totalTokens + need > this.options.maxBatchTotalTokens) break;
-      if (admitted.length > 0 && prefill + req.promptIds.length > this.options.maxPrefillTokens) break;
       this.waiting.shift();
       reserved += blocks;
       totalTokens += need;
-      prefill += req.promptIds.length;
-      admitted.push({ request: req, sequence: this.engine.createSequence(), tokens: [...req.promptIds], generated: 0, reservedBlocks: blocks, cancelled: false });
+      budget -= Math.min(budget, req.promptIds.length);
+      admitted.push({ request: req, sequence: this.engine.createSequence(), tokens: [...req.promptIds], generated: 0, fed: 0, reservedBlocks: blocks, cancelled: false });
     }
     return admitted;
+  }
+
+  /** Prompt tokens the sequences still being prefilled will take this step, in arrival order. */
+  private prefillBudgetLeft(): number {
+    let budget = this.options.maxPrefillTokens;
+    for (const r of this.running) if (r.fed < r.request.promptIds.length) budget -= Math.min(budget, r.request.promptIds.length - r.fed);
+    return budget;
   }
 
   /**
@@ -176,26 +191,47 @@ export class Scheduler {
         retiredCancelled.push(r.request.id);
       }
     }
-    const admitted = this.admit();
-    const batch = [...this.running, ...admitted];
-    if (batch.length === 0) return { updates: [], retiredCancelled, failed };
-    const entries: StepEntry[] = batch.map((r) => ({
-      sequence: r.sequence,
-      tokens: r.generated === 0 ? r.tokens : [r.tokens[r.tokens.length - 1]!],
-      logits: "last",
-    }));
-    let logits: Float32Array[];
+    const admitted = this.admit(this.prefillBudgetLeft());
+    // Every decoding sequence takes its last token; prompts are fed in arrival order within the budget.
+    let budget = this.options.maxPrefillTokens;
+    const fed: { running: Running; tokens: number }[] = [];
+    const entries: StepEntry[] = [];
+    const choosing: Running[] = [];
+    for (const r of [...this.running, ...admitted]) {
+      const left = r.request.promptIds.length - r.fed;
+      if (left === 0) {
+        entries.push({ sequence: r.sequence, tokens: [r.tokens[r.tokens.length - 1]!], logits: "last" });
+        choosing.push(r);
+        continue;
+      }
+      const n = Math.min(left, budget);
+      if (n === 0) continue;
+      budget -= n;
+      const last = n === left;
+      entries.push({ sequence: r.sequence, tokens: r.request.promptIds.slice(r.fed, r.fed + n), logits: last ? "last" : "none" });
+      fed.push({ running: r, tokens: n });
+      if (last) choosing.push(r);
+    }
+    if (entries.length === 0) return { updates: [], retiredCancelled, failed };
+    let stepLogits: Float32Array[];
     try {
-      logits = this.engine.step(entries);
+      stepLogits = this.engine.step(entries);
     } catch (err) {
       for (const r of admitted) this.engine.freeSequence(r.sequence);
       this.waiting.unshift(...admitted.map((r) => r.request));
       throw err;
     }
+    for (const f of fed) f.running.fed += f.tokens;
     this.running.push(...admitted);
     this.steps++;
+    const logits = stepLogits.filter((_, i) => entries[i]!.logits === "last");
+    const batch = choosing;
     const updates: TokenUpdate[] = [];
     const finished = new Set<Running>();
+    for (const f of fed) {
+      const r = f.running;
+      if (r.fed < r.request.promptIds.length) r.reservedBlocks = this.reservedFor(r);
+    }
     const batched = this.chooseBatched(batch, logits);
     for (let i = 0; i < batch.length; i++) {
       const r = batch[i]!;
@@ -213,13 +249,18 @@ export class Scheduler {
       r.tokens.push(tokenId);
       r.generated++;
       this.generatedTokens++;
-      r.reservedBlocks = Math.max(0, this.engine.kvCache.blocksFor(r.request.promptIds.length + r.request.maxNewTokens) - r.sequence.blocks.length);
+      r.reservedBlocks = this.reservedFor(r);
       const finish = r.request.finishAfter(tokenId, r.generated);
       if (finish) finished.add(r);
       updates.push(finish ? { id: r.request.id, token: tokenId, logprob, finish } : { id: r.request.id, token: tokenId, logprob });
     }
     for (let i = this.running.length - 1; i >= 0; i--) if (finished.has(this.running[i]!)) this.retire(i);
     return { updates, retiredCancelled, failed };
+  }
+
+  /** Blocks r may still need to reach prompt + maxNewTokens. */
+  private reservedFor(r: Running): number {
+    return Math.max(0, this.engine.kvCache.blocksFor(r.request.promptIds.length + r.request.maxNewTokens) - r.sequence.blocks.length);
   }
 
   private retire(index: number): void {

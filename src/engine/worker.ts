@@ -49,7 +49,7 @@ class Worker {
       {
         maxBatchSize: data.maxBatchSize ?? 1024,
         maxBatchTotalTokens: data.maxBatchTotalTokens ?? kv.capacityTokens,
-        maxPrefillTokens: 4096,
+        maxPrefillTokens: data.maxBatchPrefillTokens ?? 4096,
       },
       (logits, rows, stride, vocab, mask, maskRows) => {
         const ids = new Int32Array(rows), logprobs = new Float64Array(rows);

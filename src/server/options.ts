@@ -35,6 +35,11 @@ export interface ServerOptions {
   maxConcurrentRequests?: number;
   /** Cap on prompt + max_new_tokens summed over the running batch (the KV-cache budget). */
   maxBatchTotalTokens?: number;
+  /**
+   * Most prompt tokens one engine step feeds (default 512): a longer prompt goes in over several
+   * steps while running sequences keep decoding. Applies when the server loads the model itself.
+   */
+  maxBatchPrefillTokens?: number;
   /** Most stop sequences per request. */
   maxStopSequences?: number;
   /** On SIGTERM (or shutdown()), in-flight requests get this long to finish before they are cancelled. */
@@ -52,6 +57,7 @@ export interface ResolvedServerOptions {
   allowedMaxNewTokens: number;
   maxConcurrentRequests: number;
   maxBatchTotalTokens: number | undefined;
+  maxBatchPrefillTokens: number;
   maxStopSequences: number;
   shutdownTimeoutMs: number;
 }
@@ -65,6 +71,9 @@ export const serverDefaults = {
   allowedMaxNewTokens: 2048,
   maxConcurrentRequests: 128,
   maxStopSequences: 4,
+  // A step's prompt tokens take this long before running sequences get their next token: on a
+  // 2-core CPU about 2.5 s for bloom-560m at 512 (llama.cpp's default micro-batch), 20 s at TGI's 4096.
+  maxBatchPrefillTokens: 512,
   shutdownTimeoutMs: 30_000,
 };
 
@@ -105,6 +114,7 @@ export function resolveServerOptions(o: ServerOptions): ResolvedServerOptions {
     allowedMaxNewTokens: positiveInteger("allowedMaxNewTokens", o.allowedMaxNewTokens, serverDefaults.allowedMaxNewTokens),
     maxConcurrentRequests: positiveInteger("maxConcurrentRequests", o.maxConcurrentRequests, serverDefaults.maxConcurrentRequests),
     maxBatchTotalTokens,
+    maxBatchPrefillTokens: positiveInteger("maxBatchPrefillTokens", o.maxBatchPrefillTokens, serverDefaults.maxBatchPrefillTokens),
     maxStopSequences: positiveInteger("maxStopSequences", o.maxStopSequences, serverDefaults.maxStopSequences),
     shutdownTimeoutMs,
   };

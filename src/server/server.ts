@@ -163,6 +163,7 @@ export async function startServer(serverOptions: ServerOptions): Promise<Blossom
               ...(serverOptions.kvCacheTokens !== undefined ? { kvCacheTokens: serverOptions.kvCacheTokens } : {}),
               maxBatchSize: options.maxBatchSize,
               ...(options.maxBatchTotalTokens !== undefined ? { maxBatchTotalTokens: options.maxBatchTotalTokens } : {}),
+              maxBatchPrefillTokens: options.maxBatchPrefillTokens,
             })
           : await serverOptions.model;
       service.model = model;

@@ -20,6 +20,7 @@ interface ServeCliOptions extends ModelCliOptions {
   allowedMaxNewTokens: number;
   maxConcurrentRequests: number;
   maxBatchTotalTokens?: number;
+  maxBatchPrefillTokens: number;
   maxStopSequences: number;
   kvCacheTokens?: number;
   shutdownTimeout: number;
@@ -38,6 +39,12 @@ export function registerServeCommand(program: Command): void {
     .option("--allowed-max-new-tokens <n>", "most new tokens a request may ask for", parseInteger("--allowed-max-new-tokens", 1), serverDefaults.allowedMaxNewTokens)
     .option("--max-concurrent-requests <n>", "sequences accepted at once (queued or running); beyond, 429", parseInteger("--max-concurrent-requests", 1), serverDefaults.maxConcurrentRequests)
     .option("--max-batch-total-tokens <n>", "cap on prompt + max_new_tokens over the running batch (default: the KV cache)", parseInteger("--max-batch-total-tokens", 1))
+    .option(
+      "--max-batch-prefill-tokens <n>",
+      "most prompt tokens one step feeds; longer prompts go in over several steps while running sequences keep decoding",
+      parseInteger("--max-batch-prefill-tokens", 1),
+      serverDefaults.maxBatchPrefillTokens,
+    )
     .option("--max-stop-sequences <n>", "most stop sequences per request", parseInteger("--max-stop-sequences", 1), serverDefaults.maxStopSequences)
     .option("--kv-cache-tokens <n>", "KV-cache capacity in tokens (default: a quarter of free memory)", parseInteger("--kv-cache-tokens", 1))
     .option("--shutdown-timeout <seconds>", "on SIGTERM, how long in-flight requests may run before they are cancelled", parseNumber("--shutdown-timeout", 0), serverDefaults.shutdownTimeoutMs / 1000)
@@ -67,6 +74,7 @@ export function registerServeCommand(program: Command): void {
         allowedMaxNewTokens: o.allowedMaxNewTokens,
         maxConcurrentRequests: o.maxConcurrentRequests,
         ...(o.maxBatchTotalTokens !== undefined ? { maxBatchTotalTokens: o.maxBatchTotalTokens } : {}),
+        maxBatchPrefillTokens: o.maxBatchPrefillTokens,
         maxStopSequences: o.maxStopSequences,
         ...(o.kvCacheTokens !== undefined ? { kvCacheTokens: o.kvCacheTokens } : {}),
         shutdownTimeoutMs: o.shutdownTimeout * 1000,

@@ -1,0 +1,125 @@
+/**
+ * Chunked prefill: a step feeds at most maxPrefillTokens prompt tokens, so a long prompt goes in over
+ * several steps while the sequences already decoding get a token every step (before, the whole
+ * prompt went in one step and every running stream stalled for it: seconds on a CPU). Chunking must
+ * not change what is generated.
+ */
+import assert from "node:assert/strict";
+import { after, before, describe, test } from "node:test";
+import { loadEngine, type LoadedEngine } from "../src/engine/load.js";
+import { Scheduler, type GenerationRequest } from "../src/engine/scheduler.js";
+import type { TokenUpdate } from "../src/engine/protocol.js";
+import { BlossomError, loadModel } from "../src/index.js";
+import { resolveServerOptions } from "../src/server/options.js";
+import { fixtureDir } from "./helpers/fixtures.js";
+
+/** A greedy request: argmax, log-softmax of the chosen token, ends after maxNewTokens. */
+function greedy(id: number, promptIds: number[], maxNewTokens: number): GenerationRequest {
+  return {
+    id,
+    promptIds,
+    maxNewTokens,
+    finishAfter: (_token, n) => (n >= maxNewTokens ? "length" : undefined),
+    chooser: {
+      next(logits) {
+        let best = 0;
+        for (let i = 1; i < logits.length; i++) if (logits[i]! > logits[best]!) best = i;
+        let sum = 0;
+        for (let i = 0; i < logits.length; i++) sum += Math.exp(logits[i]! - logits[best]!);
+        return { tokenId: best, logprob: -Math.log(sum) };
+      },
+    },
+  };
+}
+
+const longPrompt = Array.from({ length: 30 }, (_, i) => 5 + ((i * 7) % 90));
+
+describe("chunked prefill", () => {
+  let loaded: LoadedEngine;
+  before(() => {
+    loaded = loadEngine(fixtureDir("tiny-bloom-a"), { kvCacheTokens: 1024 });
+  });
+  after(() => loaded.dispose());
+
+  /** Runs the scheduler until idle; returns each step's updates. */
+  function drain(s: Scheduler, limit = 200): TokenUpdate[][] {
+    const steps: TokenUpdate[][] = [];
+    while (s.hasWork() && steps.length < limit) steps.push(s.step().updates);
+    assert.ok(!s.hasWork(), "the scheduler did not finish");
+    return steps;
+  }
+
+  function alone(promptIds: number[], maxNewTokens: number, maxPrefillTokens: number): TokenUpdate[] {
+    const s = new Scheduler(loaded.engine, { maxBatchSize: 8, maxBatchTotalTokens: 1024, maxPrefillTokens });
+    s.submit(greedy(1, promptIds, maxNewTokens));
+    return drain(s).flat();
+  }
+
+  test("a long prompt goes in over several steps while a running sequence gets a token every step", () => {
+    const s = new Scheduler(loaded.engine, { maxBatchSize: 8, maxBatchTotalTokens: 1024, maxPrefillTokens: 8 });
+    s.submit(greedy(1, [5, 6, 7], 12));
+    const all = s.step().updates; // request 1's prompt and first token
+    assert.deepEqual(all.map((u) => u.id), [1]);
+    s.submit(greedy(2, longPrompt, 5));
+    // 30 prompt tokens at 8 a step: 4 steps; request 1 decodes in each, request 2's first token comes with the 4th.
+    for (let k = 1; k <= 4; k++) {
+      const updates = s.step().updates;
+      assert.deepEqual(updates.map((u) => u.id), k < 4 ? [1] : [1, 2], `step ${k} after the long prompt arrived`);
+      all.push(...updates);
+    }
+    all.push(...drain(s).flat());
+    const tokens = (id: number, updates: TokenUpdate[]) => updates.filter((u) => u.id === id).map((u) => u.token);
+    // The same tokens as each request alone, its prompt fed whole.
+    assert.deepEqual(tokens(1, all), tokens(1, alone([5, 6, 7], 12, 4096)));
+    assert.deepEqual(tokens(2, all), tokens(1, alone(longPrompt, 5, 4096)));
+    assert.equal(loaded.engine.kvCache.freeBlockCount, loaded.engine.kvCache.numBlocks, "every block is free again");
+  });
+
+  test("chunking changes neither the tokens nor, beyond float rounding, their log-probabilities", () => {
+    const whole = alone(longPrompt, 8, 4096);
+    for (const budget of [1, 7, 16, 29]) {
+      const chunked = alone(longPrompt, 8, budget);
+      assert.deepEqual(chunked.map((u) => u.token), whole.map((u) => u.token), `budget ${budget}`);
+      chunked.forEach((u, i) => assert.ok(Math.abs(u.logprob - whole[i]!.logprob) < 1e-4, `budget ${budget}, token ${i}: ${u.logprob} vs ${whole[i]!.logprob}`));
+    }
+  });
+
+  test("the budget is shared by prompts in arrival order; a request is admitted only while the step has room", () => {
+    const s = new Scheduler(loaded.engine, { maxBatchSize: 8, maxBatchTotalTokens: 1024, maxPrefillTokens: 8 });
+    s.submit(greedy(1, [5, 6, 7, 8, 9, 10], 2));
+    s.submit(greedy(2, [11, 12, 13, 14, 15, 16], 2));
+    s.submit(greedy(3, [17, 18], 2));
+    // Step 1: request 1 whole (6), request 2's first 2 tokens; request 3 waits (no room left).
+    assert.deepEqual(s.step().updates.map((u) => u.id), [1]);
+    assert.equal(s.waitingCount, 1);
+    // Step 2: request 1 decodes, request 2's last 4 tokens, request 3 whole (2).
+    assert.deepEqual(s.step().updates.map((u) => u.id), [1, 2, 3]);
+    drain(s);
+  });
+
+  test("a prompt cancelled while it is being fed frees its blocks", () => {
+    const s = new Scheduler(loaded.engine, { maxBatchSize: 8, maxBatchTotalTokens: 1024, maxPrefillTokens: 8 });
+    s.submit(greedy(1, longPrompt, 4));
+    assert.deepEqual(s.step().updates, []);
+    assert.equal(s.cancel(1), "running");
+    assert.deepEqual(s.step().retiredCancelled, [1]);
+    assert.ok(!s.hasWork());
+    assert.equal(loaded.engine.kvCache.freeBlockCount, loaded.engine.kvCache.numBlocks);
+  });
+});
+
+test("maxBatchPrefillTokens: through loadModel the same text; refused by name when not a positive integer", async () => {
+  const model = await loadModel(fixtureDir("tiny-bloom-a"), { kvCacheTokens: 512, maxBatchPrefillTokens: 3 });
+  const reference = await loadModel(fixtureDir("tiny-bloom-a"), { kvCacheTokens: 512 });
+  try {
+    const a = await model.generate([longPrompt, [5, 6]], { maxNewTokens: 6 });
+    const b = await reference.generate([longPrompt, [5, 6]], { maxNewTokens: 6 });
+    assert.deepEqual(a.tokenIds, b.tokenIds);
+  } finally {
+    await model.dispose();
+    await reference.dispose();
+  }
+  await assert.rejects(loadModel(fixtureDir("tiny-bloom-a"), { maxBatchPrefillTokens: 0 }), (e: unknown) => e instanceof BlossomError && /maxBatchPrefillTokens/.test(e.message));
+  assert.throws(() => resolveServerOptions({ model: "m", maxBatchPrefillTokens: 0 }), /maxBatchPrefillTokens: must be an integer >= 1/);
+  assert.equal(resolveServerOptions({ model: "m" }).maxBatchPrefillTokens, 512);
+});
