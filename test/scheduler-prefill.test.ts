@@ -11,6 +11,7 @@ import { Scheduler, type GenerationRequest } from "../src/engine/scheduler.js";
 import type { TokenUpdate } from "../src/engine/protocol.js";
 import { BlossomError, loadModel } from "../src/index.js";
 import { resolveServerOptions } from "../src/server/options.js";
+import { startServer } from "../src/server/server.js";
 import { fixtureDir } from "./helpers/fixtures.js";
 
 /** A greedy request: argmax, log-softmax of the chosen token, ends after maxNewTokens. */
@@ -122,4 +123,69 @@ test("maxBatchPrefillTokens: through loadModel the same text; refused by name wh
   await assert.rejects(loadModel(fixtureDir("tiny-bloom-a"), { maxBatchPrefillTokens: 0 }), (e: unknown) => e instanceof BlossomError && /maxBatchPrefillTokens/.test(e.message));
   assert.throws(() => resolveServerOptions({ model: "m", maxBatchPrefillTokens: 0 }), /maxBatchPrefillTokens: must be an integer >= 1/);
   assert.equal(resolveServerOptions({ model: "m" }).maxBatchPrefillTokens, 512);
+});
+
+describe("forward, score and a session's feed are fed in chunks too", () => {
+  const text = Array.from({ length: 300 }, (_, i) => 5 + ((i * 13) % 900));
+
+  test("the same logits and log-probabilities at any budget", async () => {
+    const chunked = await loadModel(fixtureDir("tiny-bloom-b"), { kvCacheTokens: 1024, maxBatchPrefillTokens: 7 });
+    const whole = await loadModel(fixtureDir("tiny-bloom-b"), { kvCacheTokens: 1024 });
+    try {
+      const close = (a: ArrayLike<number>, b: ArrayLike<number>, what: string) => {
+        assert.equal(a.length, b.length, what);
+        for (let i = 0; i < a.length; i++) assert.ok(Math.abs(a[i]! - b[i]!) < 1e-4, `${what} [${i}]: ${a[i]} vs ${b[i]}`);
+      };
+      close(await chunked.tokenLogprobs(text, 3), await whole.tokenLogprobs(text, 3), "tokenLogprobs");
+      const batch = [text.slice(0, 40), text.slice(40, 80)];
+      close((await chunked.forward(batch)).data, (await whole.forward(batch)).data, "forward");
+      for (const logits of ["all", "last"] as const) {
+        const [sa, sb] = [await chunked.openSession(), await whole.openSession()];
+        const [a] = await chunked.feed([{ session: sa, tokens: text.slice(0, 30), logits }]);
+        const [b] = await whole.feed([{ session: sb, tokens: text.slice(0, 30), logits }]);
+        close(a!, b!, `feed, logits ${logits}`);
+        // The session holds all 30 tokens: the next token's logits agree too.
+        close(await sa.append([7], "last"), await sb.append([7], "last"), `append after a feed (${logits})`);
+        await sa.close();
+        await sb.close();
+      }
+    } finally {
+      await chunked.dispose();
+      await whole.dispose();
+    }
+  });
+
+  test("a running stream gets a token between the chunks of a long score", async () => {
+    const budget = 8;
+    const model = await loadModel(fixtureDir("tiny-bloom-a"), { kvCacheTokens: 2048, maxBatchPrefillTokens: budget });
+    try {
+      let tokens = 0;
+      const stream = (async () => {
+        for await (const e of model.stream([5, 6, 7], { maxNewTokens: 600, minNewTokens: 600 })) if (e.token) tokens++;
+      })();
+      while (tokens < 2) await new Promise((resolve) => setImmediate(resolve));
+      const before = tokens;
+      await model.tokenLogprobs(text, 1);
+      await new Promise((resolve) => setImmediate(resolve));
+      // 300 tokens at 8 a step: 38 chunks, each followed by a generation step (fed whole, at most a couple).
+      assert.ok(tokens - before >= Math.ceil(text.length / budget) - 2, `the stream made ${tokens - before} tokens during the score`);
+      await stream;
+    } finally {
+      await model.dispose();
+    }
+  });
+});
+
+test("startServer: maxBatchPrefillTokens from modelOptions is used (the server's default applies only when neither sets it)", async () => {
+  const prompt = Array.from({ length: 90 }, (_, i) => 5 + (i % 90));
+  for (const [options, steps] of [[{ modelOptions: { maxBatchPrefillTokens: 3 } }, 30], [{ maxBatchPrefillTokens: 45, modelOptions: { maxBatchPrefillTokens: 3 } }, 2], [{}, 1]] as const) {
+    const server = await startServer({ model: fixtureDir("tiny-bloom-a"), host: "127.0.0.1", port: 0, logger: false, kvCacheTokens: 1024, ...options });
+    try {
+      const model = await server.ready;
+      await model.generate([prompt], { maxNewTokens: 1 });
+      assert.equal((await model.stats()).steps, steps, JSON.stringify(options));
+    } finally {
+      await server.shutdown(0);
+    }
+  }
 });

@@ -16,7 +16,7 @@ import { kvBytesPerToken } from "./kv-cache.js";
 import { loadEngine, type LoadedEngine } from "./load.js";
 import type { EngineInfo, EngineStats, Request, Response, SerializedError, WorkerData } from "./protocol.js";
 import { Scheduler } from "./scheduler.js";
-import { logSoftmaxAt } from "./logprobs.js";
+import { ChunkedJob, isJobRequest, type JobRequest } from "./jobs.js";
 import { followSteps } from "../parallel/tensor.js";
 
 const port = parentPort!;
@@ -37,9 +37,13 @@ class Worker {
   /** forward / score requests waiting for KV blocks that running generations hold or have been promised. */
   private readonly deferred: Request[] = [];
   private readonly sessions = new Map<number, Sequence>();
+  /** The forward / score / feed being fed in chunks, a generation step between chunks. */
+  private active: ChunkedJob | undefined;
   private nextSession = 1;
   private readonly scheduler: Scheduler;
   private wake: (() => void) | undefined;
+  /** Most prompt tokens one step feeds, for generations and jobs alike. */
+  private readonly prefillBudget = data.maxBatchPrefillTokens ?? 4096;
   private disposed = false;
 
   constructor(private readonly loaded: LoadedEngine) {
@@ -49,7 +53,7 @@ class Worker {
       {
         maxBatchSize: data.maxBatchSize ?? 1024,
         maxBatchTotalTokens: data.maxBatchTotalTokens ?? kv.capacityTokens,
-        maxPrefillTokens: data.maxBatchPrefillTokens ?? 4096,
+        maxPrefillTokens: this.prefillBudget,
       },
       (logits, rows, stride, vocab, mask, maskRows) => {
         const ids = new Int32Array(rows), logprobs = new Float64Array(rows);
@@ -127,8 +131,8 @@ class Worker {
   /** Runs the oldest deferred request if it fits now; if nothing will ever free room for it, says so. Returns whether it acted. */
   private runDeferred(): boolean {
     const head = this.deferred[0];
-    if (!head) return false;
-    const need = this.freshBlocks(head)!;
+    if (!head || this.active) return false;
+    const need = this.freshBlocks(head) ?? 0;
     if (need > this.unpromisedBlocks()) {
       if (this.scheduler.runningCount > 0) return false; // running generations will free their blocks
       // Only open sessions hold the rest: waiting would be forever.
@@ -145,8 +149,59 @@ class Worker {
       this.deferred.shift();
       this.handle(head);
     }
-    this.scheduler.holdBlocks = this.deferred.length > 0 ? this.freshBlocks(this.deferred[0]!)! : 0;
+    this.updateHold();
     return true;
+  }
+
+  /**
+   * Blocks admission keeps back: what the chunked job still has to take, and the deferred head's
+   * need (so a stream of new requests cannot keep it waiting forever).
+   */
+  private updateHold(): void {
+    const head = this.deferred[0];
+    this.scheduler.holdBlocks = (this.active?.remainingBlocks() ?? 0) + (head ? (this.freshBlocks(head) ?? 0) : 0);
+  }
+
+  /** Starts a forward / score / feed (checked before anything is fed); its chunks run from the loop. */
+  private startJob(request: JobRequest): void {
+    try {
+      const job = new ChunkedJob(this.loaded.engine, request, this.sessions);
+      if (request.type === "feed") {
+        // A session keeps what it takes: never the blocks running generations were promised.
+        const kv = this.loaded.engine.kvCache;
+        const need = job.remainingBlocks();
+        const promised = this.scheduler.reservedTotal();
+        if (need > kv.freeBlockCount) {
+          throw new BlossomError("memory", `feed: needs ${need} blocks of ${kv.blockSize} tokens, ${kv.freeBlockCount} are free (capacity ${kv.capacityTokens} tokens)`);
+        }
+        if (need > kv.freeBlockCount - promised) {
+          throw new BlossomError(
+            "memory",
+            `feed: needs ${need} blocks of ${kv.blockSize} tokens; ${kv.freeBlockCount} are free but ${promised} of them are promised to running generations (retry when they finish, or close sessions)`,
+          );
+        }
+      }
+      this.active = job;
+      this.updateHold();
+    } catch (err) {
+      send({ type: "error", id: request.id, error: serializeError(err) });
+    }
+  }
+
+  /** Feeds the active job's next chunk; replies when it is done or fails. */
+  private advanceJob(): void {
+    const job = this.active!;
+    try {
+      job.advance(this.prefillBudget);
+      if (!job.done) return this.updateHold();
+      const result = job.result();
+      send({ type: "reply", id: job.request.id, result }, collectTransfers(result));
+    } catch (err) {
+      send({ type: "error", id: job.request.id, error: serializeError(err) });
+    }
+    job.release();
+    this.active = undefined;
+    this.updateHold();
   }
 
   async run(): Promise<void> {
@@ -154,14 +209,23 @@ class Worker {
       const request = this.queue.shift();
       if (request) {
         const need = this.freshBlocks(request);
-        // One that could never fit is refused at once by the engine (the cache's capacity), not queued.
-        if (need !== undefined && need <= this.loaded.engine.kvCache.numBlocks && (this.deferred.length > 0 || need > this.unpromisedBlocks())) {
-          // Wait for room, in order; admission keeps the head's blocks back meanwhile.
+        if (!isJobRequest(request)) {
+          this.handle(request);
+        } else if (need !== undefined && need > this.loaded.engine.kvCache.numBlocks) {
+          // One that could never fit is refused at once, not queued.
+          const kv = this.loaded.engine.kvCache;
+          send({ type: "error", id: request.id, error: serializeError(new BlossomError("memory", `this ${request.type} needs ${need} blocks of ${kv.blockSize} tokens; the KV cache has ${kv.numBlocks} (capacity ${kv.capacityTokens} tokens)`)) });
+        } else if (this.active || this.deferred.length > 0 || (need ?? 0) > this.unpromisedBlocks()) {
+          // Wait for room and for the job before it, in order; admission keeps the head's blocks back meanwhile.
           this.deferred.push(request);
-          this.scheduler.holdBlocks = this.freshBlocks(this.deferred[0]!)!;
+          this.updateHold();
         } else {
           this.handle(request);
         }
+      } else if (this.active) {
+        // A chunk of the job, then a step for the running generations: neither waits for the other's end.
+        this.advanceJob();
+        if (this.scheduler.hasWork()) this.generationStep();
       } else if (this.runDeferred()) {
         // ran (or refused) a request that was waiting for room
       } else if (this.scheduler.hasWork()) {
@@ -192,6 +256,7 @@ class Worker {
   }
 
   private handle(request: Request): void {
+    if (isJobRequest(request)) return this.startJob(request);
     try {
       const result = this.execute(request);
       if (result instanceof Promise) throw new Error("unexpected async result");
@@ -205,57 +270,14 @@ class Worker {
   private execute(request: Request): unknown {
     const { engine } = this.loaded;
     switch (request.type) {
-      case "forward": {
-        // One step over fresh sequences; every position's logits, copied out of the reused buffer.
-        const seqs = request.sequences.map(() => engine.createSequence());
-        try {
-          const logits = engine.step(request.sequences.map((tokens, i) => ({ sequence: seqs[i]!, tokens, logits: "all" as const })));
-          return logits.map((l) => l.slice());
-        } finally {
-          seqs.forEach((s) => engine.freeSequence(s));
-        }
-      }
-      case "score": {
-        const vocab = this.loaded.model.config.vocabSize;
-        const seqs = request.sequences.map(() => engine.createSequence());
-        try {
-          const logits = engine.step(request.sequences.map((s, i) => ({ sequence: seqs[i]!, tokens: s.tokens, logits: "all" as const })));
-          return request.sequences.map((s, i) => {
-            const out = new Float64Array(Math.max(0, s.tokens.length - s.from));
-            for (let p = s.from; p < s.tokens.length; p++) {
-              if (p === 0) throw new BlossomError("input", "score: the first token has no context to be predicted from (from must be >= 1)");
-              out[p - s.from] = logSoftmaxAt(logits[i]!.subarray((p - 1) * vocab, p * vocab), s.tokens[p]!);
-            }
-            return out;
-          });
-        } finally {
-          seqs.forEach((s) => engine.freeSequence(s));
-        }
-      }
       case "open": {
         const id = this.nextSession++;
         this.sessions.set(id, engine.createSequence());
         return id;
       }
-      case "feed": {
-        const entries = request.entries.map((e) => {
-          const sequence = this.sessions.get(e.session);
-          if (!sequence) throw new BlossomError("input", `feed: no open session ${e.session}`);
-          return { sequence, tokens: e.tokens, logits: e.logits };
-        });
-        // A session keeps what it takes: never the blocks running generations were promised.
-        const need = engine.blocksNeeded(entries);
-        const promised = this.scheduler.reservedTotal();
-        if (need <= engine.kvCache.freeBlockCount && need > engine.kvCache.freeBlockCount - promised) {
-          throw new BlossomError(
-            "memory",
-            `feed: needs ${need} blocks of ${engine.kvCache.blockSize} tokens; ${engine.kvCache.freeBlockCount} are free but ${promised} of them are promised to running generations (retry when they finish, or close sessions)`,
-          );
-        }
-        return engine.step(entries).map((l) => l.slice());
-      }
       case "close": {
         const s = this.sessions.get(request.session);
+        if (s && this.active?.usesSession(s)) throw new BlossomError("input", `close: session ${request.session} is being fed (wait for its feed)`);
         if (s) engine.freeSequence(s);
         this.sessions.delete(request.session);
         return true;

@@ -163,7 +163,8 @@ export async function startServer(serverOptions: ServerOptions): Promise<Blossom
               ...(serverOptions.kvCacheTokens !== undefined ? { kvCacheTokens: serverOptions.kvCacheTokens } : {}),
               maxBatchSize: options.maxBatchSize,
               ...(options.maxBatchTotalTokens !== undefined ? { maxBatchTotalTokens: options.maxBatchTotalTokens } : {}),
-              maxBatchPrefillTokens: options.maxBatchPrefillTokens,
+              // The server's own option, else modelOptions' (startServer callers), else the server's default.
+              maxBatchPrefillTokens: serverOptions.maxBatchPrefillTokens ?? serverOptions.modelOptions?.maxBatchPrefillTokens ?? options.maxBatchPrefillTokens,
             })
           : await serverOptions.model;
       service.model = model;
