@@ -47,8 +47,8 @@ export interface LoadModelOptions {
   /**
    * Most prompt tokens one step feeds (default 4096, TGI's max_batch_prefill_tokens): a longer
    * prompt, or several that add up to more, go in over several steps while the sequences already
-   * running keep decoding, a token each step. forward, tokenLogprobs, perplexity and a session's
-   * feed go in chunks of the same size, a generation step between each two.
+   * running keep decoding, a token each step. forward, tokenLogprobs and perplexity go in chunks
+   * of the same size, a generation step between each two (a session's feed stays one step).
    */
   maxBatchPrefillTokens?: number;
   /** How the model is spread over the machine (see src/parallel/): "single" (default), "pipeline", "tensor", "replicas" or "auto". */

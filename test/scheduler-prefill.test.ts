@@ -6,6 +6,7 @@
  */
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
+import { ChunkedJob } from "../src/engine/jobs.js";
 import { loadEngine, type LoadedEngine } from "../src/engine/load.js";
 import { Scheduler, type GenerationRequest } from "../src/engine/scheduler.js";
 import type { TokenUpdate } from "../src/engine/protocol.js";
@@ -125,10 +126,10 @@ test("maxBatchPrefillTokens: through loadModel the same text; refused by name wh
   assert.equal(resolveServerOptions({ model: "m" }).maxBatchPrefillTokens, 512);
 });
 
-describe("forward, score and a session's feed are fed in chunks too", () => {
+describe("forward and score are fed in chunks too", () => {
   const text = Array.from({ length: 300 }, (_, i) => 5 + ((i * 13) % 900));
 
-  test("the same logits and log-probabilities at any budget", async () => {
+  test("the same logits and log-probabilities at any budget (a session's feed, one step, agrees too)", async () => {
     const chunked = await loadModel(fixtureDir("tiny-bloom-b"), { kvCacheTokens: 1024, maxBatchPrefillTokens: 7 });
     const whole = await loadModel(fixtureDir("tiny-bloom-b"), { kvCacheTokens: 1024 });
     try {
@@ -188,4 +189,48 @@ test("startServer: maxBatchPrefillTokens from modelOptions is used (the server's
       await server.shutdown(0);
     }
   }
+});
+
+describe("chunked jobs keep the engine's promises", () => {
+  const text = Array.from({ length: 160 }, (_, i) => 5 + ((i * 13) % 900));
+
+  test("a bad forward or score is refused whole, by name, before anything is fed", () => {
+    const loaded = loadEngine(fixtureDir("tiny-bloom-a"), { kvCacheTokens: 256 });
+    try {
+      const refuse = (request: ConstructorParameters<typeof ChunkedJob>[1], pattern: RegExp) =>
+        assert.throws(() => new ChunkedJob(loaded.engine, request), (e: unknown) => e instanceof BlossomError && e.code === "input" && pattern.test(e.message));
+      refuse({ type: "forward", id: 1, sequences: [[5, 6], []] }, /forward: sequence 1 is empty/);
+      refuse({ type: "score", id: 1, sequences: [{ tokens: [], from: 1 }] }, /score: sequence 0 is empty/);
+      refuse({ type: "score", id: 1, sequences: [{ tokens: [5, 6, 7], from: 0 }] }, /from must be an integer >= 1/);
+      refuse({ type: "score", id: 1, sequences: [{ tokens: [5, 6, 7], from: -1 }] }, /from must be an integer >= 1.*got -1/);
+      refuse({ type: "forward", id: 1, sequences: [[5, 6, 99999]] }, /sequence 0, token 2: 99999 is not a token id/);
+      assert.equal(loaded.engine.kvCache.freeBlockCount, loaded.engine.kvCache.numBlocks, "nothing was fed, no block taken");
+    } finally {
+      loaded.dispose();
+    }
+  });
+
+  test("a session's feed may not take the blocks a score in progress will still need; it keeps its order with close", async () => {
+    // 16 blocks of 16 tokens; the score (160 tokens, 10 blocks) goes in 8 tokens a step.
+    const model = await loadModel(fixtureDir("tiny-bloom-a"), { kvCacheTokens: 256, maxBatchPrefillTokens: 8 });
+    try {
+      const alone = await model.tokenLogprobs(text, 1);
+      const session = await model.openSession();
+      const scored = model.tokenLogprobs(text, 1);
+      await new Promise((resolve) => setImmediate(resolve));
+      // 11 blocks: free, but not once the score's are counted.
+      const fed = session.append(text.slice(0, 170), "last");
+      const closed = session.close();
+      await assert.rejects(fed, (e: unknown) => e instanceof BlossomError && e.code === "memory" && /promised to running generations and \d+ to a score in progress/.test(e.message));
+      await closed;
+      assert.deepEqual(await scored, alone);
+      // A feed and a close sent together run in order.
+      const other = await model.openSession();
+      const [logits] = await Promise.all([other.append([5, 6, 7], "last"), other.close()]);
+      assert.equal(logits!.length, model.config.vocabSize);
+      assert.equal((await model.stats()).kvBlocksFree, 16);
+    } finally {
+      await model.dispose();
+    }
+  });
 });

@@ -1,31 +1,30 @@
 /**
- * Work outside the generation batch — forward (every position's logits), score (log-probabilities
- * of given tokens) and a session's feed — fed in chunks of at most the prefill budget, so that the
- * worker can run a generation step between chunks: a long text then stalls running streams for one
- * chunk at a time, as a long prompt does (scheduler.ts), not for the whole text. Score keeps only
- * the log-probabilities it needs from each chunk's logits, never a whole text's logits at once.
+ * Work outside the generation batch on fresh sequences — forward (every position's logits) and
+ * score (log-probabilities of given tokens) — fed in chunks of at most the prefill budget, so that
+ * the worker can run a generation step between chunks: a long text then stalls running streams for
+ * one chunk at a time, as a long prompt does (scheduler.ts), not for the whole text. Score keeps
+ * only the log-probabilities it needs from each chunk's logits, never a whole text's logits at once.
+ * (A session's feed stays one step: it must be all or nothing, and in order with the session's
+ * other requests.)
  */
 import { BlossomError } from "../errors.js";
 import type { Engine, Sequence, StepEntry } from "./engine.js";
 import { logSoftmaxAt } from "./logprobs.js";
-import type { LogitsWanted, Request } from "./protocol.js";
+import type { Request } from "./protocol.js";
 
-export type JobRequest = Extract<Request, { type: "forward" | "score" | "feed" }>;
+export type JobRequest = Extract<Request, { type: "forward" | "score" }>;
 
 export function isJobRequest(request: Request): request is JobRequest {
-  return request.type === "forward" || request.type === "score" || request.type === "feed";
+  return request.type === "forward" || request.type === "score";
 }
 
 interface Part {
   sequence: Sequence;
-  /** Fresh sequences (forward, score) are freed when the job ends; a session's stays open. */
-  fresh: boolean;
   tokens: number[];
-  logits: LogitsWanted;
   fed: number;
   /** Blocks the sequence holds once every token is fed. */
   targetBlocks: number;
-  /** forward / feed: logits rows kept, chunk by chunk. */
+  /** forward: logits rows kept, chunk by chunk. */
   rows: Float32Array[];
   /** score: log p(tokens[p] | tokens[<p]) for p >= from. */
   from: number;
@@ -35,47 +34,31 @@ interface Part {
 export class ChunkedJob {
   private readonly parts: Part[];
 
-  /** Validates the request and creates its fresh sequences (sessions come from `sessions`). */
+  /** Validates the request (nothing is fed before it is whole and valid) and creates its sequences. */
   constructor(
     private readonly engine: Engine,
     readonly request: JobRequest,
-    sessions: ReadonlyMap<number, Sequence>,
   ) {
-    const kv = engine.kvCache;
-    if (request.type === "feed") {
-      const parts = request.entries.map((e) => {
-        const sequence = sessions.get(e.session);
-        if (!sequence) throw new BlossomError("input", `feed: no open session ${e.session}`);
-        return { sequence, fresh: false, tokens: e.tokens, logits: e.logits, from: 0 };
-      });
-      this.parts = parts.map((p) => ({ ...p, fed: 0, targetBlocks: kv.blocksFor(p.sequence.length + p.tokens.length), rows: [], scores: undefined }));
-      return;
-    }
     const specs =
       request.type === "forward"
         ? request.sequences.map((tokens) => ({ tokens, from: 0, scores: undefined }))
-        : request.sequences.map((s) => {
-            if (s.from === 0 && s.tokens.length > 0) throw new BlossomError("input", "score: the first token has no context to be predicted from (from must be >= 1)");
-            return { tokens: s.tokens, from: s.from, scores: new Float64Array(Math.max(0, s.tokens.length - s.from)) };
-          });
-    this.parts = specs.map((s) => ({
-      ...s,
-      sequence: engine.createSequence(),
-      fresh: true,
-      logits: "all" as const,
-      fed: 0,
-      targetBlocks: kv.blocksFor(s.tokens.length),
-      rows: [],
-    }));
+        : request.sequences.map((s) => ({ tokens: s.tokens, from: s.from, scores: new Float64Array(Math.max(0, s.tokens.length - s.from)) }));
+    const vocab = engine.model.config.vocabSize;
+    specs.forEach((s, i) => {
+      if (s.tokens.length === 0) throw new BlossomError("input", `${request.type}: sequence ${i} is empty: a step needs at least one token`);
+      const bad = s.tokens.findIndex((t) => !Number.isInteger(t) || t < 0 || t >= vocab);
+      if (bad >= 0) throw new BlossomError("input", `${request.type}: sequence ${i}, token ${bad}: ${s.tokens[bad]} is not a token id of this model (0..${vocab - 1})`);
+      if (request.type === "score" && !(Number.isInteger(s.from) && s.from >= 1)) {
+        throw new BlossomError("input", `score: sequence ${i}: from must be an integer >= 1 (the first token has no context to be predicted from), got ${s.from}`);
+      }
+    });
+    const kv = engine.kvCache;
+    this.parts = specs.map((s) => ({ ...s, sequence: engine.createSequence(), fed: 0, targetBlocks: kv.blocksFor(s.tokens.length), rows: [] }));
   }
 
   /** Blocks the job will still take from the cache (to be kept from admission meanwhile). */
   remainingBlocks(): number {
     return this.parts.reduce((a, p) => a + Math.max(0, p.targetBlocks - p.sequence.blocks.length), 0);
-  }
-
-  usesSession(sequence: Sequence): boolean {
-    return this.parts.some((p) => !p.fresh && p.sequence === sequence);
   }
 
   /** Every token fed. */
@@ -93,9 +76,7 @@ export class ChunkedJob {
       const n = Math.min(left, budget);
       if (n === 0) break;
       budget -= n;
-      const last = part.fed + n === part.tokens.length;
-      const logits: LogitsWanted = part.logits === "all" ? "all" : part.logits === "last" && last ? "last" : "none";
-      entries.push({ sequence: part.sequence, tokens: part.tokens.slice(part.fed, part.fed + n), logits });
+      entries.push({ sequence: part.sequence, tokens: part.tokens.slice(part.fed, part.fed + n), logits: "all" });
       chunk.push({ part, start: part.fed, n });
     }
     const logits = this.engine.step(entries);
@@ -108,22 +89,21 @@ export class ChunkedJob {
           const p = r + 1;
           if (p >= part.from && p < part.tokens.length) part.scores[p - part.from] = logSoftmaxAt(rows.subarray((r - start) * vocab, (r - start + 1) * vocab), part.tokens[p]!);
         }
-      } else if (rows.length > 0) {
+      } else {
         part.rows.push(rows.slice());
       }
       part.fed += n;
     });
   }
 
-  /** The reply: forward's and feed's logits per sequence, score's log-probabilities. */
+  /** The reply: forward's logits per sequence, score's log-probabilities. */
   result(): Float32Array[] | Float64Array[] {
     if (this.request.type === "score") return this.parts.map((p) => p.scores!);
     return this.parts.map((p) => concat(p.rows));
   }
 
-  /** Frees the fresh sequences (a session's stays open with what was fed). */
   release(): void {
-    for (const p of this.parts) if (p.fresh) this.engine.freeSequence(p.sequence);
+    for (const p of this.parts) this.engine.freeSequence(p.sequence);
   }
 }
 

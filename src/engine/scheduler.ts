@@ -170,9 +170,13 @@ export class Scheduler {
     return admitted;
   }
 
-  /** Prompt tokens the sequences still being prefilled will take this step, in arrival order. */
-  private prefillBudgetLeft(): number {
-    let budget = this.options.maxPrefillTokens;
+  /** Whether prompts wait to be fed (queued, or admitted and partly fed). */
+  prefilling(): boolean {
+    return this.waiting.length > 0 || this.running.some((r) => r.fed < r.request.promptIds.length);
+  }
+
+  /** What is left of `budget` once the sequences still being prefilled take their share, in arrival order. */
+  private prefillBudgetLeft(budget: number): number {
     for (const r of this.running) if (r.fed < r.request.promptIds.length) budget -= Math.min(budget, r.request.promptIds.length - r.fed);
     return budget;
   }
@@ -181,7 +185,7 @@ export class Scheduler {
    * One forward step over the running batch plus newly admitted requests. Returns the token
    * updates, and the ids of cancelled sequences that were retired.
    */
-  step(): { updates: TokenUpdate[]; retiredCancelled: number[]; failed: { id: number; error: unknown }[] } {
+  step(prefillBudget = this.options.maxPrefillTokens): { updates: TokenUpdate[]; retiredCancelled: number[]; failed: { id: number; error: unknown }[] } {
     const retiredCancelled: number[] = [];
     const failed: { id: number; error: unknown }[] = [];
     for (let i = this.running.length - 1; i >= 0; i--) {
@@ -191,9 +195,9 @@ export class Scheduler {
         retiredCancelled.push(r.request.id);
       }
     }
-    const admitted = this.admit(this.prefillBudgetLeft());
+    const admitted = this.admit(this.prefillBudgetLeft(prefillBudget));
     // Every decoding sequence takes its last token; prompts are fed in arrival order within the budget.
-    let budget = this.options.maxPrefillTokens;
+    let budget = prefillBudget;
     const fed: { running: Running; tokens: number }[] = [];
     const entries: StepEntry[] = [];
     const choosing: Running[] = [];

@@ -37,8 +37,10 @@ class Worker {
   /** forward / score requests waiting for KV blocks that running generations hold or have been promised. */
   private readonly deferred: Request[] = [];
   private readonly sessions = new Map<number, Sequence>();
-  /** The forward / score / feed being fed in chunks, a generation step between chunks. */
+  /** The forward / score being fed in chunks, a generation step between chunks. */
   private active: ChunkedJob | undefined;
+  /** While a job runs and prompts wait to be fed, turns alternate between the two. */
+  private jobTurn = true;
   private nextSession = 1;
   private readonly scheduler: Scheduler;
   private wake: (() => void) | undefined;
@@ -162,26 +164,10 @@ class Worker {
     this.scheduler.holdBlocks = (this.active?.remainingBlocks() ?? 0) + (head ? (this.freshBlocks(head) ?? 0) : 0);
   }
 
-  /** Starts a forward / score / feed (checked before anything is fed); its chunks run from the loop. */
+  /** Starts a forward / score (checked whole before anything is fed); its chunks run from the loop. */
   private startJob(request: JobRequest): void {
     try {
-      const job = new ChunkedJob(this.loaded.engine, request, this.sessions);
-      if (request.type === "feed") {
-        // A session keeps what it takes: never the blocks running generations were promised.
-        const kv = this.loaded.engine.kvCache;
-        const need = job.remainingBlocks();
-        const promised = this.scheduler.reservedTotal();
-        if (need > kv.freeBlockCount) {
-          throw new BlossomError("memory", `feed: needs ${need} blocks of ${kv.blockSize} tokens, ${kv.freeBlockCount} are free (capacity ${kv.capacityTokens} tokens)`);
-        }
-        if (need > kv.freeBlockCount - promised) {
-          throw new BlossomError(
-            "memory",
-            `feed: needs ${need} blocks of ${kv.blockSize} tokens; ${kv.freeBlockCount} are free but ${promised} of them are promised to running generations (retry when they finish, or close sessions)`,
-          );
-        }
-      }
-      this.active = job;
+      this.active = new ChunkedJob(this.loaded.engine, request);
       this.updateHold();
     } catch (err) {
       send({ type: "error", id: request.id, error: serializeError(err) });
@@ -222,10 +208,16 @@ class Worker {
         } else {
           this.handle(request);
         }
-      } else if (this.active) {
-        // A chunk of the job, then a step for the running generations: neither waits for the other's end.
+      } else if (this.active && (this.jobTurn || !this.scheduler.prefilling())) {
+        // A chunk of the job, then the running generations' decode step: neither waits for the
+        // other's end. Prompts waiting to be fed take the next turn, so no turn feeds more than
+        // one budget of prompt tokens.
+        this.jobTurn = false;
         this.advanceJob();
-        if (this.scheduler.hasWork()) this.generationStep();
+        if (this.scheduler.hasWork()) this.generationStep(0);
+      } else if (this.active) {
+        this.jobTurn = true;
+        this.generationStep();
       } else if (this.runDeferred()) {
         // ran (or refused) a request that was waiting for room
       } else if (this.scheduler.hasWork()) {
@@ -240,9 +232,10 @@ class Worker {
     }
   }
 
-  private generationStep(): void {
+  /** One scheduler step; `prefillBudget` caps the prompt tokens it feeds (default: the scheduler's). */
+  private generationStep(prefillBudget?: number): void {
     try {
-      const { updates, retiredCancelled, failed } = this.scheduler.step();
+      const { updates, retiredCancelled, failed } = this.scheduler.step(prefillBudget);
       if (updates.length) send({ type: "step", updates });
       for (const id of retiredCancelled) send({ type: "ended", id, finish: "cancelled" });
       for (const { id, error } of failed) send({ type: "ended", id, finish: "cancelled", error: serializeError(error) });
@@ -270,6 +263,23 @@ class Worker {
   private execute(request: Request): unknown {
     const { engine } = this.loaded;
     switch (request.type) {
+      case "feed": {
+        const entries = request.entries.map((e) => {
+          const sequence = this.sessions.get(e.session);
+          if (!sequence) throw new BlossomError("input", `feed: no open session ${e.session}`);
+          return { sequence, tokens: e.tokens, logits: e.logits };
+        });
+        // A session keeps what it takes: never the blocks running generations were promised, nor
+        // those the forward or score being fed in chunks will still take.
+        const need = engine.blocksNeeded(entries);
+        const running = this.scheduler.reservedTotal(), job = this.active?.remainingBlocks() ?? 0;
+        const free = engine.kvCache.freeBlockCount;
+        if (need <= free && need > free - running - job) {
+          const owed = job > 0 ? `${running} of them are promised to running generations and ${job} to a ${this.active!.request.type} in progress` : `${running} of them are promised to running generations`;
+          throw new BlossomError("memory", `feed: needs ${need} blocks of ${engine.kvCache.blockSize} tokens; ${free} are free but ${owed} (retry when they finish, or close sessions)`);
+        }
+        return engine.step(entries).map((l) => l.slice());
+      }
       case "open": {
         const id = this.nextSession++;
         this.sessions.set(id, engine.createSequence());
@@ -277,7 +287,6 @@ class Worker {
       }
       case "close": {
         const s = this.sessions.get(request.session);
-        if (s && this.active?.usesSession(s)) throw new BlossomError("input", `close: session ${request.session} is being fed (wait for its feed)`);
         if (s) engine.freeSequence(s);
         this.sessions.delete(request.session);
         return true;
