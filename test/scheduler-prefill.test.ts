@@ -234,3 +234,27 @@ describe("chunked jobs keep the engine's promises", () => {
     }
   });
 });
+
+test("generation is not starved by a stream of forward / score requests (each one is a turn, a generation step follows)", async () => {
+  const model = await loadModel(fixtureDir("tiny-bloom-a"), { kvCacheTokens: 1024 });
+  try {
+    const order: string[] = [];
+    const text = Array.from({ length: 200 }, (_, i) => 5 + ((i * 11) % 900));
+    const scorers = Array.from({ length: 4 }, async (_, k) => {
+      for (let i = 0; i < 40; i++) await model.tokenLogprobs(text, 1);
+      order.push(`scorer ${k}`);
+    });
+    // Let the scorers fill the worker's queue first.
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    const stream = (async () => {
+      let tokens = 0;
+      for await (const e of model.stream([5, 6, 7], { maxNewTokens: 20, minNewTokens: 20 })) if (e.token) tokens++;
+      order.push(`stream (${tokens} tokens)`);
+    })();
+    await Promise.all([...scorers, stream]);
+    // 160 scores at one generation step each: the 20-token stream ends long before the last scorer.
+    assert.equal(order[0], "stream (20 tokens)", order.join(", "));
+  } finally {
+    await model.dispose();
+  }
+});
