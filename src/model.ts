@@ -513,6 +513,11 @@ export class Model {
     return this.client.stats();
   }
 
+  /** Whether the engine worker (a replica's, at least) still runs: false once it has died or the model was disposed. */
+  get alive(): boolean {
+    return !this.disposed && this.client.alive;
+  }
+
   async dispose(): Promise<void> {
     if (this.disposed) return;
     this.disposed = true;

@@ -11,7 +11,7 @@ import { describe, test } from "node:test";
 import { BlossomError, loadModel, type Model } from "../src/index.js";
 import { startServer } from "../src/server/server.js";
 import { fixtureDir } from "./helpers/fixtures.js";
-import { post } from "./helpers/http-client.js";
+import { get, post } from "./helpers/http-client.js";
 
 /** The Worker behind a model's engine (replica `replica` of a replica set). */
 function workerOf(model: Model, replica?: number): Worker {
@@ -50,6 +50,7 @@ describe("an engine worker that dies", () => {
     const model = await loadModel(fixtureDir("tiny-bloom-a"), { strategy: "replicas", replicas: 2 });
     try {
       await workerOf(model, 0).terminate();
+      assert.equal(model.alive, true, "one replica still runs");
       // Let the exit event arrive.
       for (let i = 0; i < 100 && (model as unknown as { client: { clients: { alive: boolean }[] } }).client.clients[0]!.alive; i++) await new Promise((r) => setTimeout(r, 10));
       for (let round = 0; round < 3; round++) {
@@ -73,7 +74,13 @@ describe("an engine worker that dies", () => {
     const server = await startServer({ model, port: 0 });
     try {
       await server.ready;
+      assert.equal((await get(`${server.url}/health`)).status, 200);
       await workerOf(model).terminate();
+      // /health answers on the main thread (a long step must not fail it): a dead worker is a 503.
+      const health = await get(`${server.url}/health`);
+      assert.equal(health.status, 503);
+      assert.match(JSON.stringify(health.body), /the engine worker has stopped/);
+      assert.equal(model.alive, false);
       for (const [path, body] of [
         ["/generate", { inputs: "hello", parameters: { max_new_tokens: 3 } }],
         ["/v1/completions", { prompt: "hello", max_tokens: 3 }],

@@ -32,6 +32,8 @@ export interface EngineHandle {
   feed(entries: { session: number; tokens: number[]; logits: LogitsWanted }[]): Promise<Float32Array[]>;
   closeSession(session: number): Promise<boolean>;
   stats(): Promise<EngineStats>;
+  /** Whether an engine worker still runs (answered at once, even while a step computes). */
+  readonly alive: boolean;
   submit(promptIds: number[], params: GenerationParams, eosTokenIds: number[], handlers: GenerationHandlers): Promise<() => void>;
   dispose(): Promise<void>;
 }

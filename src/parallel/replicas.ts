@@ -16,6 +16,10 @@ export class ReplicaSet implements EngineHandle {
   private nextSession = 1;
   private readonly sessions = new Map<number, { replica: number; local: number }>();
 
+  get alive(): boolean {
+    return this.clients.some((c) => c.alive);
+  }
+
   private constructor(private readonly clients: EngineClient[]) {
     this.active = clients.map(() => 0);
     const first = clients[0]!.info;

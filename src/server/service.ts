@@ -4,6 +4,7 @@
  * disconnect or shutdown. Batching itself is the engine's (continuous, at token boundaries); this
  * only decides whether a request may enter the engine's queue at all.
  */
+import { setMaxListeners } from "node:events";
 import { BlossomError } from "../errors.js";
 import type { GenerationParams } from "../generate/params.js";
 import type { FinishReason } from "../generate/stopping.js";
@@ -97,6 +98,9 @@ export class GenerationService {
     }
     this.inFlight += count;
     const controller = new AbortController();
+    // Each of the request's sequences listens on its signal (and the route on top): no leak warning
+    // for a request of more than 10 prompts.
+    setMaxListeners(count + 10, controller.signal);
     this.controllers.add(controller);
     let released = false;
     return {
