@@ -6,6 +6,7 @@
 import { getMaxListeners, setMaxListeners } from "node:events";
 import { BlossomError, describeValue, knownOptions, parameterError } from "./errors.js";
 import { EngineClient, type EngineHandle } from "./engine/client.js";
+import { defaultKvCacheTokens, kvBytesPerToken, resolveKvDtype } from "./engine/kv-cache.js";
 import { ReplicaSet } from "./parallel/replicas.js";
 import { native } from "./backend/native.js";
 import type { EngineInfo, EngineStats, TokenUpdate, WorkerData } from "./engine/protocol.js";
@@ -287,9 +288,15 @@ export class Model {
       await EngineClient.follow(data);
       process.exit(0);
     }
+    const replicas = options.replicas ?? 2;
+    if (options.strategy === "replicas" && data.options.kvCacheTokens === undefined) {
+      // The replicas share the machine's memory: each takes its share of the default (and they are equal).
+      const perToken = kvBytesPerToken(config, resolveKvDtype(data.options.kvDtype));
+      data.options = { ...data.options, kvCacheTokens: defaultKvCacheTokens(perToken, replicas) };
+    }
     const starting: Promise<EngineHandle> =
       options.strategy === "replicas"
-        ? ReplicaSet.start(data, options.replicas ?? 2, options.threads ?? native().cpuInfo().physicalCores)
+        ? ReplicaSet.start(data, replicas, options.threads ?? native().cpuInfo().physicalCores)
         : EngineClient.start(data);
     let tokenizer: BloomTokenizer;
     try {

@@ -55,6 +55,11 @@ describe("tensor parallelism", { skip: ready ? false : why }, () => {
     assert.match(stdout, /out=In the beginning of the first month, in the first month/);
   });
 
+  test("ranks agree on the KV cache's size: the smallest rank's", async () => {
+    const { stdout } = await mpirun(2, [fileURLToPath(new URL("./helpers/tensor-kv-run.js", import.meta.url))]);
+    assert.deepEqual(JSON.parse(stdout.trim()), { capacity: 256, generated: 252 });
+  });
+
   test("more ranks than heads is refused clearly", async () => {
     await assert.rejects(mpirun(5, [helper, "tiny-bloom-a"]), /needs at least 5 attention heads; this model has 4/);
   });

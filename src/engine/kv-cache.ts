@@ -5,6 +5,7 @@
  * for keys and the same for values, fp32 or (option kvDtype) fp16 / bf16. The pool's memory is
  * reserved up front but only touched pages become resident.
  */
+import { freemem } from "node:os";
 import { kvDtypes, kvEntryBytes, type Backend, type KVDType, type KVLayer } from "../backend/backend.js";
 import { BlossomError } from "../errors.js";
 import type { KVCacheLayers } from "../models/bloom.js";
@@ -21,6 +22,14 @@ export interface KVCacheShape {
 /** Bytes one cached token takes across all layers (keys and values). */
 export function kvBytesPerToken(shape: Pick<KVCacheShape, "numLayers" | "numHeads" | "headDim">, dtype: KVDType = "fp32"): number {
   return 2 * shape.numLayers * shape.numHeads * shape.headDim * kvEntryBytes(dtype);
+}
+
+/**
+ * The default KV-cache capacity: what fits in a quarter of free memory, shared by `engines` engines
+ * on this machine (replicas, or tensor-parallel ranks), at least 4096 and at most 1M tokens each.
+ */
+export function defaultKvCacheTokens(bytesPerToken: number, engines = 1, freeBytes = freemem()): number {
+  return Math.min(1 << 20, Math.max(4096, Math.floor(freeBytes / 4 / engines / bytesPerToken)));
 }
 
 /** The KV-cache dtype option, validated ("fp32" when absent). */

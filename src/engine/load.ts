@@ -2,7 +2,6 @@
  * Builds a ready engine from a checkpoint folder: maps the files, validates and maps the weights,
  * sizes the KV cache. Runs wherever the engine runs (the worker thread, or in-process for tests).
  */
-import { freemem } from "node:os";
 import type { Backend } from "../backend/backend.js";
 import { CpuBackend, type LinearPanels } from "../backend/cpu.js";
 import { native } from "../backend/native.js";
@@ -14,7 +13,7 @@ import { BlossomError } from "../errors.js";
 import { BloomModel } from "../models/bloom.js";
 import { bloomTensors } from "../models/bloom-weights.js";
 import { Engine } from "./engine.js";
-import { KVCachePool, kvBytesPerToken, resolveKvDtype } from "./kv-cache.js";
+import { defaultKvCacheTokens, KVCachePool, kvBytesPerToken, resolveKvDtype } from "./kv-cache.js";
 import type { KVDType } from "../backend/backend.js";
 import type { TensorView } from "../checkpoint/safetensors.js";
 import { bloomModules, matrixBytesAs } from "../parallel/modules.js";
@@ -28,7 +27,7 @@ export interface EngineOptions {
   dtype?: WeightDType;
   threads?: number;
   backend?: Backend;
-  /** KV-cache capacity in tokens across all sequences (default: fits in a quarter of free memory, at least 4096 and at most 1M tokens). */
+  /** KV-cache capacity in tokens across all sequences (default: defaultKvCacheTokens, a quarter of free memory shared by the machine's ranks). */
   kvCacheTokens?: number;
   kvBlockSize?: number;
   /** How the KV cache stores keys and values (default fp32; fp16 / bf16 take half the memory and bandwidth). */
@@ -136,13 +135,17 @@ export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngi
     const blockSize = options.kvBlockSize ?? 16;
     const numHeads = shard?.numHeads ?? config.numHeads;
     const perToken = kvBytesPerToken({ numLayers: config.numLayers, numHeads, headDim: config.headDim }, kvDtype);
-    const tokens = options.kvCacheTokens ?? Math.min(1 << 20, Math.max(4096, Math.floor(freemem() / 4 / perToken)));
+    // Tensor-parallel ranks on one machine share its memory; their caches must have the same number
+    // of blocks (rank 0 hands out block ids that every rank uses): the smallest rank's.
+    const tokens = options.kvCacheTokens ?? defaultKvCacheTokens(perToken, world?.localSize ?? 1);
+    let numBlocks = Math.max(1, Math.ceil(tokens / blockSize));
+    if (comm) numBlocks = comm.minAcrossRanks(numBlocks);
     const kvCache = new KVCachePool(backend, {
       numLayers: config.numLayers,
       numHeads,
       headDim: config.headDim,
       blockSize,
-      numBlocks: Math.max(1, Math.ceil(tokens / blockSize)),
+      numBlocks,
       dtype: kvDtype,
     });
     const leader = comm && comm.rank === 0 ? comm : undefined;

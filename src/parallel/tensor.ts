@@ -78,6 +78,17 @@ export class MpiCollectives implements Collectives {
     return out;
   }
 
+  /** The smallest of every rank's `value` (each rank broadcasts its own in turn). */
+  minAcrossRanks(value: number): number {
+    let min = value;
+    for (let root = 0; root < this.size; root++) {
+      const v = Int32Array.of(root === this.rank ? value : 0);
+      native().mpiBroadcast(v, root);
+      min = Math.min(min, v[0]!);
+    }
+    return min;
+  }
+
   /** Rank 0: sends the step to the followers before computing it. */
   broadcastStep(step: ForwardStep): void {
     const header = Int32Array.of(1, step.tokenIds.length, step.batch.seqs.length, step.batch.blockTable.length, step.logitRows.length);

@@ -74,10 +74,12 @@ export async function startServer(serverOptions: ServerOptions): Promise<Blossom
     modelId,
     limits(model: Model): RequestLimits {
       const batchTotal = batchTotalTokens(model);
+      // One sequence lives in one engine: with replicas, in one replica's cache (and batch budget).
+      const perEngine = Math.min(Math.floor(model.info.kvCacheTokens / (model.info.replicas ?? 1)), options.maxBatchTotalTokens ?? Infinity);
       return {
         maxInputLength: options.maxInputLength,
         allowedMaxNewTokens: options.allowedMaxNewTokens,
-        maxTotalTokens: Math.min(batchTotal, options.maxInputLength + options.allowedMaxNewTokens),
+        maxTotalTokens: Math.min(perEngine, options.maxInputLength + options.allowedMaxNewTokens),
         maxBatchTotalTokens: batchTotal,
         maxStopSequences: options.maxStopSequences,
         maxBatchSize: options.maxBatchSize,

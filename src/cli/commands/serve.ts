@@ -46,7 +46,7 @@ export function registerServeCommand(program: Command): void {
       serverDefaults.maxBatchPrefillTokens,
     )
     .option("--max-stop-sequences <n>", "most stop sequences per request", parseInteger("--max-stop-sequences", 1), serverDefaults.maxStopSequences)
-    .option("--kv-cache-tokens <n>", "KV-cache capacity in tokens (default: a quarter of free memory)", parseInteger("--kv-cache-tokens", 1))
+    .option("--kv-cache-tokens <n>", "KV-cache capacity in tokens, per replica (default: a quarter of free memory, shared by the replicas or ranks)", parseInteger("--kv-cache-tokens", 1))
     .option("--shutdown-timeout <seconds>", "on SIGTERM, how long in-flight requests may run before they are cancelled", parseNumber("--shutdown-timeout", 0), serverDefaults.shutdownTimeoutMs / 1000)
     .addOption(new Option("--log-level <level>", "request and error logging").choices(["fatal", "error", "warn", "info", "debug", "trace", "silent"]).default("info"))
     .action(async (o: ServeCliOptions) => {
@@ -57,7 +57,8 @@ export function registerServeCommand(program: Command): void {
         // not end a follower while rank 0 drains its requests: it ends when rank 0 says so. (Open MPI's
         // mpirun, signalled itself, kills every rank shortly after anyway: stop rank 0 instead.)
         for (const signal of ["SIGTERM", "SIGINT"] as const) process.on(signal, () => undefined);
-        await loadModel(o.model, modelOptionsFromCli(o));
+        // Every rank's KV cache has rank 0's number of blocks (block ids are shared): the same option.
+        await loadModel(o.model, { ...modelOptionsFromCli(o), ...(o.kvCacheTokens !== undefined ? { kvCacheTokens: o.kvCacheTokens } : {}) });
         return;
       }
       const server = await startServer({
