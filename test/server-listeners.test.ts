@@ -1,9 +1,14 @@
 /**
- * A request of many prompts puts one abort listener per sequence on its signal: that is by design
- * (each is removed when its sequence ends), so it must not print Node's leak warning on every request.
+ * A request's abort signal: a request of many prompts puts listeners per sequence on it (by design,
+ * each removed when its sequence ends), which must not print Node's leak warning on every request;
+ * and an abort answers the sequence at once.
  */
 import assert from "node:assert/strict";
 import { test } from "node:test";
+import type { GenerationParams } from "../src/generate/params.js";
+import type { Model } from "../src/index.js";
+import { ServerMetrics } from "../src/server/metrics.js";
+import { CancelReason, GenerationService } from "../src/server/service.js";
 import { startServer } from "../src/server/server.js";
 import { fixtureDir } from "./helpers/fixtures.js";
 import { post } from "./helpers/http-client.js";
@@ -31,4 +36,34 @@ test("a request of 12 prompts prints no MaxListenersExceededWarning", async () =
     process.off("warning", onWarning);
     await server.close();
   }
+});
+
+test("a sequence cancelled by a shutdown or its client is answered at once, not at the engine's next step", { timeout: 60_000 }, async () => {
+  // A model whose stream is in a step that does not end (as a long prompt's chunk, for seconds):
+  // it delivers nothing until the test lets it finish.
+  let finish!: () => void;
+  const stepDone = new Promise<void>((resolve) => (finish = resolve));
+  const model = {
+    stream: () => ({
+      async *[Symbol.asyncIterator]() {
+        await stepDone;
+        yield { text: "late", finishReason: "cancelled" };
+      },
+    }),
+  } as unknown as Model;
+  const metrics = new ServerMetrics(() => 0);
+  const service = new GenerationService(metrics, 8);
+  service.model = model;
+  service.state = "ready";
+  for (const by of ["shutdown", "client"] as const) {
+    const { controller, release } = service.admit(1);
+    const run = service.run({ promptIds: [5, 6], params: {} as GenerationParams, signal: controller.signal });
+    controller.abort(new CancelReason(by));
+    const result = await run;
+    assert.equal(result.finishReason, "cancelled");
+    assert.equal(result.cancelledBy, by);
+    assert.equal(result.text, "");
+    release();
+  }
+  finish();
 });

@@ -98,9 +98,9 @@ export class GenerationService {
     }
     this.inFlight += count;
     const controller = new AbortController();
-    // Each of the request's sequences listens on its signal (and the route on top): no leak warning
-    // for a request of more than 10 prompts.
-    setMaxListeners(count + 10, controller.signal);
+    // Each of the request's sequences listens on its signal twice (its run here and the model's
+    // stream), the route on top: no leak warning for a request of more than a few prompts.
+    setMaxListeners(2 * count + 10, controller.signal);
     this.controllers.add(controller);
     let released = false;
     return {
@@ -129,8 +129,40 @@ export class GenerationService {
     const tokens: GeneratedToken[] = [];
     let text = "";
     let finishReason: FinishReason | "cancelled" = "cancelled";
+    // Cancelled by the client or a shutdown, the answer goes out at once: the engine ends the
+    // sequence at its next step boundary, which can be seconds away while a long prompt's chunk
+    // computes (a shutdown's 503 waited for it). What the stream still delivers is dropped. (A
+    // deadline's answer is the text so far, held-back text included: it waits for the end.)
+    const stream = model.stream(promptIds, { ...params, signal })[Symbol.asyncIterator]();
+    let onAbort: (() => void) | undefined;
+    const aborted = new Promise<"aborted">((resolve) => {
+      onAbort = () => {
+        const reason: unknown = signal.reason;
+        if (!(reason instanceof CancelReason && reason.by === "deadline")) resolve("aborted");
+      };
+      if (signal.aborted) onAbort();
+      else signal.addEventListener("abort", onAbort, { once: true });
+    });
+    const events = (async function* () {
+      for (;;) {
+        const next = await Promise.race([stream.next(), aborted]);
+        if (next === "aborted") {
+          // Let the run end by itself (it was cancelled); nothing waits for it.
+          void (async () => {
+            try {
+              while (!(await stream.next()).done);
+            } catch {
+              // it ended with an error nobody is waiting for
+            }
+          })();
+          return;
+        }
+        if (next.done) return;
+        yield next.value;
+      }
+    })();
     try {
-      for await (const event of model.stream(promptIds, { ...params, signal })) {
+      for await (const event of events) {
         text += event.text;
         if (event.token) {
           const now = performance.now();
@@ -149,6 +181,7 @@ export class GenerationService {
         if (event.finishReason) finishReason = event.finishReason;
       }
     } catch (err) {
+      signal.removeEventListener("abort", onAbort!);
       // The engine failed this sequence (its worker died, or its token choice failed): a 5xx-class
       // answer that says so; the client's own mistakes keep their 4xx.
       if (err instanceof BlossomError && err.code === "internal") {
@@ -157,6 +190,7 @@ export class GenerationService {
       }
       throw err;
     }
+    signal.removeEventListener("abort", onAbort!);
     this.metrics.finished.inc({ reason: finishReason });
     const result: SequenceResult = { text, tokens, finishReason };
     if (finishReason === "cancelled") {
