@@ -46,6 +46,8 @@ export async function startServer(serverOptions: ServerOptions): Promise<Blossom
   const options = resolveServerOptions(serverOptions);
   const modelId = serverOptions.modelId ?? defaultModelId(serverOptions.model);
   const logger = serverOptions.logger ?? false;
+  let service!: GenerationService;
+  const metrics = new ServerMetrics(() => service.sequencesInFlight);
   const app = Fastify({
     logger: logger === false ? false : { level: logger === true ? "info" : logger },
     // Request bodies hold prompts; 4 MiB is far above --max-input-length tokens of text.
@@ -58,13 +60,13 @@ export async function startServer(serverOptions: ServerOptions): Promise<Blossom
     routerOptions: { ignoreTrailingSlash: false },
     // A URL the router cannot decode ("/health%") is answered in the API's own error shape, not fastify's.
     frameworkErrors: (err, request, reply) => {
+      // Answered before the onRequest hooks run: counted here, under route "unmatched".
+      metrics.requests.inc({ route: "unmatched", method: request.method, status: "400" });
       void (reply as FastifyReply).code(400).send(errorBody(new HttpError("malformed", `url: ${err.message}`), familyOf(request as FastifyRequest)));
     },
   });
 
   const batchTotalTokens = (model: Model) => Math.min(model.info.kvCacheTokens, options.maxBatchTotalTokens ?? Infinity);
-  let service!: GenerationService;
-  const metrics = new ServerMetrics(() => service.sequencesInFlight);
   service = new GenerationService(metrics, options.maxConcurrentRequests);
 
   const context: ServerContext = {
