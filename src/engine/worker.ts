@@ -35,7 +35,7 @@ export function serializeError(err: unknown): SerializedError {
 class Worker {
   private readonly queue: Request[] = [];
   /** forward / score requests waiting for KV blocks that running generations hold or have been promised. */
-  private readonly deferred: Request[] = [];
+  private readonly deferred: JobRequest[] = [];
   private readonly sessions = new Map<number, Sequence>();
   /** The forward / score being fed in chunks, a generation step between chunks. */
   private active: ChunkedJob | undefined;
@@ -115,14 +115,13 @@ class Worker {
   }
 
   /**
-   * Blocks a one-off step over fresh sequences (forward, score) needs, or undefined for other requests.
+   * Blocks a forward or score (fresh sequences) needs.
    * Such a step runs only on blocks no running generation is owed; otherwise it waits its turn.
    */
-  private freshBlocks(request: Request): number | undefined {
+  private freshBlocks(request: JobRequest): number {
     const kv = this.loaded.engine.kvCache;
     if (request.type === "forward") return request.sequences.reduce((a, tokens) => a + kv.blocksFor(tokens.length), 0);
-    if (request.type === "score") return request.sequences.reduce((a, s) => a + kv.blocksFor(s.tokens.length), 0);
-    return undefined;
+    return request.sequences.reduce((a, s) => a + kv.blocksFor(s.tokens.length), 0);
   }
 
   /** Blocks free and promised to no running generation. */
@@ -134,7 +133,7 @@ class Worker {
   private runDeferred(): boolean {
     const head = this.deferred[0];
     if (!head || this.active) return false;
-    const need = this.freshBlocks(head) ?? 0;
+    const need = this.freshBlocks(head);
     if (need > this.unpromisedBlocks()) {
       if (this.scheduler.runningCount > 0) return false; // running generations will free their blocks
       // Only open sessions hold the rest: waiting would be forever.
@@ -149,7 +148,7 @@ class Worker {
       });
     } else {
       this.deferred.shift();
-      this.handle(head);
+      this.startJob(head);
     }
     this.updateHold();
     return true;
@@ -161,7 +160,7 @@ class Worker {
    */
   private updateHold(): void {
     const head = this.deferred[0];
-    this.scheduler.holdBlocks = (this.active?.remainingBlocks() ?? 0) + (head ? (this.freshBlocks(head) ?? 0) : 0);
+    this.scheduler.holdBlocks = (this.active?.remainingBlocks() ?? 0) + (head ? this.freshBlocks(head) : 0);
   }
 
   /** Starts a forward / score (checked whole before anything is fed); its chunks run from the loop. */
@@ -194,19 +193,19 @@ class Worker {
     while (!this.disposed) {
       const request = this.queue.shift();
       if (request) {
-        const need = this.freshBlocks(request);
+        const need = isJobRequest(request) ? this.freshBlocks(request) : 0;
         if (!isJobRequest(request)) {
           this.handle(request);
-        } else if (need !== undefined && need > this.loaded.engine.kvCache.numBlocks) {
+        } else if (need > this.loaded.engine.kvCache.numBlocks) {
           // One that could never fit is refused at once, not queued.
           const kv = this.loaded.engine.kvCache;
           send({ type: "error", id: request.id, error: serializeError(new BlossomError("memory", `this ${request.type} needs ${need} blocks of ${kv.blockSize} tokens; the KV cache has ${kv.numBlocks} (capacity ${kv.capacityTokens} tokens)`)) });
-        } else if (this.active || this.deferred.length > 0 || (need ?? 0) > this.unpromisedBlocks()) {
+        } else if (this.active || this.deferred.length > 0 || need > this.unpromisedBlocks()) {
           // Wait for room and for the job before it, in order; admission keeps the head's blocks back meanwhile.
           this.deferred.push(request);
           this.updateHold();
         } else {
-          this.handle(request);
+          this.startJob(request);
         }
       } else if (this.active && (this.jobTurn || !this.scheduler.prefilling())) {
         // A chunk of the job, then the running generations' decode step: neither waits for the
@@ -248,8 +247,7 @@ class Worker {
     }
   }
 
-  private handle(request: Request): void {
-    if (isJobRequest(request)) return this.startJob(request);
+  private handle(request: Exclude<Request, JobRequest>): void {
     try {
       const result = this.execute(request);
       if (result instanceof Promise) throw new Error("unexpected async result");
@@ -260,7 +258,7 @@ class Worker {
     }
   }
 
-  private execute(request: Request): unknown {
+  private execute(request: Exclude<Request, JobRequest>): unknown {
     const { engine } = this.loaded;
     switch (request.type) {
       case "feed": {
