@@ -175,12 +175,6 @@ export class Scheduler {
     return this.waiting.length > 0 || this.running.some((r) => r.fed < r.request.promptIds.length);
   }
 
-  /** What is left of `budget` once the sequences still being prefilled take their share, in arrival order. */
-  private prefillBudgetLeft(budget: number): number {
-    for (const r of this.running) if (r.fed < r.request.promptIds.length) budget -= Math.min(budget, r.request.promptIds.length - r.fed);
-    return budget;
-  }
-
   /**
    * One forward step over the running batch plus newly admitted requests. Returns the token
    * updates, and the ids of cancelled sequences that were retired.
@@ -195,27 +189,30 @@ export class Scheduler {
         retiredCancelled.push(r.request.id);
       }
     }
-    const admitted = this.admit(this.prefillBudgetLeft(prefillBudget));
-    // Every decoding sequence takes its last token; prompts are fed in arrival order within the budget.
+    // Every decoding sequence takes its last token; prompts are fed in arrival order within the
+    // budget, the running ones first, then those admitted with what is left.
     let budget = prefillBudget;
     const fed: { running: Running; tokens: number }[] = [];
     const entries: StepEntry[] = [];
-    const choosing: Running[] = [];
-    for (const r of [...this.running, ...admitted]) {
+    const batch: Running[] = []; // the sequences that choose a token this step
+    const add = (r: Running) => {
       const left = r.request.promptIds.length - r.fed;
       if (left === 0) {
         entries.push({ sequence: r.sequence, tokens: [r.tokens[r.tokens.length - 1]!], logits: "last" });
-        choosing.push(r);
-        continue;
+        batch.push(r);
+        return;
       }
       const n = Math.min(left, budget);
-      if (n === 0) continue;
+      if (n === 0) return;
       budget -= n;
       const last = n === left;
       entries.push({ sequence: r.sequence, tokens: r.request.promptIds.slice(r.fed, r.fed + n), logits: last ? "last" : "none" });
       fed.push({ running: r, tokens: n });
-      if (last) choosing.push(r);
-    }
+      if (last) batch.push(r);
+    };
+    this.running.forEach(add);
+    const admitted = this.admit(budget);
+    admitted.forEach(add);
     if (entries.length === 0) return { updates: [], retiredCancelled, failed };
     let stepLogits: Float32Array[];
     try {
@@ -229,7 +226,6 @@ export class Scheduler {
     this.running.push(...admitted);
     this.steps++;
     const logits = stepLogits.filter((_, i) => entries[i]!.logits === "last");
-    const batch = choosing;
     const updates: TokenUpdate[] = [];
     const finished = new Set<Running>();
     for (const f of fed) {
