@@ -458,7 +458,7 @@ export class Model {
     }
     // Up to 8 windows a step, as many as one engine's KV cache holds at once.
     const { kvBlockSize } = await this.client.stats();
-    const engineBlocks = Math.floor(this.info.kvCacheTokens / (this.info.replicas ?? 1) / kvBlockSize);
+    const engineBlocks = Math.floor(this.kvCacheTokensPerEngine / kvBlockSize);
     const longest = Math.max(...windows.map((w) => w.tokens.length));
     const perBatch = Math.min(8, Math.floor(engineBlocks / Math.ceil(longest / kvBlockSize)));
     if (perBatch < 1) {
@@ -518,6 +518,11 @@ export class Model {
 
   stats(): Promise<EngineStats> {
     return this.client.stats();
+  }
+
+  /** KV-cache capacity of one engine (a replica's with strategy replicas): the most one sequence can hold. */
+  get kvCacheTokensPerEngine(): number {
+    return Math.floor(this.info.kvCacheTokens / (this.info.replicas ?? 1));
   }
 
   /** Whether the engine worker (a replica's, at least) still runs: false once it has died or the model was disposed. */

@@ -77,7 +77,7 @@ export async function startServer(serverOptions: ServerOptions): Promise<Blossom
     limits(model: Model): RequestLimits {
       const batchTotal = batchTotalTokens(model);
       // One sequence lives in one engine: with replicas, in one replica's cache (and batch budget).
-      const perEngine = Math.min(Math.floor(model.info.kvCacheTokens / (model.info.replicas ?? 1)), options.maxBatchTotalTokens ?? Infinity);
+      const perEngine = Math.min(model.kvCacheTokensPerEngine, options.maxBatchTotalTokens ?? Infinity);
       return {
         maxInputLength: options.maxInputLength,
         allowedMaxNewTokens: options.allowedMaxNewTokens,
