@@ -4,9 +4,10 @@
  * and an abort answers the sequence at once.
  */
 import assert from "node:assert/strict";
+import { getEventListeners } from "node:events";
 import { test } from "node:test";
-import type { GenerationParams } from "../src/generate/params.js";
-import type { Model } from "../src/index.js";
+import { defaultGenerationParams, type GenerationParams } from "../src/generate/params.js";
+import { loadModel, type Model } from "../src/index.js";
 import { ServerMetrics } from "../src/server/metrics.js";
 import { CancelReason, GenerationService } from "../src/server/service.js";
 import { startServer } from "../src/server/server.js";
@@ -66,4 +67,28 @@ test("a sequence cancelled by a shutdown or its client is answered at once, not 
     release();
   }
   finish();
+});
+
+test("a route whose token handler throws cancels its sequence in the engine (not left generating for nobody)", async () => {
+  const model = await loadModel(fixtureDir("tiny-bloom-a"), { kvCacheTokens: 4096 });
+  try {
+    const service = new GenerationService(new ServerMetrics(() => 0), 8);
+    service.model = model;
+    service.state = "ready";
+    const { controller, release } = service.admit(1);
+    const params = { ...defaultGenerationParams, maxNewTokens: 3000, minNewTokens: 3000 };
+    await assert.rejects(
+      service.run({ promptIds: [5, 6, 7], params, signal: controller.signal, onToken: () => { throw new Error("route failed"); } }),
+      /route failed/,
+    );
+    release();
+    let stats = await model.stats();
+    for (let i = 0; i < 1000 && stats.running > 0; i++) stats = await model.stats();
+    assert.equal(stats.running, 0);
+    assert.ok(stats.generatedTokens < 3000, `${stats.generatedTokens} tokens generated`);
+    assert.equal(stats.kvBlocksFree, stats.kvBlocksTotal);
+    assert.equal(getEventListeners(controller.signal, "abort").length, 0);
+  } finally {
+    await model.dispose();
+  }
 });

@@ -78,11 +78,11 @@ export class MpiCollectives implements Collectives {
     return out;
   }
 
-  /** The smallest of every rank's `value` (each rank broadcasts its own in turn). */
+  /** The smallest of every rank's `value`, a safe integer (each rank broadcasts its own in turn). */
   minAcrossRanks(value: number): number {
     let min = value;
     for (let root = 0; root < this.size; root++) {
-      const v = Int32Array.of(root === this.rank ? value : 0);
+      const v = Float64Array.of(root === this.rank ? value : 0);
       native().mpiBroadcast(v, root);
       min = Math.min(min, v[0]!);
     }

@@ -144,21 +144,31 @@ export class GenerationService {
       else signal.addEventListener("abort", onAbort, { once: true });
     });
     const events = (async function* () {
-      for (;;) {
-        const next = await Promise.race([stream.next(), aborted]);
-        if (next === "aborted") {
-          // Let the run end by itself (it was cancelled); nothing waits for it.
-          void (async () => {
-            try {
-              while (!(await stream.next()).done);
-            } catch {
-              // it ended with an error nobody is waiting for
-            }
-          })();
-          return;
+      let ended = false;
+      try {
+        for (;;) {
+          const next = await Promise.race([stream.next(), aborted]);
+          if (next === "aborted") {
+            // Let the run end by itself (it was cancelled); nothing waits for it.
+            ended = true;
+            void (async () => {
+              try {
+                while (!(await stream.next()).done);
+              } catch {
+                // it ended with an error nobody is waiting for
+              }
+            })();
+            return;
+          }
+          if (next.done) {
+            ended = true;
+            return;
+          }
+          yield next.value;
         }
-        if (next.done) return;
-        yield next.value;
+      } finally {
+        // The loop below stopped early (its own code threw): closing the stream cancels the sequence.
+        if (!ended) void stream.return?.(undefined).catch(() => undefined);
       }
     })();
     try {
