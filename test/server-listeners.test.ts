@@ -9,6 +9,7 @@ import { test } from "node:test";
 import { defaultGenerationParams, type GenerationParams } from "../src/generate/params.js";
 import { loadModel, type Model } from "../src/index.js";
 import { ServerMetrics } from "../src/server/metrics.js";
+import { HttpError } from "../src/server/http-error.js";
 import { CancelReason, GenerationService } from "../src/server/service.js";
 import { startServer } from "../src/server/server.js";
 import { fixtureDir } from "./helpers/fixtures.js";
@@ -91,4 +92,39 @@ test("a route whose token handler throws cancels its sequence in the engine (not
   } finally {
     await model.dispose();
   }
+});
+
+test("a sequence answered as cancelled counts against --max-concurrent-requests until the engine has dropped it", { timeout: 60_000 }, async () => {
+  let finish!: () => void;
+  const stepDone = new Promise<void>((resolve) => (finish = resolve));
+  const model = {
+    stream: () => ({
+      async *[Symbol.asyncIterator]() {
+        await stepDone;
+        yield { text: "", finishReason: "cancelled" };
+      },
+    }),
+  } as unknown as Model;
+  const service = new GenerationService(new ServerMetrics(() => 0), 1);
+  service.model = model;
+  service.state = "ready";
+  const { controller, release } = service.admit(1);
+  const run = service.run({ promptIds: [5, 6], params: {} as GenerationParams, signal: controller.signal });
+  controller.abort(new CancelReason("client"));
+  assert.equal((await run).cancelledBy, "client");
+  release();
+  // The engine still holds it (its step has not ended): no room yet.
+  assert.throws(() => service.admit(1), (e: unknown) => e instanceof HttpError && /1 sequences are in flight and the limit is 1/.test(e.message));
+  finish();
+  let admitted: { release: () => void } | undefined;
+  for (let i = 0; i < 100 && !admitted; i++) {
+    await new Promise((resolve) => setImmediate(resolve));
+    try {
+      admitted = service.admit(1);
+    } catch {
+      // not yet
+    }
+  }
+  assert.ok(admitted, "room once the engine dropped the sequence");
+  admitted.release();
 });

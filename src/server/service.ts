@@ -50,6 +50,11 @@ export class GenerationService {
   model: Model | undefined;
   loadError: Error | undefined;
   private inFlight = 0;
+  /**
+   * Sequences answered as cancelled that the engine has not dropped yet (it does so at its next step
+   * boundary): they still count against --max-concurrent-requests.
+   */
+  private lingering = 0;
   private readonly controllers = new Set<AbortController>();
   private idleWaiters: (() => void)[] = [];
 
@@ -58,8 +63,9 @@ export class GenerationService {
     private readonly maxConcurrent: number,
   ) {}
 
+  /** Sequences admitted and not yet ended in the engine (what --max-concurrent-requests counts). */
   get sequencesInFlight(): number {
-    return this.inFlight;
+    return this.inFlight + this.lingering;
   }
 
   /** The model, or 503 while loading / after a failed load / while shutting down. */
@@ -89,11 +95,11 @@ export class GenerationService {
       // Never admissible, so not a "retry later" (clients retry a 429 by themselves).
       throw new HttpError("validation", `${count} prompts in one request exceed --max-concurrent-requests (${this.maxConcurrent}); send at most ${this.maxConcurrent}`);
     }
-    if (this.inFlight + count > this.maxConcurrent) {
+    if (this.sequencesInFlight + count > this.maxConcurrent) {
       this.metrics.overloaded.inc();
       throw new HttpError(
         "overloaded",
-        `Model is overloaded: ${this.inFlight} sequences are in flight and the limit is ${this.maxConcurrent} (--max-concurrent-requests); retry later`,
+        `Model is overloaded: ${this.sequencesInFlight} sequences are in flight and the limit is ${this.maxConcurrent} (--max-concurrent-requests); retry later`,
       );
     }
     this.inFlight += count;
@@ -134,6 +140,7 @@ export class GenerationService {
     // computes (a shutdown's 503 waited for it). What the stream still delivers is dropped. (A
     // deadline's answer is the text so far, held-back text included: it waits for the end.)
     const stream = model.stream(promptIds, { ...params, signal })[Symbol.asyncIterator]();
+    const lingering = { begin: () => this.lingering++, end: () => this.lingering-- };
     let onAbort: (() => void) | undefined;
     const aborted = new Promise<"aborted">((resolve) => {
       onAbort = () => {
@@ -151,11 +158,14 @@ export class GenerationService {
           if (next === "aborted") {
             // Let the run end by itself (it was cancelled); nothing waits for it.
             ended = true;
+            lingering.begin();
             void (async () => {
               try {
                 while (!(await stream.next()).done);
               } catch {
                 // it ended with an error nobody is waiting for
+              } finally {
+                lingering.end();
               }
             })();
             return;
