@@ -40,9 +40,11 @@ test("a request of 12 prompts prints no MaxListenersExceededWarning", async () =
   }
 });
 
-test("a sequence cancelled by a shutdown or its client is answered at once, not at the engine's next step", { timeout: 60_000 }, async () => {
-  // A model whose stream is in a step that does not end (as a long prompt's chunk, for seconds):
-  // it delivers nothing until the test lets it finish.
+/**
+ * A service over a model whose stream is in a step that does not end (as a long prompt's chunk, for
+ * seconds): it delivers nothing until the test calls finish().
+ */
+function serviceInLongStep(maxConcurrent: number): { service: GenerationService; finish: () => void } {
   let finish!: () => void;
   const stepDone = new Promise<void>((resolve) => (finish = resolve));
   const model = {
@@ -53,10 +55,14 @@ test("a sequence cancelled by a shutdown or its client is answered at once, not 
       },
     }),
   } as unknown as Model;
-  const metrics = new ServerMetrics(() => 0);
-  const service = new GenerationService(metrics, 8);
+  const service = new GenerationService(new ServerMetrics(() => 0), maxConcurrent);
   service.model = model;
   service.state = "ready";
+  return { service, finish };
+}
+
+test("a sequence cancelled by a shutdown or its client is answered at once, not at the engine's next step", { timeout: 60_000 }, async () => {
+  const { service, finish } = serviceInLongStep(8);
   for (const by of ["shutdown", "client"] as const) {
     const { controller, release } = service.admit(1);
     const run = service.run({ promptIds: [5, 6], params: {} as GenerationParams, signal: controller.signal });
@@ -95,19 +101,7 @@ test("a route whose token handler throws cancels its sequence in the engine (not
 });
 
 test("a sequence answered as cancelled counts against --max-concurrent-requests until the engine has dropped it", { timeout: 60_000 }, async () => {
-  let finish!: () => void;
-  const stepDone = new Promise<void>((resolve) => (finish = resolve));
-  const model = {
-    stream: () => ({
-      async *[Symbol.asyncIterator]() {
-        await stepDone;
-        yield { text: "", finishReason: "cancelled" };
-      },
-    }),
-  } as unknown as Model;
-  const service = new GenerationService(new ServerMetrics(() => 0), 1);
-  service.model = model;
-  service.state = "ready";
+  const { service, finish } = serviceInLongStep(1);
   const { controller, release } = service.admit(1);
   const run = service.run({ promptIds: [5, 6], params: {} as GenerationParams, signal: controller.signal });
   controller.abort(new CancelReason("client"));
