@@ -9,6 +9,7 @@ export type { BloomConfig } from "./checkpoint/config.js";
 export type { GenerationParams, GenerationParamsInput } from "./generate/params.js";
 export type { FinishReason } from "./generate/stopping.js";
 export type { EngineInfo, EngineStats } from "./engine/protocol.js";
+export type { MappedWeightsReport } from "./backend/backend.js";
 export { startServer } from "./server/server.js";
 export type { BlossomServer } from "./server/server.js";
 export type { ServerOptions } from "./server/options.js";

@@ -8,6 +8,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <memory>
 #include <vector>
@@ -19,6 +20,7 @@
 #include "mpi_bindings.h"
 #include "kernels.h"
 #include "memory.h"
+#include <cmath>
 #include "probes.h"
 #include "quant.h"
 
@@ -262,6 +264,31 @@ Napi::Value Advise(const Napi::CallbackInfo& info) {
   else if (how == "nohugepage") advise_nohugepage(p, static_cast<size_t>(length));
   else type_error(info.Env(), "advise: expected 'willneed', 'dontneed' or 'nohugepage'");
   return info.Env().Undefined();
+}
+
+// settleFilePages(fileRegion, ranges: Float64Array of (byteOffset, byteLength) pairs)
+//   -> { eligibleBytes, beforeBytes, afterBytes, reread } (memory.h, settle_file_pages); all 0 for
+//   a region that is not a file mapping
+Napi::Value SettleFilePages(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  Tracked* t = region_arg(info, 0, "settleFilePages");
+  auto ranges = typed<double>(info, 1, "settleFilePages: ranges", napi_float64_array);
+  if (ranges.length % 2 != 0) range_error(env, "settleFilePages: ranges must hold (byteOffset, byteLength) pairs");
+  std::vector<std::pair<size_t, size_t>> list;
+  for (size_t i = 0; i < ranges.length; i += 2) {
+    const double o = ranges.data[i], n = ranges.data[i + 1];
+    if (!(o >= 0 && n >= 0 && o + n <= static_cast<double>(t->region.size)) || o != std::floor(o) || n != std::floor(n)) {
+      range_error(env, "settleFilePages: range " + std::to_string(i / 2) + " is not inside the mapping");
+    }
+    list.emplace_back(static_cast<size_t>(o), static_cast<size_t>(n));
+  }
+  SettleReport rep = t->shared ? settle_file_pages(t->region, list) : SettleReport{};
+  auto o = Napi::Object::New(env);
+  o.Set("eligibleBytes", Napi::Number::New(env, static_cast<double>(rep.eligible)));
+  o.Set("beforeBytes", Napi::Number::New(env, static_cast<double>(rep.before)));
+  o.Set("afterBytes", Napi::Number::New(env, static_cast<double>(rep.after)));
+  o.Set("reread", Napi::Boolean::New(env, rep.reread));
+  return o;
 }
 
 // residentBytes() -> this process's resident set; residentBytes(buffer) -> how much of that
@@ -847,6 +874,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("view", Napi::Function::New(env, View_));
   exports.Set("advise", Napi::Function::New(env, Advise));
   exports.Set("residentBytes", Napi::Function::New(env, ResidentBytes));
+  exports.Set("settleFilePages", Napi::Function::New(env, SettleFilePages));
   exports.Set("readFile", Napi::Function::New(env, ReadFile));
   exports.Set("sliceColumns", Napi::Function::New(env, SliceColumns));
   exports.Set("toPanels", Napi::Function::New(env, ToPanels));

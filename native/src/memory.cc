@@ -9,6 +9,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
+#include <cmath>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -86,6 +88,9 @@ Region map_file(const std::string& path) {
   close(fd);
   if (p == MAP_FAILED) throw std::runtime_error(path + ": mmap failed (" + std::strerror(e) + ")");
   r.data = p;
+  r.path = path;
+  r.device = static_cast<unsigned long long>(st.st_dev);
+  r.inode = static_cast<unsigned long long>(st.st_ino);
   return r;
 }
 
@@ -159,6 +164,139 @@ size_t resident_bytes_in(const void* data, size_t size) {
   size_t pages = 0;
   for (unsigned char v : vec) pages += v & 1;
   return pages * page;
+}
+
+// ---- settling a file mapping in 2 MiB folios -------------------------------------------------
+// Whether the page cache can hold a file in 2 MiB folios depends on how its pages got there. Read
+// through a VM_HUGEPAGE mapping (map_huge_aligned), they arrive in PMD-sized folios that the kernel
+// maps with one entry each; written by a process (a checkpoint just downloaded or converted) or read
+// with read(), they sit in smaller folios, and a mapping of them takes 512 entries per 2 MiB for as
+// long as they stay cached. Decoding streams every weight once per token, and on the development
+// machine (bloom-560m bf16, the same checkpoint in both states, steps alternated in one process) it
+// ran 2.0-2.5 % faster per step from 2 MiB folios (see README, decode). settle_file_pages moves a
+// file to the better state once, at load: it drops the cached pages nobody else maps
+// (posix_fadvise DONTNEED) and reads them again through the mapping. That costs one read of the
+// file from disk, so it is done only where it helps: first on a 2 MiB-aligned window as a probe
+// (nothing more if the filesystem or the kernel gives no 2 MiB folios), and not at all when the
+// pages are already mapped 2 MiB at a time.
+namespace {
+
+// Sum of FilePmdMapped over the mappings of this process overlapping [begin, end), from /proc/self/smaps.
+size_t file_pmd_mapped(uintptr_t begin, uintptr_t end) {
+  FILE* f = std::fopen("/proc/self/smaps", "r");
+  if (!f) return 0;
+  char line[512];
+  bool inside = false;
+  size_t kb = 0;
+  while (std::fgets(line, sizeof line, f)) {
+    unsigned long long lo = 0, hi = 0;
+    // A mapping's header line: "lo-hi perms offset dev inode path"; field lines start with a capital.
+    if ((line[0] >= '0' && line[0] <= '9') || (line[0] >= 'a' && line[0] <= 'f')) {
+      if (std::sscanf(line, "%llx-%llx", &lo, &hi) == 2) inside = lo < end && begin < hi;
+      continue;
+    }
+    unsigned long long v = 0;
+    if (inside && std::sscanf(line, "FilePmdMapped: %llu kB", &v) == 1) kb += v;
+  }
+  std::fclose(f);
+  return static_cast<size_t>(kb) * 1024;
+}
+
+// Reads one byte of every page of [p, p+n): faults the range in.
+void touch_pages(const uint8_t* p, size_t n) {
+  const size_t page = page_size();
+  unsigned sum = 0;
+  for (size_t i = 0; i < n; i += page) sum += *static_cast<const volatile uint8_t*>(p + i);
+  if (n) sum += *static_cast<const volatile uint8_t*>(p + n - 1);
+  (void)sum;
+}
+
+// Drops [offset, offset+length) of the file from this mapping and, where no one else maps them, from
+// the page cache (dirty pages are written first, so none is kept back). False if the file is no longer
+// the one mapped (replaced since) or cannot be opened.
+bool evict_file_range(const Region& r, size_t offset, size_t length) {
+  int fd = open(r.path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  struct stat st;
+  bool same = fstat(fd, &st) == 0 && static_cast<unsigned long long>(st.st_dev) == r.device &&
+              static_cast<unsigned long long>(st.st_ino) == r.inode;
+  if (same) {
+    madvise(static_cast<uint8_t*>(r.data) + offset, length, MADV_DONTNEED);
+#ifdef __linux__
+    sync_file_range(fd, static_cast<off_t>(offset), static_cast<off_t>(length),
+                    SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
+#endif
+    posix_fadvise(fd, static_cast<off_t>(offset), static_cast<off_t>(length), POSIX_FADV_DONTNEED);
+  }
+  close(fd);
+  return same;
+}
+
+// Whether transparent huge pages may back a madvise(MADV_HUGEPAGE) mapping at all.
+bool thp_possible() {
+  FILE* f = std::fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
+  if (!f) return false;
+  char buf[128] = {0};
+  const size_t n = std::fread(buf, 1, sizeof buf - 1, f);
+  std::fclose(f);
+  return n > 0 && std::strstr(buf, "[never]") == nullptr;
+}
+
+}  // namespace
+
+SettleReport settle_file_pages(const Region& r, const std::vector<std::pair<size_t, size_t>>& ranges) {
+  // One at a time: replicas loading the same checkpoint share its mapping, and the second finds it settled.
+  static std::mutex mutex;
+  std::lock_guard<std::mutex> lock(mutex);
+  SettleReport rep;
+  if (!r.data || r.path.empty()) return rep;
+  auto* base = static_cast<uint8_t*>(r.data);
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(base), end = begin + r.size;
+  // The ranges clipped to the file, and the runs of whole 2 MiB pieces of the file they touch: a
+  // piece is mapped by one entry only if all of it is one folio, so it is dropped and read whole
+  // (the bytes between two tensors used in place, a bias or a norm copied at load, come with it).
+  std::vector<std::pair<size_t, size_t>> clipped, runs;
+  const size_t whole = r.size / kHugePage * kHugePage;
+  for (auto [offset, length] : ranges) {
+    if (offset >= r.size || length == 0) continue;
+    const size_t hi = offset + std::min(length, r.size - offset);
+    clipped.emplace_back(offset, hi - offset);
+    const size_t h0 = offset / kHugePage * kHugePage, h1 = std::min(whole, (hi + kHugePage - 1) / kHugePage * kHugePage);
+    if (h1 > h0) runs.emplace_back(h0, h1);
+  }
+  std::sort(runs.begin(), runs.end());
+  std::vector<std::pair<size_t, size_t>> merged;  // (offset, length)
+  for (auto [h0, h1] : runs) {
+    if (!merged.empty() && h0 <= merged.back().first + merged.back().second) {
+      merged.back().second = std::max(merged.back().second, h1 - merged.back().first);
+    } else {
+      merged.emplace_back(h0, h1 - h0);
+    }
+  }
+  for (auto [o, n] : merged) rep.eligible += n;
+  for (auto [o, n] : clipped) touch_pages(base + o, n);
+  rep.before = rep.after = file_pmd_mapped(begin, end);
+  // Nothing a 2 MiB entry could map, the mapping not asked for 2 MiB pages, or at most 1/16 missing.
+  if (rep.eligible == 0 || !huge_file_mappings() || !thp_possible() ||
+      (reinterpret_cast<uintptr_t>(base) & (kHugePage - 1)) != 0 || rep.before + rep.eligible / 16 >= rep.eligible) {
+    return rep;
+  }
+  // Probe: the first 2 MiB piece of the longest run, dropped and read again.
+  auto longest = *std::max_element(merged.begin(), merged.end(), [](auto a, auto b) { return a.second < b.second; });
+  if (!evict_file_range(r, longest.first, kHugePage)) return rep;
+  const size_t dropped = file_pmd_mapped(begin, end);
+  touch_pages(base + longest.first, kHugePage);
+  const size_t probed = file_pmd_mapped(begin, end);
+  if (probed < dropped + kHugePage) {
+    rep.after = probed;
+    return rep;  // the page cache gave no 2 MiB folio: leave the rest as it is
+  }
+  for (auto [o, n] : merged) evict_file_range(r, o, n);
+  for (auto [o, n] : merged) touch_pages(base + o, n);
+  for (auto [o, n] : clipped) touch_pages(base + o, n);  // the last partial piece, if a range reaches it
+  rep.after = file_pmd_mapped(begin, end);
+  rep.reread = true;
+  return rep;
 }
 
 size_t resident_bytes() {

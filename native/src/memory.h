@@ -3,12 +3,17 @@
 #include <cstddef>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace blossom {
 
 struct Region {
   void* data = nullptr;
   size_t size = 0;
+  // File mappings: the file, and its identity when mapped (settle_file_pages reopens it).
+  std::string path;
+  unsigned long long device = 0, inode = 0;
 };
 
 // Maps a whole file read-only. Throws std::runtime_error naming the file on failure.
@@ -26,6 +31,17 @@ void advise_dontneed(void* data, size_t size);
 // Map these pages 4 KiB at a time even where the page cache holds them in 2 MiB folios (offloading
 // reads and drops small pieces of a checkpoint; 2 MiB mappings would keep whole huge pages resident).
 void advise_nohugepage(void* data, size_t size);
+// What settle_file_pages found and did, in bytes: `eligible` is the part of the ranges that
+// 2 MiB entries can map (whole aligned 2 MiB pieces), `before` / `after` how much of the mapping
+// was so mapped before and after.
+struct SettleReport {
+  size_t eligible = 0, before = 0, after = 0;
+  bool reread = false;
+};
+// For a file mapping: makes the pages of the byte ranges (offset, length pairs) resident and, where
+// the page cache holds them in pieces smaller than 2 MiB, drops them and reads them again through the
+// mapping, which brings them back as 2 MiB folios mapped with one entry each (see memory.cc).
+SettleReport settle_file_pages(const Region& r, const std::vector<std::pair<size_t, size_t>>& ranges);
 // Resident set size of this process in bytes (from /proc/self/statm), 0 if unknown.
 size_t resident_bytes();
 // Bytes of [data, data+size) in resident pages (mincore), whole pages counted.

@@ -101,6 +101,19 @@ export interface AttentionShape {
   blockSize: number;
 }
 
+/** What settleMappedWeights found and did, in bytes (summed over the mapped files). */
+export interface MappedWeightsReport {
+  /** Bytes of weights used in place. */
+  bytes: number;
+  /** Of them, the bytes 2 MiB page-table entries could map (whole aligned 2 MiB pieces). */
+  eligibleBytes: number;
+  /** Bytes of the files' mappings mapped 2 MiB at a time before, and after. */
+  hugeBytesBefore: number;
+  hugeBytesAfter: number;
+  /** Files whose pages were dropped and read again to get there. */
+  filesReread: number;
+}
+
 export interface Backend {
   readonly name: string;
 
@@ -127,6 +140,12 @@ export interface Backend {
   quantizedMatrix?(view: TensorView, options: QuantizeOptions, scales?: TensorView): QuantizedMatrix;
   /** Hint: nothing will read `view`'s bytes again (its data was copied or quantized); a backend may drop its pages. */
   releaseSource?(view: TensorView): void;
+  /**
+   * Makes the matrices handed out since the last call that are used in place from a mapped file
+   * resident now, held by the page cache in 2 MiB pieces where it can (decoding streams them faster
+   * so: see the CPU backend). Backends that copy every weight leave it out.
+   */
+  settleMappedWeights?(): MappedWeightsReport;
   /** Frees what matrix() allocated (a no-op for matrices used in place). */
   freeMatrix(matrix: DeviceMatrix): void;
 

@@ -39,6 +39,12 @@ export interface NativeAddon {
   /** An ArrayBuffer over [byteOffset, byteOffset+byteLength) of the region, without copying (< 4 GiB). */
   view(region: NativeRegion, byteOffset: number, byteLength: number): ArrayBuffer;
   advise(region: NativeRegion, byteOffset: number, byteLength: number, how: "willneed" | "dontneed" | "nohugepage"): void;
+  /**
+   * For a file mapping: makes the (byteOffset, byteLength) ranges resident and, where the page cache
+   * holds them in pieces smaller than 2 MiB, drops them and reads them again through the mapping so
+   * that they come back as 2 MiB folios (native/src/memory.cc). All zeros for other regions.
+   */
+  settleFilePages(region: NativeRegion, ranges: Float64Array): { eligibleBytes: number; beforeBytes: number; afterBytes: number; reread: boolean };
   /** The process's resident set in bytes; with a buffer, the bytes of it in resident pages. */
   residentBytes(buffer?: ArrayBufferLike | ArrayBufferView): number;
   /**

@@ -2,7 +2,7 @@
  * Builds a ready engine from a checkpoint folder: maps the files, validates and maps the weights,
  * sizes the KV cache. Runs wherever the engine runs (the worker thread, or in-process for tests).
  */
-import type { Backend } from "../backend/backend.js";
+import type { Backend, MappedWeightsReport } from "../backend/backend.js";
 import { CpuBackend, type LinearPanels } from "../backend/cpu.js";
 import { native } from "../backend/native.js";
 import { processBytesFor } from "./memory.js";
@@ -58,6 +58,8 @@ export interface LoadedEngine {
   backend: Backend;
   dtype: WeightDType;
   loadSeconds: number;
+  /** A resident load's matrices used in place from the checkpoint's mapping, and how they are mapped. */
+  mappedWeights?: MappedWeightsReport;
   /** Tensor parallelism: this rank's collectives (rank 0 leads, the others follow). */
   comm?: MpiCollectives;
   dispose(): void;
@@ -99,6 +101,7 @@ export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngi
     const { config } = checkpoint;
     let comm: MpiCollectives | undefined;
     let shard: ModelShard | undefined;
+    let mappedWeights: MappedWeightsReport | undefined;
     if (world) {
       if (options.pipeline) throw new BlossomError("parameter", "strategy tensor cannot be combined with pipeline placement");
       shard = tensorShard(config, world.rank, world.size);
@@ -130,6 +133,8 @@ export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngi
       // mapped checkpoint's pages. (The matrices dropped theirs as they were quantized; the small
       // tensors between them would otherwise keep whole pages resident: with 2 MiB pages, tens of MiB.)
       if (int8?.quantizesAtLoad) releaseCheckpointPages();
+      // Matrices used in place from the mapping: resident now, in 2 MiB pages where the page cache can hold them so.
+      mappedWeights = backend.settleMappedWeights?.();
     }
     const model = new BloomModel(config, weights, backend, comm && shard ? { shard, comm } : undefined);
     const blockSize = options.kvBlockSize ?? 16;
@@ -159,6 +164,7 @@ export function loadEngine(dir: string, options: EngineOptions = {}): LoadedEngi
       backend,
       dtype: int8?.scheme ?? dtype,
       loadSeconds: (performance.now() - started) / 1000,
+      ...(mappedWeights ? { mappedWeights } : {}),
       ...(comm ? { comm } : {}),
       dispose() {
         model.dispose();

@@ -8,7 +8,7 @@ import type { GenerationParams } from "../generate/params.js";
 import type { FinishReason } from "../generate/stopping.js";
 import type { EngineOptions } from "./load.js";
 import type { OffloadStats } from "../parallel/offload.js";
-import type { KVDType } from "../backend/backend.js";
+import type { KVDType, MappedWeightsReport } from "../backend/backend.js";
 
 export interface EngineInfo {
   dir: string;
@@ -27,6 +27,8 @@ export interface EngineInfo {
   kvDtype: KVDType;
   kvBytesPerToken: number;
   loadSeconds: number;
+  /** Weights used in place from the checkpoint's mapping, and how much of it is mapped 2 MiB at a time (resident loads). */
+  mappedWeights?: MappedWeightsReport;
   /** Engine workers serving this model (strategy "replicas"); absent for one. */
   replicas?: number;
   /** Tensor parallelism: this process's rank and the number of ranks. */

@@ -89,6 +89,7 @@ class Worker {
       kvDtype: engine.kvCache.shape.dtype,
       kvBytesPerToken: kvBytesPerToken(c, engine.kvCache.shape.dtype),
       loadSeconds,
+      ...(this.loaded.mappedWeights ? { mappedWeights: this.loaded.mappedWeights } : {}),
       ...(this.loaded.comm ? { tensorParallel: { rank: this.loaded.comm.rank, size: this.loaded.comm.size } } : {}),
     };
   }

@@ -18,6 +18,7 @@ import { writeFileSync } from "node:fs";
 import { parseInteger } from "../options.js";
 import { printReport } from "./bench.js";
 import { guideInputSentences } from "./generate.js";
+import type { MappedWeightsReport } from "../../backend/backend.js";
 
 export const defaultModel = { preset: "bloom-560m", dtype: "bf16" as const, seed: 0 };
 
@@ -82,7 +83,7 @@ export function registerDemoCommand(program: Command): void {
       try {
         const i = model.info;
         out(`loaded in ${i.loadSeconds.toFixed(2)} s: ${i.numLayers} layers, hidden ${i.hiddenSize}, vocab ${i.vocabSize}, ` +
-          `${formatBytes(i.weightBytes)} of ${i.storedDtypes.join("/")} weights memory-mapped; ${i.threads} threads, ${i.kernels} kernels`);
+          `${formatBytes(i.weightBytes)} of ${i.storedDtypes.join("/")} weights memory-mapped${hugePages(i.mappedWeights)}; ${i.threads} threads, ${i.kernels} kernels`);
         if (!o.model) out("(the default model has random weights: its text is meaningless, its speed is real)");
         out("");
         out(`Generating ${o.newTokens} tokens for the guide's ${guideInputSentences.length} input sentences (greedy, one batch):`);
@@ -114,4 +115,10 @@ export function registerDemoCommand(program: Command): void {
       out(`JSON:  ${join(chartDir, "bench.json")}`);
       out(`demo finished in ${((performance.now() - started) / 1000).toFixed(0)} s`);
     });
+}
+
+/** How much of the weights used in place is mapped 2 MiB at a time, for the load line ("" if not known). */
+function hugePages(m: MappedWeightsReport | undefined): string {
+  if (!m || m.bytes === 0) return "";
+  return ` (${formatBytes(m.hugeBytesAfter)} in 2 MiB pages${m.filesReread > 0 ? ", read again at load to get them" : ""})`;
 }

@@ -1,0 +1,133 @@
+/**
+ * Weights used in place from a checkpoint's mapping are settled at load (CpuBackend.settleMappedWeights,
+ * native/src/memory.cc settle_file_pages): resident, and where the page cache held them in pieces
+ * smaller than 2 MiB (as it holds a file just written), dropped and read again through the mapping so
+ * that they are mapped 2 MiB at a time. Decoding streams every weight once per token; see README, decode.
+ */
+import assert from "node:assert/strict";
+import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { test } from "node:test";
+import { CpuBackend } from "../src/backend/cpu.js";
+import { native } from "../src/backend/native.js";
+import { SafetensorsFile } from "../src/checkpoint/safetensors.js";
+import { loadEngine } from "../src/engine/load.js";
+import { writeParts } from "./helpers/checkpoint-edit.js";
+import { fixtureDir } from "./helpers/fixtures.js";
+
+const MiB = 2 ** 20;
+
+/** Whether the kernel may back a madvise(MADV_HUGEPAGE) mapping with transparent huge pages. */
+function transparentHugePages(): boolean {
+  try {
+    return !readFileSync("/sys/kernel/mm/transparent_hugepage/enabled", "utf8").includes("[never]");
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Writes a safetensors file holding one bf16 matrix of `rows` x 1024 with a known pattern, 64 KiB per
+ * write as a download or a copy writes it (one large write can leave the page cache holding it in
+ * 2 MiB folios already); returns its path.
+ */
+function writeMatrixFile(dir: string, name: string, rows: number): string {
+  const data = Buffer.alloc(rows * 1024 * 2);
+  for (let i = 0; i < data.length / 2; i++) data.writeUInt16LE(0x3f80 + (i % 97), 2 * i); // bf16 1.0 .. 1.75
+  const staged = join(dir, `${name}.whole`);
+  writeParts(staged, { "w.weight": { dtype: "BF16", shape: [rows, 1024], data_offsets: [0, data.length] } }, data);
+  const bytes = readFileSync(staged);
+  rmSync(staged);
+  const file = join(dir, name);
+  const fd = openSync(file, "w");
+  try {
+    for (let at = 0; at < bytes.length; at += 64 * 1024) writeSync(fd, bytes, at, Math.min(64 * 1024, bytes.length - at));
+  } finally {
+    closeSync(fd);
+  }
+  return file;
+}
+
+test("a just-written checkpoint's in-place weights are read again into 2 MiB pages at load, once, with their bytes intact", { skip: process.platform !== "linux" && "Linux page cache" }, () => {
+  const dir = mkdtempSync(join(tmpdir(), "blossom-settle-"));
+  try {
+    // 12 MiB of weights, just written: the page cache holds them as the writes left them.
+    const path = writeMatrixFile(dir, "model.safetensors", 6144);
+    const expected = readFileSync(path);
+    const file = SafetensorsFile.open(path);
+    try {
+      const view = file.tensor("w.weight");
+      const backend = new CpuBackend();
+      const matrix = backend.matrix(view, "bf16", { use: "linear" });
+      const first = backend.settleMappedWeights();
+      assert.equal(first.bytes, view.byteLength);
+      // The 2 MiB pieces of the file the tensor touches (the last, partial one excepted).
+      assert.equal(first.eligibleBytes, Math.floor(expected.length / (2 * MiB)) * 2 * MiB);
+      if (transparentHugePages() && process.env.BLOSSOM_FILE_HUGEPAGES !== "0") {
+        assert.equal(first.hugeBytesBefore, 0, "a file just written is not mapped 2 MiB at a time");
+        assert.equal(first.filesReread, 1);
+        assert.equal(first.hugeBytesAfter, first.eligibleBytes);
+      } else {
+        assert.equal(first.filesReread, 0);
+      }
+      // What the mapping reads now is the file's content.
+      const mapped = Buffer.from(native().view(view.region, 0, expected.length));
+      assert.ok(mapped.equals(expected), "the mapping reads the file's bytes after the re-read");
+      // And the matrix computes with it: y = W x for x = e_0 picks column 0 of every row.
+      const x = new Float32Array(1024);
+      x[0] = 1;
+      const y = new Float32Array(6144);
+      backend.linear(y, x, 1, matrix, null);
+      for (let r = 0; r < 6144; r += 1531) assert.equal(y[r], 1 + ((r * 1024) % 97) / 128);
+      // Settled: a second load finds it so and reads nothing again.
+      backend.matrix(view, "bf16", { use: "linear" });
+      const second = backend.settleMappedWeights();
+      assert.equal(second.filesReread, 0);
+      assert.equal(second.hugeBytesBefore, first.hugeBytesAfter);
+      // Only matrices handed out since the last call are settled.
+      assert.deepEqual(backend.settleMappedWeights(), { bytes: 0, eligibleBytes: 0, hugeBytesBefore: 0, hugeBytesAfter: 0, filesReread: 0 });
+    } finally {
+      file.dispose();
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("matrices converted at load are not settled; a resident load reports what it uses in place", () => {
+  const dir = mkdtempSync(join(tmpdir(), "blossom-settle-"));
+  try {
+    const path = writeMatrixFile(dir, "m.safetensors", 2048);
+    const file = SafetensorsFile.open(path);
+    try {
+      const backend = new CpuBackend();
+      backend.matrix(file.tensor("w.weight"), "f32", { use: "linear" }); // a converted copy
+      assert.deepEqual(backend.settleMappedWeights(), { bytes: 0, eligibleBytes: 0, hugeBytesBefore: 0, hugeBytesAfter: 0, filesReread: 0 });
+    } finally {
+      file.dispose();
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+  // A fixture's weights are used in place (bf16 as stored): all of them are reported.
+  const loaded = loadEngine(fixtureDir("trained-bloom-small"), { kvCacheTokens: 64 });
+  try {
+    assert.ok(loaded.mappedWeights);
+    const w = loaded.weights;
+    let matrixBytes = w.wordEmbeddings.bytes + (w.lmHead === w.wordEmbeddings ? 0 : w.lmHead.bytes);
+    for (let i = 0; i < w.numLayers; i++) {
+      const l = w.layer(i);
+      matrixBytes += l.queryKeyValue.weight.bytes + l.dense.weight.bytes + l.denseHTo4h.weight.bytes + l.dense4hToH.weight.bytes;
+    }
+    assert.equal(loaded.mappedWeights.bytes, matrixBytes);
+  } finally {
+    loaded.dispose();
+  }
+  const converted = loadEngine(fixtureDir("trained-bloom-small"), { kvCacheTokens: 64, dtype: "fp32" });
+  try {
+    assert.equal(converted.mappedWeights?.bytes, 0);
+  } finally {
+    converted.dispose();
+  }
+});
