@@ -520,6 +520,15 @@ export class Model {
     return this.client.stats();
   }
 
+  /**
+   * The engine's figures as it last reported them, at once: while it works they are pushed every
+   * 100 ms at most (between steps: a step computing for seconds delays them, never the caller), and
+   * when it goes idle. Undefined before the first report.
+   */
+  latestStats(): EngineStats | undefined {
+    return this.client.latestStats();
+  }
+
   /** KV-cache capacity of one engine (a replica's with strategy replicas): the most one sequence can hold. */
   get kvCacheTokensPerEngine(): number {
     return Math.floor(this.info.kvCacheTokens / (this.info.replicas ?? 1));

@@ -32,6 +32,12 @@ export interface EngineHandle {
   feed(entries: { session: number; tokens: number[]; logits: LogitsWanted }[]): Promise<Float32Array[]>;
   closeSession(session: number): Promise<boolean>;
   stats(): Promise<EngineStats>;
+  /**
+   * The figures the worker last pushed, without waiting for it: a step computing for seconds cannot
+   * delay them (/metrics). At most statsIntervalMs plus one step old while the engine works, current
+   * once it is idle; undefined before the first push.
+   */
+  latestStats(): EngineStats | undefined;
   /** Whether an engine worker still runs (answered at once, even while a step computes). */
   readonly alive: boolean;
   submit(promptIds: number[], params: GenerationParams, eosTokenIds: number[], handlers: GenerationHandlers): Promise<() => void>;
@@ -46,6 +52,7 @@ export class EngineClient implements EngineHandle {
   private readonly generations = new Map<number, GenerationHandlers>();
   private exited = false;
   private exitError: BlossomError | undefined;
+  private latest: EngineStats | undefined;
 
   private constructor(worker: Worker, info: EngineInfo) {
     this.worker = worker;
@@ -140,6 +147,9 @@ export class EngineClient implements EngineHandle {
           }
         }
         break;
+      case "stats":
+        this.latest = m.stats;
+        break;
       case "ended": {
         const h = this.generations.get(m.id);
         this.generations.delete(m.id);
@@ -194,7 +204,10 @@ export class EngineClient implements EngineHandle {
     return this.request({ type: "close", session });
   }
   stats(): Promise<EngineStats> {
-    return this.request({ type: "stats" });
+    return this.request<EngineStats>({ type: "stats" }).then((s) => (this.latest = s));
+  }
+  latestStats(): EngineStats | undefined {
+    return this.latest;
   }
 
   /** Starts a generation; tokens arrive through `handlers`. Returns a function that cancels it. */

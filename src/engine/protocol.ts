@@ -35,6 +35,9 @@ export interface EngineInfo {
   tensorParallel?: { rank: number; size: number };
 }
 
+/** How often a busy engine worker pushes its figures (EngineHandle.latestStats). */
+export const statsIntervalMs = 100;
+
 export interface EngineStats {
   waiting: number;
   running: number;
@@ -78,7 +81,9 @@ export type Response =
   /** Token updates of one engine step, for every sequence that advanced. */
   | { type: "step"; updates: TokenUpdate[] }
   /** A submitted generation ended without a token (cancelled while waiting, or failed). */
-  | { type: "ended"; id: number; finish: FinishReason | "cancelled"; error?: SerializedError };
+  | { type: "ended"; id: number; finish: FinishReason | "cancelled"; error?: SerializedError }
+  /** The engine's figures, pushed while it works (at most every statsIntervalMs) and when it goes idle. */
+  | { type: "stats"; stats: EngineStats };
 
 export interface SerializedError {
   code: ErrorCode;

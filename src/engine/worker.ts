@@ -14,7 +14,7 @@ import { finishReasonAfter } from "../generate/stopping.js";
 import type { Sequence } from "./engine.js";
 import { kvBytesPerToken } from "./kv-cache.js";
 import { loadEngine, type LoadedEngine } from "./load.js";
-import type { EngineInfo, EngineStats, Request, Response, SerializedError, WorkerData } from "./protocol.js";
+import { statsIntervalMs, type EngineInfo, type EngineStats, type Request, type Response, type SerializedError, type WorkerData } from "./protocol.js";
 import { Scheduler } from "./scheduler.js";
 import { ChunkedJob, isJobRequest, type JobRequest } from "./jobs.js";
 import { followSteps } from "../parallel/tensor.js";
@@ -92,6 +92,17 @@ class Worker {
       ...(this.loaded.mappedWeights ? { mappedWeights: this.loaded.mappedWeights } : {}),
       ...(this.loaded.comm ? { tensorParallel: { rank: this.loaded.comm.rank, size: this.loaded.comm.size } } : {}),
     };
+  }
+
+  /** Whether work was done since the figures were last pushed, and when they were. */
+  private worked = true;
+  private statsPushedAt = 0;
+
+  /** Sends the figures to the main thread unasked (EngineHandle.latestStats: /metrics must not wait for a step). */
+  private pushStats(): void {
+    send({ type: "stats", stats: this.stats() });
+    this.statsPushedAt = performance.now();
+    this.worked = false;
   }
 
   stats(): EngineStats {
@@ -223,10 +234,14 @@ class Worker {
       } else if (this.scheduler.hasWork()) {
         this.generationStep();
       } else {
+        // Idle: the figures as they stay until the next request.
+        if (this.worked) this.pushStats();
         await new Promise<void>((resolve) => (this.wake = resolve));
         this.wake = undefined;
         continue;
       }
+      this.worked = true;
+      if (performance.now() - this.statsPushedAt >= statsIntervalMs) this.pushStats();
       // Let messages in between units of work.
       await new Promise<void>((resolve) => setImmediate(resolve));
     }

@@ -117,18 +117,13 @@ export class ReplicaSet implements EngineHandle {
 
   /** The live replicas' figures (a dead replica's worker cannot answer; the others go on). */
   async stats(): Promise<EngineStats> {
-    const all = await Promise.all(this.live().map((c) => c.stats()));
-    const sum = (k: keyof Omit<EngineStats, "offload" | "kvBlockSize" | "residentBytes">) => all.reduce((a, s) => a + s[k], 0);
-    return {
-      waiting: sum("waiting"),
-      running: sum("running"),
-      kvBlocksFree: sum("kvBlocksFree"),
-      kvBlocksTotal: sum("kvBlocksTotal"),
-      kvBlockSize: all[0]!.kvBlockSize,
-      steps: sum("steps"),
-      generatedTokens: sum("generatedTokens"),
-      residentBytes: all[0]!.residentBytes, // one process: every replica reports the same figure
-    };
+    return combineStats(await Promise.all(this.live().map((c) => c.stats())));
+  }
+
+  /** The live replicas' last pushed figures, summed; undefined until each has pushed. */
+  latestStats(): EngineStats | undefined {
+    const all = this.live().map((c) => c.latestStats());
+    return all.length > 0 && all.every((s) => s !== undefined) ? combineStats(all as EngineStats[]) : undefined;
   }
 
   async submit(promptIds: number[], params: GenerationParams, eosTokenIds: number[], handlers: GenerationHandlers): Promise<() => void> {
@@ -161,4 +156,19 @@ export class ReplicaSet implements EngineHandle {
   async dispose(): Promise<void> {
     await Promise.all(this.clients.map((c) => c.dispose()));
   }
+}
+
+/** Replicas' figures as one engine's: counts summed; the process's resident set once. */
+function combineStats(all: EngineStats[]): EngineStats {
+  const sum = (k: keyof Omit<EngineStats, "offload" | "kvBlockSize" | "residentBytes">) => all.reduce((a, s) => a + s[k], 0);
+  return {
+    waiting: sum("waiting"),
+    running: sum("running"),
+    kvBlocksFree: sum("kvBlocksFree"),
+    kvBlocksTotal: sum("kvBlocksTotal"),
+    kvBlockSize: all[0]!.kvBlockSize,
+    steps: sum("steps"),
+    generatedTokens: sum("generatedTokens"),
+    residentBytes: all[0]!.residentBytes, // one process: every replica reports the same figure
+  };
 }

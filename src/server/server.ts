@@ -91,7 +91,9 @@ export async function startServer(serverOptions: ServerOptions): Promise<Blossom
       const model = service.model;
       if (!model || service.state === "closed") return;
       try {
-        const stats = await model.stats();
+        // What the engine last pushed, without waiting for a step in progress (seconds, for a long
+        // prompt's chunk); asked for only before its first report.
+        const stats = model.latestStats() ?? (await model.stats());
         metrics.queueSize.set(stats.waiting);
         metrics.batchSize.set(stats.running);
         metrics.kvBlocksFree.set(stats.kvBlocksFree);
