@@ -194,6 +194,12 @@ function generationInput(params: unknown): { resolved: GenerationParams; signal:
   return { resolved, signal: (params as GenerationParamsInput | undefined)?.signal };
 }
 
+/** An optional abort signal, checked. */
+function checkSignal(signal: unknown): AbortSignal | undefined {
+  if (signal !== undefined && !(signal instanceof AbortSignal)) throw parameterError("signal", `must be an AbortSignal (got ${describeValue(signal)})`);
+  return signal;
+}
+
 type PerplexityOptions = { context?: number; stride?: number; signal?: AbortSignal };
 const perplexityOptionNames: Record<keyof PerplexityOptions, true> = { context: true, stride: true, signal: true };
 
@@ -330,7 +336,7 @@ export class Model {
    * each row is computed on its real tokens only, which is what Hugging Face's BLOOM computes
    * (ALiBi positions = cumsum(mask) - 1); masked positions get zeros.
    */
-  async forward(inputIds: number[][], attentionMask?: number[][]): Promise<ForwardResult> {
+  async forward(inputIds: number[][], attentionMask?: number[][], options: { signal?: AbortSignal } = {}): Promise<ForwardResult> {
     this.checkOpen();
     if (!Array.isArray(inputIds) || inputIds.length === 0) throw new BlossomError("input", "inputIds: expected a non-empty array of rows");
     const width = inputIds[0]?.length ?? 0;
@@ -353,7 +359,8 @@ export class Model {
     const keep = rows.map((row, b) => row.map((_, t) => (attentionMask ? attentionMask[b]![t] === 1 : true)));
     const compact = rows.map((row, b) => row.filter((_, t) => keep[b]![t]));
     const nonEmpty = compact.map((c, b) => [c, b] as const).filter(([c]) => c.length > 0);
-    const logits = nonEmpty.length ? await this.client.forward(nonEmpty.map(([c]) => c)) : [];
+    const signal = checkSignal(options?.signal);
+    const logits = nonEmpty.length ? await this.client.forward(nonEmpty.map(([c]) => c), signal) : [];
     const V = this.config.vocabSize;
     const data = new Float32Array(rows.length * width * V);
     nonEmpty.forEach(([, b], i) => {
@@ -467,7 +474,7 @@ export class Model {
     let nll = 0, predicted = 0;
     for (let i = 0; i < windows.length; i += perBatch) {
       if (options.signal?.aborted) throw new BlossomError("aborted", "perplexity was aborted");
-      const scores = await this.client.score(windows.slice(i, i + perBatch));
+      const scores = await this.client.score(windows.slice(i, i + perBatch), options.signal);
       for (const s of scores) for (const lp of s) {
         if (!Number.isFinite(lp)) {
           throw new BlossomError("internal", `perplexity: the model gave a ${Number.isNaN(lp) ? "NaN" : "non-finite"} log-probability at predicted token ${predicted} (its output is broken: look for NaN or infinite values in the checkpoint's weights)`);
@@ -485,14 +492,15 @@ export class Model {
    * prompt details of text-generation-inference and the conditional likelihood of the original
    * server's /forward/.
    */
-  async tokenLogprobs(ids: number[], from = 1): Promise<number[]> {
+  async tokenLogprobs(ids: number[], from = 1, options: { signal?: AbortSignal } = {}): Promise<number[]> {
     this.checkOpen();
+    const signal = checkSignal(options?.signal);
     const tokens = this.checkIds(ids, "ids");
     if (!Number.isInteger(from) || from < 1 || from > tokens.length) {
       throw new BlossomError("parameter", `from: expected an integer from 1 to ids.length (${tokens.length}), got ${from}`);
     }
     if (from === tokens.length) return [];
-    const [scores] = await this.client.score([{ tokens, from }]);
+    const [scores] = await this.client.score([{ tokens, from }], signal);
     return Array.from(scores!);
   }
 

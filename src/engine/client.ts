@@ -19,6 +19,10 @@ export interface GenerationHandlers {
 // A distributive Omit, so each request variant keeps its own fields.
 type WithoutId<T> = T extends unknown ? Omit<T, "id"> : never;
 
+function abortedError(what: string): BlossomError {
+  return new BlossomError("aborted", `${what} was aborted`);
+}
+
 function toError(e: SerializedError): BlossomError {
   return new BlossomError(e.code, e.message);
 }
@@ -26,8 +30,9 @@ function toError(e: SerializedError): BlossomError {
 /** What front ends need from an engine: one worker (EngineClient) or several (ReplicaSet). */
 export interface EngineHandle {
   readonly info: EngineInfo;
-  forward(sequences: number[][]): Promise<Float32Array[]>;
-  score(sequences: { tokens: number[]; from: number }[]): Promise<Float64Array[]>;
+  /** With `signal`: an abort rejects at once and drops the work from the engine (queued or between two of its chunks). */
+  forward(sequences: number[][], signal?: AbortSignal): Promise<Float32Array[]>;
+  score(sequences: { tokens: number[]; from: number }[], signal?: AbortSignal): Promise<Float64Array[]>;
   openSession(): Promise<number>;
   feed(entries: { session: number; tokens: number[]; logits: LogitsWanted }[]): Promise<Float32Array[]>;
   closeSession(session: number): Promise<boolean>;
@@ -186,13 +191,38 @@ export class EngineClient implements EngineHandle {
     });
   }
 
+  /**
+   * A request the caller may abandon: on abort it is rejected at once and the worker told to drop it
+   * (a forward or score over a long text holds the engine's turns and KV blocks for seconds).
+   */
+  private cancellable<T>(message: WithoutId<Request>, signal: AbortSignal | undefined): Promise<T> {
+    if (!signal) return this.request<T>(message);
+    if (signal.aborted) return Promise.reject(abortedError(message.type));
+    if (this.exited) return Promise.reject(this.gone());
+    const id = this.nextId++;
+    return new Promise<T>((resolve, reject) => {
+      const onAbort = () => {
+        if (!this.pending.delete(id)) return;
+        if (!this.exited) this.worker.postMessage({ type: "cancel", id } satisfies Request);
+        reject(abortedError(message.type));
+      };
+      const settle = (f: () => void) => {
+        signal.removeEventListener("abort", onAbort);
+        f();
+      };
+      this.pending.set(id, { resolve: (v) => settle(() => resolve(v as T)), reject: (e) => settle(() => reject(e)) });
+      signal.addEventListener("abort", onAbort, { once: true });
+      this.worker.postMessage({ ...message, id } as Request);
+    });
+  }
+
   /** Logits (tokens x vocab) for every position of each sequence. */
-  forward(sequences: number[][]): Promise<Float32Array[]> {
-    return this.request({ type: "forward", sequences });
+  forward(sequences: number[][], signal?: AbortSignal): Promise<Float32Array[]> {
+    return this.cancellable({ type: "forward", sequences }, signal);
   }
   /** log p(tokens[i] | tokens[<i]) for i >= from. */
-  score(sequences: { tokens: number[]; from: number }[]): Promise<Float64Array[]> {
-    return this.request({ type: "score", sequences });
+  score(sequences: { tokens: number[]; from: number }[], signal?: AbortSignal): Promise<Float64Array[]> {
+    return this.cancellable({ type: "score", sequences }, signal);
   }
   openSession(): Promise<number> {
     return this.request({ type: "open" });

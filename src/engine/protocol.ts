@@ -45,6 +45,8 @@ export interface EngineStats {
   kvBlocksTotal: number;
   kvBlockSize: number;
   steps: number;
+  /** Chunks of forward / score jobs fed (each one engine step beside the generation steps). */
+  jobChunks: number;
   generatedTokens: number;
   residentBytes: number;
   /** Present when layers are offloaded to disk (strategy "pipeline"). */

@@ -47,6 +47,7 @@ class Worker {
   /** Most prompt tokens one step feeds, for generations and jobs alike. */
   private readonly prefillBudget = data.maxBatchPrefillTokens ?? 4096;
   private disposed = false;
+  private jobChunks = 0;
 
   constructor(private readonly loaded: LoadedEngine) {
     const kv = loaded.engine.kvCache;
@@ -114,6 +115,7 @@ class Worker {
       kvBlocksTotal: kv.numBlocks,
       kvBlockSize: kv.blockSize,
       steps: this.scheduler.steps,
+      jobChunks: this.jobChunks,
       generatedTokens: this.scheduler.generatedTokens,
       residentBytes: native().residentBytes(),
       ...(this.loaded.weights.offloadStats ? { offload: this.loaded.weights.offloadStats() } : {}),
@@ -124,6 +126,24 @@ class Worker {
     const where = this.scheduler.cancel(id);
     if (where === "waiting") send({ type: "ended", id, finish: "cancelled" });
     // A running one retires at the next step and is reported then.
+    // A forward or score: dropped wherever it is, queued, waiting for room, or between two chunks
+    // (its sequences and their blocks freed; the caller has stopped waiting for it).
+    const aborted = (type: string) => send({ type: "error", id, error: serializeError(new BlossomError("aborted", `${type} was aborted`)) });
+    const queued = this.queue.findIndex((r) => r.id === id && isJobRequest(r));
+    if (queued >= 0) return aborted(this.queue.splice(queued, 1)[0]!.type);
+    const deferred = this.deferred.findIndex((r) => r.id === id);
+    if (deferred >= 0) {
+      const [request] = this.deferred.splice(deferred, 1);
+      this.updateHold();
+      return aborted(request!.type);
+    }
+    if (this.active?.request.id === id) {
+      const job = this.active;
+      this.active = undefined;
+      job.release();
+      this.updateHold();
+      aborted(job.request.type);
+    }
   }
 
   /**
@@ -189,6 +209,7 @@ class Worker {
   private advanceJob(): void {
     const job = this.active!;
     try {
+      this.jobChunks++;
       job.advance(this.prefillBudget);
       if (!job.done) return this.updateHold();
       const result = job.result();

@@ -74,12 +74,12 @@ export class ReplicaSet implements EngineHandle {
     return out;
   }
 
-  forward(sequences: number[][]): Promise<Float32Array[]> {
-    return this.spread(sequences, (c, part) => c.forward(part));
+  forward(sequences: number[][], signal?: AbortSignal): Promise<Float32Array[]> {
+    return this.spread(sequences, (c, part) => c.forward(part, signal));
   }
 
-  score(sequences: { tokens: number[]; from: number }[]): Promise<Float64Array[]> {
-    return this.spread(sequences, (c, part) => c.score(part));
+  score(sequences: { tokens: number[]; from: number }[], signal?: AbortSignal): Promise<Float64Array[]> {
+    return this.spread(sequences, (c, part) => c.score(part, signal));
   }
 
   async openSession(): Promise<number> {
@@ -168,6 +168,7 @@ function combineStats(all: EngineStats[]): EngineStats {
     kvBlocksTotal: sum("kvBlocksTotal"),
     kvBlockSize: all[0]!.kvBlockSize,
     steps: sum("steps"),
+    jobChunks: sum("jobChunks"),
     generatedTokens: sum("generatedTokens"),
     residentBytes: all[0]!.residentBytes, // one process: every replica reports the same figure
   };

@@ -9,6 +9,7 @@ import { hasLoneSurrogate, maxStopStringLength, resolveGenerationParams, type Ge
 import type { Model } from "../model.js";
 import { BlossomError } from "../errors.js";
 import { HttpError, validationError } from "./http-error.js";
+import { scoreFor } from "./service.js";
 
 export interface RequestLimits {
   maxInputLength: number;
@@ -184,7 +185,7 @@ export function asksForSampling(p: { temperature?: number | null; top_k?: number
 }
 
 /** log p of each prompt token given the ones before it; null for the first, which has no context (as TGI and OpenAI report it). */
-export async function promptLogprobs(model: Model, ids: number[]): Promise<(number | null)[]> {
-  const logprobs = await model.tokenLogprobs(ids, 1);
+export async function promptLogprobs(model: Model, ids: number[], signal: AbortSignal): Promise<(number | null)[]> {
+  const logprobs = await scoreFor(signal, (s) => model.tokenLogprobs(ids, 1, { signal: s }));
   return ids.map((_, i) => (i === 0 ? null : logprobs[i - 1]!));
 }

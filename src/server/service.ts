@@ -9,7 +9,7 @@ import { BlossomError } from "../errors.js";
 import type { GenerationParams } from "../generate/params.js";
 import type { FinishReason } from "../generate/stopping.js";
 import type { Model } from "../model.js";
-import { HttpError } from "./http-error.js";
+import { clientClosed, HttpError } from "./http-error.js";
 import type { ServerMetrics } from "./metrics.js";
 
 export type ServiceState = "loading" | "ready" | "draining" | "closed" | "failed";
@@ -43,6 +43,26 @@ export interface SequenceRequest {
 /** Why a request's AbortController was aborted; the reason travels as the signal's reason. */
 export class CancelReason {
   constructor(readonly by: "client" | "shutdown" | "deadline") {}
+}
+
+/**
+ * The answer to a request whose scoring (forward, prompt log-probabilities) was cut short by its
+ * signal: 503 at shutdown, 499 for a client that left.
+ */
+export function scoringCancelled(signal: AbortSignal): HttpError {
+  const reason: unknown = signal.reason;
+  if (reason instanceof CancelReason && reason.by === "shutdown") return new HttpError("unavailable", "the server is shutting down; the scoring was cancelled");
+  return clientClosed();
+}
+
+/** Runs `scoring` with the request's signal: an abort that cut it short gives scoringCancelled's answer. */
+export async function scoreFor<T>(signal: AbortSignal, scoring: (signal: AbortSignal) => Promise<T>): Promise<T> {
+  if (signal.aborted) throw scoringCancelled(signal);
+  try {
+    return await scoring(signal);
+  } catch (err) {
+    throw signal.aborted ? scoringCancelled(signal) : err;
+  }
 }
 
 export class GenerationService {

@@ -278,8 +278,8 @@ function logprobsOf(model: Model, tokens: readonly LoggedToken[], offsets: TextO
 }
 
 /** The echoed prompt's tokens with their log-probabilities (none for the first, as OpenAI gives). */
-async function echoedTokens(model: Model, ids: number[]): Promise<LoggedToken[]> {
-  const logprobs = await promptLogprobs(model, ids);
+async function echoedTokens(model: Model, ids: number[], signal: AbortSignal): Promise<LoggedToken[]> {
+  const logprobs = await promptLogprobs(model, ids, signal);
   return ids.map((id, i) => ({ id, logprob: logprobs[i] ?? null, special: model.tokenizer.specialTokenIds.has(id) }));
 }
 
@@ -304,7 +304,7 @@ async function complete(context: ServerContext, reply: FastifyReply, body: Compl
       let logprobs: LogprobsState | null = null;
       if (body.logprobs != null) {
         // With echo the prompt's tokens come first, as OpenAI lists them (loglikelihood clients read these).
-        const echoed = body.echo ? logprobsOf(model, await echoedTokens(model, prompts[i]!.ids), new TextOffsets(0), "special") : undefined;
+        const echoed = body.echo ? logprobsOf(model, await echoedTokens(model, prompts[i]!.ids, controller.signal), new TextOffsets(0), "special") : undefined;
         logprobs = logprobsOf(model, r.tokens, new TextOffsets(codePoints(echo)), "skip-special", echoed);
       }
       choices.push({ text: echo + r.text, index: i, logprobs, finish_reason: openaiFinishReason(finish) });
@@ -348,7 +348,7 @@ async function completeStream(context: ServerContext, reply: FastifyReply, body:
   try {
     if (body.echo) {
       for (const [index, p] of prompts.entries()) {
-        const logprobs = body.logprobs != null ? logprobsOf(model, await echoedTokens(model, p.ids), new TextOffsets(0), "special") : null;
+        const logprobs = body.logprobs != null ? logprobsOf(model, await echoedTokens(model, p.ids, controller.signal), new TextOffsets(0), "special") : null;
         sse.send(chunk([{ text: p.text, index, logprobs, finish_reason: null }]));
       }
     }

@@ -16,7 +16,7 @@ import { padLeft } from "../../tokenizer/tokenizer.js";
 import type { ServerContext } from "../context.js";
 import { clientClosed, HttpError, validationError } from "../http-error.js";
 import { checkMaxNewTokens, checkStops, checkText, checkTokenCount, defaultMaxNewTokens, preparePrompt, resolveParams } from "../limits.js";
-import { CancelReason } from "../service.js";
+import { CancelReason, scoreFor } from "../service.js";
 import { cancelOnDisconnect } from "../sse.js";
 import { parseBody } from "../validate.js";
 
@@ -237,11 +237,8 @@ async function conditionalNll(model: Model, conditioning: string[], responses: s
     }),
   );
   for (const row of rows) {
-    if (signal.aborted) {
-      if (signal.reason instanceof CancelReason && signal.reason.by === "shutdown") throw new HttpError("unavailable", "the server is shutting down; the scoring was cancelled");
-      throw clientClosed();
-    }
-    const logprobs = await model.tokenLogprobs(row.ids, row.from);
+    // A client that leaves (or a shutdown) stops the scoring, the text in progress included.
+    const logprobs = await scoreFor(signal, (s) => model.tokenLogprobs(row.ids, row.from, { signal: s }));
     for (const lp of logprobs) total -= lp;
     count += logprobs.length;
   }

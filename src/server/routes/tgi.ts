@@ -131,8 +131,8 @@ function tgiToken(model: Model, t: GeneratedToken, text: "own" | "released") {
   return { id: t.id, text: t.special ? (model.tokenizer.idToToken(t.id) ?? "") : text === "own" ? t.tokenText : t.text, logprob: t.logprob, special: t.special };
 }
 
-async function prefillDetails(model: Model, ids: number[]) {
-  const logprobs = await promptLogprobs(model, ids);
+async function prefillDetails(model: Model, ids: number[], signal: AbortSignal) {
+  const logprobs = await promptLogprobs(model, ids, signal);
   // TGI reports the first prompt token with a NaN logprob, which JSON carries as null.
   return ids.map((id, i) => ({ id, text: model.tokenizer.decode([id], { skipSpecialTokens: false }), logprob: logprobs[i] ?? null }));
 }
@@ -153,7 +153,7 @@ async function generate(context: ServerContext, reply: FastifyReply, inputs: str
   const { controller, release } = context.service.admit(1);
   cancelOnDisconnect(reply, controller);
   try {
-    const prefill = request.decoderInputDetails ? await prefillDetails(model, request.prompt.ids) : [];
+    const prefill = request.decoderInputDetails ? await prefillDetails(model, request.prompt.ids, controller.signal) : [];
     const result = await context.service.run({ promptIds: request.prompt.ids, params: request.params, signal: controller.signal });
     if (result.cancelledBy === "client") throw clientClosed();
     const finishReason = finishReasonOf(result);

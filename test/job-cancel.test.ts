@@ -1,0 +1,97 @@
+/**
+ * A forward or score the caller abandons (its signal aborted; over HTTP, a client that leaves) is
+ * rejected at once and dropped from the engine wherever it is: queued, waiting for room, or between
+ * two of its chunks, its sequences' KV blocks freed. A long text fed in chunks would otherwise hold
+ * the engine's turns for seconds, for nobody.
+ */
+import assert from "node:assert/strict";
+import { request } from "node:http";
+import { test } from "node:test";
+import { BlossomError } from "../src/errors.js";
+import { loadModel, type Model } from "../src/index.js";
+import { startServer } from "../src/server/server.js";
+import { fixtureDir } from "./helpers/fixtures.js";
+
+/** Polls stats() (each answer comes between two units of the engine's work) until `check` holds, at most `tries` times. */
+async function until(model: Model, check: (s: Awaited<ReturnType<Model["stats"]>>) => boolean, tries = 2000) {
+  let s = await model.stats();
+  for (let i = 0; i < tries && !check(s); i++) s = await model.stats();
+  return s;
+}
+
+const isAborted = (err: unknown) => err instanceof BlossomError && err.code === "aborted";
+
+test("an aborted forward is rejected at once and its chunked job dropped from the engine, blocks freed", async () => {
+  // 16 prompt tokens a step: 8 rows of 400 tokens take 200 chunks.
+  const model = await loadModel(fixtureDir("tiny-bloom-a"), { kvCacheTokens: 8192, maxBatchPrefillTokens: 16 });
+  try {
+    const rows = Array.from({ length: 8 }, (_, r) => Array.from({ length: 400 }, (_, i) => 5 + ((i * 7 + r) % 500)));
+    const controller = new AbortController();
+    const forward = model.forward(rows, undefined, { signal: controller.signal });
+    forward.catch(() => {});
+    const started = await until(model, (s) => s.kvBlocksFree < s.kvBlocksTotal);
+    assert.ok(started.kvBlocksFree < started.kvBlocksTotal, "the job is being fed");
+    controller.abort();
+    await assert.rejects(forward, isAborted);
+    const after = await model.stats();
+    assert.equal(after.kvBlocksFree, after.kvBlocksTotal, "its blocks are freed");
+    // No chunk runs after it was dropped.
+    const later = await model.stats();
+    assert.equal(later.jobChunks, after.jobChunks);
+    assert.ok(after.jobChunks < 100, `${after.jobChunks} chunks ran (the whole job takes 200)`);
+    // The engine serves the next request normally.
+    const [lp] = [await model.tokenLogprobs([5, 6, 7, 8], 1)];
+    assert.equal(lp.length, 3);
+  } finally {
+    await model.dispose();
+  }
+});
+
+test("a score waiting behind another job is dropped when aborted; the job before it completes", async () => {
+  const model = await loadModel(fixtureDir("tiny-bloom-a"), { kvCacheTokens: 8192, maxBatchPrefillTokens: 16 });
+  try {
+    const ids = Array.from({ length: 300 }, (_, i) => 5 + (i % 400));
+    const first = model.tokenLogprobs(ids, 1);
+    const controller = new AbortController();
+    const second = model.tokenLogprobs(ids, 1, { signal: controller.signal });
+    second.catch(() => {});
+    await until(model, (s) => s.kvBlocksFree < s.kvBlocksTotal);
+    controller.abort();
+    await assert.rejects(second, isAborted);
+    assert.equal((await first).length, 299);
+    const s = await model.stats();
+    assert.equal(s.kvBlocksFree, s.kvBlocksTotal);
+    // An already-aborted signal is refused before anything is sent.
+    await assert.rejects(model.tokenLogprobs(ids, 1, { signal: controller.signal }), isAborted);
+    await assert.rejects(model.tokenLogprobs(ids, 1, { signal: "no" as unknown as AbortSignal }), /signal: must be an AbortSignal/);
+  } finally {
+    await model.dispose();
+  }
+});
+
+test("a client that leaves POST /forward/ stops the scoring of the text in progress, not only of the texts after it", { timeout: 120_000 }, async () => {
+  const model = await loadModel(fixtureDir("tiny-bloom-a"), { kvCacheTokens: 8192, maxBatchPrefillTokens: 16 });
+  const server = await startServer({ model, port: 0 });
+  try {
+    await server.ready;
+    // Two texts of ~1000 tokens (within --max-input-length 1024): ~60 chunks each, scored one after the other.
+    const conditioning = "w1 w2 w3 w4 w5", response = Array.from({ length: 340 }, (_, i) => `w${i % 50}`).join(" ");
+    const words = (await model.tokenizer.encode(conditioning + response)).length;
+    assert.ok(words > 800 && words <= 1024, `${words} tokens`);
+    const body = JSON.stringify({ conditioning_text: [conditioning, conditioning], response: [response, response] });
+    const req = request(`${server.url}/forward/`, { method: "POST", headers: { "content-type": "application/json", "content-length": Buffer.byteLength(body) } });
+    req.on("error", () => {});
+    req.end(body);
+    const before = await model.stats();
+    const started = await until(model, (s) => s.kvBlocksFree < s.kvBlocksTotal);
+    assert.ok(started.kvBlocksFree < started.kvBlocksTotal, "the first text is being scored");
+    req.destroy();
+    const freed = await until(model, (s) => s.kvBlocksFree === s.kvBlocksTotal);
+    assert.equal(freed.kvBlocksFree, freed.kvBlocksTotal);
+    const chunksPerText = Math.ceil(words / 16);
+    assert.ok(freed.jobChunks - before.jobChunks < chunksPerText / 2, `${freed.jobChunks - before.jobChunks} chunks ran (one text takes ${chunksPerText})`);
+  } finally {
+    await server.close();
+    await model.dispose();
+  }
+});
