@@ -1,6 +1,7 @@
 #include "memory.h"
 
 #include <fcntl.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -173,31 +174,82 @@ size_t resident_bytes_in(const void* data, size_t size) {
 // with read(), they sit in smaller folios, and a mapping of them takes 512 entries per 2 MiB for as
 // long as they stay cached. Decoding streams every weight once per token, and on the development
 // machine (bloom-560m bf16, the same checkpoint in both states, steps alternated in one process) it
-// ran 2.0-2.5 % faster per step from 2 MiB folios (see README, decode). settle_file_pages moves a
-// file to the better state once, at load: it drops the cached pages nobody else maps
-// (posix_fadvise DONTNEED) and reads them again through the mapping. That costs one read of the
-// file from disk, so it is done only where it helps: first on a 2 MiB-aligned window as a probe
-// (nothing more if the filesystem or the kernel gives no 2 MiB folios), and not at all when the
-// pages are already mapped 2 MiB at a time.
+// ran 2.0-2.5 % faster per step from 2 MiB folios (see README, decode). settle_file_pages moves the
+// pieces of a file that are not mapped 2 MiB at a time to the better state, at load: it replaces
+// their part of the mapping (which frees its 4 KiB page tables), drops their cached pages that nobody
+// else maps (posix_fadvise DONTNEED) and reads them again through the mapping. Which pieces are
+// mapped how comes from the PAGEMAP_SCAN ioctl (Linux 6.7; without it nothing is re-read). A re-read
+// costs a read of those pieces from disk, so it is done only where it helps: one piece first as a
+// probe (nothing more if the filesystem or the kernel gives no 2 MiB folio), not when at most 1/16
+// of the pieces would gain, and not for weights larger than the memory available (they could not
+// all stay resident: touching them would only evict the first ones).
 namespace {
+
+// PAGEMAP_SCAN (linux/fs.h from 6.7; defined here for older headers).
+struct PmPageRegion {
+  uint64_t start, end, categories;
+};
+struct PmScanArg {
+  uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages, category_inverted, category_mask, category_anyof_mask, return_mask;
+};
+constexpr unsigned long kPagemapScan = _IOWR('f', 16, PmScanArg);
+constexpr uint64_t kPageIsHuge = 1u << 6;
+
+// For each 2 MiB piece of [begin, end) (begin 2 MiB-aligned), whether it is mapped by one 2 MiB
+// entry. False (and `pieces` untouched) where the kernel has no PAGEMAP_SCAN.
+bool huge_pieces(uintptr_t begin, uintptr_t end, std::vector<bool>& pieces) {
+  int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  std::vector<bool> out((end - begin) / kHugePage, false);
+  std::vector<PmPageRegion> vec(512);
+  uintptr_t at = begin;
+  bool ok = true;
+  while (at < end) {
+    PmScanArg arg{};
+    arg.size = sizeof arg;
+    arg.start = at;
+    arg.end = end;
+    arg.vec = reinterpret_cast<uintptr_t>(vec.data());
+    arg.vec_len = vec.size();
+    arg.category_mask = kPageIsHuge;  // only regions where every page is PMD-mapped (or hugetlb)
+    arg.return_mask = kPageIsHuge;
+    const long n = ioctl(fd, kPagemapScan, &arg);
+    if (n < 0) {
+      ok = false;
+      break;
+    }
+    for (long i = 0; i < n; ++i) {
+      // Whole pieces inside the region.
+      const uintptr_t lo = std::max<uintptr_t>(vec[i].start, begin), hi = std::min<uintptr_t>(vec[i].end, end);
+      for (uintptr_t p = (lo - begin + kHugePage - 1) / kHugePage * kHugePage; begin + p + kHugePage <= hi; p += kHugePage) out[p / kHugePage] = true;
+    }
+    if (arg.walk_end <= at) break;
+    at = arg.walk_end;
+  }
+  close(fd);
+  if (ok) pieces.swap(out);
+  return ok;
+}
 
 // Sum of FilePmdMapped over the mappings of this process overlapping [begin, end), from /proc/self/smaps.
 size_t file_pmd_mapped(uintptr_t begin, uintptr_t end) {
   FILE* f = std::fopen("/proc/self/smaps", "r");
   if (!f) return 0;
-  char line[512];
+  char* line = nullptr;
+  size_t cap = 0;
   bool inside = false;
   size_t kb = 0;
-  while (std::fgets(line, sizeof line, f)) {
-    unsigned long long lo = 0, hi = 0;
-    // A mapping's header line: "lo-hi perms offset dev inode path"; field lines start with a capital.
-    if ((line[0] >= '0' && line[0] <= '9') || (line[0] >= 'a' && line[0] <= 'f')) {
-      if (std::sscanf(line, "%llx-%llx", &lo, &hi) == 2) inside = lo < end && begin < hi;
-      continue;
+  // Whole lines (getline): a mapping's header "lo-hi perms offset dev inode path" may be longer than
+  // any fixed buffer, and the rest of a long path must not be taken for a header.
+  while (getline(&line, &cap, f) > 0) {
+    unsigned long long lo = 0, hi = 0, v = 0;
+    if (std::sscanf(line, "FilePmdMapped: %llu kB", &v) == 1) {
+      if (inside) kb += v;
+    } else if (std::sscanf(line, "%llx-%llx ", &lo, &hi) == 2) {
+      inside = lo < end && begin < hi;
     }
-    unsigned long long v = 0;
-    if (inside && std::sscanf(line, "FilePmdMapped: %llu kB", &v) == 1) kb += v;
   }
+  std::free(line);
   std::fclose(f);
   return static_cast<size_t>(kb) * 1024;
 }
@@ -211,9 +263,10 @@ void touch_pages(const uint8_t* p, size_t n) {
   (void)sum;
 }
 
-// Drops [offset, offset+length) of the file from this mapping and, where no one else maps them, from
-// the page cache (dirty pages are written first, so none is kept back). False if the file is no longer
-// the one mapped (replaced since) or cannot be opened.
+// Replaces [offset, offset+length) (2 MiB-aligned) of the mapping with a fresh mapping of the same
+// file range, which frees the old range's page tables, and drops its pages from the page cache where
+// no one else maps them (dirty pages are written first, so none is kept back). False if the file is
+// no longer the one mapped (replaced since) or cannot be opened.
 bool evict_file_range(const Region& r, size_t offset, size_t length) {
   int fd = open(r.path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return false;
@@ -221,7 +274,13 @@ bool evict_file_range(const Region& r, size_t offset, size_t length) {
   bool same = fstat(fd, &st) == 0 && static_cast<unsigned long long>(st.st_dev) == r.device &&
               static_cast<unsigned long long>(st.st_ino) == r.inode;
   if (same) {
-    madvise(static_cast<uint8_t*>(r.data) + offset, length, MADV_DONTNEED);
+    uint8_t* at = static_cast<uint8_t*>(r.data) + offset;
+    if (mmap(at, length, PROT_READ, MAP_SHARED | MAP_FIXED, fd, static_cast<off_t>(offset)) == MAP_FAILED) {
+      madvise(at, length, MADV_DONTNEED);  // the old mapping stays; its entries go
+    }
+#ifdef MADV_HUGEPAGE
+    madvise(at, length, MADV_HUGEPAGE);
+#endif
 #ifdef __linux__
     sync_file_range(fd, static_cast<off_t>(offset), static_cast<off_t>(length),
                     SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
@@ -242,6 +301,19 @@ bool thp_possible() {
   return n > 0 && std::strstr(buf, "[never]") == nullptr;
 }
 
+// MemAvailable from /proc/meminfo, in bytes (0 if unknown).
+size_t memory_available() {
+  FILE* f = std::fopen("/proc/meminfo", "r");
+  if (!f) return 0;
+  char line[256];
+  unsigned long long kb = 0;
+  while (std::fgets(line, sizeof line, f)) {
+    if (std::sscanf(line, "MemAvailable: %llu kB", &kb) == 1) break;
+  }
+  std::fclose(f);
+  return static_cast<size_t>(kb) * 1024;
+}
+
 }  // namespace
 
 SettleReport settle_file_pages(const Region& r, const std::vector<std::pair<size_t, size_t>>& ranges) {
@@ -252,47 +324,56 @@ SettleReport settle_file_pages(const Region& r, const std::vector<std::pair<size
   if (!r.data || r.path.empty()) return rep;
   auto* base = static_cast<uint8_t*>(r.data);
   const uintptr_t begin = reinterpret_cast<uintptr_t>(base), end = begin + r.size;
-  // The ranges clipped to the file, and the runs of whole 2 MiB pieces of the file they touch: a
-  // piece is mapped by one entry only if all of it is one folio, so it is dropped and read whole
-  // (the bytes between two tensors used in place, a bias or a norm copied at load, come with it).
-  std::vector<std::pair<size_t, size_t>> clipped, runs;
-  const size_t whole = r.size / kHugePage * kHugePage;
+  // The ranges clipped to the file, and the 2 MiB pieces of the file they touch: a piece is mapped by
+  // one entry only if all of it is one folio, so it is dropped and read whole (the bytes between two
+  // tensors used in place, a bias or a norm copied at load, come with it).
+  std::vector<std::pair<size_t, size_t>> clipped;
+  const size_t whole = r.size / kHugePage;
+  std::vector<bool> wanted(whole, false);
+  size_t bytes = 0;
   for (auto [offset, length] : ranges) {
     if (offset >= r.size || length == 0) continue;
     const size_t hi = offset + std::min(length, r.size - offset);
     clipped.emplace_back(offset, hi - offset);
-    const size_t h0 = offset / kHugePage * kHugePage, h1 = std::min(whole, (hi + kHugePage - 1) / kHugePage * kHugePage);
-    if (h1 > h0) runs.emplace_back(h0, h1);
+    bytes += hi - offset;
+    for (size_t p = offset / kHugePage; p < std::min(whole, (hi + kHugePage - 1) / kHugePage); ++p) wanted[p] = true;
   }
-  std::sort(runs.begin(), runs.end());
-  std::vector<std::pair<size_t, size_t>> merged;  // (offset, length)
-  for (auto [h0, h1] : runs) {
-    if (!merged.empty() && h0 <= merged.back().first + merged.back().second) {
-      merged.back().second = std::max(merged.back().second, h1 - merged.back().first);
-    } else {
-      merged.emplace_back(h0, h1 - h0);
-    }
-  }
-  for (auto [o, n] : merged) rep.eligible += n;
-  for (auto [o, n] : clipped) touch_pages(base + o, n);
-  rep.before = rep.after = file_pmd_mapped(begin, end);
-  // Nothing a 2 MiB entry could map, the mapping not asked for 2 MiB pages, or at most 1/16 missing.
-  if (rep.eligible == 0 || !huge_file_mappings() || !thp_possible() ||
-      (reinterpret_cast<uintptr_t>(base) & (kHugePage - 1)) != 0 || rep.before + rep.eligible / 16 >= rep.eligible) {
+  for (bool w : wanted) rep.eligible += w ? kHugePage : 0;
+  // Weights that cannot all stay resident are left to be paged in on use, as before.
+  const size_t available = memory_available() + resident_bytes_in(base, r.size);
+  if (available > 0 && bytes > available) {
+    rep.before = rep.after = file_pmd_mapped(begin, end);
     return rep;
   }
-  // Probe: the first 2 MiB piece of the longest run, dropped and read again.
-  auto longest = *std::max_element(merged.begin(), merged.end(), [](auto a, auto b) { return a.second < b.second; });
-  if (!evict_file_range(r, longest.first, kHugePage)) return rep;
-  const size_t dropped = file_pmd_mapped(begin, end);
-  touch_pages(base + longest.first, kHugePage);
-  const size_t probed = file_pmd_mapped(begin, end);
-  if (probed < dropped + kHugePage) {
-    rep.after = probed;
-    return rep;  // the page cache gave no 2 MiB folio: leave the rest as it is
+  for (auto [o, n] : clipped) touch_pages(base + o, n);
+  rep.before = rep.after = file_pmd_mapped(begin, end);
+  const bool aligned = (begin & (kHugePage - 1)) == 0;
+  std::vector<bool> huge;
+  if (rep.eligible == 0 || !huge_file_mappings() || !thp_possible() || !aligned || !huge_pieces(begin, begin + whole * kHugePage, huge)) return rep;
+  // The pieces to read again, as runs (first piece, count).
+  std::vector<std::pair<size_t, size_t>> runs;
+  size_t missing = 0;
+  for (size_t p = 0; p < whole; ++p) {
+    if (!wanted[p] || huge[p]) continue;
+    ++missing;
+    if (!runs.empty() && runs.back().first + runs.back().second == p) ++runs.back().second;
+    else runs.emplace_back(p, 1);
   }
-  for (auto [o, n] : merged) evict_file_range(r, o, n);
-  for (auto [o, n] : merged) touch_pages(base + o, n);
+  if (missing * kHugePage * 16 <= rep.eligible) return rep;
+  // Probe: the first such piece, dropped and read again.
+  const size_t probe = runs.front().first;
+  if (!evict_file_range(r, probe * kHugePage, kHugePage)) return rep;
+  touch_pages(base + probe * kHugePage, kHugePage);
+  std::vector<bool> after;
+  if (!huge_pieces(begin + probe * kHugePage, begin + (probe + 1) * kHugePage, after) || after.empty() || !after[0]) {
+    rep.after = file_pmd_mapped(begin, end);
+    return rep;  // no 2 MiB folio for it: leave the rest as it is
+  }
+  for (auto [p, n] : runs) {
+    const size_t from = p == probe ? p + 1 : p, count = p == probe ? n - 1 : n;
+    if (count > 0) evict_file_range(r, from * kHugePage, count * kHugePage);
+  }
+  for (auto [p, n] : runs) touch_pages(base + p * kHugePage, n * kHugePage);
   for (auto [o, n] : clipped) touch_pages(base + o, n);  // the last partial piece, if a range reaches it
   rep.after = file_pmd_mapped(begin, end);
   rep.reread = true;

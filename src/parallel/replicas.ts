@@ -8,6 +8,7 @@ import { BlossomError } from "../errors.js";
 import { EngineClient, type EngineHandle, type GenerationHandlers } from "../engine/client.js";
 import type { EngineInfo, EngineStats, LogitsWanted, WorkerData } from "../engine/protocol.js";
 import type { GenerationParams } from "../generate/params.js";
+import type { MappedWeightsReport } from "../backend/backend.js";
 
 export class ReplicaSet implements EngineHandle {
   readonly info: EngineInfo;
@@ -24,6 +25,18 @@ export class ReplicaSet implements EngineHandle {
     this.active = clients.map(() => 0);
     const first = clients[0]!.info;
     this.info = { ...first, replicas: clients.length, threads: clients.reduce((a, c) => a + c.info.threads, 0), kvCacheTokens: clients.reduce((a, c) => a + c.info.kvCacheTokens, 0) };
+    // The workers share one mapping and settle it one at a time: whichever came first found it as it
+    // was and may have read it again; the last found it as it is.
+    const mapped = clients.map((c) => c.info.mappedWeights);
+    if (mapped.every((m) => m !== undefined)) {
+      const all = mapped as MappedWeightsReport[];
+      this.info.mappedWeights = {
+        ...all[0]!,
+        hugeBytesBefore: Math.min(...all.map((m) => m.hugeBytesBefore)),
+        hugeBytesAfter: Math.max(...all.map((m) => m.hugeBytesAfter)),
+        filesReread: Math.max(...all.map((m) => m.filesReread)),
+      };
+    }
   }
 
   /** Starts `replicas` workers; each gets threads/replicas compute threads (at least 1). */
