@@ -5,7 +5,7 @@
  * that they are mapped 2 MiB at a time. Decoding streams every weight once per token; see README, decode.
  */
 import assert from "node:assert/strict";
-import { closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, statfsSync, writeSync } from "node:fs";
+import { closeSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readlinkSync, rmSync, statfsSync, writeSync } from "node:fs";
 import { release, tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
@@ -17,6 +17,17 @@ import { writeParts } from "./helpers/checkpoint-edit.js";
 import { fixtureDir } from "./helpers/fixtures.js";
 
 const MiB = 2 ** 20;
+
+/** How many of this process's file descriptors refer to `path`. */
+function openFilesOf(path: string): number {
+  return readdirSync("/proc/self/fd").filter((fd) => {
+    try {
+      return readlinkSync(`/proc/self/fd/${fd}`) === path;
+    } catch {
+      return false;
+    }
+  }).length;
+}
 
 /**
  * Whether a file in `dir` can be mapped 2 MiB at a time after a re-read: transparent huge pages for
@@ -105,9 +116,14 @@ test(`a just-written checkpoint's in-place weights are read again into 2 MiB pag
       assert.equal(second.hugeBytesBefore, first.hugeBytesAfter);
       // Only matrices handed out since the last call are settled.
       assert.deepEqual(backend.settleMappedWeights(), { bytes: 0, eligibleBytes: 0, hugeBytesBefore: 0, hugeBytesAfter: 0, filesReread: 0 });
+      // The re-read pieces were mapped again from the same open file: still one mapping of it.
+      assert.equal(readFileSync("/proc/self/maps", "utf8").split("\n").filter((l) => l.endsWith(path)).length, 1);
     } finally {
       file.dispose();
     }
+    // Unmapped, and the file it kept open for that is closed.
+    assert.equal(readFileSync("/proc/self/maps", "utf8").split("\n").filter((l) => l.endsWith(path)).length, 0);
+    assert.equal(openFilesOf(path), 0);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -86,12 +86,12 @@ Region map_file(const std::string& path) {
   }
   void* p = map_huge_aligned(fd, r.size);
   int e = errno;
-  close(fd);
-  if (p == MAP_FAILED) throw std::runtime_error(path + ": mmap failed (" + std::strerror(e) + ")");
+  if (p == MAP_FAILED) {
+    close(fd);
+    throw std::runtime_error(path + ": mmap failed (" + std::strerror(e) + ")");
+  }
   r.data = p;
-  r.path = path;
-  r.device = static_cast<unsigned long long>(st.st_dev);
-  r.inode = static_cast<unsigned long long>(st.st_ino);
+  r.fd = fd;
   return r;
 }
 
@@ -127,6 +127,7 @@ Region allocate_pages(size_t bytes, bool huge) {
 
 void release_region(const Region& r) {
   if (r.data && r.size) munmap(r.data, r.size);
+  if (r.fd >= 0) close(r.fd);
 }
 
 namespace {
@@ -264,31 +265,22 @@ void touch_pages(const uint8_t* p, size_t n) {
 }
 
 // Replaces [offset, offset+length) (2 MiB-aligned) of the mapping with a fresh mapping of the same
-// file range, which frees the old range's page tables, and drops its pages from the page cache where
-// no one else maps them (dirty pages are written first, so none is kept back). False if the file is
-// no longer the one mapped (replaced since) or cannot be opened.
-bool evict_file_range(const Region& r, size_t offset, size_t length) {
-  int fd = open(r.path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return false;
-  struct stat st;
-  bool same = fstat(fd, &st) == 0 && static_cast<unsigned long long>(st.st_dev) == r.device &&
-              static_cast<unsigned long long>(st.st_ino) == r.inode;
-  if (same) {
-    uint8_t* at = static_cast<uint8_t*>(r.data) + offset;
-    if (mmap(at, length, PROT_READ, MAP_SHARED | MAP_FIXED, fd, static_cast<off_t>(offset)) == MAP_FAILED) {
-      madvise(at, length, MADV_DONTNEED);  // the old mapping stays; its entries go
-    }
+// open file, which frees the old range's page tables (and merges with its neighbours again), and
+// drops its pages from the page cache where no one else maps them (dirty pages are written first, so
+// none is kept back). The file is the one mapped, even if a new one has replaced it on disk since.
+void evict_file_range(const Region& r, size_t offset, size_t length) {
+  uint8_t* at = static_cast<uint8_t*>(r.data) + offset;
+  if (mmap(at, length, PROT_READ, MAP_SHARED | MAP_FIXED, r.fd, static_cast<off_t>(offset)) == MAP_FAILED) {
+    madvise(at, length, MADV_DONTNEED);  // the old mapping stays; its entries go
+  }
 #ifdef MADV_HUGEPAGE
-    madvise(at, length, MADV_HUGEPAGE);
+  madvise(at, length, MADV_HUGEPAGE);
 #endif
 #ifdef __linux__
-    sync_file_range(fd, static_cast<off_t>(offset), static_cast<off_t>(length),
-                    SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
+  sync_file_range(r.fd, static_cast<off_t>(offset), static_cast<off_t>(length),
+                  SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
 #endif
-    posix_fadvise(fd, static_cast<off_t>(offset), static_cast<off_t>(length), POSIX_FADV_DONTNEED);
-  }
-  close(fd);
-  return same;
+  posix_fadvise(r.fd, static_cast<off_t>(offset), static_cast<off_t>(length), POSIX_FADV_DONTNEED);
 }
 
 // Whether transparent huge pages may back a madvise(MADV_HUGEPAGE) mapping at all.
@@ -321,7 +313,7 @@ SettleReport settle_file_pages(const Region& r, const std::vector<std::pair<size
   static std::mutex mutex;
   std::lock_guard<std::mutex> lock(mutex);
   SettleReport rep;
-  if (!r.data || r.path.empty()) return rep;
+  if (!r.data || r.fd < 0) return rep;
   auto* base = static_cast<uint8_t*>(r.data);
   const uintptr_t begin = reinterpret_cast<uintptr_t>(base), end = begin + r.size;
   // The ranges clipped to the file, and the 2 MiB pieces of the file they touch: a piece is mapped by
@@ -362,7 +354,7 @@ SettleReport settle_file_pages(const Region& r, const std::vector<std::pair<size
   if (missing * kHugePage * 16 <= rep.eligible) return rep;
   // Probe: the first such piece, dropped and read again.
   const size_t probe = runs.front().first;
-  if (!evict_file_range(r, probe * kHugePage, kHugePage)) return rep;
+  evict_file_range(r, probe * kHugePage, kHugePage);
   touch_pages(base + probe * kHugePage, kHugePage);
   std::vector<bool> after;
   if (!huge_pieces(begin + probe * kHugePage, begin + (probe + 1) * kHugePage, after) || after.empty() || !after[0]) {

@@ -11,9 +11,9 @@ namespace blossom {
 struct Region {
   void* data = nullptr;
   size_t size = 0;
-  // File mappings: the file, and its identity when mapped (settle_file_pages reopens it).
-  std::string path;
-  unsigned long long device = 0, inode = 0;
+  // File mappings: the mapped file, kept open (settle_file_pages remaps parts of it: a mapping of the
+  // same open file merges with its neighbours again) and closed by release_region.
+  int fd = -1;
 };
 
 // Maps a whole file read-only. Throws std::runtime_error naming the file on failure.
