@@ -74,7 +74,11 @@ try {
   const kvBytes = meanKvTokens * info.kvBytesPerToken;
   const stepBytes = weightBytes + kvBytes;
 
-  await model.generate([prompt], { maxNewTokens: 8, minNewTokens: 8 }); // warm-up: pages the weights in
+  // Warm-up: one run as long as the measured ones, so that the weights are paged in and the KV-cache
+  // blocks the runs reuse have been touched once (the first touch of fresh memory is the VM's cost,
+  // not decoding's: on the development machine a step that first touches a 2 MiB page of a layer's
+  // cache took ~5 ms longer per page, three such pages in some steps of the first 100 tokens).
+  await model.generate([prompt], { maxNewTokens: newTokens, minNewTokens: newTokens });
   // The machine's bandwidth moves with other tenants' load (here between ~45 and ~95 GB/s), so each
   // run is bracketed by its own probes and compared with the floor of that moment: the higher of the
   // two probes, the stricter floor. The median of the per-run ratios is the figure.

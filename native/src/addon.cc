@@ -454,6 +454,121 @@ Napi::Value LayerNorm(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// ---- chains of single-row ops (run_chain) ----------------------------------------------------
+// createChain(ops, segmentEnds) -> chain; runChain(chain, k) runs ops [segmentEnds[k-1], segmentEnds[k]).
+// An op is [0, y, x, cols, gamma, beta, eps] (layer norm of one row) or
+// [1, y, x, wRegion, wOffset, wDtype, outFeatures, inFeatures, panelK, bias|null, epilogue, residual|null]
+// (linear of one row). The chain keeps its arrays and weight regions alive; a region released since
+// (the model disposed) makes runChain throw instead of reading freed memory.
+struct Chain {
+  std::vector<ChainOp> ops;
+  std::vector<size_t> ends;
+  std::vector<Napi::Reference<Napi::Value>> arrays;
+  std::vector<Tracked*> regions;
+};
+
+View<float> f32_value(const Napi::Env& env, Napi::Value v, const std::string& name, bool nullable = false) {
+  if (nullable && (v.IsNull() || v.IsUndefined())) return View<float>{nullptr, 0};
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array) type_error(env, name + ": expected a Float32Array");
+  auto a = v.As<Napi::TypedArray>();
+  auto* base = static_cast<uint8_t*>(a.ArrayBuffer().Data());
+  if (!base && a.ElementLength() > 0) type_error(env, name + ": buffer is detached");
+  return View<float>{reinterpret_cast<float*>(base + a.ByteOffset()), a.ElementLength()};
+}
+
+int64_t integer_value(const Napi::Env& env, Napi::Value v, const std::string& name, int64_t min = 0) {
+  if (!v.IsNumber()) type_error(env, name + ": expected a number");
+  const double d = v.As<Napi::Number>().DoubleValue();
+  const int64_t i = static_cast<int64_t>(d);
+  if (static_cast<double>(i) != d || i < min) range_error(env, name + ": expected an integer >= " + std::to_string(min));
+  return i;
+}
+
+Napi::Value CreateChain(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  if (!info[0].IsArray() || !info[1].IsArray()) type_error(env, "createChain: expected (ops, segmentEnds)");
+  auto list = info[0].As<Napi::Array>();
+  auto ends = info[1].As<Napi::Array>();
+  auto chain = std::make_unique<Chain>();
+  auto keep = [&](Napi::Value v) {
+    if (!v.IsNull() && !v.IsUndefined()) chain->arrays.push_back(Napi::Persistent(v));
+  };
+  for (uint32_t i = 0; i < list.Length(); ++i) {
+    const std::string at = "createChain: op " + std::to_string(i);
+    if (!list.Get(i).IsArray()) type_error(env, at + ": expected an array");
+    auto d = list.Get(i).As<Napi::Array>();
+    const int64_t kind = integer_value(env, d.Get(0u), at + " kind");
+    ChainOp op{};
+    auto y = f32_value(env, d.Get(1u), at + " y");
+    auto x = f32_value(env, d.Get(2u), at + " x");
+    op.y = y.data, op.x = x.data;
+    keep(d.Get(1u)), keep(d.Get(2u));
+    if (kind == 0) {
+      op.kind = ChainOp::kLayerNorm;
+      op.cols = integer_value(env, d.Get(3u), at + " cols", 1);
+      auto g = f32_value(env, d.Get(4u), at + " gamma");
+      auto b = f32_value(env, d.Get(5u), at + " beta");
+      keep(d.Get(4u)), keep(d.Get(5u));
+      op.gamma = g.data, op.beta = b.data;
+      op.eps = d.Get(6u).As<Napi::Number>().FloatValue();
+      need(env, x.length >= static_cast<size_t>(op.cols) && y.length >= static_cast<size_t>(op.cols) && g.length >= static_cast<size_t>(op.cols) && b.length >= static_cast<size_t>(op.cols),
+           at + ": an array is shorter than cols");
+    } else if (kind == 1) {
+      op.kind = ChainOp::kLinear;
+      Napi::Value rv = d.Get(3u);
+      if (!rv.IsExternal()) type_error(env, at + " weight: expected a native region");
+      Tracked* t = rv.As<Napi::External<Tracked>>().Data();
+      if (t->released) range_error(env, at + " weight: region was released");
+      const int64_t off = integer_value(env, d.Get(4u), at + " weight offset");
+      const int64_t dt = integer_value(env, d.Get(5u), at + " weight dtype");
+      need(env, dt <= 2, at + ": int8 weights cannot be chained");
+      const int64_t out = integer_value(env, d.Get(6u), at + " outFeatures", 1), in = integer_value(env, d.Get(7u), at + " inFeatures", 1);
+      const int64_t panel_k = integer_value(env, d.Get(8u), at + " panelK");
+      const DType dtype = static_cast<DType>(dt);
+      if (off < 0 || static_cast<uint64_t>(off) + static_cast<uint64_t>(out * in) * dtype_size(dtype) > t->region.size) range_error(env, at + ": the weight is outside its region");
+      op.w = WeightMatrix{static_cast<const uint8_t*>(t->region.data) + off, dtype, out, in, panel_k};
+      auto bias = f32_value(env, d.Get(9u), at + " bias", true);
+      auto res = f32_value(env, d.Get(11u), at + " residual", true);
+      keep(d.Get(9u)), keep(d.Get(11u));
+      op.bias = bias.data, op.residual = res.data;
+      op.epilogue = static_cast<int>(integer_value(env, d.Get(10u), at + " epilogue"));
+      need(env, op.epilogue == kNone || op.epilogue == kGelu, at + ": unknown epilogue");
+      need(env, x.length >= static_cast<size_t>(in) && y.length >= static_cast<size_t>(out), at + ": x or y is too short");
+      need(env, (!bias.data || bias.length >= static_cast<size_t>(out)) && (!res.data || res.length >= static_cast<size_t>(out)), at + ": bias or residual is too short");
+      need(env, !overlaps(op.y, static_cast<size_t>(out), op.x, static_cast<size_t>(in)) && !overlaps(op.y, static_cast<size_t>(out), op.residual, res.data ? static_cast<size_t>(out) : 0),
+           at + ": y overlaps x or residual");
+      t->refs++;
+      chain->regions.push_back(t);
+    } else {
+      range_error(env, at + ": unknown kind " + std::to_string(kind));
+    }
+    chain->ops.push_back(op);
+  }
+  size_t previous = 0;
+  for (uint32_t i = 0; i < ends.Length(); ++i) {
+    const int64_t e = integer_value(env, ends.Get(i), "createChain: segment end");
+    need(env, static_cast<size_t>(e) >= previous && static_cast<size_t>(e) <= chain->ops.size(), "createChain: segment ends must rise within the ops");
+    chain->ends.push_back(static_cast<size_t>(e));
+    previous = static_cast<size_t>(e);
+  }
+  return Napi::External<Chain>::New(env, chain.release(), [](Napi::Env, Chain* c) {
+    for (Tracked* t : c->regions) unref(t);
+    delete c;
+  });
+}
+
+Napi::Value RunChain(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  if (!info[0].IsExternal()) type_error(env, "runChain: expected a chain");
+  Chain* c = info[0].As<Napi::External<Chain>>().Data();
+  const int64_t k = integer(info, 1, "runChain: segment");
+  need(env, static_cast<size_t>(k) < c->ends.size(), "runChain: no such segment");
+  for (Tracked* t : c->regions) need(env, !t->released, "runChain: a weight region was released (the model was disposed)");
+  const size_t begin = k == 0 ? 0 : c->ends[static_cast<size_t>(k - 1)], end = c->ends[static_cast<size_t>(k)];
+  run_chain(compute(env), c->ops.data() + begin, end - begin);
+  return env.Undefined();
+}
+
 // embedding(y, ids, tableRegion, tableOffset, dtype, vocab, hidden)
 Napi::Value Embedding(const Napi::CallbackInfo& info) {
   auto env = info.Env();
@@ -875,6 +990,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("advise", Napi::Function::New(env, Advise));
   exports.Set("residentBytes", Napi::Function::New(env, ResidentBytes));
   exports.Set("settleFilePages", Napi::Function::New(env, SettleFilePages));
+  exports.Set("createChain", Napi::Function::New(env, CreateChain));
+  exports.Set("runChain", Napi::Function::New(env, RunChain));
   exports.Set("readFile", Napi::Function::New(env, ReadFile));
   exports.Set("sliceColumns", Napi::Function::New(env, SliceColumns));
   exports.Set("toPanels", Napi::Function::New(env, ToPanels));

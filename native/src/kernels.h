@@ -48,6 +48,30 @@ void linear_avx2(ThreadPool& pool, float* y, const float* x, int64_t rows, const
                  const float* bias, int epilogue, const float* residual);
 
 // y (rows, cols) = (x - mean) / sqrt(var + eps) * gamma + beta, per row, in fp32.
+// One row of layer_norm, on the calling thread (the same arithmetic).
+void layer_norm_row(float* y, const float* x, int64_t cols, const float* gamma, const float* beta, float eps);
+
+// A decode step's chain of single-row ops between two attention calls, run by the pool as one job
+// (run_chain, matmul.cc): each op waits for the one before at a barrier, so the weights of one
+// matrix after another stream without the threads returning to the caller between them.
+struct ChainOp {
+  enum Kind : int { kLayerNorm = 0, kLinear = 1 } kind;
+  float* y;
+  const float* x;
+  // layer norm: y (cols) = layer_norm(x) * gamma + beta
+  int64_t cols = 0;
+  const float* gamma = nullptr;
+  const float* beta = nullptr;
+  float eps = 0;
+  // linear: y (out) = epilogue(x (in) @ W^T + bias) + residual
+  WeightMatrix w{};
+  const float* bias = nullptr;
+  int epilogue = 0;
+  const float* residual = nullptr;
+};
+// Runs ops[0..n) on one row, with the same arithmetic as layer_norm and linear at rows == 1.
+void run_chain(ThreadPool& pool, const ChainOp* ops, size_t n);
+
 void layer_norm(ThreadPool& pool, float* y, const float* x, int64_t rows, int64_t cols, const float* gamma,
                 const float* beta, float eps);
 

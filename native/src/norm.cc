@@ -53,6 +53,13 @@ BLOSSOM_AVX2 void layer_norm_row_avx2(float* y, const float* x, int64_t cols, co
 
 }  // namespace
 
+void layer_norm_row(float* y, const float* x, int64_t cols, const float* gamma, const float* beta, float eps) {
+#if defined(__x86_64__)
+  if (active_variant() == Variant::Avx2) return layer_norm_row_avx2(y, x, cols, gamma, beta, eps);
+#endif
+  layer_norm_row_scalar(y, x, cols, gamma, beta, eps);
+}
+
 void layer_norm(ThreadPool& pool, float* y, const float* x, int64_t rows, int64_t cols, const float* gamma,
                 const float* beta, float eps) {
   const bool fast = active_variant() == Variant::Avx2;

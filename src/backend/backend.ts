@@ -101,6 +101,16 @@ export interface AttentionShape {
   blockSize: number;
 }
 
+/** One op of a chain (Backend.chain): a layer norm or a linear, of one row. */
+export type ChainOpSpec =
+  | { kind: "layerNorm"; y: DeviceBuffer; x: DeviceBuffer; cols: number; gamma: DeviceBuffer; beta: DeviceBuffer; eps: number }
+  | { kind: "linear"; y: DeviceBuffer; x: DeviceBuffer; weight: DeviceMatrix; bias: DeviceBuffer | null; gelu?: boolean; residual?: DeviceBuffer };
+
+/** Ops prepared by Backend.chain. */
+export interface OpChain {
+  readonly __brand: "OpChain";
+}
+
 /** What settleMappedWeights found and did, in bytes (summed over the mapped files). */
 export interface MappedWeightsReport {
   /** Bytes of weights used in place. */
@@ -158,6 +168,15 @@ export interface Backend {
   layerNorm(out: DeviceBuffer, x: DeviceBuffer, rows: number, cols: number, gamma: DeviceBuffer, beta: DeviceBuffer, eps: number): void;
   /** out (rows, out) = act(x (rows, in) @ W^T + bias) + residual. */
   linear(out: DeviceBuffer, x: DeviceBuffer, rows: number, weight: DeviceMatrix, bias: DeviceBuffer | null, options?: LinearOptions): void;
+  /**
+   * Single-row ops prepared once and run a segment at a time (segment k: ops[segmentEnds[k-1] ..
+   * segmentEnds[k]), the first from 0): a decode step's ops between two attention calls, each segment
+   * as one unit with the same arithmetic as the ops one by one. Undefined where the backend cannot
+   * chain them (a matrix it streams from disk or computes in int8); then the caller runs the ops.
+   * The buffers must stay allocated while the chain is used.
+   */
+  chain?(ops: readonly ChainOpSpec[], segmentEnds: readonly number[]): OpChain | undefined;
+  runChain?(chain: OpChain, segment: number): void;
   /** Appends the batch's new keys/values to the cache, then out (tokens, heads*headDim) = ALiBi causal attention. */
   attention(out: DeviceBuffer, qkv: DeviceBuffer, numTokens: number, cache: KVLayer, batch: AttentionBatch, slopes: DeviceBuffer, shape: AttentionShape): void;
   /** out (rows.length, cols) = x[rows]. */

@@ -1,8 +1,8 @@
 /** The CPU backend: buffers are Float32Arrays, kernels run in the native addon's thread pool. */
 import { BlossomError } from "../errors.js";
 import type { TensorView } from "../checkpoint/safetensors.js";
-import { kvEntryBytes, type AttentionBatch, type AttentionShape, type Backend, type DeviceBuffer, type DeviceMatrix, type KVBuffer, type KVDType, type KVLayer, type LinearOptions, type MappedWeightsReport, type MatrixOptions, type QuantizedMatrix, type QuantizeOptions } from "./backend.js";
-import { ActivationMode, DTypeCode, Epilogue, native, type NativeRegion, type StorageDType } from "./native.js";
+import { kvEntryBytes, type AttentionBatch, type AttentionShape, type Backend, type DeviceBuffer, type DeviceMatrix, type KVBuffer, type KVDType, type KVLayer, type ChainOpSpec, type LinearOptions, type MappedWeightsReport, type MatrixOptions, type OpChain, type QuantizedMatrix, type QuantizeOptions } from "./backend.js";
+import { ActivationMode, DTypeCode, Epilogue, native, type NativeChain, type NativeRegion, type StorageDType } from "./native.js";
 
 export interface CpuMatrix extends DeviceMatrix {
   readonly dtype: StorageDType;
@@ -336,6 +336,27 @@ export class CpuBackend implements Backend {
     const t = table as CpuMatrix;
     if (firstId === undefined) native().embedding(f32(out), ids, t.region, t.byteOffset, DTypeCode[t.dtype], t.outFeatures, t.inFeatures);
     else native().embeddingShard(f32(out), ids, t.region, t.byteOffset, DTypeCode[t.dtype], t.outFeatures, t.inFeatures, firstId);
+  }
+
+  /** Chains of single-row ops run as one thread-pool job a segment at a time (native run_chain: the threads stream one matrix after another without returning here). */
+  chain(ops: readonly ChainOpSpec[], segmentEnds: readonly number[]): OpChain | undefined {
+    const descriptors: unknown[][] = [];
+    for (const op of ops) {
+      if (op.kind === "layerNorm") {
+        descriptors.push([0, f32(op.y), f32(op.x), op.cols, f32(op.gamma), f32(op.beta), op.eps]);
+        continue;
+      }
+      if (op.weight.dtype === "int8") return undefined;
+      const w = op.weight as CpuMatrix;
+      if (w.streamChunkBytes !== undefined) return undefined;
+      descriptors.push([1, f32(op.y), f32(op.x), w.region, w.byteOffset, DTypeCode[w.dtype], w.outFeatures, w.inFeatures, w.panelK ?? 0,
+        op.bias ? f32(op.bias) : null, op.gelu ? Epilogue.gelu : Epilogue.none, op.residual ? f32(op.residual) : null]);
+    }
+    return native().createChain(descriptors, [...segmentEnds]) as unknown as OpChain;
+  }
+
+  runChain(chain: OpChain, segment: number): void {
+    native().runChain(chain as unknown as NativeChain, segment);
   }
 
   layerNorm(out: DeviceBuffer, x: DeviceBuffer, rows: number, cols: number, gamma: DeviceBuffer, beta: DeviceBuffer, eps: number): void {

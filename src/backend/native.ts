@@ -7,6 +7,7 @@ import { fileURLToPath } from "node:url";
 
 /** A file mapping or page-aligned allocation owned by the addon. Opaque to TypeScript. */
 export type NativeRegion = { readonly __brand: "NativeRegion" };
+export type NativeChain = { readonly __brand: "NativeChain" };
 
 /** Weight storage dtypes; the numbers are the addon's DType enum. */
 export const DTypeCode = { f32: 0, f16: 1, bf16: 2, i8: 3 } as const;
@@ -45,6 +46,12 @@ export interface NativeAddon {
    * that they come back as 2 MiB folios (native/src/memory.cc). All zeros for other regions.
    */
   settleFilePages(region: NativeRegion, ranges: Float64Array): { eligibleBytes: number; beforeBytes: number; afterBytes: number; reread: boolean };
+  /**
+   * Single-row ops to run a segment at a time as one thread-pool job (native/src/matmul.cc run_chain).
+   * An op: [0, y, x, cols, gamma, beta, eps] or [1, y, x, wRegion, wOffset, wDtype, out, in, panelK, bias, epilogue, residual].
+   */
+  createChain(ops: unknown[][], segmentEnds: number[]): NativeChain;
+  runChain(chain: NativeChain, segment: number): void;
   /** The process's resident set in bytes; with a buffer, the bytes of it in resident pages. */
   residentBytes(buffer?: ArrayBufferLike | ArrayBufferView): number;
   /**

@@ -35,6 +35,8 @@ export interface WeightStore {
   readonly numLayers: number;
   /** The weights of layer i, ready to compute with. */
   layer(i: number): BloomLayerWeights;
+  /** Every matrix stays where it is between steps, with nothing to load or drop per layer (no hooks below do anything). */
+  readonly staysInPlace?: boolean;
   /** Called when the forward pass has finished with layer i (offloading stores drop it). */
   releaseLayer(i: number): void;
   /** Called at the start of each forward step (before the embeddings). */
@@ -115,6 +117,7 @@ export class WeightBuilder {
 
 /** Every layer resident (mapped in place, or converted once at load). */
 export class ResidentWeightStore implements WeightStore {
+  readonly staysInPlace = true;
   readonly wordEmbeddings: DeviceMatrix;
   readonly wordEmbeddingsLayernorm: DeviceNorm;
   readonly lnF: DeviceNorm;

@@ -15,7 +15,7 @@
  * a WeightStore; keys and values live in a paged KV cache. This file knows BLOOM, never threads
  * or SIMD.
  */
-import type { AttentionBatch, Backend, DeviceBuffer, KVLayer } from "../backend/backend.js";
+import type { AttentionBatch, Backend, ChainOpSpec, DeviceBuffer, KVLayer, OpChain } from "../backend/backend.js";
 import type { BloomConfig } from "../checkpoint/config.js";
 import type { WeightStore } from "../engine/weights.js";
 import { alibiSlopes } from "../layers/alibi.js";
@@ -82,11 +82,15 @@ class Workspace {
     private readonly ffnSize: number,
   ) {}
 
+  /** Changes whenever a buffer is replaced (a chain built on the old ones must not run). */
+  generation = 0;
+
   ensure(tokens: number): void {
     if (tokens <= this.capacity) return;
     const cap = Math.max(tokens, Math.ceil(this.capacity * 1.5));
     const H = this.hiddenSize, b = this.backend;
     this.release();
+    this.generation++;
     this.hidden = b.alloc(cap * H);
     this.hidden2 = b.alloc(cap * H);
     this.normed = b.alloc(cap * H);
@@ -101,6 +105,7 @@ class Workspace {
     if (!this.logits || this.logits.length < length) {
       if (this.logits) this.backend.free(this.logits);
       this.logits = this.backend.alloc(length);
+      this.generation++;
     }
     return this.logits;
   }
@@ -124,6 +129,14 @@ export class BloomModel {
   private readonly comm: Collectives | undefined;
   /** Set to receive named intermediates (slow: copies every activation to the host). */
   onIntermediate: IntermediateHook | undefined;
+  /**
+   * Whether a step of one token runs its ops between attention calls as chains (Backend.chain), where
+   * the backend and the weights allow: same arithmetic, fewer calls. False runs every op on its own
+   * (tests compare the two).
+   */
+  chainDecode = true;
+  /** The decode chain and the workspace generation it was built on; null once found impossible. */
+  private decodeChain: { chain: OpChain; generation: number } | null | undefined;
 
   constructor(config: BloomConfig, weights: WeightStore, backend: Backend, parallel?: { shard: ModelShard; comm: Collectives }) {
     this.config = config;
@@ -141,6 +154,10 @@ export class BloomModel {
    * of a reused buffer: it is valid until the next forward().
    */
   forward(step: ForwardStep, kvCache: KVCacheLayers): Float32Array {
+    if (step.tokenIds.length === 1 && step.logitRows.length === 1 && this.chainDecode && !this.onIntermediate) {
+      const chained = this.chainedDecode(step, kvCache);
+      if (chained) return chained;
+    }
     const { backend: ops, weights, config } = this;
     const H = config.hiddenSize, T = step.tokenIds.length, eps = config.layerNormEpsilon;
     const postLN = config.applyResidualConnectionPostLayernorm;
@@ -202,6 +219,74 @@ export class BloomModel {
     weights.endStep?.();
     if (comm) return comm.gatherVocab(logits, rows) ?? new Float32Array(0);
     return ops.download(logits, 0, rows * config.vocabSize);
+  }
+
+  /**
+   * A step of one token with its logits (batch-1 decoding): the embedding, then between two attention
+   * calls one chain each (layer norms and matrices of one row, from one layer's attention output to
+   * the next layer's QKV; the last ends with the final norm and the LM head). Decoding at batch 1 is
+   * bound by reading the weights; as a chain a thread goes from its share of one matrix to its share
+   * of the next without returning to JavaScript between them (see native/src/matmul.cc, run_chain).
+   * Undefined where it does not apply (tensor parallelism, weights loaded per layer, int8).
+   */
+  private chainedDecode(step: ForwardStep, kvCache: KVCacheLayers): Float32Array | undefined {
+    const { backend: ops, weights, config } = this;
+    if (this.comm || !weights.staysInPlace || !ops.chain || !ops.runChain || this.decodeChain === null) return undefined;
+    const ws = this.workspace;
+    ws.ensure(1);
+    const logits = ws.logitsFor(config.vocabSize);
+    if (!this.decodeChain || this.decodeChain.generation !== ws.generation) {
+      const chain = ops.chain(...this.decodeChainOps(logits));
+      if (!chain) {
+        this.decodeChain = null;
+        return undefined;
+      }
+      this.decodeChain = { chain, generation: ws.generation };
+    }
+    const { chain } = this.decodeChain;
+    const H = config.hiddenSize;
+    const shape = { numHeads: this.shard.numHeads, headDim: config.headDim, blockSize: kvCache.blockSize };
+    ops.embedding(ws.normed, step.tokenIds, weights.wordEmbeddings);
+    const emb = weights.wordEmbeddingsLayernorm;
+    ops.layerNorm(ws.hidden, ws.normed, 1, H, emb.weight, emb.bias, config.layerNormEpsilon);
+    ops.runChain(chain, 0);
+    for (let i = 0; i < config.numLayers; i++) {
+      ops.attention(ws.attention, ws.qkv, 1, kvCache.layer(i), step.batch, this.slopes, shape);
+      ops.runChain(chain, i + 1);
+    }
+    return ops.download(logits, 0, config.vocabSize);
+  }
+
+  /** The decode chain's ops (forward()'s, for one row) and segment ends: one segment before the first attention and one after each. */
+  private decodeChainOps(logits: DeviceBuffer): [ChainOpSpec[], number[]] {
+    const { weights, config } = this;
+    const ws = this.workspace, H = config.hiddenSize, eps = config.layerNormEpsilon;
+    const postLN = config.applyResidualConnectionPostLayernorm;
+    const list: ChainOpSpec[] = [];
+    const ends: number[] = [];
+    const attentionIn = (i: number) => {
+      const layer = weights.layer(i);
+      list.push({ kind: "layerNorm", y: ws.normed, x: ws.hidden, cols: H, gamma: layer.inputLayernorm.weight, beta: layer.inputLayernorm.bias, eps });
+      list.push({ kind: "linear", y: ws.qkv, x: ws.normed, weight: layer.queryKeyValue.weight, bias: layer.queryKeyValue.bias });
+    };
+    attentionIn(0);
+    ends.push(list.length);
+    for (let i = 0; i < config.numLayers; i++) {
+      const layer = weights.layer(i);
+      list.push({ kind: "linear", y: ws.hidden2, x: ws.attention, weight: layer.dense.weight, bias: layer.dense.bias, residual: postLN ? ws.normed : ws.hidden });
+      list.push({ kind: "layerNorm", y: ws.normed, x: ws.hidden2, cols: H, gamma: layer.postAttentionLayernorm.weight, beta: layer.postAttentionLayernorm.bias, eps });
+      list.push({ kind: "linear", y: ws.mlp, x: ws.normed, weight: layer.denseHTo4h.weight, bias: layer.denseHTo4h.bias, gelu: true });
+      list.push({ kind: "linear", y: ws.hidden, x: ws.mlp, weight: layer.dense4hToH.weight, bias: layer.dense4hToH.bias, residual: postLN ? ws.normed : ws.hidden2 });
+      if (i + 1 < config.numLayers) {
+        attentionIn(i + 1);
+      } else {
+        // The final norm reads the hidden state directly: forward() gathers the one row into hidden2 first (the same values).
+        list.push({ kind: "layerNorm", y: ws.normed, x: ws.hidden, cols: H, gamma: weights.lnF.weight, beta: weights.lnF.bias, eps });
+        list.push({ kind: "linear", y: logits, x: ws.normed, weight: weights.lmHead, bias: null });
+      }
+      ends.push(list.length);
+    }
+    return [list, ends];
   }
 
   private trace(name: string, layer: number, buffer: DeviceBuffer, rows: number, cols: number): void {

@@ -1,0 +1,67 @@
+/**
+ * Batch-1 decoding runs each layer's ops between two attention calls as one chain (BloomModel's
+ * chainedDecode, native run_chain): the same arithmetic as the ops one by one, so the logits must
+ * agree bit for bit, on every fixture, with the fast kernels and the scalar ones.
+ */
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import { CpuBackend } from "../src/backend/cpu.js";
+import { native } from "../src/backend/native.js";
+import { loadEngine, type LoadedEngine } from "../src/engine/load.js";
+import { fixtureDir, fixtureNames } from "./helpers/fixtures.js";
+
+/** Logits of a 6-token prompt, then of 12 decode steps, one token each. */
+function decodeLogits(loaded: LoadedEngine): Float32Array[] {
+  const { engine } = loaded;
+  const seq = engine.createSequence();
+  const out = [engine.step([{ sequence: seq, tokens: [5, 6, 7, 8, 9, 10], logits: "last" }])[0]!.slice()];
+  for (let i = 0; i < 12; i++) out.push(engine.step([{ sequence: seq, tokens: [11 + 3 * i], logits: "last" }])[0]!.slice());
+  engine.freeSequence(seq);
+  return out;
+}
+
+for (const variant of ["auto", "scalar"] as const) {
+  test(`chained decode steps give the same logits as the ops one by one, bit for bit (${variant} kernels)`, () => {
+    native().setKernelVariant(variant);
+    try {
+      for (const name of fixtureNames) {
+        const chained = loadEngine(fixtureDir(name), { kvCacheTokens: 256 });
+        const single = loadEngine(fixtureDir(name), { kvCacheTokens: 256 });
+        single.model.chainDecode = false;
+        try {
+          const a = decodeLogits(chained), b = decodeLogits(single);
+          assert.ok((chained.model as unknown as { decodeChain: unknown }).decodeChain, `${name}: the chain was used`);
+          a.forEach((row, step) => assert.deepEqual(row, b[step], `${name}, step ${step}`));
+        } finally {
+          chained.dispose();
+          single.dispose();
+        }
+      }
+    } finally {
+      native().setKernelVariant("auto");
+    }
+  });
+}
+
+test("a chain refuses bad ops clearly, and will not run once its weights are released", () => {
+  const loaded = loadEngine(fixtureDir("tiny-bloom-a"), { kvCacheTokens: 64 });
+  try {
+    const backend = loaded.backend as CpuBackend;
+    const layer = loaded.weights.layer(0);
+    const H = loaded.checkpoint.config.hiddenSize;
+    const x = new Float32Array(H), y = new Float32Array(3 * H);
+    const qkv = { kind: "linear" as const, y, x, weight: layer.queryKeyValue.weight, bias: layer.queryKeyValue.bias };
+    assert.throws(() => backend.chain([{ ...qkv, y: new Float32Array(3) }], [1]), /op 0: x or y is too short/);
+    assert.throws(() => backend.chain([{ ...qkv, y: x, x }], [1]), /op 0: (x or y is too short|y overlaps x)/);
+    assert.throws(() => backend.chain([qkv], [2]), /segment ends must rise within the ops/);
+    assert.throws(() => native().createChain([[7, y, x]], [1]), /op 0: unknown kind 7/);
+    const chain = backend.chain([qkv], [1])!;
+    backend.runChain(chain, 0);
+    assert.ok(y.some((v) => v !== 0));
+    assert.throws(() => backend.runChain(chain, 1), /no such segment/);
+    loaded.dispose();
+    assert.throws(() => backend.runChain(chain, 0), /weight region was released/);
+  } finally {
+    loaded.dispose();
+  }
+});
