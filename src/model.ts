@@ -464,7 +464,7 @@ export class Model {
       predictedUpTo = end;
     }
     // Up to 8 windows a step, as many as one engine's KV cache holds at once.
-    const { kvBlockSize } = await this.client.stats();
+    const { kvBlockSize } = this.client.latestStats() ?? (await this.client.stats());
     const engineBlocks = Math.floor(this.kvCacheTokensPerEngine / kvBlockSize);
     const longest = Math.max(...windows.map((w) => w.tokens.length));
     const perBatch = Math.min(8, Math.floor(engineBlocks / Math.ceil(longest / kvBlockSize)));
@@ -474,7 +474,9 @@ export class Model {
     let nll = 0, predicted = 0;
     for (let i = 0; i < windows.length; i += perBatch) {
       if (options.signal?.aborted) throw new BlossomError("aborted", "perplexity was aborted");
-      const scores = await this.client.score(windows.slice(i, i + perBatch), options.signal);
+      const scores = await this.client.score(windows.slice(i, i + perBatch), options.signal).catch((err: unknown) => {
+        throw options.signal?.aborted ? new BlossomError("aborted", "perplexity was aborted") : err;
+      });
       for (const s of scores) for (const lp of s) {
         if (!Number.isFinite(lp)) {
           throw new BlossomError("internal", `perplexity: the model gave a ${Number.isNaN(lp) ? "NaN" : "non-finite"} log-probability at predicted token ${predicted} (its output is broken: look for NaN or infinite values in the checkpoint's weights)`);
@@ -500,7 +502,9 @@ export class Model {
       throw new BlossomError("parameter", `from: expected an integer from 1 to ids.length (${tokens.length}), got ${from}`);
     }
     if (from === tokens.length) return [];
-    const [scores] = await this.client.score([{ tokens, from }], signal);
+    const [scores] = await this.client.score([{ tokens, from }], signal).catch((err: unknown) => {
+      throw signal?.aborted ? new BlossomError("aborted", "tokenLogprobs was aborted") : err;
+    });
     return Array.from(scores!);
   }
 

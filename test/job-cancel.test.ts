@@ -95,3 +95,58 @@ test("a client that leaves POST /forward/ stops the scoring of the text in progr
     await model.dispose();
   }
 });
+
+test("after an aborted job, the figures the engine pushes show its blocks freed once it is idle (no stats() asked)", { timeout: 120_000 }, async () => {
+  // Chunks long enough (2048 tokens of a 4-layer model) that the engine pushes its figures after each one.
+  const model = await loadModel(fixtureDir("trained-bloom-small"), { kvCacheTokens: 16384, maxBatchPrefillTokens: 2048 });
+  try {
+    const rows = Array.from({ length: 8 }, (_, r) => Array.from({ length: 1000 }, (_, i) => 5 + ((i * 7 + r) % 1000)));
+    const controller = new AbortController();
+    const forward = model.forward(rows, undefined, { signal: controller.signal });
+    forward.catch(() => {});
+    const pushed = () => model.latestStats();
+    for (let i = 0; i < 4000 && !(pushed() && pushed()!.kvBlocksFree < pushed()!.kvBlocksTotal); i++) await new Promise((r) => setTimeout(r, 5));
+    assert.ok(pushed()!.kvBlocksFree < pushed()!.kvBlocksTotal, "the job is being fed");
+    controller.abort();
+    await assert.rejects(forward, isAborted);
+    for (let i = 0; i < 1000 && pushed()!.kvBlocksFree < pushed()!.kvBlocksTotal; i++) await new Promise((r) => setTimeout(r, 5));
+    assert.equal(pushed()!.kvBlocksFree, pushed()!.kvBlocksTotal, "the idle engine's figures show the blocks back");
+  } finally {
+    await model.dispose();
+  }
+});
+
+test("replicas: a part of a spread forward that fails cancels the other replicas' parts", { timeout: 120_000 }, async () => {
+  const model = await loadModel(fixtureDir("tiny-bloom-a"), { strategy: "replicas", replicas: 2, kvCacheTokens: 2048, maxBatchPrefillTokens: 16 });
+  try {
+    // A session holds most of one replica's cache: that replica refuses its part at once.
+    const session = await model.openSession();
+    await session.append(Array.from({ length: 1900 }, (_, i) => 5 + (i % 500)), "last");
+    const rows = [0, 1].map((r) => Array.from({ length: 1000 }, (_, i) => 5 + r + (i % 500)));
+    await assert.rejects(model.forward(rows), (e: unknown) => e instanceof BlossomError && e.code === "memory");
+    // The other part is dropped: its blocks come back long before its 57 chunks could have run.
+    const idle = await until(model, (s) => s.kvBlocksTotal - s.kvBlocksFree === Math.ceil(1900 / 16));
+    assert.equal(idle.kvBlocksTotal - idle.kvBlocksFree, Math.ceil(1900 / 16), "only the session's blocks are held");
+    assert.ok(idle.jobChunks < 30, `${idle.jobChunks} chunks ran for a result nobody reads (the part takes 63)`);
+    await session.close();
+  } finally {
+    await model.dispose();
+  }
+});
+
+test("many calls sharing one abort signal print no MaxListenersExceededWarning", async () => {
+  const warnings: string[] = [];
+  const onWarning = (w: Error) => warnings.push(w.name);
+  process.on("warning", onWarning);
+  const model = await loadModel(fixtureDir("tiny-bloom-a"), { kvCacheTokens: 4096 });
+  try {
+    const controller = new AbortController();
+    const results = await Promise.all(Array.from({ length: 12 }, (_, i) => model.tokenLogprobs([5, 6 + i, 7, 8], 1, { signal: controller.signal })));
+    assert.equal(results.length, 12);
+    await new Promise((resolve) => setImmediate(resolve));
+    assert.deepEqual(warnings.filter((w) => w === "MaxListenersExceededWarning"), []);
+  } finally {
+    process.off("warning", onWarning);
+    await model.dispose();
+  }
+});

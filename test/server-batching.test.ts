@@ -206,8 +206,10 @@ describe("admission within --max-batch-total-tokens", () => {
       });
       const queued = await pollUntil(async () => {
         const text = await metrics(url);
-        return metric(text, "blossom_queue_size") === 1 && text;
-      }, "the second request to wait in the queue");
+        // (The engine's gauges are what it last pushed: a push may also catch the first request
+        // submitted and not yet admitted, queue 1 and batch 0.)
+        return metric(text, "blossom_queue_size") === 1 && metric(text, "blossom_batch_current_size") === 1 && text;
+      }, "the second request to wait in the queue while the first runs");
       assert.equal(metric(queued, "blossom_batch_current_size"), 1);
       const stream = await first;
       const second = (await waiting) as { status: number; body: { generated_text: string } };

@@ -2,6 +2,7 @@
  * The main-thread side of an engine worker: starts it, sends requests, routes replies and token
  * streams. Every front end (library, CLI, server, bench) goes through this.
  */
+import { getEventListeners, getMaxListeners, setMaxListeners } from "node:events";
 import { Worker } from "node:worker_threads";
 import { BlossomError } from "../errors.js";
 import type { GenerationParams } from "../generate/params.js";
@@ -211,6 +212,10 @@ export class EngineClient implements EngineHandle {
         f();
       };
       this.pending.set(id, { resolve: (v) => settle(() => resolve(v as T)), reject: (e) => settle(() => reject(e)) });
+      // One listener per call, each removed when its call settles: many calls sharing a signal are
+      // expected, not a leak (Node would warn past 10).
+      const listeners = getEventListeners(signal, "abort").length;
+      if (listeners >= getMaxListeners(signal)) setMaxListeners(listeners + 10, signal);
       signal.addEventListener("abort", onAbort, { once: true });
       this.worker.postMessage({ ...message, id } as Request);
     });

@@ -65,8 +65,11 @@ class Worker {
       },
     );
     port.on("message", (m: Request) => {
-      if (m.type === "cancel") this.cancel(m.id);
-      else this.queue.push(m);
+      if (m.type === "cancel") {
+        this.cancel(m.id);
+        // What it dropped (a job's blocks, a waiting sequence) changes the figures: pushed at idle too.
+        this.worked = true;
+      } else this.queue.push(m);
       this.wake?.();
     });
   }

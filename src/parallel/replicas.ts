@@ -4,6 +4,7 @@
  * memory mapping of the weights (the addon maps each file once per process, so resident memory
  * does not grow N-fold). Requests go to the replica with the fewest running generations.
  */
+import { setMaxListeners } from "node:events";
 import { BlossomError } from "../errors.js";
 import { EngineClient, type EngineHandle, type GenerationHandlers } from "../engine/client.js";
 import type { EngineInfo, EngineStats, LogitsWanted, WorkerData } from "../engine/protocol.js";
@@ -75,24 +76,47 @@ export class ReplicaSet implements EngineHandle {
     return alive.length > 0 ? alive : this.clients.slice(0, 1);
   }
 
-  /** Spreads the sequences over the replicas, runs them concurrently, and returns results in order. */
-  private async spread<I, O>(items: I[], run: (client: EngineClient, part: I[]) => Promise<O[]>): Promise<O[]> {
+  /**
+   * Spreads the sequences over the replicas, runs them concurrently, and returns results in order.
+   * The parts share one signal, the caller's joined: a part that fails (or the caller's abort) cancels
+   * the others, whose results nobody would read.
+   */
+  private async spread<I, O>(items: I[], signal: AbortSignal | undefined, run: (client: EngineClient, part: I[], signal: AbortSignal) => Promise<O[]>): Promise<O[]> {
     const clients = this.live();
     const parts = clients.map(() => [] as { index: number; item: I }[]);
     items.forEach((item, index) => parts[(this.nextForward + index) % clients.length]!.push({ index, item }));
     this.nextForward = (this.nextForward + items.length) % clients.length;
-    const results = await Promise.all(parts.map((p, r) => (p.length ? run(clients[r]!, p.map((x) => x.item)) : Promise.resolve([]))));
+    const together = new AbortController();
+    const onAbort = () => together.abort(signal?.reason);
+    if (signal?.aborted) onAbort();
+    else signal?.addEventListener("abort", onAbort, { once: true });
+    setMaxListeners(clients.length + 10, together.signal);
+    let results: O[][];
+    try {
+      results = await Promise.all(
+        parts.map((p, r) =>
+          p.length
+            ? run(clients[r]!, p.map((x) => x.item), together.signal).catch((err: unknown) => {
+                together.abort(err);
+                throw err;
+              })
+            : Promise.resolve([]),
+        ),
+      );
+    } finally {
+      signal?.removeEventListener("abort", onAbort);
+    }
     const out = new Array<O>(items.length);
     parts.forEach((p, r) => p.forEach((x, k) => (out[x.index] = results[r]![k]!)));
     return out;
   }
 
   forward(sequences: number[][], signal?: AbortSignal): Promise<Float32Array[]> {
-    return this.spread(sequences, (c, part) => c.forward(part, signal));
+    return this.spread(sequences, signal, (c, part, s) => c.forward(part, s));
   }
 
   score(sequences: { tokens: number[]; from: number }[], signal?: AbortSignal): Promise<Float64Array[]> {
-    return this.spread(sequences, (c, part) => c.score(part, signal));
+    return this.spread(sequences, signal, (c, part, s) => c.score(part, s));
   }
 
   async openSession(): Promise<number> {
