@@ -65,3 +65,53 @@ test("a chain refuses bad ops clearly, and will not run once its weights are rel
     loaded.dispose();
   }
 });
+
+test("chains with linear() taking another path at one row (gemvMaxRows 0) still match the ops one by one", () => {
+  native().setLinearTuning("gemvMaxRows", 0);
+  try {
+    const chained = loadEngine(fixtureDir("trained-bloom-small"), { kvCacheTokens: 256 });
+    const single = loadEngine(fixtureDir("trained-bloom-small"), { kvCacheTokens: 256 });
+    single.model.chainDecode = false;
+    try {
+      const a = decodeLogits(chained), b = decodeLogits(single);
+      a.forEach((row, step) => assert.deepEqual(row, b[step], `step ${step}`));
+    } finally {
+      chained.dispose();
+      single.dispose();
+    }
+  } finally {
+    native().setLinearTuning("gemvMaxRows", 2);
+  }
+});
+
+test("the native chain functions refuse what would corrupt memory: other objects, moved or detached arrays, sizes that overflow", () => {
+  const n = native();
+  const ln = (y: Float32Array, x: Float32Array) => [0, y, x, 16, new Float32Array(16).fill(1), new Float32Array(16), 1e-5];
+  // Another kind of native object where a chain or a region is expected.
+  const region = n.allocate(1 << 16);
+  try {
+    assert.throws(() => n.runChain(region as never, 0), /runChain: expected a chain/);
+    const chain = n.createChain([ln(new Float32Array(16), new Float32Array(16))], [1]);
+    assert.throws(() => n.createChain([[1, new Float32Array(4), new Float32Array(4), chain, 0, 0, 4, 4, 0, null, 0, null]], [1]), /weight: expected a native region/);
+    assert.throws(() => n.release(chain as never), /release: expected a native region/);
+    // A weight whose size overflows 64 bits of bytes is outside its region, not a wrapped small one.
+    assert.throws(() => n.createChain([[1, new Float32Array(4), new Float32Array(4), region, 0, 0, 2 ** 31, 2 ** 31, 0, null, 0, null]], [1]), /outside its region/);
+    // An array released with its region (detached), transferred, or shrunk after the chain was built.
+    const view = new Float32Array(n.view(region, 0, 64));
+    const released = n.createChain([ln(view, new Float32Array(16))], [1]);
+    n.runChain(released, 0);
+    n.release(region);
+    assert.throws(() => n.runChain(released, 0), /detached, moved or shrunk/);
+    const buffer = new ArrayBuffer(64);
+    const moved = n.createChain([ln(new Float32Array(buffer), new Float32Array(16))], [1]);
+    structuredClone(buffer, { transfer: [buffer] });
+    assert.throws(() => n.runChain(moved, 0), /detached, moved or shrunk/);
+    const resizable = new (ArrayBuffer as unknown as new (n: number, o: { maxByteLength: number }) => ArrayBuffer & { resize(n: number): void })(64, { maxByteLength: 128 });
+    const shrunk = n.createChain([ln(new Float32Array(resizable), new Float32Array(16))], [1]);
+    n.runChain(shrunk, 0);
+    resizable.resize(16);
+    assert.throws(() => n.runChain(shrunk, 0), /detached, moved or shrunk/);
+  } finally {
+    n.release(region);
+  }
+});

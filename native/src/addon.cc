@@ -70,15 +70,26 @@ void unref(Tracked* t) {
   delete t;
 }
 
+// Type tags for the addon's Externals, so that one kind handed where another is expected is refused,
+// not reinterpreted (a chain read as a region would be memory corruption).
+const napi_type_tag kRegionTag = {0x8f1c2b7a44d35e01ULL, 0x9a6e0c3d51b2f407ULL};
+const napi_type_tag kChainTag = {0x2d7e915c08a34b6fULL, 0xc41f5a2e9b703d18ULL};
+
 Napi::Value wrap_region(Napi::Env env, const Region& r, std::shared_ptr<Region> shared = nullptr) {
   auto* t = new Tracked();
   t->region = r;
   t->shared = std::move(shared);
-  return Napi::External<Tracked>::New(env, t, [](Napi::Env, Tracked* tr) { unref(tr); });
+  auto external = Napi::External<Tracked>::New(env, t, [](Napi::Env, Tracked* tr) { unref(tr); });
+  external.TypeTag(&kRegionTag);
+  return external;
+}
+
+bool is_region(Napi::Value v) {
+  return v.IsExternal() && v.As<Napi::Object>().CheckTypeTag(&kRegionTag);
 }
 
 Tracked* region_arg(const Napi::CallbackInfo& info, size_t i, const char* name) {
-  if (!info[i].IsExternal()) throw Napi::TypeError::New(info.Env(), std::string(name) + ": expected a native region");
+  if (!is_region(info[i])) throw Napi::TypeError::New(info.Env(), std::string(name) + ": expected a native region");
   Tracked* t = info[i].As<Napi::External<Tracked>>().Data();
   if (t->released) throw Napi::Error::New(info.Env(), std::string(name) + ": region was released");
   return t;
@@ -238,7 +249,7 @@ Napi::Value View_(const Napi::CallbackInfo& info) {
 
 // Frees a region now (dispose()) and detaches its views, so later use fails loudly instead of reading freed memory.
 Napi::Value Release(const Napi::CallbackInfo& info) {
-  if (!info[0].IsExternal()) type_error(info.Env(), "release: expected a native region");
+  if (!is_region(info[0])) type_error(info.Env(), "release: expected a native region");
   Tracked* t = info[0].As<Napi::External<Tracked>>().Data();
   if (t->released) return Napi::Boolean::New(info.Env(), false);
   for (auto& r : t->views) {
@@ -460,11 +471,20 @@ Napi::Value LayerNorm(const Napi::CallbackInfo& info) {
 // [1, y, x, wRegion, wOffset, wDtype, outFeatures, inFeatures, panelK, bias|null, epilogue, residual|null]
 // (linear of one row). The chain keeps its arrays and weight regions alive; a region released since
 // (the model disposed) makes runChain throw instead of reading freed memory.
+struct ChainArray {
+  Napi::Reference<Napi::Value> ref;  // the typed array, kept alive
+  const void* data;                  // where its elements started
+  size_t bytes;                      // how many of its bytes the op uses
+};
 struct Chain {
   std::vector<ChainOp> ops;
   std::vector<size_t> ends;
-  std::vector<Napi::Reference<Napi::Value>> arrays;
+  std::vector<ChainArray> arrays;
+  std::vector<size_t> first_array;  // ops[i] uses arrays [first_array[i], first_array[i + 1])
   std::vector<Tracked*> regions;
+  ~Chain() {
+    for (Tracked* t : regions) unref(t);
+  }
 };
 
 View<float> f32_value(const Napi::Env& env, Napi::Value v, const std::string& name, bool nullable = false) {
@@ -490,8 +510,9 @@ Napi::Value CreateChain(const Napi::CallbackInfo& info) {
   auto list = info[0].As<Napi::Array>();
   auto ends = info[1].As<Napi::Array>();
   auto chain = std::make_unique<Chain>();
-  auto keep = [&](Napi::Value v) {
-    if (!v.IsNull() && !v.IsUndefined()) chain->arrays.push_back(Napi::Persistent(v));
+  auto keep = [&](Napi::Value v, const View<float>& view, int64_t floats) {
+    if (v.IsNull() || v.IsUndefined()) return;
+    chain->arrays.push_back(ChainArray{Napi::Persistent(v), view.data, static_cast<size_t>(floats) * sizeof(float)});
   };
   for (uint32_t i = 0; i < list.Length(); ++i) {
     const std::string at = "createChain: op " + std::to_string(i);
@@ -499,16 +520,16 @@ Napi::Value CreateChain(const Napi::CallbackInfo& info) {
     auto d = list.Get(i).As<Napi::Array>();
     const int64_t kind = integer_value(env, d.Get(0u), at + " kind");
     ChainOp op{};
+    chain->first_array.push_back(chain->arrays.size());
     auto y = f32_value(env, d.Get(1u), at + " y");
     auto x = f32_value(env, d.Get(2u), at + " x");
     op.y = y.data, op.x = x.data;
-    keep(d.Get(1u)), keep(d.Get(2u));
     if (kind == 0) {
       op.kind = ChainOp::kLayerNorm;
       op.cols = integer_value(env, d.Get(3u), at + " cols", 1);
       auto g = f32_value(env, d.Get(4u), at + " gamma");
       auto b = f32_value(env, d.Get(5u), at + " beta");
-      keep(d.Get(4u)), keep(d.Get(5u));
+      keep(d.Get(1u), y, op.cols), keep(d.Get(2u), x, op.cols), keep(d.Get(4u), g, op.cols), keep(d.Get(5u), b, op.cols);
       op.gamma = g.data, op.beta = b.data;
       op.eps = d.Get(6u).As<Napi::Number>().FloatValue();
       need(env, x.length >= static_cast<size_t>(op.cols) && y.length >= static_cast<size_t>(op.cols) && g.length >= static_cast<size_t>(op.cols) && b.length >= static_cast<size_t>(op.cols),
@@ -516,7 +537,7 @@ Napi::Value CreateChain(const Napi::CallbackInfo& info) {
     } else if (kind == 1) {
       op.kind = ChainOp::kLinear;
       Napi::Value rv = d.Get(3u);
-      if (!rv.IsExternal()) type_error(env, at + " weight: expected a native region");
+      if (!is_region(rv)) type_error(env, at + " weight: expected a native region");
       Tracked* t = rv.As<Napi::External<Tracked>>().Data();
       if (t->released) range_error(env, at + " weight: region was released");
       const int64_t off = integer_value(env, d.Get(4u), at + " weight offset");
@@ -525,11 +546,13 @@ Napi::Value CreateChain(const Napi::CallbackInfo& info) {
       const int64_t out = integer_value(env, d.Get(6u), at + " outFeatures", 1), in = integer_value(env, d.Get(7u), at + " inFeatures", 1);
       const int64_t panel_k = integer_value(env, d.Get(8u), at + " panelK");
       const DType dtype = static_cast<DType>(dt);
-      if (off < 0 || static_cast<uint64_t>(off) + static_cast<uint64_t>(out * in) * dtype_size(dtype) > t->region.size) range_error(env, at + ": the weight is outside its region");
+      // (out * in * size may overflow: compared by division.)
+      const uint64_t room = static_cast<uint64_t>(off) <= t->region.size ? (t->region.size - static_cast<uint64_t>(off)) / dtype_size(dtype) : 0;
+      if (static_cast<uint64_t>(off) > t->region.size || static_cast<uint64_t>(out) > room / static_cast<uint64_t>(in)) range_error(env, at + ": the weight is outside its region");
       op.w = WeightMatrix{static_cast<const uint8_t*>(t->region.data) + off, dtype, out, in, panel_k};
       auto bias = f32_value(env, d.Get(9u), at + " bias", true);
       auto res = f32_value(env, d.Get(11u), at + " residual", true);
-      keep(d.Get(9u)), keep(d.Get(11u));
+      keep(d.Get(1u), y, out), keep(d.Get(2u), x, in), keep(d.Get(9u), bias, out), keep(d.Get(11u), res, out);
       op.bias = bias.data, op.residual = res.data;
       op.epilogue = static_cast<int>(integer_value(env, d.Get(10u), at + " epilogue"));
       need(env, op.epilogue == kNone || op.epilogue == kGelu, at + ": unknown epilogue");
@@ -544,6 +567,7 @@ Napi::Value CreateChain(const Napi::CallbackInfo& info) {
     }
     chain->ops.push_back(op);
   }
+  chain->first_array.push_back(chain->arrays.size());
   size_t previous = 0;
   for (uint32_t i = 0; i < ends.Length(); ++i) {
     const int64_t e = integer_value(env, ends.Get(i), "createChain: segment end");
@@ -551,20 +575,27 @@ Napi::Value CreateChain(const Napi::CallbackInfo& info) {
     chain->ends.push_back(static_cast<size_t>(e));
     previous = static_cast<size_t>(e);
   }
-  return Napi::External<Chain>::New(env, chain.release(), [](Napi::Env, Chain* c) {
-    for (Tracked* t : c->regions) unref(t);
-    delete c;
-  });
+  auto external = Napi::External<Chain>::New(env, chain.release(), [](Napi::Env, Chain* c) { delete c; });
+  external.TypeTag(&kChainTag);
+  return external;
 }
 
 Napi::Value RunChain(const Napi::CallbackInfo& info) {
   auto env = info.Env();
-  if (!info[0].IsExternal()) type_error(env, "runChain: expected a chain");
+  if (!info[0].IsExternal() || !info[0].As<Napi::Object>().CheckTypeTag(&kChainTag)) type_error(env, "runChain: expected a chain");
   Chain* c = info[0].As<Napi::External<Chain>>().Data();
   const int64_t k = integer(info, 1, "runChain: segment");
   need(env, static_cast<size_t>(k) < c->ends.size(), "runChain: no such segment");
   for (Tracked* t : c->regions) need(env, !t->released, "runChain: a weight region was released (the model was disposed)");
   const size_t begin = k == 0 ? 0 : c->ends[static_cast<size_t>(k - 1)], end = c->ends[static_cast<size_t>(k)];
+  // Every array the segment uses is still where it was and as long (not detached by a transfer or a
+  // released region, not shrunk): a chain keeps raw pointers.
+  for (size_t i = c->first_array[begin]; i < c->first_array[end]; ++i) {
+    const ChainArray& arr = c->arrays[i];
+    auto ta = arr.ref.Value().As<Napi::TypedArray>();
+    const auto* base = static_cast<const uint8_t*>(ta.ArrayBuffer().Data());
+    need(env, base && base + ta.ByteOffset() == arr.data && ta.ByteLength() >= arr.bytes, "runChain: an array of the chain was detached, moved or shrunk since it was built");
+  }
   run_chain(compute(env), c->ops.data() + begin, end - begin);
   return env.Undefined();
 }

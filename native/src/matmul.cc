@@ -16,6 +16,9 @@
 //                   k block and reused by every 3-row tile of x; x packed once per call.
 // Every variant computes each output with a fixed arithmetic order that does not depend on the
 // thread count or on how outputs were split between threads (tested bitwise).
+#ifdef __linux__
+#include <sched.h>
+#endif
 #include <algorithm>
 #include <atomic>
 #include <memory>
@@ -647,7 +650,8 @@ class ChainBarrier {
 
 bool chainable(const ChainOp& op) {
   if (op.kind != ChainOp::kLinear) return true;
-  return active_variant() == Variant::Avx2 && (op.w.panel_k == 0 || op.w.panel_k >= op.w.in_features) &&
+  // (linear() takes the GEMV at one row only while gemvMaxRows >= 1.)
+  return active_variant() == Variant::Avx2 && tuning().gemv_max_rows >= 1 && (op.w.panel_k == 0 || op.w.panel_k >= op.w.in_features) &&
          (op.w.dtype == DType::F32 || op.w.dtype == DType::F16 || op.w.dtype == DType::BF16);
 }
 
@@ -669,8 +673,22 @@ void run_op(ThreadPool& pool, const ChainOp& op) {
 
 }  // namespace
 
+// CPUs this process may run on. The barriers spin: with more pool threads than CPUs, a waiting thread
+// would hold a core the working one needs (an audit measured 2.6 against 0.7-1.2 ms a step at 3
+// threads on 2 cores), so the ops then run one by one.
+static int usable_cpus() {
+  static const int n = [] {
+#ifdef __linux__
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) return CPU_COUNT(&set);
+#endif
+    return static_cast<int>(std::thread::hardware_concurrency());
+  }();
+  return n;
+}
+
 void run_chain(ThreadPool& pool, const ChainOp* ops, size_t n) {
-  bool fused = pool.size() > 1;
+  bool fused = pool.size() > 1 && pool.size() <= usable_cpus();
   for (size_t i = 0; i < n && fused; ++i) fused = chainable(ops[i]);
 #if defined(__x86_64__)
   if (fused) {
