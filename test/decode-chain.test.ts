@@ -115,3 +115,17 @@ test("the native chain functions refuse what would corrupt memory: other objects
     n.release(region);
   }
 });
+
+test("native ops refuse sizes whose byte count overflows instead of wrapping to a small one", () => {
+  const n = native();
+  const region = n.allocate(1 << 16);
+  try {
+    const x = new Float32Array(8), y = new Float32Array(8);
+    assert.throws(() => n.linear(y, x, 1, region, 0, 0, 2 ** 31, 2 ** 31, null, 0, null), /size overflows|outside the region/);
+    assert.throws(() => n.linear(y, x, 2 ** 62, region, 0, 0, 4, 4, null, 0, null), /size overflows|shorter/);
+    assert.throws(() => n.layerNorm(y, x, 2 ** 62, 4, x, x, 1e-5), /size overflows|shorter/);
+    assert.throws(() => n.convert(region, 0, 0, region, 0, 0, 2 ** 62), /size overflows|outside the region/);
+  } finally {
+    n.release(region);
+  }
+});

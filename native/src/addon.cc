@@ -8,6 +8,7 @@
 #endif
 
 #include <algorithm>
+#include <initializer_list>
 #include <cmath>
 #include <cstdlib>
 #include <memory>
@@ -221,6 +222,16 @@ Napi::Value RegionSize(const Napi::CallbackInfo& info) {
 }
 
 // Byte range [offset, offset+length) of a region, checked.
+// The byte length of a tensor from its dimensions and element size, refused if the product does not
+// fit 63 bits (a wrapped product would pass the bounds checks with a tiny length).
+int64_t product(const Napi::CallbackInfo& info, const char* name, std::initializer_list<int64_t> factors) {
+  int64_t p = 1;
+  for (int64_t f : factors) {
+    if (f < 0 || __builtin_mul_overflow(p, f, &p)) range_error(info.Env(), std::string(name) + ": size overflows");
+  }
+  return p;
+}
+
 uint8_t* region_bytes(const Napi::CallbackInfo& info, Tracked* t, int64_t offset, int64_t length, const char* name) {
   if (offset < 0 || length < 0 || static_cast<uint64_t>(offset) + static_cast<uint64_t>(length) > t->region.size)
     range_error(info.Env(), std::string(name) + ": byte range [" + std::to_string(offset) + ", " +
@@ -435,9 +446,9 @@ Napi::Value Linear(const Napi::CallbackInfo& info) {
   auto res = f32(info, 10, "linear: residual", true);
   const int64_t panel_k = info.Length() > 11 && !info[11].IsUndefined() ? integer(info, 11, "linear: panelK") : 0;
   need(env, dt != DType::I8, "linear: int8 weights need linearInt8");
-  const uint8_t* wdata = region_bytes(info, wr, woff, out * in * static_cast<int64_t>(dtype_size(dt)), "linear: weight");
-  need(env, x.length >= static_cast<size_t>(rows * in), "linear: x is shorter than rows*in");
-  need(env, y.length >= static_cast<size_t>(rows * out), "linear: y is shorter than rows*out");
+  const uint8_t* wdata = region_bytes(info, wr, woff, product(info, "linear: weight", {out, in, static_cast<int64_t>(dtype_size(dt))}), "linear: weight");
+  need(env, x.length >= static_cast<size_t>(product(info, "linear: x", {rows, in})), "linear: x is shorter than rows*in");
+  need(env, y.length >= static_cast<size_t>(product(info, "linear: y", {rows, out})), "linear: y is shorter than rows*out");
   need(env, !bias.data || bias.length >= static_cast<size_t>(out), "linear: bias is shorter than out");
   need(env, !res.data || res.length >= static_cast<size_t>(rows * out), "linear: residual is shorter than rows*out");
   need(env, epi == kNone || epi == kGelu, "linear: unknown epilogue");
@@ -458,8 +469,8 @@ Napi::Value LayerNorm(const Napi::CallbackInfo& info) {
   auto g = f32(info, 4, "layerNorm: gamma");
   auto b = f32(info, 5, "layerNorm: beta");
   float eps = info[6].As<Napi::Number>().FloatValue();
-  need(env, x.length >= static_cast<size_t>(rows * cols) && y.length >= static_cast<size_t>(rows * cols),
-       "layerNorm: x or y is shorter than rows*cols");
+  const int64_t n = product(info, "layerNorm: x", {rows, cols});
+  need(env, x.length >= static_cast<size_t>(n) && y.length >= static_cast<size_t>(n), "layerNorm: x or y is shorter than rows*cols");
   need(env, g.length >= static_cast<size_t>(cols) && b.length >= static_cast<size_t>(cols), "layerNorm: gamma/beta shorter than cols");
   layer_norm(compute(env), y.data, x.data, rows, cols, g.data, b.data, eps);
   return env.Undefined();
@@ -611,7 +622,7 @@ Napi::Value Embedding(const Napi::CallbackInfo& info) {
   int64_t vocab = integer(info, 5, "embedding: vocab", 1);
   int64_t hidden = integer(info, 6, "embedding: hidden", 1);
   need(env, dt != DType::I8, "embedding: int8 tables are not supported");
-  const uint8_t* table = region_bytes(info, tr, toff, vocab * hidden * static_cast<int64_t>(dtype_size(dt)), "embedding: table");
+  const uint8_t* table = region_bytes(info, tr, toff, product(info, "embedding: table", {vocab, hidden, static_cast<int64_t>(dtype_size(dt))}), "embedding: table");
   need(env, y.length >= ids.length * static_cast<size_t>(hidden), "embedding: y is shorter than ids*hidden");
   for (size_t i = 0; i < ids.length; ++i)
     if (ids.data[i] < 0 || ids.data[i] >= vocab)
@@ -644,8 +655,8 @@ Napi::Value Convert(const Napi::CallbackInfo& info) {
   const DType dd = a.dst, sd = a.src;
   int64_t n = integer(info, 6, "convert: n");
   need(env, dd != DType::I8 && sd != DType::I8, "convert: int8 goes through quantize");
-  uint8_t* dst = region_bytes(info, a.dst_region, a.dst_offset, n * static_cast<int64_t>(dtype_size(dd)), "convert: dst");
-  const uint8_t* src = region_bytes(info, a.src_region, a.src_offset, n * static_cast<int64_t>(dtype_size(sd)), "convert: src");
+  uint8_t* dst = region_bytes(info, a.dst_region, a.dst_offset, product(info, "convert: dst", {n, static_cast<int64_t>(dtype_size(dd))}), "convert: dst");
+  const uint8_t* src = region_bytes(info, a.src_region, a.src_offset, product(info, "convert: src", {n, static_cast<int64_t>(dtype_size(sd))}), "convert: src");
   convert(compute(env), dst, dd, src, sd, n);
   return env.Undefined();
 }
@@ -714,8 +725,8 @@ QuantWeights quant_weights_arg(const Napi::CallbackInfo& info, size_t i, int64_t
   w.out_features = out;
   w.in_features = in;
   w.group_size = group;
-  w.q = reinterpret_cast<const int8_t*>(region_bytes(info, qr, qoff, out * in, name));
-  w.scales = reinterpret_cast<const uint16_t*>(region_bytes(info, sr, soff, out * w.groups() * 2, name));
+  w.q = reinterpret_cast<const int8_t*>(region_bytes(info, qr, qoff, product(info, name, {out, in}), name));
+  w.scales = reinterpret_cast<const uint16_t*>(region_bytes(info, sr, soff, product(info, name, {out, static_cast<int64_t>(w.groups()), 2}), name));
   return w;
 }
 
@@ -730,7 +741,7 @@ Napi::Value QuantizeWeights(const Napi::CallbackInfo& info) {
   int64_t srcoff = integer(info, 5, "quantizeWeights: source offset");
   DType sd = dtype_arg(info, 6, "quantizeWeights: source dtype");
   need(env, sd != DType::I8, "quantizeWeights: the source is already int8");
-  const uint8_t* sp = region_bytes(info, src, srcoff, out * in * static_cast<int64_t>(dtype_size(sd)), "quantizeWeights: source");
+  const uint8_t* sp = region_bytes(info, src, srcoff, product(info, "quantizeWeights: source", {out, in, static_cast<int64_t>(dtype_size(sd))}), "quantizeWeights: source");
   quantize_weights(*instance(env).pool, const_cast<int8_t*>(w.q), const_cast<uint16_t*>(w.scales), sp, sd, out, in, group);
   return env.Undefined();
 }
@@ -751,8 +762,8 @@ Napi::Value LinearInt8(const Napi::CallbackInfo& info) {
   auto res = f32(info, 12, "linearInt8: residual", true);
   int64_t mode = integer(info, 13, "linearInt8: activationMode");
   float threshold = info[14].As<Napi::Number>().FloatValue();
-  need(env, x.length >= static_cast<size_t>(rows * in), "linearInt8: x is shorter than rows*in");
-  need(env, y.length >= static_cast<size_t>(rows * out), "linearInt8: y is shorter than rows*out");
+  need(env, x.length >= static_cast<size_t>(product(info, "linearInt8: x", {rows, in})), "linearInt8: x is shorter than rows*in");
+  need(env, y.length >= static_cast<size_t>(product(info, "linearInt8: y", {rows, out})), "linearInt8: y is shorter than rows*out");
   need(env, !bias.data || bias.length >= static_cast<size_t>(out), "linearInt8: bias is shorter than out");
   need(env, !res.data || res.length >= static_cast<size_t>(rows * out), "linearInt8: residual is shorter than rows*out");
   need(env, epi == kNone || epi == kGelu, "linearInt8: unknown epilogue");
@@ -811,7 +822,7 @@ Napi::Value FillRandom(const Napi::CallbackInfo& info) {
   int64_t n = integer(info, 3, "fillRandom: count");
   int64_t seed = integer(info, 4, "fillRandom: seed");
   float scale = info[5].As<Napi::Number>().FloatValue();
-  uint8_t* p = region_bytes(info, t, off, n * static_cast<int64_t>(dtype_size(dt)), "fillRandom");
+  uint8_t* p = region_bytes(info, t, off, product(info, "fillRandom", {n, static_cast<int64_t>(dtype_size(dt))}), "fillRandom");
   fill_random(*instance(env).pool, p, dt, n, static_cast<uint64_t>(seed), scale);
   return env.Undefined();
 }
@@ -860,8 +871,8 @@ Napi::Value SliceColumns(const Napi::CallbackInfo& info) {
   int64_t count = integer(info, 9, "sliceColumns: count");
   need(env, dd != DType::I8 && sd != DType::I8, "sliceColumns: int8 is not supported");
   need(env, first + count <= cols, "sliceColumns: column range past the matrix");
-  uint8_t* dst = region_bytes(info, a.dst_region, a.dst_offset, rows * count * static_cast<int64_t>(dtype_size(dd)), "sliceColumns: dst");
-  const uint8_t* src = region_bytes(info, a.src_region, a.src_offset, rows * cols * static_cast<int64_t>(dtype_size(sd)), "sliceColumns: src");
+  uint8_t* dst = region_bytes(info, a.dst_region, a.dst_offset, product(info, "sliceColumns: dst", {rows, count, static_cast<int64_t>(dtype_size(dd))}), "sliceColumns: dst");
+  const uint8_t* src = region_bytes(info, a.src_region, a.src_offset, product(info, "sliceColumns: src", {rows, cols, static_cast<int64_t>(dtype_size(sd))}), "sliceColumns: src");
   slice_columns(compute(env), dst, dd, src, sd, rows, cols, first, count);
   return env.Undefined();
 }
@@ -879,8 +890,8 @@ Napi::Value ToPanels(const Napi::CallbackInfo& info) {
   int64_t row_end = integer(info, 10, "toPanels: rowEnd");
   need(env, dd != DType::I8 && sd != DType::I8, "toPanels: int8 is not supported");
   need(env, row_begin <= row_end && row_end <= out, "toPanels: row range past the matrix");
-  uint8_t* dst = region_bytes(info, a.dst_region, a.dst_offset, out * in * static_cast<int64_t>(dtype_size(dd)), "toPanels: dst");
-  const uint8_t* src = region_bytes(info, a.src_region, a.src_offset, out * in * static_cast<int64_t>(dtype_size(sd)), "toPanels: src");
+  uint8_t* dst = region_bytes(info, a.dst_region, a.dst_offset, product(info, "toPanels: dst", {out, in, static_cast<int64_t>(dtype_size(dd))}), "toPanels: dst");
+  const uint8_t* src = region_bytes(info, a.src_region, a.src_offset, product(info, "toPanels: src", {out, in, static_cast<int64_t>(dtype_size(sd))}), "toPanels: src");
   to_panels(compute(env), dst, dd, src, sd, out, in, panel_k, row_begin, row_end);
   return env.Undefined();
 }
@@ -897,7 +908,7 @@ Napi::Value EmbeddingShard(const Napi::CallbackInfo& info) {
   int64_t hidden = integer(info, 6, "embeddingShard: hidden", 1);
   int64_t first = integer(info, 7, "embeddingShard: firstId");
   need(env, dt != DType::I8, "embeddingShard: int8 tables are not supported");
-  const uint8_t* table = region_bytes(info, tr, toff, vocab * hidden * static_cast<int64_t>(dtype_size(dt)), "embeddingShard: table");
+  const uint8_t* table = region_bytes(info, tr, toff, product(info, "embeddingShard: table", {vocab, hidden, static_cast<int64_t>(dtype_size(dt))}), "embeddingShard: table");
   need(env, y.length >= ids.length * static_cast<size_t>(hidden), "embeddingShard: y is shorter than ids*hidden");
   embedding_shard(compute(env), y.data, ids.data, static_cast<int64_t>(ids.length), table, dt, hidden, first, vocab);
   return env.Undefined();
