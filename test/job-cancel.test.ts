@@ -150,3 +150,26 @@ test("many calls sharing one abort signal print no MaxListenersExceededWarning",
     await model.dispose();
   }
 });
+
+test("forward / score requests in progress take turns a chunk at a time: a short score sent after a long forward ends first", async () => {
+  const model = await loadModel(fixtureDir("tiny-bloom-a"), { kvCacheTokens: 8192, maxBatchPrefillTokens: 16 });
+  try {
+    const order: string[] = [];
+    const rows = Array.from({ length: 8 }, (_, r) => Array.from({ length: 400 }, (_, i) => 5 + ((i * 7 + r) % 500)));
+    const long = model.forward(rows).then(() => order.push("long forward (200 chunks)"));
+    await until(model, (s) => s.kvBlocksFree < s.kvBlocksTotal); // the forward is being fed
+    const ids = Array.from({ length: 20 }, (_, i) => 5 + i);
+    const alone = await (async () => {
+      const short = model.tokenLogprobs(ids, 1).then((lp) => (order.push("short score (2 chunks)"), lp));
+      return short;
+    })();
+    await long;
+    assert.deepEqual(order, ["short score (2 chunks)", "long forward (200 chunks)"]);
+    // Its numbers are those it gets alone.
+    assert.deepEqual(alone, await model.tokenLogprobs(ids, 1));
+    const s = await model.stats();
+    assert.equal(s.kvBlocksFree, s.kvBlocksTotal);
+  } finally {
+    await model.dispose();
+  }
+});

@@ -37,8 +37,13 @@ class Worker {
   /** forward / score requests waiting for KV blocks that running generations hold or have been promised. */
   private readonly deferred: JobRequest[] = [];
   private readonly sessions = new Map<number, Sequence>();
-  /** The forward / score being fed in chunks, a generation step between chunks. */
-  private active: ChunkedJob | undefined;
+  /**
+   * The forwards / scores being fed in chunks, a generation step between chunks; they take turns a
+   * chunk at a time, so a short one started beside a long one is not held until the long one ends.
+   */
+  private readonly actives: ChunkedJob[] = [];
+  /** Which of them feeds the next chunk. */
+  private nextJob = 0;
   /** While a job runs and prompts wait to be fed, turns alternate between the two. */
   private jobTurn = true;
   private nextSession = 1;
@@ -140,12 +145,13 @@ class Worker {
       this.updateHold();
       return aborted(request!.type);
     }
-    if (this.active?.request.id === id) {
-      const job = this.active;
-      this.active = undefined;
-      job.release();
+    const active = this.actives.findIndex((j) => j.request.id === id);
+    if (active >= 0) {
+      const [job] = this.actives.splice(active, 1);
+      if (active < this.nextJob) this.nextJob--;
+      job!.release();
       this.updateHold();
-      aborted(job.request.type);
+      aborted(job!.request.type);
     }
   }
 
@@ -164,13 +170,24 @@ class Worker {
     return this.loaded.engine.kvCache.freeBlockCount - this.scheduler.reservedTotal();
   }
 
+  /** Blocks the jobs being fed will still take. */
+  private jobsRemainingBlocks(): number {
+    return this.actives.reduce((a, j) => a + j.remainingBlocks(), 0);
+  }
+
+  /** Blocks a new job may take: free, promised to no running generation, and not still to be taken by a job in progress. */
+  private roomForJobs(): number {
+    return this.unpromisedBlocks() - this.jobsRemainingBlocks();
+  }
+
   /** Runs the oldest deferred request if it fits now; if nothing will ever free room for it, says so. Returns whether it acted. */
   private runDeferred(): boolean {
     const head = this.deferred[0];
-    if (!head || this.active) return false;
+    if (!head) return false;
     const need = this.freshBlocks(head);
-    if (need > this.unpromisedBlocks()) {
-      if (this.scheduler.runningCount > 0) return false; // running generations will free their blocks
+    if (need > this.roomForJobs()) {
+      // Running generations and jobs in progress will free their blocks.
+      if (this.scheduler.runningCount > 0 || this.actives.length > 0) return false;
       // Only open sessions hold the rest: waiting would be forever.
       this.deferred.shift();
       const kv = this.loaded.engine.kvCache;
@@ -195,22 +212,25 @@ class Worker {
    */
   private updateHold(): void {
     const head = this.deferred[0];
-    this.scheduler.holdBlocks = (this.active?.remainingBlocks() ?? 0) + (head ? this.freshBlocks(head) : 0);
+    this.scheduler.holdBlocks = this.jobsRemainingBlocks() + (head ? this.freshBlocks(head) : 0);
   }
 
   /** Starts a forward / score (checked whole before anything is fed); its chunks run from the loop. */
   private startJob(request: JobRequest): void {
     try {
-      this.active = new ChunkedJob(this.loaded.engine, request);
+      this.actives.push(new ChunkedJob(this.loaded.engine, request));
       this.updateHold();
     } catch (err) {
       send({ type: "error", id: request.id, error: serializeError(err) });
     }
   }
 
-  /** Feeds the active job's next chunk; replies when it is done or fails. */
+  /** Feeds the next job's next chunk (they take turns); replies when it is done or fails. */
   private advanceJob(): void {
-    const job = this.active!;
+    if (this.nextJob >= this.actives.length) this.nextJob = 0;
+    const index = this.nextJob;
+    const job = this.actives[index]!;
+    this.nextJob = index + 1;
     try {
       this.jobChunks++;
       job.advance(this.prefillBudget);
@@ -221,7 +241,8 @@ class Worker {
       send({ type: "error", id: job.request.id, error: serializeError(err) });
     }
     job.release();
-    this.active = undefined;
+    this.actives.splice(index, 1);
+    this.nextJob = index;
     this.updateHold();
   }
 
@@ -236,21 +257,21 @@ class Worker {
           // One that could never fit is refused at once, not queued.
           const kv = this.loaded.engine.kvCache;
           send({ type: "error", id: request.id, error: serializeError(new BlossomError("memory", `this ${request.type} needs ${need} blocks of ${kv.blockSize} tokens; the KV cache has ${kv.numBlocks} (capacity ${kv.capacityTokens} tokens)`)) });
-        } else if (this.active || this.deferred.length > 0 || need > this.unpromisedBlocks()) {
+        } else if (this.deferred.length > 0 || need > this.roomForJobs()) {
           // Wait for room and for the job before it, in order; admission keeps the head's blocks back meanwhile.
           this.deferred.push(request);
           this.updateHold();
         } else {
           this.startJob(request);
         }
-      } else if (this.active && (this.jobTurn || !this.scheduler.prefilling())) {
+      } else if (this.actives.length > 0 && (this.jobTurn || !this.scheduler.prefilling())) {
         // A chunk of the job, then the running generations' decode step: neither waits for the
         // other's end. Prompts waiting to be fed take the next turn, so no turn feeds more than
         // one budget of prompt tokens.
         this.jobTurn = false;
         this.advanceJob();
         if (this.scheduler.hasWork()) this.generationStep(0);
-      } else if (this.active) {
+      } else if (this.actives.length > 0) {
         this.jobTurn = true;
         this.generationStep();
       } else if (this.runDeferred()) {
@@ -310,10 +331,10 @@ class Worker {
         // A session keeps what it takes: never the blocks running generations were promised, nor
         // those the forward or score being fed in chunks will still take.
         const need = engine.blocksNeeded(entries);
-        const running = this.scheduler.reservedTotal(), job = this.active?.remainingBlocks() ?? 0;
+        const running = this.scheduler.reservedTotal(), job = this.jobsRemainingBlocks();
         const free = engine.kvCache.freeBlockCount;
         if (need <= free && need > free - running - job) {
-          const owed = job > 0 ? `${running} of them are promised to running generations and ${job} to a ${this.active!.request.type} in progress` : `${running} of them are promised to running generations`;
+          const owed = job > 0 ? `${running} of them are promised to running generations and ${job} to ${this.actives.length === 1 ? `a ${this.actives[0]!.request.type}` : `${this.actives.length} forwards / scores`} in progress` : `${running} of them are promised to running generations`;
           throw new BlossomError("memory", `feed: needs ${need} blocks of ${engine.kvCache.blockSize} tokens; ${free} are free but ${owed} (retry when they finish, or close sessions)`);
         }
         return engine.step(entries).map((l) => l.slice());
@@ -345,7 +366,9 @@ class Worker {
       case "dispose": {
         this.disposed = true;
         for (const id of this.scheduler.clear()) send({ type: "ended", id, finish: "cancelled" });
-        for (const r of this.deferred.splice(0)) send({ type: "error", id: r.id, error: serializeError(new BlossomError("aborted", "the model was disposed")) });
+        for (const r of [...this.actives.splice(0).map((j) => j.request), ...this.deferred.splice(0)]) {
+          send({ type: "error", id: r.id, error: serializeError(new BlossomError("aborted", "the model was disposed")) });
+        }
         for (const s of this.sessions.values()) engine.freeSequence(s);
         this.loaded.comm?.broadcastExit();
         this.loaded.dispose();
