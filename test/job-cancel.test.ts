@@ -173,3 +173,34 @@ test("forward / score requests in progress take turns a chunk at a time: a short
     await model.dispose();
   }
 });
+
+test("jobs deferred for room start together once they fit: a short score deferred behind a long forward still ends first", async () => {
+  // 128 blocks of 16; a generation reserves 94 of them, so the forward (63 blocks) and the score after it wait.
+  const model = await loadModel(fixtureDir("tiny-bloom-a"), { kvCacheTokens: 2048, maxBatchPrefillTokens: 16 });
+  try {
+    const order: string[] = [];
+    const tokens = (n: number, r: number) => Array.from({ length: n }, (_, i) => 5 + ((i * 7 + r) % 500));
+    const controller = new AbortController();
+    let long: Promise<unknown> | undefined, short: Promise<unknown> | undefined;
+    let n = 0;
+    try {
+      for await (const _ of model.stream(tokens(16, 0), { maxNewTokens: 1480, signal: controller.signal })) {
+        if (++n === 1) {
+          long = model.forward([tokens(1000, 1)]).then(() => order.push("long forward"));
+          short = model.tokenLogprobs(tokens(20, 2), 1).then(() => order.push("short score"));
+        }
+        if (n === 20) {
+          const s = await model.stats();
+          assert.equal(s.jobChunks, 0, "both jobs wait for the generation's blocks");
+          controller.abort();
+        }
+      }
+    } catch {
+      // the generation, aborted
+    }
+    await Promise.all([long, short]);
+    assert.deepEqual(order, ["short score", "long forward"]);
+  } finally {
+    await model.dispose();
+  }
+});

@@ -186,8 +186,9 @@ class Worker {
     if (!head) return false;
     const need = this.freshBlocks(head);
     if (need > this.roomForJobs()) {
-      // Running generations and jobs in progress will free their blocks.
-      if (this.scheduler.runningCount > 0 || this.actives.length > 0) return false;
+      // Running generations will free their blocks. (Reached with no job in progress: while there
+      // is one, the loop starts a deferred head when it fits and otherwise waits for the jobs.)
+      if (this.scheduler.runningCount > 0) return false;
       // Only open sessions hold the rest: waiting would be forever.
       this.deferred.shift();
       const kv = this.loaded.engine.kvCache;
@@ -264,6 +265,10 @@ class Worker {
         } else {
           this.startJob(request);
         }
+      } else if (this.actives.length > 0 && this.deferred.length > 0 && this.freshBlocks(this.deferred[0]!) <= this.roomForJobs()) {
+        // A deferred one that fits now joins those in progress (it need not wait for them to end).
+        this.startJob(this.deferred.shift()!);
+        this.updateHold();
       } else if (this.actives.length > 0 && (this.jobTurn || !this.scheduler.prefilling())) {
         // A chunk of the job, then the running generations' decode step: neither waits for the
         // other's end. Prompts waiting to be fed take the next turn, so no turn feeds more than
