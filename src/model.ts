@@ -533,9 +533,9 @@ export class Model {
   }
 
   /**
-   * The engine's figures as it last reported them, at once: while it works they are pushed every
-   * 100 ms at most (between steps: a step computing for seconds delays them, never the caller), and
-   * when it goes idle. Undefined before the first report.
+   * The engine's figures as it last reported them, at once: while it works they are pushed when its
+   * queue or batch changes and every 100 ms (between steps: a step computing for seconds delays them,
+   * never the caller), and when it goes idle. Undefined before the first report.
    */
   latestStats(): EngineStats | undefined {
     return this.client.latestStats();

@@ -40,7 +40,7 @@ export interface EngineHandle {
   stats(): Promise<EngineStats>;
   /**
    * The figures the worker last pushed, without waiting for it: a step computing for seconds cannot
-   * delay them (/metrics). At most statsIntervalMs plus one step old while the engine works, current
+   * delay them (/metrics). Pushed when the queue or batch changes, otherwise at most statsIntervalMs plus one step old while the engine works, current
    * once it is idle; undefined before the first push.
    */
   latestStats(): EngineStats | undefined;

@@ -84,7 +84,7 @@ export type Response =
   | { type: "step"; updates: TokenUpdate[] }
   /** A submitted generation ended without a token (cancelled while waiting, or failed). */
   | { type: "ended"; id: number; finish: FinishReason | "cancelled"; error?: SerializedError }
-  /** The engine's figures, pushed while it works (at most every statsIntervalMs) and when it goes idle. */
+  /** The engine's figures, pushed when its queue or batch changes, every statsIntervalMs while it works, and when it goes idle. */
   | { type: "stats"; stats: EngineStats };
 
 export interface SerializedError {

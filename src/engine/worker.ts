@@ -106,12 +106,19 @@ class Worker {
   /** Whether work was done since the figures were last pushed, and when they were. */
   private worked = true;
   private statsPushedAt = 0;
+  /** Sequences waiting and running at the last push: a change is pushed at once (queue and batch gauges). */
+  private pushedCounts = "";
+
+  private counts(): string {
+    return `${this.scheduler.waitingCount}/${this.scheduler.runningCount}`;
+  }
 
   /** Sends the figures to the main thread unasked (EngineHandle.latestStats: /metrics must not wait for a step). */
   private pushStats(): void {
     send({ type: "stats", stats: this.stats() });
     this.statsPushedAt = performance.now();
     this.worked = false;
+    this.pushedCounts = this.counts();
   }
 
   stats(): EngineStats {
@@ -291,7 +298,7 @@ class Worker {
         continue;
       }
       this.worked = true;
-      if (performance.now() - this.statsPushedAt >= statsIntervalMs) this.pushStats();
+      if (performance.now() - this.statsPushedAt >= statsIntervalMs || this.counts() !== this.pushedCounts) this.pushStats();
       // Let messages in between units of work.
       await new Promise<void>((resolve) => setImmediate(resolve));
     }
