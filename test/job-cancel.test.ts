@@ -21,14 +21,22 @@ async function until(model: Model, check: (s: Awaited<ReturnType<Model["stats"]>
 
 const isAborted = (err: unknown) => err instanceof BlossomError && err.code === "aborted";
 
+/** `count` rows of `length` token ids, each row different; ids below 5 + `vocab`. */
+const rowsOf = (count: number, length: number, vocab: number) => Array.from({ length: count }, (_, r) => Array.from({ length }, (_, i) => 5 + ((i * 7 + r) % vocab)));
+
+/** A forward the test can abort (its rejection is awaited by the test, not left unhandled). */
+function abortableForward(model: Model, rows: number[][]) {
+  const controller = new AbortController();
+  const forward = model.forward(rows, undefined, { signal: controller.signal });
+  forward.catch(() => {});
+  return { controller, forward };
+}
+
 test("an aborted forward is rejected at once and its chunked job dropped from the engine, blocks freed", async () => {
   // 16 prompt tokens a step: 8 rows of 400 tokens take 200 chunks.
   const model = await loadModel(fixtureDir("tiny-bloom-a"), { kvCacheTokens: 8192, maxBatchPrefillTokens: 16 });
   try {
-    const rows = Array.from({ length: 8 }, (_, r) => Array.from({ length: 400 }, (_, i) => 5 + ((i * 7 + r) % 500)));
-    const controller = new AbortController();
-    const forward = model.forward(rows, undefined, { signal: controller.signal });
-    forward.catch(() => {});
+    const { controller, forward } = abortableForward(model, rowsOf(8, 400, 500));
     const started = await until(model, (s) => s.kvBlocksFree < s.kvBlocksTotal);
     assert.ok(started.kvBlocksFree < started.kvBlocksTotal, "the job is being fed");
     controller.abort();
@@ -100,10 +108,7 @@ test("after an aborted job, the figures the engine pushes show its blocks freed 
   // Chunks long enough (2048 tokens of a 4-layer model) that the engine pushes its figures after each one.
   const model = await loadModel(fixtureDir("trained-bloom-small"), { kvCacheTokens: 16384, maxBatchPrefillTokens: 2048 });
   try {
-    const rows = Array.from({ length: 8 }, (_, r) => Array.from({ length: 1000 }, (_, i) => 5 + ((i * 7 + r) % 1000)));
-    const controller = new AbortController();
-    const forward = model.forward(rows, undefined, { signal: controller.signal });
-    forward.catch(() => {});
+    const { controller, forward } = abortableForward(model, rowsOf(8, 1000, 1000));
     const pushed = () => model.latestStats();
     for (let i = 0; i < 4000 && !(pushed() && pushed()!.kvBlocksFree < pushed()!.kvBlocksTotal); i++) await new Promise((r) => setTimeout(r, 5));
     assert.ok(pushed()!.kvBlocksFree < pushed()!.kvBlocksTotal, "the job is being fed");
@@ -155,8 +160,7 @@ test("forward / score requests in progress take turns a chunk at a time: a short
   const model = await loadModel(fixtureDir("tiny-bloom-a"), { kvCacheTokens: 8192, maxBatchPrefillTokens: 16 });
   try {
     const order: string[] = [];
-    const rows = Array.from({ length: 8 }, (_, r) => Array.from({ length: 400 }, (_, i) => 5 + ((i * 7 + r) % 500)));
-    const long = model.forward(rows).then(() => order.push("long forward (200 chunks)"));
+    const long = model.forward(rowsOf(8, 400, 500)).then(() => order.push("long forward (200 chunks)"));
     await until(model, (s) => s.kvBlocksFree < s.kvBlocksTotal); // the forward is being fed
     const ids = Array.from({ length: 20 }, (_, i) => 5 + i);
     const alone = await (async () => {
