@@ -195,8 +195,10 @@ function generationInput(params: unknown): { resolved: GenerationParams; signal:
 }
 
 /** An optional abort signal, checked. */
-function checkSignal(signal: unknown): AbortSignal | undefined {
+function checkSignal(signal: unknown, what: string): AbortSignal | undefined {
   if (signal !== undefined && !(signal instanceof AbortSignal)) throw parameterError("signal", `must be an AbortSignal (got ${describeValue(signal)})`);
+  // Already aborted: refused before any work, even work that would need no engine step.
+  if (signal?.aborted) throw new BlossomError("aborted", `${what} was aborted`);
   return signal;
 }
 
@@ -359,7 +361,7 @@ export class Model {
     const keep = rows.map((row, b) => row.map((_, t) => (attentionMask ? attentionMask[b]![t] === 1 : true)));
     const compact = rows.map((row, b) => row.filter((_, t) => keep[b]![t]));
     const nonEmpty = compact.map((c, b) => [c, b] as const).filter(([c]) => c.length > 0);
-    const signal = checkSignal(options?.signal);
+    const signal = checkSignal(options?.signal, "forward");
     const logits = nonEmpty.length ? await this.client.forward(nonEmpty.map(([c]) => c), signal) : [];
     const V = this.config.vocabSize;
     const data = new Float32Array(rows.length * width * V);
@@ -496,7 +498,7 @@ export class Model {
    */
   async tokenLogprobs(ids: number[], from = 1, options: { signal?: AbortSignal } = {}): Promise<number[]> {
     this.checkOpen();
-    const signal = checkSignal(options?.signal);
+    const signal = checkSignal(options?.signal, "tokenLogprobs");
     const tokens = this.checkIds(ids, "ids");
     if (!Number.isInteger(from) || from < 1 || from > tokens.length) {
       throw new BlossomError("parameter", `from: expected an integer from 1 to ids.length (${tokens.length}), got ${from}`);

@@ -71,6 +71,9 @@ test("a score waiting behind another job is dropped when aborted; the job before
     assert.equal(s.kvBlocksFree, s.kvBlocksTotal);
     // An already-aborted signal is refused before anything is sent.
     await assert.rejects(model.tokenLogprobs(ids, 1, { signal: controller.signal }), isAborted);
+    // Even where no engine step would be needed (nothing to score, every row masked).
+    await assert.rejects(model.tokenLogprobs(ids, ids.length, { signal: controller.signal }), isAborted);
+    await assert.rejects(model.forward([[5, 6]], [[0, 0]], { signal: controller.signal }), isAborted);
     await assert.rejects(model.tokenLogprobs(ids, 1, { signal: "no" as unknown as AbortSignal }), /signal: must be an AbortSignal/);
   } finally {
     await model.dispose();
@@ -205,6 +208,23 @@ test("jobs deferred for room start together once they fit: a short score deferre
     await Promise.all([long, short]);
     assert.deepEqual(order, ["short score", "long forward"]);
   } finally {
+    await model.dispose();
+  }
+});
+
+test("replicas: many calls sharing one abort signal print no MaxListenersExceededWarning either", async () => {
+  const warnings: string[] = [];
+  const onWarning = (w: Error) => warnings.push(w.name);
+  process.on("warning", onWarning);
+  const model = await loadModel(fixtureDir("tiny-bloom-a"), { strategy: "replicas", replicas: 2, kvCacheTokens: 4096 });
+  try {
+    const controller = new AbortController();
+    const results = await Promise.all(Array.from({ length: 30 }, (_, i) => model.tokenLogprobs([5, 6 + i, 7, 8], 1, { signal: controller.signal })));
+    assert.equal(results.length, 30);
+    await new Promise((resolve) => setImmediate(resolve));
+    assert.deepEqual(warnings.filter((w) => w === "MaxListenersExceededWarning"), []);
+  } finally {
+    process.off("warning", onWarning);
     await model.dispose();
   }
 });

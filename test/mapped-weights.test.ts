@@ -166,3 +166,42 @@ test("matrices converted at load are not settled; a resident load reports what i
     converted.dispose();
   }
 });
+
+test("pieces to read again in several runs (some already in 2 MiB pages) are settled in one load", () => {
+  const dir = mkdtempSync(join(tmpdir(), "blossom-settle-"));
+  try {
+    // Three 6 MiB matrices; the middle one settled first, so the others are two runs apart.
+    const rows = 3072, bytes = rows * 1024 * 2;
+    const data = Buffer.alloc(3 * bytes);
+    for (let i = 0; i < data.length / 2; i++) data.writeUInt16LE(0x3f80 + (i % 89), 2 * i);
+    const header = Object.fromEntries(["a", "b", "c"].map((n, k) => [`${n}.weight`, { dtype: "BF16", shape: [rows, 1024], data_offsets: [k * bytes, (k + 1) * bytes] as [number, number] }]));
+    const staged = join(dir, "staged.safetensors");
+    writeParts(staged, header, data);
+    const whole = readFileSync(staged);
+    rmSync(staged);
+    const path = join(dir, "model.safetensors");
+    const fd = openSync(path, "w");
+    for (let at = 0; at < whole.length; at += 64 * 1024) writeSync(fd, whole, at, Math.min(64 * 1024, whole.length - at));
+    closeSync(fd);
+    const file = SafetensorsFile.open(path);
+    try {
+      const middle = new CpuBackend();
+      middle.matrix(file.tensor("b.weight"), "bf16", { use: "linear" });
+      middle.settleMappedWeights();
+      const all = new CpuBackend();
+      for (const n of ["a", "b", "c"]) all.matrix(file.tensor(`${n}.weight`), "bf16", { use: "linear" });
+      const first = all.settleMappedWeights();
+      if (hugeFoliosPossible(dir)) {
+        assert.equal(first.filesReread, 1);
+        assert.equal(first.hugeBytesAfter, first.eligibleBytes, "all of it mapped 2 MiB at a time after one load");
+      }
+      for (const n of ["a", "b", "c"]) all.matrix(file.tensor(`${n}.weight`), "bf16", { use: "linear" });
+      assert.equal(all.settleMappedWeights().filesReread, 0);
+      assert.ok(Buffer.from(native().view(file.tensor("a.weight").region, 0, whole.length)).equals(whole));
+    } finally {
+      file.dispose();
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

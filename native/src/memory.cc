@@ -361,11 +361,14 @@ SettleReport settle_file_pages(const Region& r, const std::vector<std::pair<size
     rep.after = file_pmd_mapped(begin, end);
     return rep;  // no 2 MiB folio for it: leave the rest as it is
   }
+  // Each run read again right after it is dropped: dropped first, a later run could be read back
+  // (in small folios) by the readahead of an earlier one's faults (an audit saw a quantized
+  // checkpoint take two loads to settle).
   for (auto [p, n] : runs) {
     const size_t from = p == probe ? p + 1 : p, count = p == probe ? n - 1 : n;
     if (count > 0) evict_file_range(r, from * kHugePage, count * kHugePage);
+    touch_pages(base + p * kHugePage, n * kHugePage);
   }
-  for (auto [p, n] : runs) touch_pages(base + p * kHugePage, n * kHugePage);
   for (auto [o, n] : clipped) touch_pages(base + o, n);  // the last partial piece, if a range reaches it
   rep.after = file_pmd_mapped(begin, end);
   rep.reread = true;

@@ -1,4 +1,5 @@
 /** The CPU backend: buffers are Float32Arrays, kernels run in the native addon's thread pool. */
+import { availableMemory } from "../engine/memory.js";
 import { BlossomError } from "../errors.js";
 import type { TensorView } from "../checkpoint/safetensors.js";
 import { kvEntryBytes, type AttentionBatch, type AttentionShape, type Backend, type DeviceBuffer, type DeviceMatrix, type KVBuffer, type KVDType, type KVLayer, type ChainOpSpec, type LinearOptions, type MappedWeightsReport, type MatrixOptions, type OpChain, type QuantizedMatrix, type QuantizeOptions } from "./backend.js";
@@ -266,6 +267,16 @@ export class CpuBackend implements Backend {
    */
   settleMappedWeights(): MappedWeightsReport {
     const report: MappedWeightsReport = { bytes: 0, eligibleBytes: 0, hugeBytesBefore: 0, hugeBytesAfter: 0, filesReread: 0 };
+    // Weights that cannot all stay resident (a sharded checkpoint larger than the memory available,
+    // each shard of which would fit) are left to be paged in on use: touching them all would only
+    // evict the first ones. (The native side checks each file the same way.)
+    let total = 0;
+    for (const list of this.inPlace.values()) for (const [, length] of list) total += length;
+    if (total > availableMemory()) {
+      report.bytes = total;
+      this.inPlace.clear();
+      return report;
+    }
     for (const [region, list] of this.inPlace) {
       // Adjacent tensors merged, so a 2 MiB piece spanning two of them counts.
       list.sort((a, b) => a[0] - b[0]);

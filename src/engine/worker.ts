@@ -298,7 +298,10 @@ class Worker {
         continue;
       }
       this.worked = true;
-      if (performance.now() - this.statsPushedAt >= statsIntervalMs || this.counts() !== this.pushedCounts) this.pushStats();
+      // Every 100 ms, and when the queue or batch changed (at most every 5 ms: with many short
+      // requests the counts change at every submit).
+      const since = performance.now() - this.statsPushedAt;
+      if (since >= statsIntervalMs || (since >= 5 && this.counts() !== this.pushedCounts)) this.pushStats();
       // Let messages in between units of work.
       await new Promise<void>((resolve) => setImmediate(resolve));
     }

@@ -4,7 +4,7 @@
  * memory mapping of the weights (the addon maps each file once per process, so resident memory
  * does not grow N-fold). Requests go to the replica with the fewest running generations.
  */
-import { setMaxListeners } from "node:events";
+import { getEventListeners, getMaxListeners, setMaxListeners } from "node:events";
 import { BlossomError } from "../errors.js";
 import { EngineClient, type EngineHandle, type GenerationHandlers } from "../engine/client.js";
 import type { EngineInfo, EngineStats, LogitsWanted, WorkerData } from "../engine/protocol.js";
@@ -89,7 +89,12 @@ export class ReplicaSet implements EngineHandle {
     const together = new AbortController();
     const onAbort = () => together.abort(signal?.reason);
     if (signal?.aborted) onAbort();
-    else signal?.addEventListener("abort", onAbort, { once: true });
+    else if (signal) {
+      // One listener per call, removed when it settles: many calls sharing a signal are not a leak.
+      const listeners = getEventListeners(signal, "abort").length;
+      if (listeners >= getMaxListeners(signal)) setMaxListeners(listeners + 10, signal);
+      signal.addEventListener("abort", onAbort, { once: true });
+    }
     setMaxListeners(clients.length + 10, together.signal);
     let results: O[][];
     try {
