@@ -142,23 +142,6 @@ test("replicas: a part of a spread forward that fails cancels the other replicas
   }
 });
 
-test("many calls sharing one abort signal print no MaxListenersExceededWarning", async () => {
-  const warnings: string[] = [];
-  const onWarning = (w: Error) => warnings.push(w.name);
-  process.on("warning", onWarning);
-  const model = await loadModel(fixtureDir("tiny-bloom-a"), { kvCacheTokens: 4096 });
-  try {
-    const controller = new AbortController();
-    const results = await Promise.all(Array.from({ length: 12 }, (_, i) => model.tokenLogprobs([5, 6 + i, 7, 8], 1, { signal: controller.signal })));
-    assert.equal(results.length, 12);
-    await new Promise((resolve) => setImmediate(resolve));
-    assert.deepEqual(warnings.filter((w) => w === "MaxListenersExceededWarning"), []);
-  } finally {
-    process.off("warning", onWarning);
-    await model.dispose();
-  }
-});
-
 test("forward / score requests in progress take turns a chunk at a time: a short score sent after a long forward ends first", async () => {
   const model = await loadModel(fixtureDir("tiny-bloom-a"), { kvCacheTokens: 8192, maxBatchPrefillTokens: 16 });
   try {
@@ -166,10 +149,7 @@ test("forward / score requests in progress take turns a chunk at a time: a short
     const long = model.forward(rowsOf(8, 400, 500)).then(() => order.push("long forward (200 chunks)"));
     await until(model, (s) => s.kvBlocksFree < s.kvBlocksTotal); // the forward is being fed
     const ids = Array.from({ length: 20 }, (_, i) => 5 + i);
-    const alone = await (async () => {
-      const short = model.tokenLogprobs(ids, 1).then((lp) => (order.push("short score (2 chunks)"), lp));
-      return short;
-    })();
+    const alone = await model.tokenLogprobs(ids, 1).then((lp) => (order.push("short score (2 chunks)"), lp));
     await long;
     assert.deepEqual(order, ["short score (2 chunks)", "long forward (200 chunks)"]);
     // Its numbers are those it gets alone.
@@ -212,19 +192,21 @@ test("jobs deferred for room start together once they fit: a short score deferre
   }
 });
 
-test("replicas: many calls sharing one abort signal print no MaxListenersExceededWarning either", async () => {
-  const warnings: string[] = [];
-  const onWarning = (w: Error) => warnings.push(w.name);
-  process.on("warning", onWarning);
-  const model = await loadModel(fixtureDir("tiny-bloom-a"), { strategy: "replicas", replicas: 2, kvCacheTokens: 4096 });
-  try {
-    const controller = new AbortController();
-    const results = await Promise.all(Array.from({ length: 30 }, (_, i) => model.tokenLogprobs([5, 6 + i, 7, 8], 1, { signal: controller.signal })));
-    assert.equal(results.length, 30);
-    await new Promise((resolve) => setImmediate(resolve));
-    assert.deepEqual(warnings.filter((w) => w === "MaxListenersExceededWarning"), []);
-  } finally {
-    process.off("warning", onWarning);
-    await model.dispose();
-  }
-});
+for (const [label, options] of [["one engine", {}], ["replicas", { strategy: "replicas" as const, replicas: 2 }]] as const) {
+  test(`many calls sharing one abort signal print no MaxListenersExceededWarning (${label})`, async () => {
+    const warnings: string[] = [];
+    const onWarning = (w: Error) => warnings.push(w.name);
+    process.on("warning", onWarning);
+    const model = await loadModel(fixtureDir("tiny-bloom-a"), { ...options, kvCacheTokens: 4096 });
+    try {
+      const controller = new AbortController();
+      const results = await Promise.all(Array.from({ length: 30 }, (_, i) => model.tokenLogprobs([5, 6 + i, 7, 8], 1, { signal: controller.signal })));
+      assert.equal(results.length, 30);
+      await new Promise((resolve) => setImmediate(resolve));
+      assert.deepEqual(warnings.filter((w) => w === "MaxListenersExceededWarning"), []);
+    } finally {
+      process.off("warning", onWarning);
+      await model.dispose();
+    }
+  });
+}
