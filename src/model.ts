@@ -202,6 +202,13 @@ function checkSignal(signal: unknown, what: string): AbortSignal | undefined {
   return signal;
 }
 
+/** A rejection handler: an error caused by `signal`'s abort is reported as `what` aborted (the engine names the request, not the call). */
+function abortedAs(signal: AbortSignal | undefined, what: string): (err: unknown) => never {
+  return (err) => {
+    throw signal?.aborted ? new BlossomError("aborted", `${what} was aborted`) : err;
+  };
+}
+
 type PerplexityOptions = { context?: number; stride?: number; signal?: AbortSignal };
 const perplexityOptionNames: Record<keyof PerplexityOptions, true> = { context: true, stride: true, signal: true };
 
@@ -476,9 +483,7 @@ export class Model {
     let nll = 0, predicted = 0;
     for (let i = 0; i < windows.length; i += perBatch) {
       if (options.signal?.aborted) throw new BlossomError("aborted", "perplexity was aborted");
-      const scores = await this.client.score(windows.slice(i, i + perBatch), options.signal).catch((err: unknown) => {
-        throw options.signal?.aborted ? new BlossomError("aborted", "perplexity was aborted") : err;
-      });
+      const scores = await this.client.score(windows.slice(i, i + perBatch), options.signal).catch(abortedAs(options.signal, "perplexity"));
       for (const s of scores) for (const lp of s) {
         if (!Number.isFinite(lp)) {
           throw new BlossomError("internal", `perplexity: the model gave a ${Number.isNaN(lp) ? "NaN" : "non-finite"} log-probability at predicted token ${predicted} (its output is broken: look for NaN or infinite values in the checkpoint's weights)`);
@@ -504,9 +509,7 @@ export class Model {
       throw new BlossomError("parameter", `from: expected an integer from 1 to ids.length (${tokens.length}), got ${from}`);
     }
     if (from === tokens.length) return [];
-    const [scores] = await this.client.score([{ tokens, from }], signal).catch((err: unknown) => {
-      throw signal?.aborted ? new BlossomError("aborted", "tokenLogprobs was aborted") : err;
-    });
+    const [scores] = await this.client.score([{ tokens, from }], signal).catch(abortedAs(signal, "tokenLogprobs"));
     return Array.from(scores!);
   }
 

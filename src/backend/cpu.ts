@@ -263,7 +263,7 @@ export class CpuBackend implements Backend {
    * per 2 MiB; read again through the mapping they come back as 2 MiB folios with one entry each
    * (native/src/memory.cc, settle_file_pages). Measured on the development machine, bloom-560m bf16,
    * the same checkpoint in both states, decode steps alternated in one process: 2.0-2.5 % faster per
-   * step from 2 MiB folios, in both bandwidth states. Costs one read of those files from disk, once.
+   * step from 2 MiB folios, in both bandwidth states. Costs one read from disk of the pieces read again, once.
    */
   settleMappedWeights(): MappedWeightsReport {
     const report: MappedWeightsReport = { bytes: 0, eligibleBytes: 0, hugeBytesBefore: 0, hugeBytesAfter: 0, filesReread: 0 };

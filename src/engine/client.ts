@@ -20,6 +20,17 @@ export interface GenerationHandlers {
 // A distributive Omit, so each request variant keeps its own fields.
 type WithoutId<T> = T extends unknown ? Omit<T, "id"> : never;
 
+/**
+ * Adds a once-listener for `signal`'s abort. Callers add one per call and remove it when the call
+ * settles, so many calls sharing a signal are expected, not a leak: the signal's listener limit is
+ * raised instead of Node warning past 10.
+ */
+export function listenForAbort(signal: AbortSignal, onAbort: () => void): void {
+  const listeners = getEventListeners(signal, "abort").length;
+  if (listeners >= getMaxListeners(signal)) setMaxListeners(listeners + 10, signal);
+  signal.addEventListener("abort", onAbort, { once: true });
+}
+
 function abortedError(what: string): BlossomError {
   return new BlossomError("aborted", `${what} was aborted`);
 }
@@ -40,8 +51,9 @@ export interface EngineHandle {
   stats(): Promise<EngineStats>;
   /**
    * The figures the worker last pushed, without waiting for it: a step computing for seconds cannot
-   * delay them (/metrics). Pushed when the queue or batch changes, otherwise at most statsIntervalMs plus one step old while the engine works, current
-   * once it is idle; undefined before the first push.
+   * delay them (/metrics). Pushed between steps when the queue or batch changes, otherwise at most
+   * statsIntervalMs plus one step old while the engine works, current once it is idle; undefined
+   * before the first push.
    */
   latestStats(): EngineStats | undefined;
   /** Whether an engine worker still runs (answered at once, even while a step computes). */
@@ -212,11 +224,7 @@ export class EngineClient implements EngineHandle {
         f();
       };
       this.pending.set(id, { resolve: (v) => settle(() => resolve(v as T)), reject: (e) => settle(() => reject(e)) });
-      // One listener per call, each removed when its call settles: many calls sharing a signal are
-      // expected, not a leak (Node would warn past 10).
-      const listeners = getEventListeners(signal, "abort").length;
-      if (listeners >= getMaxListeners(signal)) setMaxListeners(listeners + 10, signal);
-      signal.addEventListener("abort", onAbort, { once: true });
+      listenForAbort(signal, onAbort);
       this.worker.postMessage({ ...message, id } as Request);
     });
   }

@@ -4,9 +4,9 @@
  * memory mapping of the weights (the addon maps each file once per process, so resident memory
  * does not grow N-fold). Requests go to the replica with the fewest running generations.
  */
-import { getEventListeners, getMaxListeners, setMaxListeners } from "node:events";
+import { setMaxListeners } from "node:events";
 import { BlossomError } from "../errors.js";
-import { EngineClient, type EngineHandle, type GenerationHandlers } from "../engine/client.js";
+import { EngineClient, listenForAbort, type EngineHandle, type GenerationHandlers } from "../engine/client.js";
 import type { EngineInfo, EngineStats, LogitsWanted, WorkerData } from "../engine/protocol.js";
 import type { GenerationParams } from "../generate/params.js";
 import type { MappedWeightsReport } from "../backend/backend.js";
@@ -89,12 +89,7 @@ export class ReplicaSet implements EngineHandle {
     const together = new AbortController();
     const onAbort = () => together.abort(signal?.reason);
     if (signal?.aborted) onAbort();
-    else if (signal) {
-      // One listener per call, removed when it settles: many calls sharing a signal are not a leak.
-      const listeners = getEventListeners(signal, "abort").length;
-      if (listeners >= getMaxListeners(signal)) setMaxListeners(listeners + 10, signal);
-      signal.addEventListener("abort", onAbort, { once: true });
-    }
+    else if (signal) listenForAbort(signal, onAbort);
     setMaxListeners(clients.length + 10, together.signal);
     let results: O[][];
     try {
