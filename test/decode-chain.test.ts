@@ -5,16 +5,17 @@
  */
 import assert from "node:assert/strict";
 import { test } from "node:test";
+import type { OpChain } from "../src/backend/backend.js";
 import { CpuBackend } from "../src/backend/cpu.js";
 import { native } from "../src/backend/native.js";
 import { loadEngine, type LoadedEngine } from "../src/engine/load.js";
 import { fixtureDir, fixtureNames } from "./helpers/fixtures.js";
 
-/** Logits of a 6-token prompt, then of 12 decode steps, one token each. */
-function decodeLogits(loaded: LoadedEngine): Float32Array[] {
+/** Logits of a prompt (6 tokens unless given), then of 12 decode steps, one token each. */
+function decodeLogits(loaded: LoadedEngine, prompt = [5, 6, 7, 8, 9, 10]): Float32Array[] {
   const { engine } = loaded;
   const seq = engine.createSequence();
-  const out = [engine.step([{ sequence: seq, tokens: [5, 6, 7, 8, 9, 10], logits: "last" }])[0]!.slice()];
+  const out = [engine.step([{ sequence: seq, tokens: prompt, logits: "last" }])[0]!.slice()];
   for (let i = 0; i < 12; i++) out.push(engine.step([{ sequence: seq, tokens: [11 + 3 * i], logits: "last" }])[0]!.slice());
   engine.freeSequence(seq);
   return out;
@@ -42,6 +43,56 @@ for (const variant of ["auto", "scalar"] as const) {
     }
   });
 }
+
+test("chained attention over a long cache (key ranges merged after) matches the ops one by one for every KV cache dtype", () => {
+  // tiny-bloom-c: head_dim 16, so attention takes the streaming decode path the chain runs itself.
+  // 300 cached tokens: attention splits the keys into ranges whose partial sums are merged (the
+  // chain must make the same split and merge); the decode steps cross a cache block boundary.
+  const prompt = Array.from({ length: 300 }, (_, i) => 4 + ((i * 37) % 1000));
+  for (const kvDtype of ["fp32", "fp16", "bf16"] as const) {
+    const chained = loadEngine(fixtureDir("tiny-bloom-c"), { kvCacheTokens: 512, kvDtype });
+    const single = loadEngine(fixtureDir("tiny-bloom-c"), { kvCacheTokens: 512, kvDtype });
+    single.model.chainDecode = false;
+    try {
+      const a = decodeLogits(chained, prompt), b = decodeLogits(single, prompt);
+      assert.ok((chained.model as unknown as { decodeChain: unknown }).decodeChain, `${kvDtype}: the chain was used`);
+      a.forEach((row, step) => assert.deepEqual(row, b[step], `${kvDtype}, step ${step}`));
+    } finally {
+      chained.dispose();
+      single.dispose();
+    }
+  }
+});
+
+test("a chain's attention refuses a missing or bad batch before running any op", () => {
+  const loaded = loadEngine(fixtureDir("tiny-bloom-a"), { kvCacheTokens: 64 });
+  try {
+    const backend = loaded.backend as CpuBackend;
+    const { engine, model } = loaded;
+    const seq = engine.createSequence();
+    engine.step([{ sequence: seq, tokens: [5, 6, 7], logits: "last" }]);
+    engine.step([{ sequence: seq, tokens: [8], logits: "last" }]); // a decode step builds the chain
+    const m = model as unknown as { decodeChain: { chain: OpChain } };
+    const { chain } = m.decodeChain;
+    const cache = engine.kvCache.layer(0);
+    const before = Float32Array.from(cache.k as Float32Array);
+    assert.throws(() => backend.runChain(chain, 0), /segment holds attention: give its seqs and blockTable/);
+    // A block outside the cache's pool, and a position past the sequence's blocks.
+    assert.throws(() => backend.runChain(chain, 0, { seqs: Int32Array.from([0, 1, 3, 0]), blockTable: Int32Array.from([9999]) }), /refers to cache block 9999 outside the pool/);
+    assert.throws(() => backend.runChain(chain, 0, { seqs: Int32Array.from([0, 1, 40, 0]), blockTable: Int32Array.from([0]) }), /block table is shorter than its length/);
+    assert.throws(() => backend.runChain(chain, 0, { seqs: Int32Array.from([0, 2, 3, 0]), blockTable: Int32Array.from([0]) }), /describes tokens outside the batch/);
+    assert.deepEqual(cache.k, before, "nothing was written to the cache");
+    // Descriptors: a cache of the wrong array type, a cache that is not whole blocks.
+    const H = loaded.checkpoint.config.hiddenSize, heads = loaded.checkpoint.config.numHeads;
+    const f16 = native().createChain.bind(native());
+    const out = new Float32Array(H), qkv = new Float32Array(3 * H), slopes = new Float32Array(heads);
+    assert.throws(() => f16([[2, out, qkv, new Float32Array(16), new Float32Array(16), 1, heads, H / heads, 16, slopes]], [1]), /kCache: expected a Uint16Array/);
+    assert.throws(() => f16([[2, out, qkv, new Float32Array(H * 16 + 1), new Float32Array(H * 16 + 1), 0, heads, H / heads, 16, slopes]], [1]), /not a whole number of blocks/);
+    assert.throws(() => f16([[2, out, new Float32Array(H), new Float32Array(H * 16), new Float32Array(H * 16), 0, heads, H / heads, 16, slopes]], [1]), /out or qkv is shorter/);
+  } finally {
+    loaded.dispose();
+  }
+});
 
 test("a chain refuses bad ops clearly, and will not run once its weights are released", () => {
   const loaded = loadEngine(fixtureDir("tiny-bloom-a"), { kvCacheTokens: 64 });

@@ -480,8 +480,10 @@ Napi::Value LayerNorm(const Napi::CallbackInfo& info) {
 // createChain(ops, segmentEnds) -> chain; runChain(chain, k) runs ops [segmentEnds[k-1], segmentEnds[k]).
 // An op is [0, y, x, cols, gamma, beta, eps] (layer norm of one row) or
 // [1, y, x, wRegion, wOffset, wDtype, outFeatures, inFeatures, panelK, bias|null, epilogue, residual|null]
-// (linear of one row). The chain keeps its arrays and weight regions alive; a region released since
-// (the model disposed) makes runChain throw instead of reading freed memory.
+// (linear of one row) or [2, out, qkv, kCache, vCache, kvDtype, numHeads, headDim, blockSize, slopes]
+// (attention of one token; runChain(chain, k, seqs, blockTable) gives its batch, as attention() takes
+// it). The chain keeps its arrays and weight regions alive; a region released since (the model
+// disposed) makes runChain throw instead of reading freed memory.
 struct ChainArray {
   Napi::Reference<Napi::Value> ref;  // the typed array, kept alive
   const void* data;                  // where its elements started
@@ -521,10 +523,11 @@ Napi::Value CreateChain(const Napi::CallbackInfo& info) {
   auto list = info[0].As<Napi::Array>();
   auto ends = info[1].As<Napi::Array>();
   auto chain = std::make_unique<Chain>();
-  auto keep = [&](Napi::Value v, const View<float>& view, int64_t floats) {
+  auto keep_bytes = [&](Napi::Value v, const void* data, size_t bytes) {
     if (v.IsNull() || v.IsUndefined()) return;
-    chain->arrays.push_back(ChainArray{Napi::Persistent(v), view.data, static_cast<size_t>(floats) * sizeof(float)});
+    chain->arrays.push_back(ChainArray{Napi::Persistent(v), data, bytes});
   };
+  auto keep = [&](Napi::Value v, const View<float>& view, int64_t floats) { keep_bytes(v, view.data, static_cast<size_t>(floats) * sizeof(float)); };
   for (uint32_t i = 0; i < list.Length(); ++i) {
     const std::string at = "createChain: op " + std::to_string(i);
     if (!list.Get(i).IsArray()) type_error(env, at + ": expected an array");
@@ -573,6 +576,41 @@ Napi::Value CreateChain(const Napi::CallbackInfo& info) {
            at + ": y overlaps x or residual");
       t->refs++;
       chain->regions.push_back(t);
+    } else if (kind == 2) {
+      op.kind = ChainOp::kAttention;
+      AttentionArgs& a = op.attention;
+      const int64_t dt = integer_value(env, d.Get(5u), at + " kvDtype");
+      need(env, dt <= 2, at + ": the KV cache holds fp32, fp16 or bf16");
+      a.kv_dtype = static_cast<DType>(dt);
+      a.num_heads = static_cast<int>(std::min<int64_t>(integer_value(env, d.Get(6u), at + " numHeads", 1), 1 << 20));
+      a.head_dim = static_cast<int>(std::min<int64_t>(integer_value(env, d.Get(7u), at + " headDim", 1), 1 << 20));
+      a.block_size = static_cast<int>(std::min<int64_t>(integer_value(env, d.Get(8u), at + " blockSize", 1), 1 << 20));
+      const bool wide = a.kv_dtype == DType::F32;
+      auto cache = [&](uint32_t j, const char* which) {
+        Napi::Value v = d.Get(j);
+        const napi_typedarray_type type = wide ? napi_float32_array : napi_uint16_array;
+        if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != type)
+          type_error(env, at + " " + which + ": expected a " + (wide ? "Float32Array (fp32 cache)" : "Uint16Array (fp16/bf16 cache)"));
+        auto ta = v.As<Napi::TypedArray>();
+        auto* base = static_cast<uint8_t*>(ta.ArrayBuffer().Data());
+        if (!base && ta.ElementLength() > 0) type_error(env, at + " " + which + ": buffer is detached");
+        keep_bytes(v, base + ta.ByteOffset(), ta.ByteLength());
+        return std::pair<void*, size_t>(base + ta.ByteOffset(), ta.ElementLength());
+      };
+      auto [k, k_len] = cache(3u, "kCache");
+      auto [v, v_len] = cache(4u, "vCache");
+      auto slopes = f32_value(env, d.Get(9u), at + " slopes");
+      // (Each factor is at most 2^20: no product overflows.)
+      const int64_t width = static_cast<int64_t>(a.num_heads) * a.head_dim;
+      const int64_t block_entries = width * a.block_size;
+      need(env, k_len == v_len, at + ": k and v caches differ in size");
+      need(env, k_len % static_cast<size_t>(block_entries) == 0, at + ": cache size is not a whole number of blocks");
+      need(env, y.length >= static_cast<size_t>(width) && x.length >= static_cast<size_t>(3 * width), at + ": out or qkv is shorter than heads*headDim (x3 for qkv)");
+      need(env, slopes.length >= static_cast<size_t>(a.num_heads), at + ": fewer slopes than heads");
+      need(env, !overlaps(y.data, static_cast<size_t>(width), x.data, static_cast<size_t>(3 * width)), at + ": out overlaps qkv");
+      keep(d.Get(1u), y, width), keep(d.Get(2u), x, 3 * width), keep(d.Get(9u), slopes, a.num_heads);
+      a.out = y.data, a.qkv = x.data, a.k_cache = k, a.v_cache = v, a.slopes = slopes.data;
+      a.num_blocks = static_cast<int64_t>(k_len) / block_entries;
     } else {
       range_error(env, at + ": unknown kind " + std::to_string(kind));
     }
@@ -607,7 +645,20 @@ Napi::Value RunChain(const Napi::CallbackInfo& info) {
     const auto* base = static_cast<const uint8_t*>(ta.ArrayBuffer().Data());
     need(env, base && base + ta.ByteOffset() == arr.data && ta.ByteLength() >= arr.bytes, "runChain: an array of the chain was detached, moved or shrunk since it was built");
   }
-  run_chain(compute(env), c->ops.data() + begin, end - begin);
+  ChainStep step{};
+  if (info.Length() > 2 && !info[2].IsUndefined()) {
+    auto seqs = i32(info, 2, "runChain: seqs");
+    auto table = i32(info, 3, "runChain: blockTable");
+    need(env, seqs.length % 4 == 0, "runChain: seqs must hold 4 ints per sequence");
+    step = ChainStep{seqs.data, static_cast<int>(seqs.length / 4), table.data, static_cast<int64_t>(table.length)};
+  }
+  for (size_t i = begin; i < end; ++i)
+    need(env, c->ops[i].kind != ChainOp::kAttention || step.seqs, "runChain: the segment holds attention: give its seqs and blockTable");
+  try {
+    run_chain(compute(env), c->ops.data() + begin, end - begin, step);
+  } catch (const std::range_error& e) {
+    range_error(env, e.what());
+  }
   return env.Undefined();
 }
 

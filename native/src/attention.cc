@@ -572,105 +572,111 @@ void attend_head(const AttentionArgs& a, const Seq& s, int h, std::vector<float>
   }
 }
 
+// Writes new token i of sequence s (its keys and values for heads [h0, h1)) into the cache.
 template <DType D>
-void attention_in(ThreadPool& pool, const AttentionArgs& a) {
+void append_heads(const AttentionArgs& a, const Seq& s, int64_t i, int h0, int h1, bool fast) {
   Kv<D>* const k_cache = kv_cache<D>(a.k_cache);
   Kv<D>* const v_cache = kv_cache<D>(a.v_cache);
   const int d = a.head_dim;
-  const int64_t stride = static_cast<int64_t>(a.num_heads) * 3 * d;
+  const float* row = a.qkv + (s.token_start + i) * static_cast<int64_t>(a.num_heads) * 3 * d;
+  for (int h = h0; h < h1; ++h) {
+    const int64_t off = cache_offset(a, s, s.past_len + i, h);
+    const float* k = row + static_cast<int64_t>(h) * 3 * d + d;
+    const float* v = k + d;
+#if defined(__x86_64__)
+    if (fast && D != DType::F32) {
+      kv_put_avx2<D>(k_cache + off, k, d);
+      kv_put_avx2<D>(v_cache + off, v, d);
+      continue;
+    }
+#else
+    (void)fast;
+#endif
+    kv_put<D>(k_cache + off, k, d);
+    kv_put<D>(v_cache + off, v, d);
+  }
+}
+
+// The tasks of the decoding sequences `decoding` (each num_new == 1). In a small batch, a sequence
+// with a long cache is split into ranges of kRangeKeys keys, each a task over all heads whose
+// partial softmax states are merged after (flash-decoding): a thread streams its ranges' keys and
+// values as long contiguous runs (a sequence's blocks are allocated in order). The split depends on
+// the batch, not on the thread count, so neither do the results. Other sequences are one task per
+// group of heads, as many groups as give every thread two tasks (the grouping does not change any
+// head's sums).
+void plan_decode(const AttentionArgs& a, const std::vector<int32_t>& decoding_seqs, int threads, DecodePlan& plan) {
+  static thread_local std::vector<int32_t> unsplit;
+  plan.tasks.clear();
+  plan.merges.clear();
+  unsplit.clear();
+  const int64_t decoding = static_cast<int64_t>(decoding_seqs.size());
+  const int d = a.head_dim;
+  const int64_t range_blocks = std::max<int64_t>(1, kRangeKeys / a.block_size);
+  const int64_t part_stride = static_cast<int64_t>(d) + 2;  // floats per head and range
+  int64_t partial_floats = 0;
+  for (const int32_t si : decoding_seqs) {
+    const int64_t blocks = (seq_at(a, si).past_len + 1 + a.block_size - 1) / a.block_size;
+    const int64_t ranges = decoding <= kSplitSequences && blocks >= 2 * range_blocks ? blocks / range_blocks : 1;
+    if (ranges == 1) {
+      unsplit.push_back(si);
+      continue;
+    }
+    plan.merges.push_back(DecodeMerge{si, partial_floats, ranges});
+    for (int64_t r = 0; r < ranges; ++r) {
+      const int64_t b0 = r * blocks / ranges, b1 = (r + 1) * blocks / ranges;
+      plan.tasks.push_back(DecodeTask{si, 0, a.num_heads, b0 * a.block_size, b1 * a.block_size, partial_floats});
+      partial_floats += a.num_heads * part_stride;
+    }
+  }
+  if (!unsplit.empty()) {
+    const int64_t want = 2 * threads, n = static_cast<int64_t>(unsplit.size());
+    const int groups = static_cast<int>(std::clamp<int64_t>((want - static_cast<int64_t>(plan.tasks.size()) + n - 1) / n, 1, a.num_heads));
+    const int per_group = (a.num_heads + groups - 1) / groups;
+    for (const int32_t si : unsplit)
+      for (int h0 = 0; h0 < a.num_heads; h0 += per_group)
+        plan.tasks.push_back(DecodeTask{si, h0, std::min(a.num_heads, h0 + per_group), 0, seq_at(a, si).past_len + 1, -1});
+  }
+  plan.partial_floats = partial_floats;
+}
+
+template <DType D>
+void attention_in(ThreadPool& pool, const AttentionArgs& a) {
+  const int d = a.head_dim;
   const bool fast = active_variant() == Variant::Avx2;
   // 1. Append the new keys and values.
   pool.parallel_for(a.num_seqs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t si = begin; si < end; ++si) {
       const Seq s = seq_at(a, static_cast<int>(si));
-      for (int64_t i = 0; i < s.num_new; ++i) {
-        const float* row = a.qkv + (s.token_start + i) * stride;
-        for (int h = 0; h < a.num_heads; ++h) {
-          const int64_t off = cache_offset(a, s, s.past_len + i, h);
-          const float* k = row + static_cast<int64_t>(h) * 3 * d + d;
-          const float* v = k + d;
-#if defined(__x86_64__)
-          if (fast && D != DType::F32) {
-            kv_put_avx2<D>(k_cache + off, k, d);
-            kv_put_avx2<D>(v_cache + off, v, d);
-            continue;
-          }
-#endif
-          kv_put<D>(k_cache + off, k, d);
-          kv_put<D>(v_cache + off, v, d);
-        }
-      }
+      for (int64_t i = 0; i < s.num_new; ++i) append_heads<D>(a, s, i, 0, a.num_heads, fast);
     }
   });
 #if defined(__x86_64__)
-  // 2. Sequences decoding one token. In a small batch, a sequence with a long cache is split into
-  // ranges of kRangeKeys keys, each a task over all heads whose partial softmax states are merged
-  // after (flash-decoding): a thread streams its ranges' keys and values as long contiguous runs (a
-  // sequence's blocks are allocated in order). The split depends on the batch, not on the thread
-  // count, so neither do the results. Other sequences are one task per group of heads, as many
-  // groups as give every thread two tasks (the grouping does not change any head's sums).
-  struct Task {
-    int32_t seq;  // index into the batch's sequences
-    int32_t h0, h1;
-    int64_t j_begin, j_end;
-    int64_t partial;  // offset of the range's partial states in `partials`, or -1
-  };
-  struct Merge {
-    int32_t seq;
-    int64_t partial, ranges;
-  };
-  static thread_local std::vector<int32_t> decoding_seqs, unsplit;
-  static thread_local std::vector<Task> tasks;
-  static thread_local std::vector<Merge> merges;
+  // 2. Sequences decoding one token: tasks as plan_decode makes them, then the merges of split ones.
+  static thread_local std::vector<int32_t> decoding_seqs;
   decoding_seqs.clear();
   for (int si = 0; si < a.num_seqs; ++si)
     if (seq_at(a, si).num_new == 1) decoding_seqs.push_back(si);
   const int64_t decoding = static_cast<int64_t>(decoding_seqs.size());
   const bool stream = fast && d % 8 == 0 && decoding > 0;
   if (stream) {
-    tasks.clear();
-    merges.clear();
-    unsplit.clear();
-    const int64_t range_blocks = std::max<int64_t>(1, kRangeKeys / a.block_size);
-    const int64_t part_stride = static_cast<int64_t>(d) + 2;  // floats per head and range
-    int64_t partial_floats = 0;
-    for (const int32_t si : decoding_seqs) {
-      const int64_t blocks = (seq_at(a, si).past_len + 1 + a.block_size - 1) / a.block_size;
-      const int64_t ranges = decoding <= kSplitSequences && blocks >= 2 * range_blocks ? blocks / range_blocks : 1;
-      if (ranges == 1) {
-        unsplit.push_back(si);
-        continue;
-      }
-      merges.push_back(Merge{si, partial_floats, ranges});
-      for (int64_t r = 0; r < ranges; ++r) {
-        const int64_t b0 = r * blocks / ranges, b1 = (r + 1) * blocks / ranges;
-        tasks.push_back(Task{si, 0, a.num_heads, b0 * a.block_size, b1 * a.block_size, partial_floats});
-        partial_floats += a.num_heads * part_stride;
-      }
-    }
-    if (!unsplit.empty()) {
-      const int64_t want = 2 * pool.size(), n = static_cast<int64_t>(unsplit.size());
-      const int groups = static_cast<int>(std::clamp<int64_t>((want - static_cast<int64_t>(tasks.size()) + n - 1) / n, 1, a.num_heads));
-      const int per_group = (a.num_heads + groups - 1) / groups;
-      for (const int32_t si : unsplit)
-        for (int h0 = 0; h0 < a.num_heads; h0 += per_group)
-          tasks.push_back(Task{si, h0, std::min(a.num_heads, h0 + per_group), 0, seq_at(a, si).past_len + 1, -1});
-    }
+    static thread_local DecodePlan plan;
+    plan_decode(a, decoding_seqs, pool.size(), plan);
+    const int64_t part_stride = static_cast<int64_t>(d) + 2;
     static thread_local std::vector<float> partials;
-    if (static_cast<int64_t>(partials.size()) < partial_floats) partials.resize(static_cast<size_t>(partial_floats));
+    if (static_cast<int64_t>(partials.size()) < plan.partial_floats) partials.resize(static_cast<size_t>(plan.partial_floats));
     float* const part_base = partials.data();
-    const Task* const task_list = tasks.data();  // the caller's; the lambda runs on every thread
-    pool.parallel_streams(static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    const DecodeTask* const task_list = plan.tasks.data();  // the caller's; the lambda runs on every thread
+    pool.parallel_streams(static_cast<int64_t>(plan.tasks.size()), 1, [&](int64_t begin, int64_t end) {
       static thread_local std::vector<float> state;
       for (int64_t i = begin; i < end; ++i) {
-        const Task& t = task_list[i];
+        const DecodeTask& t = task_list[i];
         attend_decode_avx2<D>(a, seq_at(a, t.seq), t.h0, t.h1, t.j_begin, t.j_end, state, t.partial >= 0 ? part_base + t.partial : nullptr);
       }
     });
-    const Merge* const merge_list = merges.data();
-    pool.parallel_for(static_cast<int64_t>(merges.size()) * a.num_heads, 16, [&](int64_t begin, int64_t end) {
+    const DecodeMerge* const merge_list = plan.merges.data();
+    pool.parallel_for(static_cast<int64_t>(plan.merges.size()) * a.num_heads, 16, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const Merge& m = merge_list[i / a.num_heads];
+        const DecodeMerge& m = merge_list[i / a.num_heads];
         const int64_t h = i % a.num_heads;
         float* o = a.out + seq_at(a, m.seq).token_start * static_cast<int64_t>(a.num_heads) * d + h * d;
         merge_partials(o, part_base + m.partial + h * part_stride, a.num_heads * part_stride, static_cast<int>(m.ranges), d);
@@ -704,8 +710,8 @@ void attention_in(ThreadPool& pool, const AttentionArgs& a) {
 
 }  // namespace
 
-void attention(ThreadPool& pool, const AttentionArgs& a) {
-  // Validate the ragged batch description against the cache and token count before touching memory.
+void check_attention_batch(const AttentionArgs& a) {
+  // The ragged batch description against the cache and token count, before touching memory.
   for (int s = 0; s < a.num_seqs; ++s) {
     const Seq q = seq_at(a, s);
     if (q.token_start < 0 || q.num_new < 0 || q.token_start + q.num_new > a.num_tokens || q.past_len < 0)
@@ -720,6 +726,10 @@ void attention(ThreadPool& pool, const AttentionArgs& a) {
                                std::to_string(blk) + " outside the pool of " + std::to_string(a.num_blocks));
     }
   }
+}
+
+void attention(ThreadPool& pool, const AttentionArgs& a) {
+  check_attention_batch(a);
   switch (a.kv_dtype) {
     case DType::F32: return attention_in<DType::F32>(pool, a);
     case DType::F16: return attention_in<DType::F16>(pool, a);
@@ -727,5 +737,53 @@ void attention(ThreadPool& pool, const AttentionArgs& a) {
     default: throw std::invalid_argument("attention: the KV cache holds fp32, fp16 or bf16");
   }
 }
+
+// ---- attention as an op of a decode chain (run_chain in matmul.cc) -----------------------------
+
+bool chain_attention_ok(const AttentionArgs& a) {
+#if defined(__x86_64__)
+  return active_variant() == Variant::Avx2 && a.head_dim % 8 == 0 && a.num_seqs == 1 && seq_at(a, 0).num_new == 1 &&
+         (a.kv_dtype == DType::F32 || a.kv_dtype == DType::F16 || a.kv_dtype == DType::BF16);
+#else
+  (void)a;
+  return false;
+#endif
+}
+
+void plan_chain_attention(const AttentionArgs& a, int threads, DecodePlan& plan) {
+  static thread_local const std::vector<int32_t> first{0};
+  plan_decode(a, first, threads, plan);
+}
+
+#if defined(__x86_64__)
+namespace {
+template <DType D>
+void chain_task_in(const AttentionArgs& a, const DecodeTask& t, float* partials) {
+  static thread_local std::vector<float> state;
+  const Seq s = seq_at(a, t.seq);
+  // The task that holds the new position appends its heads first; no other task reads it.
+  if (t.j_begin <= s.past_len && s.past_len < t.j_end) append_heads<D>(a, s, 0, t.h0, t.h1, true);
+  attend_decode_avx2<D>(a, s, t.h0, t.h1, t.j_begin, t.j_end, state, t.partial >= 0 ? partials + t.partial : nullptr);
+}
+}  // namespace
+
+void chain_attention_task(const AttentionArgs& a, const DecodeTask& t, float* partials) {
+  switch (a.kv_dtype) {
+    case DType::F32: return chain_task_in<DType::F32>(a, t, partials);
+    case DType::F16: return chain_task_in<DType::F16>(a, t, partials);
+    default: return chain_task_in<DType::BF16>(a, t, partials);
+  }
+}
+
+void chain_attention_merge(const AttentionArgs& a, const DecodeMerge& m, int h, float* partials) {
+  const int d = a.head_dim;
+  const int64_t part_stride = static_cast<int64_t>(d) + 2;
+  float* o = a.out + seq_at(a, m.seq).token_start * static_cast<int64_t>(a.num_heads) * d + static_cast<int64_t>(h) * d;
+  merge_partials(o, partials + m.partial + h * part_stride, a.num_heads * part_stride, static_cast<int>(m.ranges), d);
+}
+#else
+void chain_attention_task(const AttentionArgs&, const DecodeTask&, float*) {}
+void chain_attention_merge(const AttentionArgs&, const DecodeMerge&, int, float*) {}
+#endif
 
 }  // namespace blossom

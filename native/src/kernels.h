@@ -2,6 +2,7 @@
 // and selectable at run time for tests) and, where it matters, an AVX2+FMA+F16C version.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "common.h"
 #include "thread_pool.h"
@@ -51,11 +52,66 @@ void linear_avx2(ThreadPool& pool, float* y, const float* x, int64_t rows, const
 // One row of layer_norm, on the calling thread (the same arithmetic).
 void layer_norm_row(float* y, const float* x, int64_t cols, const float* gamma, const float* beta, float eps);
 
-// A decode step's chain of single-row ops between two attention calls, run by the pool as one job
-// (run_chain, matmul.cc): each op waits for the one before at a barrier, so the weights of one
-// matrix after another stream without the threads returning to the caller between them.
+// Ragged-batch attention with a paged KV cache.
+//   qkv (tokens, heads, 3, head_dim): fused projection output, BLOOM's per-head layout.
+//   k_cache/v_cache (blocks, heads, block_size, head_dim) in kv_dtype: F32, or F16 / BF16 (half
+//   the bytes; new keys and values are rounded to nearest-even as they are appended, and widened
+//   to fp32 in registers when read; every product and sum stays fp32).
+//   seqs: for each of num_seqs sequences, 4 ints: token_start, num_new, past_len, block_table_offset.
+//   block_table: block indices; a sequence's entries start at its offset.
+// Writes the new tokens' k,v into the cache, then out (tokens, heads*head_dim) =
+//   softmax_j(slope_h * j + q.k_j / sqrt(head_dim)) v_j over keys j <= the query's position.
+struct AttentionArgs {
+  float* out;
+  const float* qkv;
+  int64_t num_tokens;
+  int num_heads;
+  int head_dim;
+  void* k_cache;
+  void* v_cache;
+  DType kv_dtype;
+  int block_size;
+  int64_t num_blocks;
+  const int32_t* seqs;
+  int num_seqs;
+  const int32_t* block_table;
+  int64_t block_table_len;
+  const float* slopes;
+};
+void attention(ThreadPool& pool, const AttentionArgs& a);
+
+// A decode step's attention for one sequence decoding one token, as an op of a chain (run_chain):
+// the same tasks attention() makes for it (key ranges of a long cache, merged after; otherwise groups
+// of heads), so the results are the same bits. A task that holds the new position first appends
+// its heads' new key and value to the cache.
+struct DecodeTask {
+  int32_t seq, h0, h1;
+  int64_t j_begin, j_end;
+  int64_t partial;  // offset of the range's partial states, or -1
+};
+struct DecodeMerge {
+  int32_t seq;
+  int64_t partial, ranges;
+};
+struct DecodePlan {
+  std::vector<DecodeTask> tasks;
+  std::vector<DecodeMerge> merges;
+  int64_t partial_floats = 0;
+};
+// Throws std::range_error if a.seqs / a.block_table describe tokens or blocks outside the batch or cache.
+void check_attention_batch(const AttentionArgs& a);
+// Whether a chain's thread pool can run attention `a` itself: AVX2 kernels, head_dim a multiple of
+// 8, one sequence decoding one token.
+bool chain_attention_ok(const AttentionArgs& a);
+void plan_chain_attention(const AttentionArgs& a, int threads, DecodePlan& plan);
+void chain_attention_task(const AttentionArgs& a, const DecodeTask& t, float* partials);
+void chain_attention_merge(const AttentionArgs& a, const DecodeMerge& m, int h, float* partials);
+
+// A decode step's single-row ops, attention included, run by the pool as one job (run_chain,
+// matmul.cc): each op waits for the one before at a barrier, so the weights of one matrix after
+// another stream without the threads returning to the caller between them.
 struct ChainOp {
-  enum Kind : int { kLayerNorm = 0, kLinear = 1 } kind;
+  enum Kind : int { kLayerNorm = 0, kLinear = 1, kAttention = 2 } kind;
   float* y;
   const float* x;
   // layer norm: y (cols) = layer_norm(x) * gamma + beta
@@ -68,9 +124,19 @@ struct ChainOp {
   const float* bias = nullptr;
   int epilogue = 0;
   const float* residual = nullptr;
+  // attention: y = attention(x, the cache), one token; seqs and block_table are the run's (ChainStep)
+  AttentionArgs attention{};
 };
-// Runs ops[0..n) on one row, with the same arithmetic as layer_norm and linear at rows == 1.
-void run_chain(ThreadPool& pool, const ChainOp* ops, size_t n);
+// The batch an attention op of a chain sees on this run: one token, as AttentionArgs describes it.
+struct ChainStep {
+  const int32_t* seqs = nullptr;
+  int num_seqs = 0;
+  const int32_t* block_table = nullptr;
+  int64_t block_table_len = 0;
+};
+// Runs ops[0..n) on one row, with the same arithmetic as layer_norm, linear and attention at one
+// token. Throws std::range_error (before running any op) if `step` does not fit an attention op's cache.
+void run_chain(ThreadPool& pool, const ChainOp* ops, size_t n, const ChainStep& step);
 
 void layer_norm(ThreadPool& pool, float* y, const float* x, int64_t rows, int64_t cols, const float* gamma,
                 const float* beta, float eps);
@@ -102,32 +168,5 @@ void embedding_shard(ThreadPool& pool, float* y, const int32_t* ids, int64_t n, 
 void greedy_rows(ThreadPool& pool, float* logits, int64_t rows, int64_t stride, int64_t vocab, const int32_t* suppress,
                  int64_t num_suppress, const uint8_t* suppress_rows, int32_t* ids, double* logprobs);
 
-// Ragged-batch attention with a paged KV cache.
-//   qkv (tokens, heads, 3, head_dim): fused projection output, BLOOM's per-head layout.
-//   k_cache/v_cache (blocks, heads, block_size, head_dim) in kv_dtype: F32, or F16 / BF16 (half
-//   the bytes; new keys and values are rounded to nearest-even as they are appended, and widened
-//   to fp32 in registers when read; every product and sum stays fp32).
-//   seqs: for each of num_seqs sequences, 4 ints: token_start, num_new, past_len, block_table_offset.
-//   block_table: block indices; a sequence's entries start at its offset.
-// Writes the new tokens' k,v into the cache, then out (tokens, heads*head_dim) =
-//   softmax_j(slope_h * j + q.k_j / sqrt(head_dim)) v_j over keys j <= the query's position.
-struct AttentionArgs {
-  float* out;
-  const float* qkv;
-  int64_t num_tokens;
-  int num_heads;
-  int head_dim;
-  void* k_cache;
-  void* v_cache;
-  DType kv_dtype;
-  int block_size;
-  int64_t num_blocks;
-  const int32_t* seqs;
-  int num_seqs;
-  const int32_t* block_table;
-  int64_t block_table_len;
-  const float* slopes;
-};
-void attention(ThreadPool& pool, const AttentionArgs& a);
 
 }  // namespace blossom

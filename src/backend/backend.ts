@@ -104,7 +104,9 @@ export interface AttentionShape {
 /** One op of a chain (Backend.chain): a layer norm or a linear, of one row. */
 export type ChainOpSpec =
   | { kind: "layerNorm"; y: DeviceBuffer; x: DeviceBuffer; cols: number; gamma: DeviceBuffer; beta: DeviceBuffer; eps: number }
-  | { kind: "linear"; y: DeviceBuffer; x: DeviceBuffer; weight: DeviceMatrix; bias: DeviceBuffer | null; gelu?: boolean; residual?: DeviceBuffer };
+  | { kind: "linear"; y: DeviceBuffer; x: DeviceBuffer; weight: DeviceMatrix; bias: DeviceBuffer | null; gelu?: boolean; residual?: DeviceBuffer }
+  /** attention(y, x (the qkv row), 1, cache, batch, slopes, shape), the batch given to runChain. */
+  | { kind: "attention"; y: DeviceBuffer; x: DeviceBuffer; cache: KVLayer; slopes: DeviceBuffer; shape: AttentionShape };
 
 /** Ops prepared by Backend.chain. */
 export interface OpChain {
@@ -170,13 +172,14 @@ export interface Backend {
   linear(out: DeviceBuffer, x: DeviceBuffer, rows: number, weight: DeviceMatrix, bias: DeviceBuffer | null, options?: LinearOptions): void;
   /**
    * Single-row ops prepared once and run a segment at a time (segment k: ops[segmentEnds[k-1] ..
-   * segmentEnds[k]), the first from 0): a decode step's ops between two attention calls, each segment
-   * as one unit with the same arithmetic as the ops one by one. Undefined where the backend cannot
-   * chain them (a matrix it streams from disk or computes in int8); then the caller runs the ops.
-   * The buffers must stay allocated while the chain is used.
+   * segmentEnds[k]), the first from 0): a decode step's ops, attention included, each segment as one
+   * unit with the same arithmetic as the ops one by one. Undefined where the backend cannot chain
+   * them (a matrix it streams from disk or computes in int8); then the caller runs the ops. The
+   * buffers must stay allocated while the chain is used. A segment with attention ops takes the
+   * step's batch (one token).
    */
   chain?(ops: readonly ChainOpSpec[], segmentEnds: readonly number[]): OpChain | undefined;
-  runChain?(chain: OpChain, segment: number): void;
+  runChain?(chain: OpChain, segment: number, batch?: AttentionBatch): void;
   /** Appends the batch's new keys/values to the cache, then out (tokens, heads*headDim) = ALiBi causal attention. */
   attention(out: DeviceBuffer, qkv: DeviceBuffer, numTokens: number, cache: KVLayer, batch: AttentionBatch, slopes: DeviceBuffer, shape: AttentionShape): void;
   /** out (rows.length, cols) = x[rows]. */

@@ -349,12 +349,17 @@ export class CpuBackend implements Backend {
     else native().embeddingShard(f32(out), ids, t.region, t.byteOffset, DTypeCode[t.dtype], t.outFeatures, t.inFeatures, firstId);
   }
 
-  /** Chains of single-row ops run as one thread-pool job a segment at a time (native run_chain: the threads stream one matrix after another without returning here). */
+  /** Chains of single-row ops (attention included) run as one thread-pool job a segment at a time (native run_chain: the threads stream one matrix after another without returning here). */
   chain(ops: readonly ChainOpSpec[], segmentEnds: readonly number[]): OpChain | undefined {
     const descriptors: unknown[][] = [];
     for (const op of ops) {
       if (op.kind === "layerNorm") {
         descriptors.push([0, f32(op.y), f32(op.x), op.cols, f32(op.gamma), f32(op.beta), op.eps]);
+        continue;
+      }
+      if (op.kind === "attention") {
+        const { cache, shape } = op;
+        descriptors.push([2, f32(op.y), f32(op.x), cache.k, cache.v, DTypeCode[kvStorage[cache.dtype]], shape.numHeads, shape.headDim, shape.blockSize, f32(op.slopes)]);
         continue;
       }
       if (op.weight.dtype === "int8") return undefined;
@@ -366,8 +371,8 @@ export class CpuBackend implements Backend {
     return native().createChain(descriptors, [...segmentEnds]) as unknown as OpChain;
   }
 
-  runChain(chain: OpChain, segment: number): void {
-    native().runChain(chain as unknown as NativeChain, segment);
+  runChain(chain: OpChain, segment: number, batch?: AttentionBatch): void {
+    native().runChain(chain as unknown as NativeChain, segment, batch?.seqs, batch?.blockTable);
   }
 
   layerNorm(out: DeviceBuffer, x: DeviceBuffer, rows: number, cols: number, gamma: DeviceBuffer, beta: DeviceBuffer, eps: number): void {

@@ -51,7 +51,7 @@ export interface NativeAddon {
    * An op: [0, y, x, cols, gamma, beta, eps] or [1, y, x, wRegion, wOffset, wDtype, out, in, panelK, bias, epilogue, residual].
    */
   createChain(ops: unknown[][], segmentEnds: number[]): NativeChain;
-  runChain(chain: NativeChain, segment: number): void;
+  runChain(chain: NativeChain, segment: number, seqs?: Int32Array, blockTable?: Int32Array): void;
   /** The process's resident set in bytes; with a buffer, the bytes of it in resident pages. */
   residentBytes(buffer?: ArrayBufferLike | ArrayBufferView): number;
   /**

@@ -136,7 +136,7 @@ export class BloomModel {
    */
   chainDecode = true;
   /** The decode chain and the workspace generation it was built on; null once found impossible. */
-  private decodeChain: { chain: OpChain; generation: number } | null | undefined;
+  private decodeChain: { chain: OpChain; generation: number; kvCache: KVCacheLayers } | null | undefined;
 
   constructor(config: BloomConfig, weights: WeightStore, backend: Backend, parallel?: { shard: ModelShard; comm: Collectives }) {
     this.config = config;
@@ -222,12 +222,12 @@ export class BloomModel {
   }
 
   /**
-   * A step of one token with its logits (batch-1 decoding): the embedding, then between two attention
-   * calls one chain each (layer norms and matrices of one row, from one layer's attention output to
-   * the next layer's QKV; the last ends with the final norm and the LM head). Decoding at batch 1 is
-   * bound by reading the weights; as a chain a thread goes from its share of one matrix to its share
-   * of the next without returning to JavaScript between them (see native/src/matmul.cc, run_chain).
-   * Undefined where it does not apply (tensor parallelism, weights loaded per layer, int8).
+   * A step of one token with its logits (batch-1 decoding): the embedding, then the whole step as one
+   * chain (every layer's norms, matrices and attention, the final norm and the LM head, for one row).
+   * Decoding at batch 1 is bound by reading the weights; as a chain a thread goes from its share of
+   * one matrix to its share of the next without returning to JavaScript between them (see
+   * native/src/matmul.cc, run_chain). Undefined where it does not apply (tensor parallelism, weights
+   * loaded per layer, int8).
    */
   private chainedDecode(step: ForwardStep, kvCache: KVCacheLayers): Float32Array | undefined {
     const { backend: ops, weights, config } = this;
@@ -235,58 +235,46 @@ export class BloomModel {
     const ws = this.workspace;
     ws.ensure(1);
     const logits = ws.logitsFor(config.vocabSize);
-    if (!this.decodeChain || this.decodeChain.generation !== ws.generation) {
-      const chain = ops.chain(...this.decodeChainOps(logits));
+    const built = this.decodeChain;
+    if (!built || built.generation !== ws.generation || built.kvCache !== kvCache) {
+      const list = this.decodeChainOps(logits, kvCache);
+      const chain = ops.chain(list, [list.length]);
       if (!chain) {
         this.decodeChain = null;
         return undefined;
       }
-      this.decodeChain = { chain, generation: ws.generation };
+      this.decodeChain = { chain, generation: ws.generation, kvCache };
     }
-    const { chain } = this.decodeChain;
+    const { chain } = this.decodeChain!;
     const H = config.hiddenSize;
-    const shape = { numHeads: this.shard.numHeads, headDim: config.headDim, blockSize: kvCache.blockSize };
     ops.embedding(ws.normed, step.tokenIds, weights.wordEmbeddings);
     const emb = weights.wordEmbeddingsLayernorm;
     ops.layerNorm(ws.hidden, ws.normed, 1, H, emb.weight, emb.bias, config.layerNormEpsilon);
-    ops.runChain(chain, 0);
-    for (let i = 0; i < config.numLayers; i++) {
-      ops.attention(ws.attention, ws.qkv, 1, kvCache.layer(i), step.batch, this.slopes, shape);
-      ops.runChain(chain, i + 1);
-    }
+    ops.runChain(chain, 0, step.batch);
     return ops.download(logits, 0, config.vocabSize);
   }
 
-  /** The decode chain's ops (forward()'s, for one row) and segment ends: one segment before the first attention and one after each. */
-  private decodeChainOps(logits: DeviceBuffer): [ChainOpSpec[], number[]] {
+  /** The decode chain's ops: forward()'s, for one row. */
+  private decodeChainOps(logits: DeviceBuffer, kvCache: KVCacheLayers): ChainOpSpec[] {
     const { weights, config } = this;
     const ws = this.workspace, H = config.hiddenSize, eps = config.layerNormEpsilon;
     const postLN = config.applyResidualConnectionPostLayernorm;
+    const shape = { numHeads: this.shard.numHeads, headDim: config.headDim, blockSize: kvCache.blockSize };
     const list: ChainOpSpec[] = [];
-    const ends: number[] = [];
-    const attentionIn = (i: number) => {
+    for (let i = 0; i < config.numLayers; i++) {
       const layer = weights.layer(i);
       list.push({ kind: "layerNorm", y: ws.normed, x: ws.hidden, cols: H, gamma: layer.inputLayernorm.weight, beta: layer.inputLayernorm.bias, eps });
       list.push({ kind: "linear", y: ws.qkv, x: ws.normed, weight: layer.queryKeyValue.weight, bias: layer.queryKeyValue.bias });
-    };
-    attentionIn(0);
-    ends.push(list.length);
-    for (let i = 0; i < config.numLayers; i++) {
-      const layer = weights.layer(i);
+      list.push({ kind: "attention", y: ws.attention, x: ws.qkv, cache: kvCache.layer(i), slopes: this.slopes, shape });
       list.push({ kind: "linear", y: ws.hidden2, x: ws.attention, weight: layer.dense.weight, bias: layer.dense.bias, residual: postLN ? ws.normed : ws.hidden });
       list.push({ kind: "layerNorm", y: ws.normed, x: ws.hidden2, cols: H, gamma: layer.postAttentionLayernorm.weight, beta: layer.postAttentionLayernorm.bias, eps });
       list.push({ kind: "linear", y: ws.mlp, x: ws.normed, weight: layer.denseHTo4h.weight, bias: layer.denseHTo4h.bias, gelu: true });
       list.push({ kind: "linear", y: ws.hidden, x: ws.mlp, weight: layer.dense4hToH.weight, bias: layer.dense4hToH.bias, residual: postLN ? ws.normed : ws.hidden2 });
-      if (i + 1 < config.numLayers) {
-        attentionIn(i + 1);
-      } else {
-        // The final norm reads the hidden state directly: forward() gathers the one row into hidden2 first (the same values).
-        list.push({ kind: "layerNorm", y: ws.normed, x: ws.hidden, cols: H, gamma: weights.lnF.weight, beta: weights.lnF.bias, eps });
-        list.push({ kind: "linear", y: logits, x: ws.normed, weight: weights.lmHead, bias: null });
-      }
-      ends.push(list.length);
     }
-    return [list, ends];
+    // The final norm reads the hidden state directly: forward() gathers the one row into hidden2 first (the same values).
+    list.push({ kind: "layerNorm", y: ws.normed, x: ws.hidden, cols: H, gamma: weights.lnF.weight, beta: weights.lnF.bias, eps });
+    list.push({ kind: "linear", y: logits, x: ws.normed, weight: weights.lmHead, bias: null });
+    return list;
   }
 
   private trace(name: string, layer: number, buffer: DeviceBuffer, rows: number, cols: number): void {
