@@ -82,7 +82,11 @@ try {
   // The machine's bandwidth moves with other tenants' load (here between ~45 and ~95 GB/s), so each
   // run is bracketed by its own probes and compared with the floor of that moment: the higher of the
   // two probes, the stricter floor. The median of the per-run ratios is the figure.
-  const probe = () => native().probeReadBandwidth(1 << 30, threads, 3);
+  // One probe buffer for the whole run: allocating and freeing a GiB per probe stalled the decode
+  // steps measured after it in this project's VM (its balloon reports freed pages to the host, see
+  // native/src/probes.h): 1.4-2.6 ms more per token on average, against 0-0.9 with the buffer kept.
+  const probeBuffer = native().allocate(1 << 30);
+  const probe = () => native().probeReadBandwidth(1 << 30, threads, 3, probeBuffer);
   const runsMeasured: { msPerToken: number; medianStepMs: number; probesGBs: [number, number]; bandwidthGBs: number; floorMs: number; ratio: number; medianStepRatio: number }[] = [];
   let before = probe();
   for (let r = 0; r < runs; r++) {
@@ -99,6 +103,7 @@ try {
     runsMeasured.push({ msPerToken, medianStepMs, probesGBs: [before, after], bandwidthGBs, floorMs, ratio: msPerToken / floorMs, medianStepRatio: medianStepMs / floorMs });
     before = after;
   }
+  native().release(probeBuffer);
   const msPerToken = median(runsMeasured.map((r) => r.msPerToken));
   const ratio = median(runsMeasured.map((r) => r.ratio));
   const stepRatio = median(runsMeasured.map((r) => r.medianStepRatio));

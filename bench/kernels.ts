@@ -223,8 +223,12 @@ function main(): void {
   console.log(`threads: ${threads} | kernels: ${addon.getKernelVariant()}`);
   const probeBytes = quick ? 512 * 2 ** 20 : 2 ** 30;
   const rowProbeBytes = 256 * 2 ** 20;
+  // Every probe reads this one buffer, kept for the whole run: a fresh GiB allocated and freed per
+  // probe stalled the runs measured after it in this project's VM (its balloon reports freed pages
+  // to the host; see native/src/probes.h).
+  const probeBuffer = addon.allocate(probeBytes);
   const probe = quietest(attempts, () => ({
-    bandwidth: addon.probeReadBandwidth(probeBytes, threads, quick ? 3 : 7),
+    bandwidth: addon.probeReadBandwidth(probeBytes, threads, quick ? 3 : 7, probeBuffer),
     fmaPeak: addon.probeFmaPeak(threads, quick ? 3 : 7),
   }));
   let fmaPeak = probe.value.fmaPeak;
@@ -279,7 +283,7 @@ function main(): void {
           const iterations = Math.max(3, Math.min(quick ? 20 : 200, Math.round(targetMsPerConfig / Math.max(first, 1e-3))));
           const timed = quietest(attempts, () => {
             const fmaBefore = addon.probeFmaPeak(threads, 1);
-            const before = addon.probeReadBandwidth(rowProbeBytes, threads, 1);
+            const before = addon.probeReadBandwidth(rowProbeBytes, threads, 1, probeBuffer);
             for (let i = 0; i < Math.min(warm, 20); i++) call(); // settle again after the probe
             const ts: number[] = [];
             for (let i = 0; i < iterations; i++) {
@@ -287,7 +291,7 @@ function main(): void {
               call();
               ts.push(nowMs() - s);
             }
-            const after = addon.probeReadBandwidth(rowProbeBytes, threads, 1);
+            const after = addon.probeReadBandwidth(rowProbeBytes, threads, 1, probeBuffer);
             const fmaAfter = addon.probeFmaPeak(threads, 1);
             return { ms: median(ts), probe: Math.max(before, after), fma: Math.max(fmaBefore, fmaAfter) };
           });
@@ -347,7 +351,7 @@ function main(): void {
   const engineRows = layout === "both" ? rows.filter(engineLayout) : rows;
   summarize(engineRows);
 
-  const others = values["no-attention"] ? [] : [...benchOthers(quick, attempts, engineRows), ...benchPrefill(quick, attempts)];
+  const others = values["no-attention"] ? [] : [...benchOthers(quick, attempts, engineRows, probeBuffer), ...benchPrefill(quick, attempts)];
 
   if (values.json) {
     writeFileSync(
@@ -395,7 +399,7 @@ function summarize(rows: Row[]): void {
  * last-level cache, and its KV bytes per second are set against the read bandwidth probed just
  * before and after.
  */
-function benchOthers(quick: boolean, attempts: number, linearRows: Row[]): OtherRow[] {
+function benchOthers(quick: boolean, attempts: number, linearRows: Row[], probeBuffer: NativeRegion): OtherRow[] {
   const addon = native();
   const out: OtherRow[] = [];
   const blockSize = 16;
@@ -443,7 +447,7 @@ function benchOthers(quick: boolean, attempts: number, linearRows: Row[]): Other
         copy = (copy + 1) % copies;
       };
       const time = (f: () => void, calls: number) =>
-        timedBetweenProbes(attempts, f, calls, Math.min(calls, copies), () => addon.probeReadBandwidth(256 * 2 ** 20, threads, 1));
+        timedBetweenProbes(attempts, f, calls, Math.min(calls, copies), () => addon.probeReadBandwidth(256 * 2 ** 20, threads, 1, probeBuffer));
       const att = time(attend, Math.max(quick ? 10 : 30, 2 * copies));
       const xs = randomArray(batch * hidden, 9);
       const ys = new Float32Array(batch * hidden);

@@ -431,6 +431,15 @@ describe("probes and fills", () => {
     assert.ok(addon.probeReadBandwidth(16 * 2 ** 20, 1, 1) > 0);
     assert.ok(addon.probeFmaPeak(1, 1) > 0);
     assert.throws(() => addon.probeReadBandwidth(1024, 1, 1), /1048576/);
+    // A kept buffer (benchmarks probe between runs without allocating and freeing a GiB each time).
+    const buffer = addon.allocate(16 * 2 ** 20);
+    try {
+      assert.ok(addon.probeReadBandwidth(16 * 2 ** 20, 1, 1, buffer) > 0);
+      assert.throws(() => addon.probeReadBandwidth(32 * 2 ** 20, 1, 1, buffer), /smaller than bytes/);
+    } finally {
+      addon.release(buffer);
+    }
+    assert.throws(() => addon.probeReadBandwidth(16 * 2 ** 20, 1, 1, buffer), /region was released/);
   });
 });
 

@@ -845,13 +845,21 @@ Napi::Value EmbeddingInt8(const Napi::CallbackInfo& info) {
 
 // ---- probes and benchmark inputs ---------------------------------------------------------------
 
-// probeReadBandwidth(bytes, threads, runs) -> GB/s
+// probeReadBandwidth(bytes, threads, runs, buffer?) -> GB/s (buffer: a writable region of >= bytes, kept by
+// the caller, instead of a fresh allocation freed after)
 Napi::Value ProbeReadBandwidth(const Napi::CallbackInfo& info) {
   int64_t bytes = integer(info, 0, "probeReadBandwidth: bytes", 1 << 20);
   int64_t threads = integer(info, 1, "probeReadBandwidth: threads", 1);
   int64_t runs = info.Length() > 2 && !info[2].IsUndefined() ? integer(info, 2, "probeReadBandwidth: runs", 1) : 5;
+  void* buffer = nullptr;
+  if (info.Length() > 3 && !info[3].IsUndefined()) {
+    Tracked* t = region_arg(info, 3, "probeReadBandwidth: buffer");
+    need(info.Env(), t->region.size >= static_cast<uint64_t>(bytes), "probeReadBandwidth: buffer region is smaller than bytes");
+    need(info.Env(), !t->shared, "probeReadBandwidth: buffer must be an allocated region (a file mapping is read-only)");
+    buffer = t->region.data;
+  }
   try {
-    return Napi::Number::New(info.Env(), probe_read_bandwidth(static_cast<size_t>(bytes), static_cast<int>(threads), static_cast<int>(runs)));
+    return Napi::Number::New(info.Env(), probe_read_bandwidth(static_cast<size_t>(bytes), static_cast<int>(threads), static_cast<int>(runs), buffer));
   } catch (const std::exception& e) {
     throw Napi::Error::New(info.Env(), e.what());
   }

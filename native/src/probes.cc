@@ -117,14 +117,15 @@ inline uint64_t splitmix64(uint64_t& s) {
 
 }  // namespace
 
-double probe_read_bandwidth(size_t bytes, int threads, int runs) {
+double probe_read_bandwidth(size_t bytes, int threads, int runs, void* buffer) {
   if (threads < 1) threads = 1;
   if (runs < 1) runs = 1;
   bytes &= ~size_t(4095);
   if (bytes < (1u << 20)) throw std::invalid_argument("probeReadBandwidth: buffer must be at least 1 MiB");
-  Region buf = allocate_pages(bytes);
+  Region buf{};
+  if (!buffer) buf = allocate_pages(bytes);
   ThreadPool pool(threads);
-  float* data = static_cast<float*>(buf.data);
+  float* data = static_cast<float*>(buffer ? buffer : buf.data);
   const size_t n = bytes / sizeof(float);
   const bool fast = have_avx2();
   // Each thread reads a contiguous share, cache-line aligned, as a GEMV thread reads its rows.
@@ -160,7 +161,7 @@ double probe_read_bandwidth(size_t bytes, int threads, int runs) {
     g_sink.store(total.load());
     best = std::max(best, static_cast<double>(bytes) / sec / 1e9);
   }
-  release_region(buf);
+  if (!buffer) release_region(buf);
   return best;
 }
 

@@ -8,8 +8,11 @@
 
 namespace blossom {
 
-// GB/s of the best of `runs` streaming reads of a `bytes` buffer (fresh, paged in) on `threads` threads.
-double probe_read_bandwidth(size_t bytes, int threads, int runs);
+// GB/s of the best of `runs` streaming reads of a `bytes` buffer (written first) on `threads` threads:
+// `buffer` if given, else a fresh allocation, freed after. A benchmark that probes between runs keeps
+// one buffer: in a VM whose balloon reports freed pages to the host (this project's development
+// machine does), freeing and re-faulting a GiB per probe stalled the decode steps measured after it.
+double probe_read_bandwidth(size_t bytes, int threads, int runs, void* buffer = nullptr);
 // GFLOP/s of the best of `runs` rounds of independent 256-bit FMA chains on `threads` threads.
 double probe_fma_peak(int threads, int runs);
 // n values of `dtype`, uniform in [-scale, scale), from `seed` (deterministic whatever the thread count).

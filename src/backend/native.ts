@@ -140,7 +140,7 @@ export interface NativeAddon {
   ): void;
   // probes and benchmark inputs (native/src/probes.cc)
   /** GB/s: best of `runs` (default 5) multi-threaded AVX2 streaming reads over a fresh `bytes` buffer. */
-  probeReadBandwidth(bytes: number, threads: number, runs?: number): number;
+  probeReadBandwidth(bytes: number, threads: number, runs?: number, buffer?: NativeRegion): number;
   /** GFLOP/s: best of `runs` (default 5) rounds of independent 256-bit FMA chains on `threads` threads. */
   probeFmaPeak(threads: number, runs?: number): number;
   /** Fills `count` values of `dtype` at (region, byteOffset) uniform in [-scale, scale), deterministic in `seed`. */
