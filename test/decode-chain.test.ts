@@ -81,6 +81,12 @@ test("a chain's attention refuses a missing or bad batch before running any op",
     assert.throws(() => backend.runChain(chain, 0, { seqs: Int32Array.from([0, 1, 3, 0]), blockTable: Int32Array.from([9999]) }), /refers to cache block 9999 outside the pool/);
     assert.throws(() => backend.runChain(chain, 0, { seqs: Int32Array.from([0, 1, 40, 0]), blockTable: Int32Array.from([0]) }), /block table is shorter than its length/);
     assert.throws(() => backend.runChain(chain, 0, { seqs: Int32Array.from([0, 2, 3, 0]), blockTable: Int32Array.from([0]) }), /describes tokens outside the batch/);
+    // The op has one row: a sequence with no new token (it would write no output, and the next ops
+    // read the last step's), two sequences on that row (they would race), or none at all.
+    const block = seq.blocks[0]!;
+    assert.throws(() => backend.runChain(chain, 0, { seqs: Int32Array.from([0, 0, 4, 0]), blockTable: Int32Array.from([block]) }), /one sequence decoding one token/);
+    assert.throws(() => backend.runChain(chain, 0, { seqs: Int32Array.from([0, 1, 4, 0, 0, 1, 0, 1]), blockTable: Int32Array.from([block, block === 0 ? 1 : 0]) }), /one sequence decoding one token/);
+    assert.throws(() => backend.runChain(chain, 0, { seqs: new Int32Array(0), blockTable: Int32Array.from([block]) }), /one sequence decoding one token/);
     assert.deepEqual(cache.k, before, "nothing was written to the cache");
     // Descriptors: a cache of the wrong array type, a cache that is not whole blocks.
     const H = loaded.checkpoint.config.hiddenSize, heads = loaded.checkpoint.config.numHeads;

@@ -646,14 +646,15 @@ Napi::Value RunChain(const Napi::CallbackInfo& info) {
     need(env, base && base + ta.ByteOffset() == arr.data && ta.ByteLength() >= arr.bytes, "runChain: an array of the chain was detached, moved or shrunk since it was built");
   }
   ChainStep step{};
-  if (info.Length() > 2 && !info[2].IsUndefined()) {
+  const bool given = info.Length() > 2 && !info[2].IsUndefined();
+  if (given) {
     auto seqs = i32(info, 2, "runChain: seqs");
     auto table = i32(info, 3, "runChain: blockTable");
     need(env, seqs.length % 4 == 0, "runChain: seqs must hold 4 ints per sequence");
     step = ChainStep{seqs.data, static_cast<int>(seqs.length / 4), table.data, static_cast<int64_t>(table.length)};
   }
   for (size_t i = begin; i < end; ++i)
-    need(env, c->ops[i].kind != ChainOp::kAttention || step.seqs, "runChain: the segment holds attention: give its seqs and blockTable");
+    need(env, c->ops[i].kind != ChainOp::kAttention || given, "runChain: the segment holds attention: give its seqs and blockTable");
   try {
     run_chain(compute(env), c->ops.data() + begin, end - begin, step);
   } catch (const std::range_error& e) {

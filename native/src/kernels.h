@@ -135,7 +135,8 @@ struct ChainStep {
   int64_t block_table_len = 0;
 };
 // Runs ops[0..n) on one row, with the same arithmetic as layer_norm, linear and attention at one
-// token. Throws std::range_error (before running any op) if `step` does not fit an attention op's cache.
+// token. Throws std::range_error (before running any op) if `step` is not one sequence decoding one
+// token or does not fit an attention op's cache.
 void run_chain(ThreadPool& pool, const ChainOp* ops, size_t n, const ChainStep& step);
 
 void layer_norm(ThreadPool& pool, float* y, const float* x, int64_t rows, int64_t cols, const float* gamma,

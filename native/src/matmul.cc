@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -706,6 +707,11 @@ void run_chain(ThreadPool& pool, const ChainOp* ops, size_t n, const ChainStep& 
     a.seqs = step.seqs, a.num_seqs = step.num_seqs;
     a.block_table = step.block_table, a.block_table_len = step.block_table_len;
     check_attention_batch(a);
+    // The op has one row of out and qkv: any other batch would write no output (the next ops then
+    // read the last step's) or have two sequences race on that row.
+    if (a.num_seqs != 1 || a.seqs[1] != 1)
+      throw std::range_error("runChain: a chain's attention takes one sequence decoding one token (seqs = [0, 1, pastLen, tableOffset]), got " +
+                             std::to_string(a.num_seqs) + " sequences");
   }
   bool fused = pool.size() > 1 && pool.size() <= usable_cpus();
   for (size_t i = 0; i < n && fused; ++i) fused = chainable(ops[i], attn[i]);
