@@ -137,6 +137,8 @@ export class ServerMetrics {
   readonly batchSize: Gauge;
   readonly kvBlocksFree: Gauge;
   readonly kvBlocksTotal: Gauge;
+  readonly residentMemory: Gauge;
+  readonly heapUsed: Gauge;
 
   constructor(readInFlight: () => number) {
     const r = this.registry;
@@ -159,5 +161,9 @@ export class ServerMetrics {
     this.batchSize = r.add(new Gauge("blossom_batch_current_size", "Sequences in the running batch"));
     this.kvBlocksFree = r.add(new Gauge("blossom_kv_cache_blocks_free", "Free KV-cache blocks"));
     this.kvBlocksTotal = r.add(new Gauge("blossom_kv_cache_blocks_total", "KV-cache blocks in the pool"));
+    // The process as a whole (the engine worker and the mapped weights count in its resident set):
+    // prom-client's standard names, read at each scrape.
+    this.residentMemory = r.add(new Gauge("process_resident_memory_bytes", "Resident memory size in bytes", () => process.memoryUsage.rss()));
+    this.heapUsed = r.add(new Gauge("nodejs_heap_size_used_bytes", "The main thread's V8 heap in use, in bytes", () => process.memoryUsage().heapUsed));
   }
 }
