@@ -711,7 +711,7 @@ void run_chain(ThreadPool& pool, const ChainOp* ops, size_t n, const ChainStep& 
     // read the last step's) or have two sequences race on that row.
     if (a.num_seqs != 1 || a.seqs[1] != 1)
       throw std::range_error("runChain: a chain's attention takes one sequence decoding one token (seqs = [0, 1, pastLen, tableOffset]), got " +
-                             std::to_string(a.num_seqs) + " sequences");
+                             (a.num_seqs != 1 ? std::to_string(a.num_seqs) + " sequences" : "a sequence with " + std::to_string(a.seqs[1]) + " new tokens"));
   }
   bool fused = pool.size() > 1 && pool.size() <= usable_cpus();
   for (size_t i = 0; i < n && fused; ++i) fused = chainable(ops[i], attn[i]);

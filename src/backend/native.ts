@@ -48,7 +48,9 @@ export interface NativeAddon {
   settleFilePages(region: NativeRegion, ranges: Float64Array): { eligibleBytes: number; beforeBytes: number; afterBytes: number; reread: boolean };
   /**
    * Single-row ops to run a segment at a time as one thread-pool job (native/src/matmul.cc run_chain).
-   * An op: [0, y, x, cols, gamma, beta, eps] or [1, y, x, wRegion, wOffset, wDtype, out, in, panelK, bias, epilogue, residual].
+   * An op: [0, y, x, cols, gamma, beta, eps], [1, y, x, wRegion, wOffset, wDtype, out, in, panelK, bias, epilogue, residual]
+   * or [2, out, qkv, kCache, vCache, kvDtype, numHeads, headDim, blockSize, slopes] (attention of one
+   * token: runChain then takes the step's seqs and blockTable, one sequence decoding one token).
    */
   createChain(ops: unknown[][], segmentEnds: number[]): NativeChain;
   runChain(chain: NativeChain, segment: number, seqs?: Int32Array, blockTable?: Int32Array): void;
@@ -139,7 +141,10 @@ export interface NativeAddon {
     kvDtype?: number,
   ): void;
   // probes and benchmark inputs (native/src/probes.cc)
-  /** GB/s: best of `runs` (default 5) multi-threaded AVX2 streaming reads over a fresh `bytes` buffer. */
+  /**
+   * GB/s: best of `runs` (default 5) multi-threaded AVX2 streaming reads over a `bytes` buffer: a fresh
+   * one freed after, or `buffer` (an allocated region of at least `bytes`) kept by a caller that probes often.
+   */
   probeReadBandwidth(bytes: number, threads: number, runs?: number, buffer?: NativeRegion): number;
   /** GFLOP/s: best of `runs` (default 5) rounds of independent 256-bit FMA chains on `threads` threads. */
   probeFmaPeak(threads: number, runs?: number): number;

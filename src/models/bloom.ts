@@ -232,6 +232,10 @@ export class BloomModel {
   private chainedDecode(step: ForwardStep, kvCache: KVCacheLayers): Float32Array | undefined {
     const { backend: ops, weights, config } = this;
     if (this.comm || !weights.staysInPlace || !ops.chain || !ops.runChain || this.decodeChain === null) return undefined;
+    // The chain's attention has one row: one sequence decoding that one token (any other batch, e.g.
+    // one with an idle sequence beside it, takes the general path).
+    const { seqs } = step.batch;
+    if (seqs.length !== 4 || seqs[0] !== 0 || seqs[1] !== 1) return undefined;
     const ws = this.workspace;
     ws.ensure(1);
     const logits = ws.logitsFor(config.vocabSize);
@@ -282,6 +286,7 @@ export class BloomModel {
   }
 
   dispose(): void {
+    this.decodeChain = undefined; // it holds the workspace and every layer's KV cache
     this.workspace.release();
     this.backend.free(this.slopes);
   }
