@@ -89,7 +89,7 @@ test("runChain names a sequence with no new token as such", async () => {
   const { native } = await import("../src/backend/native.js");
   const a = native();
   const H = 64, heads = 4;
-  const c = a.createChain([[2, new Float32Array(H), new Float32Array(3 * H), new Float32Array(H * 16), new Float32Array(H * 16), 0, heads, H / heads, 16, new Float32Array(heads)]], [1]);
-  assert.throws(() => a.runChain(c, 0, Int32Array.from([0, 0, 3, 0]), Int32Array.from([0])), /a sequence with 0 new tokens/);
-  assert.throws(() => a.runChain(c, 0, Int32Array.from([0, 1, 3, 0, 0, 1, 3, 0]), Int32Array.from([0])), /got 2 sequences/);
+  const c = a.createChain([[2, new Float32Array(H), new Float32Array(3 * H), new Float32Array(H * 16), new Float32Array(H * 16), 0, heads, H / heads, 16, new Float32Array(heads)]]);
+  assert.throws(() => a.runChain(c, Int32Array.from([0, 0, 3, 0]), Int32Array.from([0])), /a sequence with 0 new tokens/);
+  assert.throws(() => a.runChain(c, Int32Array.from([0, 1, 3, 0, 0, 1, 3, 0]), Int32Array.from([0])), /got 2 sequences/);
 });

@@ -76,25 +76,25 @@ test("a chain's attention refuses a missing or bad batch before running any op",
     const { chain } = m.decodeChain;
     const cache = engine.kvCache.layer(0);
     const before = Float32Array.from(cache.k as Float32Array);
-    assert.throws(() => backend.runChain(chain, 0), /segment holds attention: give its seqs and blockTable/);
+    assert.throws(() => backend.runChain(chain), /chain holds attention: give its seqs and blockTable/);
     // A block outside the cache's pool, and a position past the sequence's blocks.
-    assert.throws(() => backend.runChain(chain, 0, { seqs: Int32Array.from([0, 1, 3, 0]), blockTable: Int32Array.from([9999]) }), /refers to cache block 9999 outside the pool/);
-    assert.throws(() => backend.runChain(chain, 0, { seqs: Int32Array.from([0, 1, 40, 0]), blockTable: Int32Array.from([0]) }), /block table is shorter than its length/);
-    assert.throws(() => backend.runChain(chain, 0, { seqs: Int32Array.from([0, 2, 3, 0]), blockTable: Int32Array.from([0]) }), /describes tokens outside the batch/);
+    assert.throws(() => backend.runChain(chain, { seqs: Int32Array.from([0, 1, 3, 0]), blockTable: Int32Array.from([9999]) }), /refers to cache block 9999 outside the pool/);
+    assert.throws(() => backend.runChain(chain, { seqs: Int32Array.from([0, 1, 40, 0]), blockTable: Int32Array.from([0]) }), /block table is shorter than its length/);
+    assert.throws(() => backend.runChain(chain, { seqs: Int32Array.from([0, 2, 3, 0]), blockTable: Int32Array.from([0]) }), /describes tokens outside the batch/);
     // The op has one row: a sequence with no new token (it would write no output, and the next ops
     // read the last step's), two sequences on that row (they would race), or none at all.
     const block = seq.blocks[0]!;
-    assert.throws(() => backend.runChain(chain, 0, { seqs: Int32Array.from([0, 0, 4, 0]), blockTable: Int32Array.from([block]) }), /one sequence decoding one token/);
-    assert.throws(() => backend.runChain(chain, 0, { seqs: Int32Array.from([0, 1, 4, 0, 0, 1, 0, 1]), blockTable: Int32Array.from([block, block === 0 ? 1 : 0]) }), /one sequence decoding one token/);
-    assert.throws(() => backend.runChain(chain, 0, { seqs: new Int32Array(0), blockTable: Int32Array.from([block]) }), /one sequence decoding one token/);
+    assert.throws(() => backend.runChain(chain, { seqs: Int32Array.from([0, 0, 4, 0]), blockTable: Int32Array.from([block]) }), /one sequence decoding one token/);
+    assert.throws(() => backend.runChain(chain, { seqs: Int32Array.from([0, 1, 4, 0, 0, 1, 0, 1]), blockTable: Int32Array.from([block, block === 0 ? 1 : 0]) }), /one sequence decoding one token/);
+    assert.throws(() => backend.runChain(chain, { seqs: new Int32Array(0), blockTable: Int32Array.from([block]) }), /one sequence decoding one token/);
     assert.deepEqual(cache.k, before, "nothing was written to the cache");
     // Descriptors: a cache of the wrong array type, a cache that is not whole blocks.
     const H = loaded.checkpoint.config.hiddenSize, heads = loaded.checkpoint.config.numHeads;
     const f16 = native().createChain.bind(native());
     const out = new Float32Array(H), qkv = new Float32Array(3 * H), slopes = new Float32Array(heads);
-    assert.throws(() => f16([[2, out, qkv, new Float32Array(16), new Float32Array(16), 1, heads, H / heads, 16, slopes]], [1]), /kCache: expected a Uint16Array/);
-    assert.throws(() => f16([[2, out, qkv, new Float32Array(H * 16 + 1), new Float32Array(H * 16 + 1), 0, heads, H / heads, 16, slopes]], [1]), /not a whole number of blocks/);
-    assert.throws(() => f16([[2, out, new Float32Array(H), new Float32Array(H * 16), new Float32Array(H * 16), 0, heads, H / heads, 16, slopes]], [1]), /out or qkv is shorter/);
+    assert.throws(() => f16([[2, out, qkv, new Float32Array(16), new Float32Array(16), 1, heads, H / heads, 16, slopes]]), /kCache: expected a Uint16Array/);
+    assert.throws(() => f16([[2, out, qkv, new Float32Array(H * 16 + 1), new Float32Array(H * 16 + 1), 0, heads, H / heads, 16, slopes]]), /not a whole number of blocks/);
+    assert.throws(() => f16([[2, out, new Float32Array(H), new Float32Array(H * 16), new Float32Array(H * 16), 0, heads, H / heads, 16, slopes]]), /out or qkv is shorter/);
   } finally {
     loaded.dispose();
   }
@@ -108,16 +108,15 @@ test("a chain refuses bad ops clearly, and will not run once its weights are rel
     const H = loaded.checkpoint.config.hiddenSize;
     const x = new Float32Array(H), y = new Float32Array(3 * H);
     const qkv = { kind: "linear" as const, y, x, weight: layer.queryKeyValue.weight, bias: layer.queryKeyValue.bias };
-    assert.throws(() => backend.chain([{ ...qkv, y: new Float32Array(3) }], [1]), /op 0: x or y is too short/);
-    assert.throws(() => backend.chain([{ ...qkv, y: x, x }], [1]), /op 0: (x or y is too short|y overlaps x)/);
-    assert.throws(() => backend.chain([qkv], [2]), /segment ends must rise within the ops/);
-    assert.throws(() => native().createChain([[7, y, x]], [1]), /op 0: unknown kind 7/);
-    const chain = backend.chain([qkv], [1])!;
-    backend.runChain(chain, 0);
+    assert.throws(() => backend.chain([{ ...qkv, y: new Float32Array(3) }]), /op 0: x or y is too short/);
+    assert.throws(() => backend.chain([{ ...qkv, y: x, x }]), /op 0: (x or y is too short|y overlaps x)/);
+    assert.throws(() => native().createChain(qkv as never), /createChain: expected an array of ops/);
+    assert.throws(() => native().createChain([[7, y, x]]), /op 0: unknown kind 7/);
+    const chain = backend.chain([qkv])!;
+    backend.runChain(chain);
     assert.ok(y.some((v) => v !== 0));
-    assert.throws(() => backend.runChain(chain, 1), /no such segment/);
     loaded.dispose();
-    assert.throws(() => backend.runChain(chain, 0), /weight region was released/);
+    assert.throws(() => backend.runChain(chain), /weight region was released/);
   } finally {
     loaded.dispose();
   }
@@ -147,27 +146,27 @@ test("the native chain functions refuse what would corrupt memory: other objects
   // Another kind of native object where a chain or a region is expected.
   const region = n.allocate(1 << 16);
   try {
-    assert.throws(() => n.runChain(region as never, 0), /runChain: expected a chain/);
-    const chain = n.createChain([ln(new Float32Array(16), new Float32Array(16))], [1]);
-    assert.throws(() => n.createChain([[1, new Float32Array(4), new Float32Array(4), chain, 0, 0, 4, 4, 0, null, 0, null]], [1]), /weight: expected a native region/);
+    assert.throws(() => n.runChain(region as never), /runChain: expected a chain/);
+    const chain = n.createChain([ln(new Float32Array(16), new Float32Array(16))]);
+    assert.throws(() => n.createChain([[1, new Float32Array(4), new Float32Array(4), chain, 0, 0, 4, 4, 0, null, 0, null]]), /weight: expected a native region/);
     assert.throws(() => n.release(chain as never), /release: expected a native region/);
     // A weight whose size overflows 64 bits of bytes is outside its region, not a wrapped small one.
-    assert.throws(() => n.createChain([[1, new Float32Array(4), new Float32Array(4), region, 0, 0, 2 ** 31, 2 ** 31, 0, null, 0, null]], [1]), /outside its region/);
+    assert.throws(() => n.createChain([[1, new Float32Array(4), new Float32Array(4), region, 0, 0, 2 ** 31, 2 ** 31, 0, null, 0, null]]), /outside its region/);
     // An array released with its region (detached), transferred, or shrunk after the chain was built.
     const view = new Float32Array(n.view(region, 0, 64));
-    const released = n.createChain([ln(view, new Float32Array(16))], [1]);
-    n.runChain(released, 0);
+    const released = n.createChain([ln(view, new Float32Array(16))]);
+    n.runChain(released);
     n.release(region);
-    assert.throws(() => n.runChain(released, 0), /detached, moved or shrunk/);
+    assert.throws(() => n.runChain(released), /detached, moved or shrunk/);
     const buffer = new ArrayBuffer(64);
-    const moved = n.createChain([ln(new Float32Array(buffer), new Float32Array(16))], [1]);
+    const moved = n.createChain([ln(new Float32Array(buffer), new Float32Array(16))]);
     structuredClone(buffer, { transfer: [buffer] });
-    assert.throws(() => n.runChain(moved, 0), /detached, moved or shrunk/);
+    assert.throws(() => n.runChain(moved), /detached, moved or shrunk/);
     const resizable = new (ArrayBuffer as unknown as new (n: number, o: { maxByteLength: number }) => ArrayBuffer & { resize(n: number): void })(64, { maxByteLength: 128 });
-    const shrunk = n.createChain([ln(new Float32Array(resizable), new Float32Array(16))], [1]);
-    n.runChain(shrunk, 0);
+    const shrunk = n.createChain([ln(new Float32Array(resizable), new Float32Array(16))]);
+    n.runChain(shrunk);
     resizable.resize(16);
-    assert.throws(() => n.runChain(shrunk, 0), /detached, moved or shrunk/);
+    assert.throws(() => n.runChain(shrunk), /detached, moved or shrunk/);
   } finally {
     n.release(region);
   }

@@ -477,12 +477,10 @@ Napi::Value LayerNorm(const Napi::CallbackInfo& info) {
 }
 
 // ---- chains of single-row ops (run_chain) ----------------------------------------------------
-// createChain(ops, segmentEnds) -> chain; runChain(chain, k) runs ops [segmentEnds[k-1], segmentEnds[k]).
-// An op is [0, y, x, cols, gamma, beta, eps] (layer norm of one row) or
+// createChain(ops) -> chain; runChain(chain, seqs?, blockTable?) runs its ops. An op is [0, y, x, cols, gamma, beta, eps] (layer norm of one row) or
 // [1, y, x, wRegion, wOffset, wDtype, outFeatures, inFeatures, panelK, bias|null, epilogue, residual|null]
 // (linear of one row) or [2, out, qkv, kCache, vCache, kvDtype, numHeads, headDim, blockSize, slopes]
-// (attention of one token; runChain(chain, k, seqs, blockTable) gives its batch, as attention() takes
-// it). The chain keeps its arrays and weight regions alive; a region released since (the model
+// (attention of one token; runChain's seqs and blockTable give its batch, as attention() takes it). The chain keeps its arrays and weight regions alive; a region released since (the model
 // disposed) makes runChain throw instead of reading freed memory.
 struct ChainArray {
   Napi::Reference<Napi::Value> ref;  // the typed array, kept alive
@@ -491,10 +489,9 @@ struct ChainArray {
 };
 struct Chain {
   std::vector<ChainOp> ops;
-  std::vector<size_t> ends;
   std::vector<ChainArray> arrays;
-  std::vector<size_t> first_array;  // ops[i] uses arrays [first_array[i], first_array[i + 1])
   std::vector<Tracked*> regions;
+  bool attention = false;  // holds an attention op (runChain needs the batch)
   ~Chain() {
     for (Tracked* t : regions) unref(t);
   }
@@ -519,9 +516,8 @@ int64_t integer_value(const Napi::Env& env, Napi::Value v, const std::string& na
 
 Napi::Value CreateChain(const Napi::CallbackInfo& info) {
   auto env = info.Env();
-  if (!info[0].IsArray() || !info[1].IsArray()) type_error(env, "createChain: expected (ops, segmentEnds)");
+  if (!info[0].IsArray()) type_error(env, "createChain: expected an array of ops");
   auto list = info[0].As<Napi::Array>();
-  auto ends = info[1].As<Napi::Array>();
   auto chain = std::make_unique<Chain>();
   auto keep_bytes = [&](Napi::Value v, const void* data, size_t bytes) {
     if (v.IsNull() || v.IsUndefined()) return;
@@ -534,7 +530,6 @@ Napi::Value CreateChain(const Napi::CallbackInfo& info) {
     auto d = list.Get(i).As<Napi::Array>();
     const int64_t kind = integer_value(env, d.Get(0u), at + " kind");
     ChainOp op{};
-    chain->first_array.push_back(chain->arrays.size());
     auto y = f32_value(env, d.Get(1u), at + " y");
     auto x = f32_value(env, d.Get(2u), at + " x");
     op.y = y.data, op.x = x.data;
@@ -578,6 +573,7 @@ Napi::Value CreateChain(const Napi::CallbackInfo& info) {
       chain->regions.push_back(t);
     } else if (kind == 2) {
       op.kind = ChainOp::kAttention;
+      chain->attention = true;
       AttentionArgs& a = op.attention;
       const int64_t dt = integer_value(env, d.Get(5u), at + " kvDtype");
       need(env, dt <= 2, at + ": the KV cache holds fp32, fp16 or bf16");
@@ -616,14 +612,6 @@ Napi::Value CreateChain(const Napi::CallbackInfo& info) {
     }
     chain->ops.push_back(op);
   }
-  chain->first_array.push_back(chain->arrays.size());
-  size_t previous = 0;
-  for (uint32_t i = 0; i < ends.Length(); ++i) {
-    const int64_t e = integer_value(env, ends.Get(i), "createChain: segment end");
-    need(env, static_cast<size_t>(e) >= previous && static_cast<size_t>(e) <= chain->ops.size(), "createChain: segment ends must rise within the ops");
-    chain->ends.push_back(static_cast<size_t>(e));
-    previous = static_cast<size_t>(e);
-  }
   auto external = Napi::External<Chain>::New(env, chain.release(), [](Napi::Env, Chain* c) { delete c; });
   external.TypeTag(&kChainTag);
   return external;
@@ -633,30 +621,25 @@ Napi::Value RunChain(const Napi::CallbackInfo& info) {
   auto env = info.Env();
   if (!info[0].IsExternal() || !info[0].As<Napi::Object>().CheckTypeTag(&kChainTag)) type_error(env, "runChain: expected a chain");
   Chain* c = info[0].As<Napi::External<Chain>>().Data();
-  const int64_t k = integer(info, 1, "runChain: segment");
-  need(env, static_cast<size_t>(k) < c->ends.size(), "runChain: no such segment");
   for (Tracked* t : c->regions) need(env, !t->released, "runChain: a weight region was released (the model was disposed)");
-  const size_t begin = k == 0 ? 0 : c->ends[static_cast<size_t>(k - 1)], end = c->ends[static_cast<size_t>(k)];
-  // Every array the segment uses is still where it was and as long (not detached by a transfer or a
+  // Every array of the chain is still where it was and as long (not detached by a transfer or a
   // released region, not shrunk): a chain keeps raw pointers.
-  for (size_t i = c->first_array[begin]; i < c->first_array[end]; ++i) {
-    const ChainArray& arr = c->arrays[i];
+  for (const ChainArray& arr : c->arrays) {
     auto ta = arr.ref.Value().As<Napi::TypedArray>();
     const auto* base = static_cast<const uint8_t*>(ta.ArrayBuffer().Data());
     need(env, base && base + ta.ByteOffset() == arr.data && ta.ByteLength() >= arr.bytes, "runChain: an array of the chain was detached, moved or shrunk since it was built");
   }
   ChainStep step{};
-  const bool given = info.Length() > 2 && !info[2].IsUndefined();
+  const bool given = info.Length() > 1 && !info[1].IsUndefined();
   if (given) {
-    auto seqs = i32(info, 2, "runChain: seqs");
-    auto table = i32(info, 3, "runChain: blockTable");
+    auto seqs = i32(info, 1, "runChain: seqs");
+    auto table = i32(info, 2, "runChain: blockTable");
     need(env, seqs.length % 4 == 0, "runChain: seqs must hold 4 ints per sequence");
     step = ChainStep{seqs.data, static_cast<int>(seqs.length / 4), table.data, static_cast<int64_t>(table.length)};
   }
-  for (size_t i = begin; i < end; ++i)
-    need(env, c->ops[i].kind != ChainOp::kAttention || given, "runChain: the segment holds attention: give its seqs and blockTable");
+  need(env, !c->attention || given, "runChain: the chain holds attention: give its seqs and blockTable");
   try {
-    run_chain(compute(env), c->ops.data() + begin, end - begin, step);
+    run_chain(compute(env), c->ops.data(), c->ops.size(), step);
   } catch (const std::range_error& e) {
     range_error(env, e.what());
   }

@@ -171,15 +171,14 @@ export interface Backend {
   /** out (rows, out) = act(x (rows, in) @ W^T + bias) + residual. */
   linear(out: DeviceBuffer, x: DeviceBuffer, rows: number, weight: DeviceMatrix, bias: DeviceBuffer | null, options?: LinearOptions): void;
   /**
-   * Single-row ops prepared once and run a segment at a time (segment k: ops[segmentEnds[k-1] ..
-   * segmentEnds[k]), the first from 0): a decode step's ops, attention included, each segment as one
-   * unit with the same arithmetic as the ops one by one. Undefined where the backend cannot chain
-   * them (a matrix it streams from disk or computes in int8); then the caller runs the ops. The
-   * buffers must stay allocated while the chain is used. A segment with attention ops takes the
-   * step's batch (one token).
+   * Single-row ops prepared once and run as one unit: a decode step's ops, attention included, with
+   * the same arithmetic as the ops one by one. Undefined where the backend cannot chain them (a
+   * matrix it streams from disk or computes in int8); then the caller runs the ops. The buffers must
+   * stay allocated while the chain is used. A chain with attention ops takes the step's batch (one
+   * sequence decoding one token).
    */
-  chain?(ops: readonly ChainOpSpec[], segmentEnds: readonly number[]): OpChain | undefined;
-  runChain?(chain: OpChain, segment: number, batch?: AttentionBatch): void;
+  chain?(ops: readonly ChainOpSpec[]): OpChain | undefined;
+  runChain?(chain: OpChain, batch?: AttentionBatch): void;
   /** Appends the batch's new keys/values to the cache, then out (tokens, heads*headDim) = ALiBi causal attention. */
   attention(out: DeviceBuffer, qkv: DeviceBuffer, numTokens: number, cache: KVLayer, batch: AttentionBatch, slopes: DeviceBuffer, shape: AttentionShape): void;
   /** out (rows.length, cols) = x[rows]. */

@@ -349,8 +349,8 @@ export class CpuBackend implements Backend {
     else native().embeddingShard(f32(out), ids, t.region, t.byteOffset, DTypeCode[t.dtype], t.outFeatures, t.inFeatures, firstId);
   }
 
-  /** Chains of single-row ops (attention included) run as one thread-pool job a segment at a time (native run_chain: the threads stream one matrix after another without returning here). */
-  chain(ops: readonly ChainOpSpec[], segmentEnds: readonly number[]): OpChain | undefined {
+  /** Chains of single-row ops (attention included) run as one thread-pool job (native run_chain: the threads stream one matrix after another without returning here). */
+  chain(ops: readonly ChainOpSpec[]): OpChain | undefined {
     const descriptors: unknown[][] = [];
     for (const op of ops) {
       if (op.kind === "layerNorm") {
@@ -368,11 +368,11 @@ export class CpuBackend implements Backend {
       descriptors.push([1, f32(op.y), f32(op.x), w.region, w.byteOffset, DTypeCode[w.dtype], w.outFeatures, w.inFeatures, w.panelK ?? 0,
         op.bias ? f32(op.bias) : null, op.gelu ? Epilogue.gelu : Epilogue.none, op.residual ? f32(op.residual) : null]);
     }
-    return native().createChain(descriptors, [...segmentEnds]) as unknown as OpChain;
+    return native().createChain(descriptors) as unknown as OpChain;
   }
 
-  runChain(chain: OpChain, segment: number, batch?: AttentionBatch): void {
-    native().runChain(chain as unknown as NativeChain, segment, batch?.seqs, batch?.blockTable);
+  runChain(chain: OpChain, batch?: AttentionBatch): void {
+    native().runChain(chain as unknown as NativeChain, batch?.seqs, batch?.blockTable);
   }
 
   layerNorm(out: DeviceBuffer, x: DeviceBuffer, rows: number, cols: number, gamma: DeviceBuffer, beta: DeviceBuffer, eps: number): void {

@@ -47,13 +47,13 @@ export interface NativeAddon {
    */
   settleFilePages(region: NativeRegion, ranges: Float64Array): { eligibleBytes: number; beforeBytes: number; afterBytes: number; reread: boolean };
   /**
-   * Single-row ops to run a segment at a time as one thread-pool job (native/src/matmul.cc run_chain).
+   * Single-row ops to run as one thread-pool job (native/src/matmul.cc run_chain).
    * An op: [0, y, x, cols, gamma, beta, eps], [1, y, x, wRegion, wOffset, wDtype, out, in, panelK, bias, epilogue, residual]
    * or [2, out, qkv, kCache, vCache, kvDtype, numHeads, headDim, blockSize, slopes] (attention of one
    * token: runChain then takes the step's seqs and blockTable, one sequence decoding one token).
    */
-  createChain(ops: unknown[][], segmentEnds: number[]): NativeChain;
-  runChain(chain: NativeChain, segment: number, seqs?: Int32Array, blockTable?: Int32Array): void;
+  createChain(ops: unknown[][]): NativeChain;
+  runChain(chain: NativeChain, seqs?: Int32Array, blockTable?: Int32Array): void;
   /** The process's resident set in bytes; with a buffer, the bytes of it in resident pages. */
   residentBytes(buffer?: ArrayBufferLike | ArrayBufferView): number;
   /**

@@ -242,7 +242,7 @@ export class BloomModel {
     const built = this.decodeChain;
     if (!built || built.generation !== ws.generation || built.kvCache !== kvCache) {
       const list = this.decodeChainOps(logits, kvCache);
-      const chain = ops.chain(list, [list.length]);
+      const chain = ops.chain(list);
       if (!chain) {
         this.decodeChain = null;
         return undefined;
@@ -254,7 +254,7 @@ export class BloomModel {
     ops.embedding(ws.normed, step.tokenIds, weights.wordEmbeddings);
     const emb = weights.wordEmbeddingsLayernorm;
     ops.layerNorm(ws.hidden, ws.normed, 1, H, emb.weight, emb.bias, config.layerNormEpsilon);
-    ops.runChain(chain, 0, step.batch);
+    ops.runChain(chain, step.batch);
     return ops.download(logits, 0, config.vocabSize);
   }
 
