@@ -130,12 +130,12 @@ export class BloomModel {
   /** Set to receive named intermediates (slow: copies every activation to the host). */
   onIntermediate: IntermediateHook | undefined;
   /**
-   * Whether a step of one token runs its ops between attention calls as chains (Backend.chain), where
+   * Whether a step of one token runs its ops, attention included, as one chain (Backend.chain), where
    * the backend and the weights allow: same arithmetic, fewer calls. False runs every op on its own
    * (tests compare the two).
    */
   chainDecode = true;
-  /** The decode chain and the workspace generation it was built on; null once found impossible. */
+  /** The decode chain and the workspace generation and KV cache it was built on; null once found impossible. */
   private decodeChain: { chain: OpChain; generation: number; kvCache: KVCacheLayers } | null | undefined;
 
   constructor(config: BloomConfig, weights: WeightStore, backend: Backend, parallel?: { shard: ModelShard; comm: Collectives }) {
@@ -239,22 +239,20 @@ export class BloomModel {
     const ws = this.workspace;
     ws.ensure(1);
     const logits = ws.logitsFor(config.vocabSize);
-    const built = this.decodeChain;
+    let built = this.decodeChain;
     if (!built || built.generation !== ws.generation || built.kvCache !== kvCache) {
-      const list = this.decodeChainOps(logits, kvCache);
-      const chain = ops.chain(list);
+      const chain = ops.chain(this.decodeChainOps(logits, kvCache));
       if (!chain) {
         this.decodeChain = null;
         return undefined;
       }
-      this.decodeChain = { chain, generation: ws.generation, kvCache };
+      built = this.decodeChain = { chain, generation: ws.generation, kvCache };
     }
-    const { chain } = this.decodeChain!;
     const H = config.hiddenSize;
     ops.embedding(ws.normed, step.tokenIds, weights.wordEmbeddings);
     const emb = weights.wordEmbeddingsLayernorm;
     ops.layerNorm(ws.hidden, ws.normed, 1, H, emb.weight, emb.bias, config.layerNormEpsilon);
-    ops.runChain(chain, step.batch);
+    ops.runChain(built.chain, step.batch);
     return ops.download(logits, 0, config.vocabSize);
   }
 
