@@ -23,6 +23,16 @@ describe("blossom bench", () => {
   const dir = mkdtempSync(join(tmpdir(), "blossom-bench-"));
   after(() => rmSync(dir, { recursive: true, force: true }));
 
+  test("with the probe, the machine's limits are measured (after the cells) and reported", async () => {
+    const json = join(dir, "probed.json");
+    const { stdout } = await run(process.execPath, [
+      cli, "bench", "-m", fixtureDir("tiny-bloom-a"), "--batch-sizes", "1", "--new-tokens", "2", "--cycles", "1", "--no-progress", "--json", json,
+    ]);
+    const report = JSON.parse(readFileSync(json, "utf8")) as BenchReport;
+    assert.ok(report.machine.readBandwidthGBs! > 0 && report.machine.fmaPeakGflops! > 0, JSON.stringify(report.machine));
+    assert.match(stdout, /^measured limits: read bandwidth [\d.]+ GB\/s, FMA peak [\d.]+ GFLOP\/s$/m);
+  });
+
   test("table, JSON and chart for two dtypes and three batch sizes", async () => {
     const json = join(dir, "bench.json");
     const chart = join(dir, "bench.svg");

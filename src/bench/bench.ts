@@ -8,7 +8,7 @@ import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 import cliProgress from "cli-progress";
 import { guideInputSentences } from "../cli/commands/generate.js";
-import { describeMachine } from "./machine.js";
+import { describeMachine, probeLimits } from "./machine.js";
 import { treeRss } from "./rss.js";
 import { messagePrefix, type BenchConfig, type BenchReport, type BenchSettings, type CellResult, type ChildJob, type ChildMessage, type ConfigResult } from "./types.js";
 
@@ -116,7 +116,7 @@ function runConfig(config: BenchConfig, settings: BenchSettings, prompts: string
 }
 
 export async function runBenchmark(options: BenchOptions): Promise<BenchReport> {
-  const machine = describeMachine({ probe: options.probe, ...(options.threads !== undefined ? { threads: options.threads } : {}) });
+  const machine = describeMachine(options.threads !== undefined ? { threads: options.threads } : {});
   const prompts = options.prompts ?? guideInputSentences;
   const showProgress = options.progress ?? process.stderr.isTTY === true;
   const progress: ProgressState = { bar: undefined, startedAt: Date.now(), cellsDone: 0, cellsTotal: options.configs.length * options.settings.batchSizes.length };
@@ -133,5 +133,9 @@ export async function runBenchmark(options: BenchOptions): Promise<BenchReport> 
   } finally {
     progress.bar?.stop();
   }
+  // The limits are probed after the cells, not before: the probe's GiB, freed at once, stalled the
+  // first cell's decode steps on this project's VM (its balloon reports freed pages to the host; see
+  // native/src/probes.h), by 1.4-2.6 ms a token in bench:decode's measurements.
+  if (options.probe) Object.assign(machine, probeLimits(machine.threads));
   return { generatedAt: new Date().toISOString(), machine, settings: options.settings, results };
 }

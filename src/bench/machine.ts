@@ -22,8 +22,14 @@ export interface MachineDescription {
   platform: string;
 }
 
-/** Describes the machine; with `probe`, measures read bandwidth and FMA peak (a few seconds). */
-export function describeMachine(options: { probe: boolean; threads?: number }): MachineDescription {
+/** Read bandwidth and FMA peak on `threads` threads (a few seconds). */
+export function probeLimits(threads: number): Pick<MachineDescription, "readBandwidthGBs" | "fmaPeakGflops"> {
+  const n = native();
+  return { readBandwidthGBs: n.probeReadBandwidth(1 << 30, threads, 5), fmaPeakGflops: n.probeFmaPeak(threads, 5) };
+}
+
+/** Describes the machine; its limits are left undefined (probeLimits measures them). */
+export function describeMachine(options: { threads?: number }): MachineDescription {
   const n = native();
   const info = n.cpuInfo();
   const threads = options.threads ?? info.physicalCores;
@@ -35,8 +41,8 @@ export function describeMachine(options: { probe: boolean; threads?: number }): 
     simd,
     memoryTotalBytes: totalmem(),
     memoryAvailableBytes: availableMemory(),
-    readBandwidthGBs: options.probe ? n.probeReadBandwidth(1 << 30, threads, 5) : undefined,
-    fmaPeakGflops: options.probe ? n.probeFmaPeak(threads, 5) : undefined,
+    readBandwidthGBs: undefined,
+    fmaPeakGflops: undefined,
     threads,
     kernels: n.getKernelVariant(),
     node: process.version,
