@@ -206,18 +206,23 @@ BLOSSOM_AVX2 void gemv_range(float* y, const float* x, int64_t rows, const Weigh
   }
 }
 
+// Rows a GEMV thread claims at a time: gemv_chunk_bytes of weights, at most a quarter of a thread's share.
+int64_t gemv_grain(const WeightMatrix& w, int threads) {
+  const int64_t row_bytes = w.in_features * static_cast<int64_t>(dtype_size(w.dtype));
+  const int64_t chunk = std::max<int64_t>(1, tuning().gemv_chunk_bytes / row_bytes);
+  return std::min(chunk, std::max<int64_t>(1, w.out_features / (4 * threads)));
+}
+
 template <DType D>
 void gemv(ThreadPool& pool, float* y, const float* x, int64_t rows, const WeightMatrix& w, const float* bias,
           int epilogue, const float* residual) {
   const int64_t out = w.out_features;
-  const int64_t row_bytes = w.in_features * static_cast<int64_t>(dtype_size(D));
   // Each thread streams its own contiguous share of the rows, claimed a chunk at a time, and takes
   // chunks from the back of the other's share when its own is done, so both cores finish together.
   // Measured against chunks handed out in any order (1 MiB, alternating between the threads): the
   // LM head streamed at 0.89 -> 0.96 of the read probe, fc1 0.89 -> 0.93; a decode step 3-4 %
   // faster. Every restart of a stream costs its ramp-up.
-  int64_t chunk = std::max<int64_t>(1, tuning().gemv_chunk_bytes / row_bytes);
-  chunk = std::min(chunk, std::max<int64_t>(1, out / (4 * pool.size())));
+  const int64_t chunk = gemv_grain(w, pool.size());
   for (int64_t r0 = 0; r0 < rows; r0 += 4) {
     const int64_t rn = std::min<int64_t>(4, rows - r0);
     pool.parallel_streams(out, chunk, [&](int64_t begin, int64_t end) {
@@ -622,10 +627,6 @@ void linear(ThreadPool& pool, float* y, const float* x, int64_t rows, const Weig
 // time in the high-bandwidth state and 0.990x in the low one.
 namespace {
 
-struct alignas(64) ChainShare {
-  std::atomic<uint64_t> range;
-};
-
 // A spinning barrier for the pool's threads inside one job.
 class ChainBarrier {
  public:
@@ -733,21 +734,15 @@ void run_chain(ThreadPool& pool, const ChainOp* ops, size_t n, const ChainStep& 
     float* const part_base = partials.data();
     const AttentionArgs* const attn_args = attn.data();  // the caller's thread_locals, read by every thread
     const DecodePlan* const attn_plans = plans.data();
-    std::unique_ptr<ChainShare[]> counters(new ChainShare[2 * n]);
+    std::unique_ptr<StreamShare[]> counters(new StreamShare[2 * n]);  // (used as plain counters)
     for (size_t i = 0; i < 2 * n; ++i) counters[i].range.store(0, std::memory_order_relaxed);
-    // Each linear op's shares, packed (front | back << 32) as in parallel_streams, and its chunk.
-    std::vector<int64_t> grain(n, 0);
-    std::unique_ptr<ChainShare[]> shares(new ChainShare[n * static_cast<size_t>(t_count)]);
+    // Each linear op's shares and chunk, as gemv() hands them out (parallel_streams).
+    std::vector<uint64_t> grain(n, 0);
+    std::unique_ptr<StreamShare[]> shares(new StreamShare[n * static_cast<size_t>(t_count)]);
     for (size_t i = 0; i < n; ++i) {
       if (ops[i].kind != ChainOp::kLinear) continue;
-      const int64_t out = ops[i].w.out_features;
-      const int64_t row_bytes = ops[i].w.in_features * static_cast<int64_t>(dtype_size(ops[i].w.dtype));
-      int64_t chunk = std::max<int64_t>(1, tuning().gemv_chunk_bytes / row_bytes);
-      grain[i] = std::min(chunk, std::max<int64_t>(1, out / (4 * t_count)));
-      for (int t = 0; t < t_count; ++t) {
-        const uint64_t b = static_cast<uint64_t>(out * t / t_count), e = static_cast<uint64_t>(out * (t + 1) / t_count);
-        shares[i * t_count + t].range.store(b | (e << 32), std::memory_order_relaxed);
-      }
+      grain[i] = static_cast<uint64_t>(gemv_grain(ops[i].w, t_count));
+      init_stream_shares(&shares[i * t_count], t_count, ops[i].w.out_features);
     }
     ChainBarrier barrier(t_count);
     pool.run([&](int t, int) {
@@ -769,35 +764,7 @@ void run_chain(ThreadPool& pool, const ChainOp* ops, size_t n, const ChainStep& 
               chain_attention_merge(a, plan.merges[k / heads], static_cast<int>(k % heads), part_base);
           }
         } else {
-          ChainShare* row = &shares[i * t_count];
-          const uint64_t g = static_cast<uint64_t>(grain[i]);
-          std::atomic<uint64_t>& own = row[t].range;
-          for (uint64_t r = own.load(std::memory_order_relaxed);;) {
-            const uint64_t front = r & 0xffffffffu, back = r >> 32;
-            if (front >= back) break;
-            const uint64_t next = std::min(front + g, back);
-            if (own.compare_exchange_weak(r, next | (back << 32), std::memory_order_relaxed)) {
-              chain_gemv_part(op, static_cast<int64_t>(front), static_cast<int64_t>(next));
-              r = own.load(std::memory_order_relaxed);
-            }
-          }
-          for (;;) {
-            int victim = -1;
-            uint64_t most = 0;
-            for (int v = 0; v < t_count; ++v) {
-              const uint64_t r = row[v].range.load(std::memory_order_relaxed);
-              const uint64_t front = r & 0xffffffffu, back = r >> 32;
-              if (back > front && back - front > most) most = back - front, victim = v;
-            }
-            if (victim < 0) break;
-            std::atomic<uint64_t>& theirs = row[victim].range;
-            uint64_t r = theirs.load(std::memory_order_relaxed);
-            const uint64_t front = r & 0xffffffffu, back = r >> 32;
-            if (front >= back) continue;
-            const uint64_t start = back - std::min(g, back - front);
-            if (theirs.compare_exchange_weak(r, front | (start << 32), std::memory_order_relaxed))
-              chain_gemv_part(op, static_cast<int64_t>(start), static_cast<int64_t>(back));
-          }
+          work_stream_shares(&shares[i * t_count], t_count, t, grain[i], [&](int64_t b, int64_t e) { chain_gemv_part(op, b, e); });
         }
         if (i + 1 < n) barrier.wait(phase);  // the pool's join is the last one
       }

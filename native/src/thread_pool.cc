@@ -123,48 +123,11 @@ void ThreadPool::parallel_streams(int64_t n, int64_t grain, const std::function<
   // Nothing to share out (one thread, one chunk, nothing at all), or more rows than a share's
   // packed bounds can count: plain chunks.
   if (threads_ == 1 || n <= std::max<int64_t>(grain, 1) || n >= (int64_t(1) << 32)) return parallel_for(n, grain, fn);
-  // A share's remaining range [front, back) packed in one word: front in the low half, back in
-  // the high half, so the owner (front) and a thief (back) claim with one compare-and-swap.
-  struct alignas(64) Share {
-    std::atomic<uint64_t> range;
-  };
   const int t_count = threads_;
-  std::unique_ptr<Share[]> shares(new Share[static_cast<size_t>(t_count)]);
-  auto pack = [](uint64_t front, uint64_t back) { return front | (back << 32); };
-  for (int t = 0; t < t_count; ++t) {
-    const uint64_t b = static_cast<uint64_t>(n * t / t_count), e = static_cast<uint64_t>(n * (t + 1) / t_count);
-    shares[static_cast<size_t>(t)].range.store(pack(b, e), std::memory_order_relaxed);
-  }
+  std::unique_ptr<StreamShare[]> shares(new StreamShare[static_cast<size_t>(t_count)]);
+  init_stream_shares(shares.get(), t_count, n);
   const uint64_t g = static_cast<uint64_t>(std::max<int64_t>(grain, 1));
-  run([&](int t, int) {
-    std::atomic<uint64_t>& own = shares[static_cast<size_t>(t)].range;
-    for (uint64_t r = own.load(std::memory_order_relaxed);;) {
-      const uint64_t front = r & 0xffffffffu, back = r >> 32;
-      if (front >= back) break;
-      const uint64_t next = std::min(front + g, back);
-      if (own.compare_exchange_weak(r, pack(next, back), std::memory_order_relaxed)) {
-        fn(static_cast<int64_t>(front), static_cast<int64_t>(next));
-        r = own.load(std::memory_order_relaxed);
-      }
-    }
-    for (;;) {
-      int victim = -1;
-      uint64_t most = 0;
-      for (int v = 0; v < t_count; ++v) {
-        const uint64_t r = shares[static_cast<size_t>(v)].range.load(std::memory_order_relaxed);
-        const uint64_t front = r & 0xffffffffu, back = r >> 32;
-        if (back > front && back - front > most) most = back - front, victim = v;
-      }
-      if (victim < 0) return;
-      std::atomic<uint64_t>& theirs = shares[static_cast<size_t>(victim)].range;
-      uint64_t r = theirs.load(std::memory_order_relaxed);
-      const uint64_t front = r & 0xffffffffu, back = r >> 32;
-      if (front >= back) continue;
-      const uint64_t start = back - std::min(g, back - front);
-      if (theirs.compare_exchange_weak(r, pack(front, start), std::memory_order_relaxed))
-        fn(static_cast<int64_t>(start), static_cast<int64_t>(back));
-    }
-  });
+  run([&](int t, int) { work_stream_shares(shares.get(), t_count, t, g, fn); });
 }
 
 }  // namespace blossom
