@@ -497,13 +497,19 @@ struct Chain {
   }
 };
 
-View<float> f32_value(const Napi::Env& env, Napi::Value v, const std::string& name, bool nullable = false) {
-  if (nullable && (v.IsNull() || v.IsUndefined())) return View<float>{nullptr, 0};
-  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array) type_error(env, name + ": expected a Float32Array");
+// A typed array of `type` given as a value (an element of an op list); else "<name>: expected <what>".
+template <typename T>
+View<T> typed_value(const Napi::Env& env, Napi::Value v, const std::string& name, napi_typedarray_type type, const char* what) {
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != type) type_error(env, name + ": expected " + what);
   auto a = v.As<Napi::TypedArray>();
   auto* base = static_cast<uint8_t*>(a.ArrayBuffer().Data());
   if (!base && a.ElementLength() > 0) type_error(env, name + ": buffer is detached");
-  return View<float>{reinterpret_cast<float*>(base + a.ByteOffset()), a.ElementLength()};
+  return View<T>{reinterpret_cast<T*>(base + a.ByteOffset()), a.ElementLength()};
+}
+
+View<float> f32_value(const Napi::Env& env, Napi::Value v, const std::string& name, bool nullable = false) {
+  if (nullable && (v.IsNull() || v.IsUndefined())) return View<float>{nullptr, 0};
+  return typed_value<float>(env, v, name, napi_float32_array, "a Float32Array");
 }
 
 int64_t integer_value(const Napi::Env& env, Napi::Value v, const std::string& name, int64_t min = 0) {
@@ -584,14 +590,10 @@ Napi::Value CreateChain(const Napi::CallbackInfo& info) {
       const bool wide = a.kv_dtype == DType::F32;
       auto cache = [&](uint32_t j, const char* which) {
         Napi::Value v = d.Get(j);
-        const napi_typedarray_type type = wide ? napi_float32_array : napi_uint16_array;
-        if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != type)
-          type_error(env, at + " " + which + ": expected a " + (wide ? "Float32Array (fp32 cache)" : "Uint16Array (fp16/bf16 cache)"));
-        auto ta = v.As<Napi::TypedArray>();
-        auto* base = static_cast<uint8_t*>(ta.ArrayBuffer().Data());
-        if (!base && ta.ElementLength() > 0) type_error(env, at + " " + which + ": buffer is detached");
-        keep_bytes(v, base + ta.ByteOffset(), ta.ByteLength());
-        return std::pair<void*, size_t>(base + ta.ByteOffset(), ta.ElementLength());
+        auto c = typed_value<uint8_t>(env, v, at + " " + which, wide ? napi_float32_array : napi_uint16_array,
+                                      wide ? "a Float32Array (fp32 cache)" : "a Uint16Array (fp16/bf16 cache)");
+        keep_bytes(v, c.data, c.length * (wide ? 4 : 2));
+        return std::pair<void*, size_t>(c.data, c.length);
       };
       auto [k, k_len] = cache(3u, "kCache");
       auto [v, v_len] = cache(4u, "vCache");
