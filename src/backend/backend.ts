@@ -101,7 +101,7 @@ export interface AttentionShape {
   blockSize: number;
 }
 
-/** One op of a chain (Backend.chain): a layer norm or a linear, of one row. */
+/** One op of a chain (Backend.chain), of one row: a layer norm, a linear or attention. (BloomModel.forward runs the same ops over many rows.) */
 export type ChainOpSpec =
   | { kind: "layerNorm"; y: DeviceBuffer; x: DeviceBuffer; cols: number; gamma: DeviceBuffer; beta: DeviceBuffer; eps: number }
   | { kind: "linear"; y: DeviceBuffer; x: DeviceBuffer; weight: DeviceMatrix; bias: DeviceBuffer | null; gelu?: boolean; residual?: DeviceBuffer }

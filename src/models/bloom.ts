@@ -20,6 +20,17 @@ import type { BloomConfig } from "../checkpoint/config.js";
 import type { WeightStore } from "../engine/weights.js";
 import { alibiSlopes } from "../layers/alibi.js";
 
+/** An op of a block, with what forward() does after it (see BloomModel.layerOps). */
+interface LayerOp {
+  op: ChainOpSpec;
+  /** The name its output is traced under (onIntermediate). */
+  name: string;
+  /** Columns of its output. */
+  width: number;
+  /** Sum the output over the tensor-parallel ranks. */
+  allReduce?: boolean;
+}
+
 /** What one forward step computes: the new tokens of every sequence in the batch. */
 export interface ForwardStep {
   /** New token ids of all sequences, concatenated (T tokens). */
@@ -160,10 +171,7 @@ export class BloomModel {
     }
     const { backend: ops, weights, config } = this;
     const H = config.hiddenSize, T = step.tokenIds.length, eps = config.layerNormEpsilon;
-    const postLN = config.applyResidualConnectionPostLayernorm;
     const { shard, comm } = this;
-    const A = shard.numHeads * config.headDim; // this rank's attention width
-    const shape = { numHeads: shard.numHeads, headDim: config.headDim, blockSize: kvCache.blockSize };
     // Bias and residual join a row-parallel linear's partial sums on one rank only, before the all-reduce.
     const first = !comm || comm.rank === 0;
     const ws = this.workspace;
@@ -178,29 +186,11 @@ export class BloomModel {
     this.trace("word_embeddings_layernorm", -1, ws.hidden, T, H);
 
     for (let i = 0; i < config.numLayers; i++) {
-      const layer = weights.layer(i);
-      // Attention block.
-      ops.layerNorm(ws.normed, ws.hidden, T, H, layer.inputLayernorm.weight, layer.inputLayernorm.bias, eps);
-      this.trace("attn_norm", i, ws.normed, T, H);
-      ops.linear(ws.qkv, ws.normed, T, layer.queryKeyValue.weight, layer.queryKeyValue.bias);
-      this.trace("qkv", i, ws.qkv, T, 3 * A);
-      ops.attention(ws.attention, ws.qkv, T, kvCache.layer(i), step.batch, this.slopes, shape);
-      this.trace("attn", i, ws.attention, T, A);
-      ops.linear(ws.hidden2, ws.attention, T, layer.dense.weight, first ? layer.dense.bias : null, {
-        ...(first ? { residual: postLN ? ws.normed : ws.hidden } : {}),
-      });
-      comm?.allReduceSum(ws.hidden2, T * H); // all-reduce point 1: after self_attention.dense
-      this.trace("attn_out", i, ws.hidden2, T, H);
-      // MLP block.
-      ops.layerNorm(ws.normed, ws.hidden2, T, H, layer.postAttentionLayernorm.weight, layer.postAttentionLayernorm.bias, eps);
-      this.trace("ffn_norm", i, ws.normed, T, H);
-      ops.linear(ws.mlp, ws.normed, T, layer.denseHTo4h.weight, layer.denseHTo4h.bias, { gelu: true });
-      this.trace("ffn_gelu", i, ws.mlp, T, shard.ffnSize);
-      ops.linear(ws.hidden, ws.mlp, T, layer.dense4hToH.weight, first ? layer.dense4hToH.bias : null, {
-        ...(first ? { residual: postLN ? ws.normed : ws.hidden2 } : {}),
-      });
-      comm?.allReduceSum(ws.hidden, T * H); // all-reduce point 2: after mlp.dense_4h_to_h
-      this.trace("block_out", i, ws.hidden, T, H);
+      for (const { op, name, width, allReduce } of this.layerOps(i, kvCache, first)) {
+        this.runOp(op, T, step.batch);
+        if (allReduce) comm?.allReduceSum(op.y, T * H);
+        this.trace(name, i, op.y, T, width);
+      }
       weights.releaseLayer(i);
     }
 
@@ -259,24 +249,63 @@ export class BloomModel {
   /** The decode chain's ops: forward()'s, for one row. */
   private decodeChainOps(logits: DeviceBuffer, kvCache: KVCacheLayers): ChainOpSpec[] {
     const { weights, config } = this;
-    const ws = this.workspace, H = config.hiddenSize, eps = config.layerNormEpsilon;
-    const postLN = config.applyResidualConnectionPostLayernorm;
-    const shape = { numHeads: this.shard.numHeads, headDim: config.headDim, blockSize: kvCache.blockSize };
+    const H = config.hiddenSize, eps = config.layerNormEpsilon;
     const list: ChainOpSpec[] = [];
-    for (let i = 0; i < config.numLayers; i++) {
-      const layer = weights.layer(i);
-      list.push({ kind: "layerNorm", y: ws.normed, x: ws.hidden, cols: H, gamma: layer.inputLayernorm.weight, beta: layer.inputLayernorm.bias, eps });
-      list.push({ kind: "linear", y: ws.qkv, x: ws.normed, weight: layer.queryKeyValue.weight, bias: layer.queryKeyValue.bias });
-      list.push({ kind: "attention", y: ws.attention, x: ws.qkv, cache: kvCache.layer(i), slopes: this.slopes, shape });
-      list.push({ kind: "linear", y: ws.hidden2, x: ws.attention, weight: layer.dense.weight, bias: layer.dense.bias, residual: postLN ? ws.normed : ws.hidden });
-      list.push({ kind: "layerNorm", y: ws.normed, x: ws.hidden2, cols: H, gamma: layer.postAttentionLayernorm.weight, beta: layer.postAttentionLayernorm.bias, eps });
-      list.push({ kind: "linear", y: ws.mlp, x: ws.normed, weight: layer.denseHTo4h.weight, bias: layer.denseHTo4h.bias, gelu: true });
-      list.push({ kind: "linear", y: ws.hidden, x: ws.mlp, weight: layer.dense4hToH.weight, bias: layer.dense4hToH.bias, residual: postLN ? ws.normed : ws.hidden2 });
-    }
+    for (let i = 0; i < config.numLayers; i++) list.push(...this.layerOps(i, kvCache, true).map((o) => o.op));
     // The final norm reads the hidden state directly: forward() gathers the one row into hidden2 first (the same values).
+    const ws = this.workspace;
     list.push({ kind: "layerNorm", y: ws.normed, x: ws.hidden, cols: H, gamma: weights.lnF.weight, beta: weights.lnF.bias, eps });
     list.push({ kind: "linear", y: logits, x: ws.normed, weight: weights.lmHead, bias: null });
     return list;
+  }
+
+  /**
+   * Block i's ops, in order, written once for both paths: forward() runs them one by one over its
+   * rows, all-reducing where `allReduce` says (tensor parallelism) and tracing each output under
+   * `name` (`width` columns); the decode chain runs them for one row. `first`: this rank adds the
+   * row-parallel linears' bias and residual (the one rank that does, before the all-reduce).
+   */
+  private layerOps(i: number, kvCache: KVCacheLayers, first: boolean): LayerOp[] {
+    const { weights, config, shard } = this;
+    const ws = this.workspace, H = config.hiddenSize, eps = config.layerNormEpsilon;
+    const A = shard.numHeads * config.headDim; // this rank's attention width
+    const postLN = config.applyResidualConnectionPostLayernorm;
+    const shape = { numHeads: shard.numHeads, headDim: config.headDim, blockSize: kvCache.blockSize };
+    const layer = weights.layer(i);
+    return [
+      // Attention block.
+      { name: "attn_norm", width: H, op: { kind: "layerNorm", y: ws.normed, x: ws.hidden, cols: H, gamma: layer.inputLayernorm.weight, beta: layer.inputLayernorm.bias, eps } },
+      { name: "qkv", width: 3 * A, op: { kind: "linear", y: ws.qkv, x: ws.normed, weight: layer.queryKeyValue.weight, bias: layer.queryKeyValue.bias } },
+      { name: "attn", width: A, op: { kind: "attention", y: ws.attention, x: ws.qkv, cache: kvCache.layer(i), slopes: this.slopes, shape } },
+      {
+        name: "attn_out", // all-reduce point 1: after self_attention.dense
+        width: H,
+        allReduce: true,
+        op: { kind: "linear", y: ws.hidden2, x: ws.attention, weight: layer.dense.weight, bias: first ? layer.dense.bias : null, ...(first ? { residual: postLN ? ws.normed : ws.hidden } : {}) },
+      },
+      // MLP block.
+      { name: "ffn_norm", width: H, op: { kind: "layerNorm", y: ws.normed, x: ws.hidden2, cols: H, gamma: layer.postAttentionLayernorm.weight, beta: layer.postAttentionLayernorm.bias, eps } },
+      { name: "ffn_gelu", width: shard.ffnSize, op: { kind: "linear", y: ws.mlp, x: ws.normed, weight: layer.denseHTo4h.weight, bias: layer.denseHTo4h.bias, gelu: true } },
+      {
+        name: "block_out", // all-reduce point 2: after mlp.dense_4h_to_h
+        width: H,
+        allReduce: true,
+        op: { kind: "linear", y: ws.hidden, x: ws.mlp, weight: layer.dense4hToH.weight, bias: first ? layer.dense4hToH.bias : null, ...(first ? { residual: postLN ? ws.normed : ws.hidden2 } : {}) },
+      },
+    ];
+  }
+
+  /** Runs one op over `rows` rows (attention: the batch's new tokens). */
+  private runOp(op: ChainOpSpec, rows: number, batch: AttentionBatch): void {
+    const ops = this.backend;
+    switch (op.kind) {
+      case "layerNorm":
+        return ops.layerNorm(op.y, op.x, rows, op.cols, op.gamma, op.beta, op.eps);
+      case "linear":
+        return ops.linear(op.y, op.x, rows, op.weight, op.bias, { ...(op.gelu ? { gelu: true } : {}), ...(op.residual ? { residual: op.residual } : {}) });
+      case "attention":
+        return ops.attention(op.y, op.x, rows, op.cache, batch, op.slopes, op.shape);
+    }
   }
 
   private trace(name: string, layer: number, buffer: DeviceBuffer, rows: number, cols: number): void {
