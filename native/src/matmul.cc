@@ -80,9 +80,9 @@ struct Tuning {
   int64_t gemv_chunk_bytes = 1 << 20;
   int64_t gemv_prefetch = 6144;  // bytes ahead; with contiguous shares 6 KiB beat 8 KiB by 2-3 % per decode step
   // The prefetch's hint: 1 non-temporal (NTA), 0 into L1 (T0). In one process alternating the two
-  // every 100 decode steps (bloom-560m bf16, batch 1, 16 and 12 pairs), NTA took 0.99x the step time
-  // in the high-bandwidth state and 0.98x in the low one. (bench:kernels, each matrix on its own,
-  // had not told them apart: the gain is in what the weights no longer push out of the caches
+  // every 100 decode steps (bloom-560m bf16, batch 1, 10-16 pairs), NTA took 0.98-0.99x the step
+  // time in the high-bandwidth state and 0.98x in the low one. (Each matrix on its own streams about
+  // as fast either way, tune-linear: 0.99-1.06x: the gain is in what the weights no longer push out of the caches
   // between one op and the next: the KV cache, the activations.)
   int64_t gemv_prefetch_nta = 1;
   int64_t kc = 512;
