@@ -165,3 +165,82 @@ describe("abuse within the limits", () => {
     assert.equal(inFlight, before);
   });
 });
+
+describe("--max-connections", () => {
+  let server: BlossomServer;
+  let port: number;
+  before(async () => {
+    server = await startServer({ model: fixtureDir("tiny-bloom-a"), port: 0, maxConnections: 2 });
+    await server.ready;
+    port = server.port;
+  });
+  after(async () => {
+    await server.close();
+  });
+
+  /** A raw keep-alive connection that sends GETs one at a time and returns each answer's status and body. */
+  async function open(): Promise<{ get(path: string): Promise<{ status: number; body: string }>; closed: Promise<string>; end(): void }> {
+    const socket = connect(port, "127.0.0.1");
+    await new Promise<void>((resolve, reject) => socket.once("connect", resolve).once("error", reject));
+    let buffer = "";
+    let waiting: (() => void) | undefined;
+    const closed = new Promise<string>((resolve) => {
+      socket.on("data", (d) => {
+        buffer += d.toString("latin1");
+        waiting?.();
+      });
+      socket.on("error", () => undefined); // a reset is a close here
+      socket.on("close", () => {
+        resolve(buffer);
+        waiting?.();
+      });
+    });
+    return {
+      closed,
+      end: () => socket.destroy(),
+      async get(path) {
+        buffer = "";
+        socket.write(`GET ${path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`);
+        for (;;) {
+          const head = buffer.indexOf("\r\n\r\n");
+          const length = /content-length: (\d+)/i.exec(buffer.slice(0, head));
+          if (head >= 0 && length && buffer.length >= head + 4 + Number(length[1])) {
+            return { status: Number(buffer.slice(9, 12)), body: buffer.slice(head + 4, head + 4 + Number(length[1])) };
+          }
+          if (socket.destroyed) throw new Error(`connection closed mid-answer: ${JSON.stringify(buffer)}`);
+          await new Promise<void>((resolve) => (waiting = resolve));
+        }
+      },
+    };
+  }
+
+  test("a connection beyond the limit is closed unanswered and counted; the open ones keep working, and a freed slot is taken again", { timeout: 60_000 }, async () => {
+    const a = await open();
+    const b = await open();
+    // Both answered: the server has accepted both.
+    assert.equal((await a.get("/health")).status, 200);
+    assert.equal((await b.get("/health")).status, 200);
+    const c = await open();
+    await assert.rejects(c.get("/health"), /connection closed mid-answer: ""/, "the third connection is closed before any answer");
+    assert.equal(await c.closed, "");
+    const metrics = (await a.get("/metrics")).body;
+    assert.equal(metric(metrics, "blossom_connections_dropped_total"), 1);
+    assert.equal(metric(metrics, "blossom_connections_open"), 2);
+    b.end();
+    // The server sees b's close (bounded wait), then a new connection is served.
+    let openNow: number | undefined;
+    for (let i = 0; i < 400 && openNow !== 1; i++) {
+      openNow = metric((await a.get("/metrics")).body, "blossom_connections_open");
+      if (openNow !== 1) await new Promise((r) => setTimeout(r, 10));
+    }
+    assert.equal(openNow, 1);
+    const d = await open();
+    assert.equal((await d.get("/info")).status, 200);
+    a.end();
+    d.end();
+  });
+
+  test("--max-connections must be a positive integer", async () => {
+    await assert.rejects(startServer({ model: fixtureDir("tiny-bloom-a"), port: 0, maxConnections: 0 }), /maxConnections: must be an integer >= 1 \(got 0\)/);
+  });
+});

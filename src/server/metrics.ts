@@ -139,6 +139,10 @@ export class ServerMetrics {
   readonly kvBlocksTotal: Gauge;
   readonly residentMemory: Gauge;
   readonly heapUsed: Gauge;
+  readonly connectionsOpen: Gauge;
+  readonly connectionsDropped: Counter;
+  /** Client connections open now (the server sets it once listening). */
+  readOpenConnections: () => number = () => 0;
 
   constructor(readInFlight: () => number) {
     const r = this.registry;
@@ -156,6 +160,8 @@ export class ServerMetrics {
     );
     this.finished = r.add(new Counter("blossom_sequences_finished_total", "Generated sequences, by finish reason (length, eos_token, stop_sequence, cancelled: by the client or at shutdown, error: the engine failed it)"));
     this.overloaded = r.add(new Counter("blossom_requests_rejected_overloaded_total", "Generation requests refused with 429 at the concurrency limit"));
+    this.connectionsOpen = r.add(new Gauge("blossom_connections_open", "Client connections open now", () => this.readOpenConnections()));
+    this.connectionsDropped = r.add(new Counter("blossom_connections_dropped_total", "Client connections closed as they were accepted, at --max-connections"));
     this.inFlight = r.add(new Gauge("blossom_sequences_in_flight", "Sequences accepted by the server and not finished (queued or running)", readInFlight));
     this.queueSize = r.add(new Gauge("blossom_queue_size", "Sequences waiting in the engine for admission to the batch"));
     this.batchSize = r.add(new Gauge("blossom_batch_current_size", "Sequences in the running batch"));

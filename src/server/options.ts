@@ -42,6 +42,12 @@ export interface ServerOptions {
   maxBatchPrefillTokens?: number;
   /** Most stop sequences per request. */
   maxStopSequences?: number;
+  /**
+   * Most client connections open at once (default 1024). A connection beyond it is closed as it is
+   * accepted (Node's server.maxConnections), before anything is read from it, and counted in
+   * blossom_connections_dropped_total: each open connection holds a file descriptor and buffers.
+   */
+  maxConnections?: number;
   /** On SIGTERM (or shutdown()), in-flight requests get this long to finish before they are cancelled. */
   shutdownTimeoutMs?: number;
   /** Log requests and errors (pino, as fastify does): false (the default here; `blossom serve` logs at info), true (info) or a level. */
@@ -59,6 +65,7 @@ export interface ResolvedServerOptions {
   maxBatchTotalTokens: number | undefined;
   maxBatchPrefillTokens: number;
   maxStopSequences: number;
+  maxConnections: number;
   shutdownTimeoutMs: number;
 }
 
@@ -71,6 +78,7 @@ export const serverDefaults = {
   allowedMaxNewTokens: 2048,
   maxConcurrentRequests: 128,
   maxStopSequences: 4,
+  maxConnections: 1024,
   // A step's prompt tokens take this long before running sequences get their next token: on a
   // 2-core CPU about 2.5 s for bloom-560m at 512 (llama.cpp's default micro-batch), 20 s at TGI's 4096.
   maxBatchPrefillTokens: 512,
@@ -116,6 +124,7 @@ export function resolveServerOptions(o: ServerOptions): ResolvedServerOptions {
     maxBatchTotalTokens,
     maxBatchPrefillTokens: positiveInteger("maxBatchPrefillTokens", o.maxBatchPrefillTokens, serverDefaults.maxBatchPrefillTokens),
     maxStopSequences: positiveInteger("maxStopSequences", o.maxStopSequences, serverDefaults.maxStopSequences),
+    maxConnections: positiveInteger("maxConnections", o.maxConnections, serverDefaults.maxConnections),
     shutdownTimeoutMs,
   };
 }

@@ -145,6 +145,10 @@ export async function startServer(serverOptions: ServerOptions): Promise<Blossom
     sockets.add(socket);
     socket.once("close", () => sockets.delete(socket));
   });
+  // Beyond --max-connections Node closes a new connection as it accepts it ('drop').
+  app.server.maxConnections = options.maxConnections;
+  app.server.on("drop", () => metrics.connectionsDropped.inc());
+  metrics.readOpenConnections = () => sockets.size;
 
   try {
     await app.listen({ host: options.host, port: options.port });

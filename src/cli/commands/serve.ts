@@ -23,6 +23,7 @@ interface ServeCliOptions extends ModelCliOptions {
   maxBatchPrefillTokens: number;
   maxStopSequences: number;
   kvCacheTokens?: number;
+  maxConnections: number;
   shutdownTimeout: number;
   logLevel: "fatal" | "error" | "warn" | "info" | "debug" | "trace" | "silent";
 }
@@ -46,6 +47,7 @@ export function registerServeCommand(program: Command): void {
       serverDefaults.maxBatchPrefillTokens,
     )
     .option("--max-stop-sequences <n>", "most stop sequences per request", parseInteger("--max-stop-sequences", 1), serverDefaults.maxStopSequences)
+    .option("--max-connections <n>", "most client connections open at once; a connection beyond it is closed as it is accepted", parseInteger("--max-connections", 1), serverDefaults.maxConnections)
     .option("--kv-cache-tokens <n>", "KV-cache capacity in tokens, per replica (default: a quarter of free memory, shared by the replicas or ranks)", parseInteger("--kv-cache-tokens", 1))
     .option("--shutdown-timeout <seconds>", "on SIGTERM, how long in-flight requests may run before they are cancelled", parseNumber("--shutdown-timeout", 0), serverDefaults.shutdownTimeoutMs / 1000)
     .addOption(new Option("--log-level <level>", "request and error logging").choices(["fatal", "error", "warn", "info", "debug", "trace", "silent"]).default("info"))
@@ -77,6 +79,7 @@ export function registerServeCommand(program: Command): void {
         ...(o.maxBatchTotalTokens !== undefined ? { maxBatchTotalTokens: o.maxBatchTotalTokens } : {}),
         maxBatchPrefillTokens: o.maxBatchPrefillTokens,
         maxStopSequences: o.maxStopSequences,
+        maxConnections: o.maxConnections,
         ...(o.kvCacheTokens !== undefined ? { kvCacheTokens: o.kvCacheTokens } : {}),
         shutdownTimeoutMs: o.shutdownTimeout * 1000,
         logger: o.logLevel === "silent" ? false : o.logLevel,
