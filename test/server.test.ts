@@ -260,6 +260,7 @@ describe("server on trained-bloom-small", () => {
     assert.equal(metric(text, "blossom_queue_size"), 0);
     assert.equal(metric(text, "blossom_kv_cache_blocks_free"), metric(text, "blossom_kv_cache_blocks_total"));
     assert.ok(metric(text, "blossom_request_count", 'method="GET",route="unmatched",status="400"')! >= 3, "the undecodable URLs' 400s");
+    assert.ok(metric(text, "blossom_request_duration_seconds_count", 'route="unmatched"')! >= 3, "and their durations");
     // The process's memory, for watching a long-running server (the weights alone are megabytes here).
     assert.ok(metric(text, "process_resident_memory_bytes")! > 10 * 2 ** 20);
     assert.ok(metric(text, "nodejs_heap_size_used_bytes")! > 0);

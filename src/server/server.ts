@@ -60,8 +60,12 @@ export async function startServer(serverOptions: ServerOptions): Promise<Blossom
     routerOptions: { ignoreTrailingSlash: false },
     // A URL the router cannot decode ("/health%") is answered in the API's own error shape, not fastify's.
     frameworkErrors: (err, request, reply) => {
-      // Answered before the onRequest hooks run: counted here, under route "unmatched".
-      metrics.requests.inc({ route: "unmatched", method: request.method, status: "400" });
+      // Answered before the onRequest hooks run: counted and timed here, under route "unmatched".
+      const started = performance.now();
+      reply.raw.once("close", () => {
+        metrics.requests.inc({ route: "unmatched", method: request.method, status: reply.raw.writableFinished ? String(reply.raw.statusCode) : "499" });
+        metrics.requestDuration.observe((performance.now() - started) / 1000, { route: "unmatched" });
+      });
       void (reply as FastifyReply).code(400).send(errorBody(new HttpError("malformed", `url: ${err.message}`), familyOf(request as FastifyRequest)));
     },
   });
