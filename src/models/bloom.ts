@@ -249,11 +249,10 @@ export class BloomModel {
   /** The decode chain's ops: forward()'s, for one row. */
   private decodeChainOps(logits: DeviceBuffer, kvCache: KVCacheLayers): ChainOpSpec[] {
     const { weights, config } = this;
-    const H = config.hiddenSize, eps = config.layerNormEpsilon;
+    const ws = this.workspace, H = config.hiddenSize, eps = config.layerNormEpsilon;
     const list: ChainOpSpec[] = [];
     for (let i = 0; i < config.numLayers; i++) list.push(...this.layerOps(i, kvCache, true).map((o) => o.op));
     // The final norm reads the hidden state directly: forward() gathers the one row into hidden2 first (the same values).
-    const ws = this.workspace;
     list.push({ kind: "layerNorm", y: ws.normed, x: ws.hidden, cols: H, gamma: weights.lnF.weight, beta: weights.lnF.bias, eps });
     list.push({ kind: "linear", y: logits, x: ws.normed, weight: weights.lmHead, bias: null });
     return list;

@@ -141,10 +141,9 @@ export class ServerMetrics {
   readonly heapUsed: Gauge;
   readonly connectionsOpen: Gauge;
   readonly connectionsDropped: Counter;
-  /** Client connections open now (the server sets it once listening). */
-  readOpenConnections: () => number = () => 0;
 
-  constructor(readInFlight: () => number) {
+  /** `readInFlight`: sequences accepted and not finished; `readOpenConnections`: client connections open now. */
+  constructor(readInFlight: () => number, readOpenConnections: () => number = () => 0) {
     const r = this.registry;
     this.requests = r.add(new Counter("blossom_request_count", "HTTP requests answered, by route and status code"));
     this.requestDuration = r.add(
@@ -160,7 +159,7 @@ export class ServerMetrics {
     );
     this.finished = r.add(new Counter("blossom_sequences_finished_total", "Generated sequences, by finish reason (length, eos_token, stop_sequence, cancelled: by the client or at shutdown, error: the engine failed it)"));
     this.overloaded = r.add(new Counter("blossom_requests_rejected_overloaded_total", "Generation requests refused with 429 at the concurrency limit"));
-    this.connectionsOpen = r.add(new Gauge("blossom_connections_open", "Client connections open now", () => this.readOpenConnections()));
+    this.connectionsOpen = r.add(new Gauge("blossom_connections_open", "Client connections open now", readOpenConnections));
     this.connectionsDropped = r.add(new Counter("blossom_connections_dropped_total", "Client connections closed as they were accepted, at --max-connections"));
     this.inFlight = r.add(new Gauge("blossom_sequences_in_flight", "Sequences accepted by the server and not finished (queued or running)", readInFlight));
     this.queueSize = r.add(new Gauge("blossom_queue_size", "Sequences waiting in the engine for admission to the batch"));

@@ -47,7 +47,8 @@ export async function startServer(serverOptions: ServerOptions): Promise<Blossom
   const modelId = serverOptions.modelId ?? defaultModelId(serverOptions.model);
   const logger = serverOptions.logger ?? false;
   let service!: GenerationService;
-  const metrics = new ServerMetrics(() => service.sequencesInFlight);
+  const sockets = new Set<Socket>(); // the open client connections
+  const metrics = new ServerMetrics(() => service.sequencesInFlight, () => sockets.size);
   const app = Fastify({
     logger: logger === false ? false : { level: logger === true ? "info" : logger },
     // Request bodies hold prompts; 4 MiB is far above --max-input-length tokens of text.
@@ -144,7 +145,6 @@ export async function startServer(serverOptions: ServerOptions): Promise<Blossom
   registerOpenAiRoutes(app, context);
   registerOpsRoutes(app, context);
 
-  const sockets = new Set<Socket>();
   app.server.on("connection", (socket: Socket) => {
     sockets.add(socket);
     socket.once("close", () => sockets.delete(socket));
@@ -152,7 +152,6 @@ export async function startServer(serverOptions: ServerOptions): Promise<Blossom
   // Beyond --max-connections Node closes a new connection as it accepts it ('drop').
   app.server.maxConnections = options.maxConnections;
   app.server.on("drop", () => metrics.connectionsDropped.inc());
-  metrics.readOpenConnections = () => sockets.size;
 
   try {
     await app.listen({ host: options.host, port: options.port });
