@@ -4,9 +4,10 @@
  * agree bit for bit, on every fixture, with the fast kernels and the scalar ones.
  */
 import assert from "node:assert/strict";
+import { availableParallelism } from "node:os";
 import { test } from "node:test";
 import type { OpChain } from "../src/backend/backend.js";
-import { CpuBackend } from "../src/backend/cpu.js";
+import { CpuBackend, type CpuMatrix } from "../src/backend/cpu.js";
 import { native } from "../src/backend/native.js";
 import { loadEngine, type LoadedEngine } from "../src/engine/load.js";
 import { fixtureDir, fixtureNames } from "./helpers/fixtures.js";
@@ -43,6 +44,54 @@ for (const variant of ["auto", "scalar"] as const) {
     }
   });
 }
+
+// Matrices in column panels of 40 inputs (the last one ragged: 64, 96, 128 and 256 are not multiples
+// of 40), as bloom-1b7 and up keep their long rows: the chain runs the panels in its own job.
+const panels = { linearPanels: { width: 40, above: 40, dtypes: ["f32", "f16", "bf16"] as ("f32" | "f16" | "bf16")[] } };
+
+test("chained decode steps with matrices in column panels give the same logits as the ops one by one, bit for bit", () => {
+  for (const name of fixtureNames) {
+    const chained = loadEngine(fixtureDir(name), { kvCacheTokens: 256, ...panels });
+    const single = loadEngine(fixtureDir(name), { kvCacheTokens: 256, ...panels });
+    single.model.chainDecode = false;
+    try {
+      assert.ok((chained.weights.layer(0).dense4hToH.weight as CpuMatrix).panelK, `${name}: the weights are in panels`);
+      const a = decodeLogits(chained), b = decodeLogits(single);
+      assert.ok((chained.model as unknown as { decodeChain: unknown }).decodeChain, `${name}: the chain was used`);
+      a.forEach((row, step) => assert.deepEqual(row, b[step], `${name}, step ${step}`));
+    } finally {
+      chained.dispose();
+      single.dispose();
+    }
+  }
+});
+
+test("a linear in column panels runs in the chain's one job (it ran op by op), with linear()'s bits", () => {
+  const loaded = loadEngine(fixtureDir("trained-bloom-small"), { kvCacheTokens: 64, ...panels });
+  try {
+    const backend = loaded.backend as CpuBackend;
+    const layer = loaded.weights.layer(1);
+    const H = loaded.checkpoint.config.hiddenSize;
+    const x = Float32Array.from({ length: 4 * H }, (_, i) => Math.sin(i * 0.37));
+    const residual = Float32Array.from({ length: H }, (_, i) => Math.cos(i * 0.11));
+    const up = new Float32Array(4 * H);
+    // h_to_4h with GELU (bias, no residual), then 4h_to_h with bias and residual: both in panels.
+    const ops = [
+      { kind: "linear" as const, y: up, x: x.subarray(0, H), weight: layer.denseHTo4h.weight, bias: layer.denseHTo4h.bias, gelu: true },
+      { kind: "linear" as const, y: new Float32Array(H), x: up, weight: layer.dense4hToH.weight, bias: layer.dense4hToH.bias, residual },
+    ];
+    const fused = backend.runChain(backend.chain(ops)!);
+    const threads = native().cpuInfo().physicalCores;
+    assert.equal(fused, threads > 1 && availableParallelism() >= threads, "one job wherever the pool has several threads and the CPUs for them");
+    const up2 = new Float32Array(4 * H), down2 = new Float32Array(H);
+    backend.linear(up2, x.subarray(0, H), 1, layer.denseHTo4h.weight, layer.denseHTo4h.bias, { gelu: true });
+    backend.linear(down2, up2, 1, layer.dense4hToH.weight, layer.dense4hToH.bias, { residual });
+    assert.deepEqual(up, up2);
+    assert.deepEqual(ops[1]!.y, down2);
+  } finally {
+    loaded.dispose();
+  }
+});
 
 test("chained attention over a long cache (key ranges merged after) matches the ops one by one for every KV cache dtype", () => {
   // tiny-bloom-c: head_dim 16, so attention takes the streaming decode path the chain runs itself.

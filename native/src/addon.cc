@@ -477,7 +477,7 @@ Napi::Value LayerNorm(const Napi::CallbackInfo& info) {
 }
 
 // ---- chains of single-row ops (run_chain) ----------------------------------------------------
-// createChain(ops) -> chain; runChain(chain, seqs?, blockTable?) runs its ops. An op is [0, y, x, cols, gamma, beta, eps] (layer norm of one row) or
+// createChain(ops) -> chain; runChain(chain, seqs?, blockTable?) runs its ops (-> true if as one pool job, false if one by one). An op is [0, y, x, cols, gamma, beta, eps] (layer norm of one row) or
 // [1, y, x, wRegion, wOffset, wDtype, outFeatures, inFeatures, panelK, bias|null, epilogue, residual|null]
 // (linear of one row) or [2, out, qkv, kCache, vCache, kvDtype, numHeads, headDim, blockSize, slopes]
 // (attention of one token; runChain's seqs and blockTable give its batch, as attention() takes it). The chain keeps its arrays and weight regions alive; a region released since (the model
@@ -640,12 +640,13 @@ Napi::Value RunChain(const Napi::CallbackInfo& info) {
     step = ChainStep{seqs.data, static_cast<int>(seqs.length / 4), table.data, static_cast<int64_t>(table.length)};
   }
   need(env, !c->attention || given, "runChain: the chain holds attention: give its seqs and blockTable");
+  bool fused = false;
   try {
-    run_chain(compute(env), c->ops.data(), c->ops.size(), step);
+    fused = run_chain(compute(env), c->ops.data(), c->ops.size(), step);
   } catch (const std::range_error& e) {
     range_error(env, e.what());
   }
-  return env.Undefined();
+  return Napi::Boolean::New(env, fused);
 }
 
 // embedding(y, ids, tableRegion, tableOffset, dtype, vocab, hidden)

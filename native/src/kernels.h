@@ -136,8 +136,9 @@ struct ChainStep {
 };
 // Runs ops[0..n) on one row, with the same arithmetic as layer_norm, linear and attention at one
 // token. Throws std::range_error (before running any op) if `step` is not one sequence decoding one
-// token or does not fit an attention op's cache.
-void run_chain(ThreadPool& pool, const ChainOp* ops, size_t n, const ChainStep& step);
+// token or does not fit an attention op's cache. Returns true if the ops ran as one pool job, false
+// if one by one (the same results).
+bool run_chain(ThreadPool& pool, const ChainOp* ops, size_t n, const ChainStep& step);
 
 void layer_norm(ThreadPool& pool, float* y, const float* x, int64_t rows, int64_t cols, const float* gamma,
                 const float* beta, float eps);

@@ -178,7 +178,8 @@ export interface Backend {
    * sequence decoding one token).
    */
   chain?(ops: readonly ChainOpSpec[]): OpChain | undefined;
-  runChain?(chain: OpChain, batch?: AttentionBatch): void;
+  /** Runs a chain; true if its ops ran as one job (false: one by one, the same results). */
+  runChain?(chain: OpChain, batch?: AttentionBatch): boolean;
   /** Appends the batch's new keys/values to the cache, then out (tokens, heads*headDim) = ALiBi causal attention. */
   attention(out: DeviceBuffer, qkv: DeviceBuffer, numTokens: number, cache: KVLayer, batch: AttentionBatch, slopes: DeviceBuffer, shape: AttentionShape): void;
   /** out (rows.length, cols) = x[rows]. */

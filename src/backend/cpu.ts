@@ -371,8 +371,8 @@ export class CpuBackend implements Backend {
     return native().createChain(descriptors) as unknown as OpChain;
   }
 
-  runChain(chain: OpChain, batch?: AttentionBatch): void {
-    native().runChain(chain as unknown as NativeChain, batch?.seqs, batch?.blockTable);
+  runChain(chain: OpChain, batch?: AttentionBatch): boolean {
+    return native().runChain(chain as unknown as NativeChain, batch?.seqs, batch?.blockTable);
   }
 
   layerNorm(out: DeviceBuffer, x: DeviceBuffer, rows: number, cols: number, gamma: DeviceBuffer, beta: DeviceBuffer, eps: number): void {

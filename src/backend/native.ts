@@ -53,7 +53,7 @@ export interface NativeAddon {
    * token: runChain then takes the step's seqs and blockTable, one sequence decoding one token).
    */
   createChain(ops: unknown[][]): NativeChain;
-  runChain(chain: NativeChain, seqs?: Int32Array, blockTable?: Int32Array): void;
+  runChain(chain: NativeChain, seqs?: Int32Array, blockTable?: Int32Array): boolean;
   /** The process's resident set in bytes; with a buffer, the bytes of it in resident pages. */
   residentBytes(buffer?: ArrayBufferLike | ArrayBufferView): number;
   /**
