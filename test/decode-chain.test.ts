@@ -9,8 +9,8 @@ import { test } from "node:test";
 import type { OpChain } from "../src/backend/backend.js";
 import { CpuBackend, type CpuMatrix } from "../src/backend/cpu.js";
 import { native } from "../src/backend/native.js";
-import { loadEngine, type LoadedEngine } from "../src/engine/load.js";
-import { fixtureDir, fixtureNames } from "./helpers/fixtures.js";
+import { loadEngine, type EngineOptions, type LoadedEngine } from "../src/engine/load.js";
+import { fixtureDir, fixtureNames, type FixtureName } from "./helpers/fixtures.js";
 
 /** Logits of a prompt (6 tokens unless given), then of 12 decode steps, one token each. */
 function decodeLogits(loaded: LoadedEngine, prompt = [5, 6, 7, 8, 9, 10]): Float32Array[] {
@@ -22,23 +22,31 @@ function decodeLogits(loaded: LoadedEngine, prompt = [5, 6, 7, 8, 9, 10]): Float
   return out;
 }
 
+/**
+ * Loads `name` twice with `options`, one copy decoding through the chain and one op by op, and
+ * asserts the chain was built and every step's logits agree bit for bit. `check` looks at the
+ * chained copy first.
+ */
+function assertChainMatches(name: FixtureName, options: EngineOptions, label: string, prompt?: number[], check?: (chained: LoadedEngine) => void): void {
+  const chained = loadEngine(fixtureDir(name), options);
+  const single = loadEngine(fixtureDir(name), options);
+  single.model.chainDecode = false;
+  try {
+    check?.(chained);
+    const a = decodeLogits(chained, prompt), b = decodeLogits(single, prompt);
+    assert.ok((chained.model as unknown as { decodeChain: unknown }).decodeChain, `${label}: the chain was used`);
+    a.forEach((row, step) => assert.deepEqual(row, b[step], `${label}, step ${step}`));
+  } finally {
+    chained.dispose();
+    single.dispose();
+  }
+}
+
 for (const variant of ["auto", "scalar"] as const) {
   test(`chained decode steps give the same logits as the ops one by one, bit for bit (${variant} kernels)`, () => {
     native().setKernelVariant(variant);
     try {
-      for (const name of fixtureNames) {
-        const chained = loadEngine(fixtureDir(name), { kvCacheTokens: 256 });
-        const single = loadEngine(fixtureDir(name), { kvCacheTokens: 256 });
-        single.model.chainDecode = false;
-        try {
-          const a = decodeLogits(chained), b = decodeLogits(single);
-          assert.ok((chained.model as unknown as { decodeChain: unknown }).decodeChain, `${name}: the chain was used`);
-          a.forEach((row, step) => assert.deepEqual(row, b[step], `${name}, step ${step}`));
-        } finally {
-          chained.dispose();
-          single.dispose();
-        }
-      }
+      for (const name of fixtureNames) assertChainMatches(name, { kvCacheTokens: 256 }, name);
     } finally {
       native().setKernelVariant("auto");
     }
@@ -51,18 +59,9 @@ const panels = { linearPanels: { width: 40, above: 40, dtypes: ["f32", "f16", "b
 
 test("chained decode steps with matrices in column panels give the same logits as the ops one by one, bit for bit", () => {
   for (const name of fixtureNames) {
-    const chained = loadEngine(fixtureDir(name), { kvCacheTokens: 256, ...panels });
-    const single = loadEngine(fixtureDir(name), { kvCacheTokens: 256, ...panels });
-    single.model.chainDecode = false;
-    try {
-      assert.ok((chained.weights.layer(0).dense4hToH.weight as CpuMatrix).panelK, `${name}: the weights are in panels`);
-      const a = decodeLogits(chained), b = decodeLogits(single);
-      assert.ok((chained.model as unknown as { decodeChain: unknown }).decodeChain, `${name}: the chain was used`);
-      a.forEach((row, step) => assert.deepEqual(row, b[step], `${name}, step ${step}`));
-    } finally {
-      chained.dispose();
-      single.dispose();
-    }
+    assertChainMatches(name, { kvCacheTokens: 256, ...panels }, name, undefined, (chained) =>
+      assert.ok((chained.weights.layer(0).dense4hToH.weight as CpuMatrix).panelK, `${name}: the weights are in panels`),
+    );
   }
 });
 
@@ -99,17 +98,7 @@ test("chained attention over a long cache (key ranges merged after) matches the 
   // chain must make the same split and merge); the decode steps cross a cache block boundary.
   const prompt = Array.from({ length: 300 }, (_, i) => 4 + ((i * 37) % 1000));
   for (const kvDtype of ["fp32", "fp16", "bf16"] as const) {
-    const chained = loadEngine(fixtureDir("tiny-bloom-c"), { kvCacheTokens: 512, kvDtype });
-    const single = loadEngine(fixtureDir("tiny-bloom-c"), { kvCacheTokens: 512, kvDtype });
-    single.model.chainDecode = false;
-    try {
-      const a = decodeLogits(chained, prompt), b = decodeLogits(single, prompt);
-      assert.ok((chained.model as unknown as { decodeChain: unknown }).decodeChain, `${kvDtype}: the chain was used`);
-      a.forEach((row, step) => assert.deepEqual(row, b[step], `${kvDtype}, step ${step}`));
-    } finally {
-      chained.dispose();
-      single.dispose();
-    }
+    assertChainMatches("tiny-bloom-c", { kvCacheTokens: 512, kvDtype }, kvDtype, prompt);
   }
 });
 
@@ -174,16 +163,7 @@ test("a chain refuses bad ops clearly, and will not run once its weights are rel
 test("chains with linear() taking another path at one row (gemvMaxRows 0) still match the ops one by one", () => {
   native().setLinearTuning("gemvMaxRows", 0);
   try {
-    const chained = loadEngine(fixtureDir("trained-bloom-small"), { kvCacheTokens: 256 });
-    const single = loadEngine(fixtureDir("trained-bloom-small"), { kvCacheTokens: 256 });
-    single.model.chainDecode = false;
-    try {
-      const a = decodeLogits(chained), b = decodeLogits(single);
-      a.forEach((row, step) => assert.deepEqual(row, b[step], `step ${step}`));
-    } finally {
-      chained.dispose();
-      single.dispose();
-    }
+    assertChainMatches("trained-bloom-small", { kvCacheTokens: 256 }, "trained-bloom-small");
   } finally {
     native().setLinearTuning("gemvMaxRows", 2);
   }
