@@ -92,6 +92,45 @@ test("a linear in column panels runs in the chain's one job (it ran op by op), w
   }
 });
 
+for (const dtype of ["int8", "int8-mixed"] as const) {
+  test(`chained decode steps in ${dtype} give the same logits as the ops one by one, bit for bit`, () => {
+    for (const name of fixtureNames) assertChainMatches(name, { kvCacheTokens: 256, dtype }, `${name} ${dtype}`);
+  });
+}
+
+test("int8-mixed with many outlier features (linearInt8's float path) chained matches the ops one by one too", () => {
+  assertChainMatches("trained-bloom-small", { kvCacheTokens: 256, dtype: "int8-mixed", int8Threshold: 0.25 }, "threshold 0.25");
+});
+
+test("an int8 linear runs in the chain's one job (int8 steps ran op by op), with linearInt8's bits", () => {
+  for (const dtype of ["int8", "int8-mixed"] as const) {
+    const loaded = loadEngine(fixtureDir("trained-bloom-small"), { kvCacheTokens: 64, dtype });
+    try {
+      const backend = loaded.backend as CpuBackend;
+      const layer = loaded.weights.layer(1);
+      const H = loaded.checkpoint.config.hiddenSize;
+      const x = Float32Array.from({ length: H }, (_, i) => 3 * Math.sin(i * 0.37));
+      const residual = Float32Array.from({ length: H }, (_, i) => Math.cos(i * 0.11));
+      const up = new Float32Array(4 * H), down = new Float32Array(H);
+      const ops = [
+        { kind: "linear" as const, y: up, x, weight: layer.denseHTo4h.weight, bias: layer.denseHTo4h.bias, gelu: true },
+        { kind: "linear" as const, y: down, x: up, weight: layer.dense4hToH.weight, bias: layer.dense4hToH.bias, residual },
+      ];
+      assert.equal(layer.denseHTo4h.weight.dtype, "int8");
+      const fused = backend.runChain(backend.chain(ops)!);
+      const threads = native().cpuInfo().physicalCores;
+      assert.equal(fused, threads > 1 && availableParallelism() >= threads, `${dtype}: one job wherever the pool has several threads and the CPUs for them`);
+      const up2 = new Float32Array(4 * H), down2 = new Float32Array(H);
+      backend.linear(up2, x, 1, layer.denseHTo4h.weight, layer.denseHTo4h.bias, { gelu: true });
+      backend.linear(down2, up2, 1, layer.dense4hToH.weight, layer.dense4hToH.bias, { residual });
+      assert.deepEqual(up, up2, dtype);
+      assert.deepEqual(down, down2, dtype);
+    } finally {
+      loaded.dispose();
+    }
+  }
+});
+
 test("chained attention over a long cache (key ranges merged after) matches the ops one by one for every KV cache dtype", () => {
   // tiny-bloom-c: head_dim 16, so attention takes the streaming decode path the chain runs itself.
   // 300 cached tokens: attention splits the keys into ranges whose partial sums are merged (the

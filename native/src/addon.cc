@@ -480,6 +480,8 @@ Napi::Value LayerNorm(const Napi::CallbackInfo& info) {
 // createChain(ops) -> chain; runChain(chain, seqs?, blockTable?) runs its ops (-> true if as one pool job, false if one by one). An op is [0, y, x, cols, gamma, beta, eps] (layer norm of one row) or
 // [1, y, x, wRegion, wOffset, wDtype, outFeatures, inFeatures, panelK, bias|null, epilogue, residual|null]
 // (linear of one row) or [2, out, qkv, kCache, vCache, kvDtype, numHeads, headDim, blockSize, slopes]
+// or [3, y, x, qRegion, qOffset, scalesRegion, scalesOffset, outFeatures, inFeatures, groupSize,
+// activationMode, threshold, bias|null, epilogue, residual|null] (linearInt8 of one row)
 // (attention of one token; runChain's seqs and blockTable give its batch, as attention() takes it). The chain keeps its arrays and weight regions alive; a region released since (the model
 // disposed) makes runChain throw instead of reading freed memory.
 struct ChainArray {
@@ -557,7 +559,7 @@ Napi::Value CreateChain(const Napi::CallbackInfo& info) {
       if (t->released) range_error(env, at + " weight: region was released");
       const int64_t off = integer_value(env, d.Get(4u), at + " weight offset");
       const int64_t dt = integer_value(env, d.Get(5u), at + " weight dtype");
-      need(env, dt <= 2, at + ": int8 weights cannot be chained");
+      need(env, dt <= 2, at + ": int8 weights go in an op of kind 3");
       const int64_t out = integer_value(env, d.Get(6u), at + " outFeatures", 1), in = integer_value(env, d.Get(7u), at + " inFeatures", 1);
       const int64_t panel_k = integer_value(env, d.Get(8u), at + " panelK");
       const DType dtype = static_cast<DType>(dt);
@@ -577,6 +579,43 @@ Napi::Value CreateChain(const Napi::CallbackInfo& info) {
            at + ": y overlaps x or residual");
       t->refs++;
       chain->regions.push_back(t);
+    } else if (kind == 3) {
+      op.kind = ChainOp::kLinearInt8;
+      // A region and the bytes [off, off + count * size) of it, checked (count * size may overflow: compared by division).
+      auto region_part = [&](uint32_t j, const char* what, int64_t count, uint64_t size) -> const uint8_t* {
+        Napi::Value rv = d.Get(j);
+        if (!is_region(rv)) type_error(env, at + " " + what + ": expected a native region");
+        Tracked* t = rv.As<Napi::External<Tracked>>().Data();
+        if (t->released) range_error(env, at + " " + what + ": region was released");
+        const int64_t off = integer_value(env, d.Get(j + 1), at + " " + what + " offset");
+        const uint64_t room = static_cast<uint64_t>(off) <= t->region.size ? (t->region.size - static_cast<uint64_t>(off)) / size : 0;
+        if (static_cast<uint64_t>(off) > t->region.size || static_cast<uint64_t>(count) > room) range_error(env, at + ": the " + what + " is outside its region");
+        t->refs++;
+        chain->regions.push_back(t);
+        return static_cast<const uint8_t*>(t->region.data) + off;
+      };
+      const int64_t out = integer_value(env, d.Get(7u), at + " outFeatures", 1), in = integer_value(env, d.Get(8u), at + " inFeatures", 1);
+      const int64_t group = integer_value(env, d.Get(9u), at + " groupSize", 1);
+      const int64_t groups = (in + group - 1) / group;
+      need(env, out <= (int64_t{1} << 40) / in && out <= (int64_t{1} << 40) / groups, at + ": the weight is too large");
+      op.q = reinterpret_cast<const int8_t*>(region_part(3u, "weight", out * in, 1));
+      need(env, integer_value(env, d.Get(6u), at + " scales offset") % 2 == 0, at + ": scales must start at an even byte offset");
+      op.q_scales = reinterpret_cast<const uint16_t*>(region_part(5u, "scales", out * groups, 2));
+      op.q_out = out, op.q_in = in, op.q_group = group;
+      op.q_mode = static_cast<int>(integer_value(env, d.Get(10u), at + " activationMode"));
+      need(env, op.q_mode <= 2, at + ": activationMode must be 0 (exact), 1 (grouped) or 2 (mixed)");
+      if (!d.Get(11u).IsNumber()) type_error(env, at + " threshold: expected a number");
+      op.q_threshold = d.Get(11u).As<Napi::Number>().FloatValue();
+      auto bias = f32_value(env, d.Get(12u), at + " bias", true);
+      auto res = f32_value(env, d.Get(14u), at + " residual", true);
+      keep(d.Get(1u), y, out), keep(d.Get(2u), x, in), keep(d.Get(12u), bias, out), keep(d.Get(14u), res, out);
+      op.bias = bias.data, op.residual = res.data;
+      op.epilogue = static_cast<int>(integer_value(env, d.Get(13u), at + " epilogue"));
+      need(env, op.epilogue == kNone || op.epilogue == kGelu, at + ": unknown epilogue");
+      need(env, x.length >= static_cast<size_t>(in) && y.length >= static_cast<size_t>(out), at + ": x or y is too short");
+      need(env, (!bias.data || bias.length >= static_cast<size_t>(out)) && (!res.data || res.length >= static_cast<size_t>(out)), at + ": bias or residual is too short");
+      need(env, !overlaps(op.y, static_cast<size_t>(out), op.x, static_cast<size_t>(in)) && !overlaps(op.y, static_cast<size_t>(out), op.residual, res.data ? static_cast<size_t>(out) : 0),
+           at + ": y overlaps x or residual");
     } else if (kind == 2) {
       op.kind = ChainOp::kAttention;
       chain->attention = true;

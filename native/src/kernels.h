@@ -111,7 +111,7 @@ void chain_attention_merge(const AttentionArgs& a, const DecodeMerge& m, int h, 
 // matmul.cc): each op waits for the one before at a barrier, so the weights of one matrix after
 // another stream without the threads returning to the caller between them.
 struct ChainOp {
-  enum Kind : int { kLayerNorm = 0, kLinear = 1, kAttention = 2 } kind;
+  enum Kind : int { kLayerNorm = 0, kLinear = 1, kAttention = 2, kLinearInt8 = 3 } kind;
   float* y;
   const float* x;
   // layer norm: y (cols) = layer_norm(x) * gamma + beta
@@ -126,6 +126,13 @@ struct ChainOp {
   const float* residual = nullptr;
   // attention: y = attention(x, the cache), one token; seqs and block_table are the run's (ChainStep)
   AttentionArgs attention{};
+  // int8 linear: as linear (bias, epilogue, residual above) with the weights of quant.h's QuantWeights
+  // (int8 values (out, in), fp16 scales (out, groups)) and an ActivationMode (quant.h) with its threshold
+  const int8_t* q = nullptr;
+  const uint16_t* q_scales = nullptr;
+  int64_t q_out = 0, q_in = 0, q_group = 0;
+  int q_mode = 0;
+  float q_threshold = 0;
 };
 // The batch an attention op of a chain sees on this run: one token, as AttentionArgs describes it.
 struct ChainStep {

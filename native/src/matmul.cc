@@ -33,6 +33,7 @@
 
 #include "epilogue.h"
 #include "kernels.h"
+#include "quant.h"
 #include "simd.h"
 
 namespace blossom {
@@ -666,6 +667,7 @@ class ChainBarrier {
 bool chainable(const ChainOp& op, const AttentionArgs& a) {
   if (op.kind == ChainOp::kLayerNorm) return true;
   if (op.kind == ChainOp::kAttention) return chain_attention_ok(a);
+  if (op.kind == ChainOp::kLinearInt8) return active_variant() == Variant::Avx2;
   // (linear() takes the GEMV at one row only while gemvMaxRows >= 1.)
   return active_variant() == Variant::Avx2 && tuning().gemv_max_rows >= 1 &&
          (op.w.dtype == DType::F32 || op.w.dtype == DType::F16 || op.w.dtype == DType::BF16);
@@ -688,9 +690,16 @@ void chain_gemv_part(const ChainOp& op, int64_t b, int64_t e) {
 }
 #endif
 
+// An int8 linear op's arguments, for one row.
+Int8LinearArgs int8_args(const ChainOp& op) {
+  return Int8LinearArgs{op.y, op.x, 1, QuantWeights{op.q, op.q_scales, op.q_out, op.q_in, op.q_group}, op.bias, op.epilogue, op.residual,
+                        static_cast<ActivationMode>(op.q_mode), op.q_threshold};
+}
+
 void run_op(ThreadPool& pool, const ChainOp& op, const AttentionArgs& a) {
   if (op.kind == ChainOp::kLayerNorm) layer_norm_row(op.y, op.x, op.cols, op.gamma, op.beta, op.eps);
   else if (op.kind == ChainOp::kAttention) attention(pool, a);
+  else if (op.kind == ChainOp::kLinearInt8) linear_int8(pool, int8_args(op));
   else linear(pool, op.y, op.x, 1, op.w, op.bias, op.epilogue, op.residual);
 }
 
@@ -750,28 +759,36 @@ bool run_chain(ThreadPool& pool, const ChainOp* ops, size_t n, const ChainStep& 
     const DecodePlan* const attn_plans = plans.data();
     std::unique_ptr<StreamShare[]> counters(new StreamShare[2 * n]);  // (used as plain counters)
     for (size_t i = 0; i < 2 * n; ++i) counters[i].range.store(0, std::memory_order_relaxed);
-    // Each linear op's shares and chunk, as gemv() hands them out (parallel_streams); an op in column
-    // panels has a set of shares per panel, from first_share[i] on.
+    // Each linear op's shares and chunk, as gemv() hands them out (parallel_streams; an int8 op's as
+    // linear_int8 does at one row); an op in column panels has a set of shares per panel, from
+    // first_share[i] on.
     std::vector<uint64_t> grain(n, 0);
     std::vector<size_t> first_share(n, 0);
+    std::vector<int64_t> share_sets_of(n, 0);
     size_t share_sets = 0;
     int64_t partial_out = 0;
     for (size_t i = 0; i < n; ++i) {
       first_share[i] = share_sets;
-      if (ops[i].kind != ChainOp::kLinear) continue;
-      const int64_t panels = panel_count(ops[i]);
-      share_sets += static_cast<size_t>(std::max<int64_t>(1, panels));
-      if (panels > 0) partial_out = std::max(partial_out, ops[i].w.out_features);
+      if (ops[i].kind == ChainOp::kLinearInt8) {
+        grain[i] = static_cast<uint64_t>(int8_row_grain(int8_args(ops[i]), t_count));
+        share_sets_of[i] = 1;
+      } else if (ops[i].kind == ChainOp::kLinear) {
+        const int64_t panels = panel_count(ops[i]);
+        const WeightMatrix panel0{ops[i].w.data, ops[i].w.dtype, ops[i].w.out_features, panels > 0 ? ops[i].w.panel_k : ops[i].w.in_features};
+        grain[i] = static_cast<uint64_t>(gemv_grain(panel0, t_count));
+        share_sets_of[i] = std::max<int64_t>(1, panels);
+        if (panels > 0) partial_out = std::max(partial_out, ops[i].w.out_features);
+      }
+      share_sets += static_cast<size_t>(share_sets_of[i]);
     }
     std::unique_ptr<StreamShare[]> shares(new StreamShare[std::max<size_t>(1, share_sets) * static_cast<size_t>(t_count)]);
     for (size_t i = 0; i < n; ++i) {
-      if (ops[i].kind != ChainOp::kLinear) continue;
-      const int64_t panels = panel_count(ops[i]);
-      const WeightMatrix panel0{ops[i].w.data, ops[i].w.dtype, ops[i].w.out_features, panels > 0 ? ops[i].w.panel_k : ops[i].w.in_features};
-      grain[i] = static_cast<uint64_t>(gemv_grain(panel0, t_count));
-      for (int64_t p = 0; p < std::max<int64_t>(1, panels); ++p)
-        init_stream_shares(&shares[(first_share[i] + static_cast<size_t>(p)) * t_count], t_count, ops[i].w.out_features);
+      const int64_t rows = ops[i].kind == ChainOp::kLinearInt8 ? ops[i].q_out : ops[i].w.out_features;
+      for (int64_t p = 0; p < share_sets_of[i]; ++p) init_stream_shares(&shares[(first_share[i] + static_cast<size_t>(p)) * t_count], t_count, rows);
     }
+    // An int8 op's quantized activations, prepared by thread 0 and read by every thread (the
+    // barrier after each op keeps the next int8 op from preparing over them while in use).
+    Int8RowScratch* const int8_scratch = &int8_row_scratch();
     // Panels' running sums, as linear_panels keeps them: panel p's sum goes to one of y and this
     // buffer with the one before as its residual, so that the last lands in y.
     static thread_local std::vector<float> partial;
@@ -796,6 +813,11 @@ bool run_chain(ThreadPool& pool, const ChainOp* ops, size_t n, const ChainStep& 
             for (uint64_t k; (k = counters[2 * i + 1].range.fetch_add(1, std::memory_order_relaxed)) < merges;)
               chain_attention_merge(a, plan.merges[k / heads], static_cast<int>(k % heads), part_base);
           }
+        } else if (op.kind == ChainOp::kLinearInt8) {
+          const Int8LinearArgs a = int8_args(op);
+          if (t == 0) int8_row_prepare(*int8_scratch, a);
+          barrier.wait(phase);
+          work_stream_shares(&shares[first_share[i] * t_count], t_count, t, grain[i], [&](int64_t b, int64_t e) { int8_row_part(*int8_scratch, a, b, e); });
         } else if (const int64_t panels = panel_count(op); panels > 0) {
           // linear_panels at one row: the panels in order, each a GEMV with the running sum as its
           // residual (a barrier between them: a row's next panel may fall to the other thread),

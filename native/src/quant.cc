@@ -169,8 +169,9 @@ void fill_xf(Prepared& p, const Int8LinearArgs& a) {
 }
 
 // quantize_span: the scalar or AVX2 span quantizer (bit-identical); rows are independent, so they run in parallel.
+// Without a pool (a decode chain's op), the rows are quantized on the calling thread.
 template <typename SpanFn>
-void prepare_activations(ThreadPool& pool, Prepared& p, const Int8LinearArgs& a, SpanFn quantize_span) {
+void prepare_activations(ThreadPool* pool, Prepared& p, const Int8LinearArgs& a, SpanFn quantize_span) {
   const int64_t rows = a.rows, in = a.w.in_features, G = a.w.group_size, groups = a.w.groups();
   p.wide = a.mode == ActivationMode::Grouped;
   p.xq.resize(p.wide ? 0 : static_cast<size_t>(rows * in));
@@ -199,8 +200,8 @@ void prepare_activations(ThreadPool& pool, Prepared& p, const Int8LinearArgs& a,
     }
   };
   // A few rows (decoding) are quicker on the calling thread than a round trip through the pool.
-  if (rows <= 8) rows_range(0, rows);
-  else pool.parallel_for(rows, 4, rows_range);
+  if (rows <= 8 || !pool) rows_range(0, rows);
+  else pool->parallel_for(rows, 4, rows_range);
 }
 
 }  // namespace
@@ -224,7 +225,7 @@ int64_t linear_int8_scalar(ThreadPool& pool, const Int8LinearArgs& a) {
   Prepared* p = nullptr;
   if (a.mode != ActivationMode::Exact) {
     p = &prepared_scratch();
-    prepare_activations(pool, *p, a, quantize_span_scalar);
+    prepare_activations(&pool, *p, a, quantize_span_scalar);
     fill_xf(*p, a);
     xs = p->xf.data();
   }
@@ -435,12 +436,13 @@ BLOSSOM_AVX2 float quantize_span_avx2(int8_t* xq, int16_t* x16, const float* x, 
 // prefetchers to ramp up (chunks of 32 rows alternating between the two cores cut the LM head's
 // stream into 32 KiB pieces and ran 2 threads no faster than one), short enough that both threads
 // finish together and, with several row blocks, that the chunk is reused from L2.
-int64_t output_chunk(const ThreadPool& pool, int64_t rows, int64_t in, int64_t out) {
+int64_t output_chunk(int threads, int64_t rows, int64_t in, int64_t out) {
   const int64_t bytes = rows <= 4 ? (int64_t{1} << 20) : (int64_t{256} << 10);
   int64_t chunk = std::max<int64_t>(32, bytes / std::max<int64_t>(1, in) / 32 * 32);
-  const int64_t balanced = std::max<int64_t>(32, out / (4 * pool.size()) / 32 * 32);
+  const int64_t balanced = std::max<int64_t>(32, out / (4 * threads) / 32 * 32);
   return std::min(chunk, balanced);
 }
+int64_t output_chunk(const ThreadPool& pool, int64_t rows, int64_t in, int64_t out) { return output_chunk(pool.size(), rows, in, out); }
 
 // --- Exact mode at more than kGemvMaxRows rows: the fp32 GEMM of matmul.cc over dequantized chunks --
 // Exact (fp32 activations) is no dtype's mode, only the float fallback and a bench variant; the
@@ -492,28 +494,69 @@ void dequantized_gemm(ThreadPool& pool, float* y, const float* x, int64_t rows, 
 
 }  // namespace
 
+namespace {
+
+// Many outliers (a low threshold) would make the per-output fp32 loop dominate: the float path
+// computes the same x' @ W^T with the outliers folded into x'.
+bool int8_tiles_apply(const Prepared& p, const QuantWeights& w) {
+  const bool few_outliers = static_cast<int64_t>(p.outliers.size()) * 16 <= w.in_features;
+  return few_outliers && w.group_size % 32 == 0 && w.in_features % 32 == 0;
+}
+
+// Outputs [begin, end) of every row through the integer tiles, then their epilogue.
+void int8_tiles_range(const Prepared& p, const Int8LinearArgs& a, int64_t begin, int64_t end) {
+  if (use_avx_vnni()) {
+    if (p.wide) tile_vnni::int8_rows<true>(a.y, p, a.x, a.rows, a.w, begin, end);
+    else tile_vnni::int8_rows<false>(a.y, p, a.x, a.rows, a.w, begin, end);
+  } else {
+    if (p.wide) tile_avx2::int8_rows<true>(a.y, p, a.x, a.rows, a.w, begin, end);
+    else tile_avx2::int8_rows<false>(a.y, p, a.x, a.rows, a.w, begin, end);
+  }
+  apply_epilogue_avx2(a.y, a.rows, a.w.out_features, begin, end, a.bias, a.epilogue, a.residual);
+}
+
+// Outputs [begin, end) of at most kGemvMaxRows rows of fp32 x against the weights dequantized in registers.
+void float_rows_range(const Int8LinearArgs& a, const float* x, int64_t begin, int64_t end) {
+  gemv_float(a.y, x, a.rows, a.w, begin, end);
+  apply_epilogue_avx2(a.y, a.rows, a.w.out_features, begin, end, a.bias, a.epilogue, a.residual);
+}
+
+}  // namespace
+
+struct Int8RowScratch {
+  Prepared p;
+  bool tiles = false;  // the integer tiles; else the float path over p.xf (or x, Exact)
+};
+
+Int8RowScratch& int8_row_scratch() {
+  static thread_local Int8RowScratch s;
+  return s;
+}
+
+void int8_row_prepare(Int8RowScratch& s, const Int8LinearArgs& a) {
+  s.tiles = false;
+  if (a.mode == ActivationMode::Exact) return;
+  prepare_activations(nullptr, s.p, a, quantize_span_avx2);
+  s.tiles = int8_tiles_apply(s.p, a.w);
+  if (!s.tiles) fill_xf(s.p, a);
+}
+
+void int8_row_part(const Int8RowScratch& s, const Int8LinearArgs& a, int64_t begin, int64_t end) {
+  if (s.tiles) int8_tiles_range(s.p, a, begin, end);
+  else float_rows_range(a, a.mode == ActivationMode::Exact ? a.x : s.p.xf.data(), begin, end);
+}
+
+int64_t int8_row_grain(const Int8LinearArgs& a, int threads) { return output_chunk(threads, 1, a.w.in_features, a.w.out_features); }
+
 int64_t linear_int8_avx2(ThreadPool& pool, const Int8LinearArgs& a) {
   const QuantWeights& w = a.w;
   const int64_t out = w.out_features;
   if (a.mode != ActivationMode::Exact) {
     Prepared& p = prepared_scratch();
-    prepare_activations(pool, p, a, quantize_span_avx2);
-    // Many outliers (a low threshold) would make the per-output fp32 loop dominate: the float path
-    // computes the same x' @ W^T with the outliers folded into x'.
-    const bool few_outliers = static_cast<int64_t>(p.outliers.size()) * 16 <= w.in_features;
-    if (few_outliers && w.group_size % 32 == 0 && w.in_features % 32 == 0) {
+    prepare_activations(&pool, p, a, quantize_span_avx2);
+    if (int8_tiles_apply(p, w)) {
       // Chunks of outputs whose weight rows are reused from cache by every block of 4 rows.
-      const bool vnni = use_avx_vnni();
-      auto body = [&](int64_t begin, int64_t end) {
-        if (vnni) {
-          if (p.wide) tile_vnni::int8_rows<true>(a.y, p, a.x, a.rows, w, begin, end);
-          else tile_vnni::int8_rows<false>(a.y, p, a.x, a.rows, w, begin, end);
-        } else {
-          if (p.wide) tile_avx2::int8_rows<true>(a.y, p, a.x, a.rows, w, begin, end);
-          else tile_avx2::int8_rows<false>(a.y, p, a.x, a.rows, w, begin, end);
-        }
-        apply_epilogue_avx2(a.y, a.rows, out, begin, end, a.bias, a.epilogue, a.residual);
-      };
+      auto body = [&](int64_t begin, int64_t end) { int8_tiles_range(p, a, begin, end); };
       // Up to 4 rows the kernels stream the weights (bandwidth-bound): each thread keeps to one
       // contiguous run of rows; beyond, chunks are handed out in any order.
       const int64_t chunk = output_chunk(pool, a.rows, w.in_features, out);
@@ -530,10 +573,7 @@ int64_t linear_int8_avx2(ThreadPool& pool, const Int8LinearArgs& a) {
     return static_cast<int64_t>(p.outliers.size());
   }
   if (a.rows <= kGemvMaxRows) {
-    pool.parallel_for(out, output_chunk(pool, a.rows, w.in_features, out), [&](int64_t begin, int64_t end) {
-      gemv_float(a.y, a.x, a.rows, w, begin, end);
-      apply_epilogue_avx2(a.y, a.rows, out, begin, end, a.bias, a.epilogue, a.residual);
-    });
+    pool.parallel_for(out, output_chunk(pool, a.rows, w.in_features, out), [&](int64_t begin, int64_t end) { float_rows_range(a, a.x, begin, end); });
   } else {
     dequantized_gemm(pool, a.y, a.x, a.rows, w, a.bias, a.epilogue, a.residual);
   }

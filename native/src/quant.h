@@ -57,6 +57,18 @@ int64_t linear_int8(ThreadPool& pool, const Int8LinearArgs& a);
 int64_t linear_int8_scalar(ThreadPool& pool, const Int8LinearArgs& a);
 int64_t linear_int8_avx2(ThreadPool& pool, const Int8LinearArgs& a);
 
+// One row of linear_int8 as an op of a decode chain (run_chain, matmul.cc): int8_row_prepare, on one
+// thread, quantizes the row's activations into `s` (Grouped, Mixed) and picks the path linear_int8
+// would take; then int8_row_part(b, e), on any thread, computes outputs [b, e) and their epilogue.
+// The same bits as linear_int8 at one row (AVX2 only: a chain runs int8 ops only with those kernels).
+struct Int8RowScratch;
+// The calling thread's scratch (reused across calls).
+Int8RowScratch& int8_row_scratch();
+void int8_row_prepare(Int8RowScratch& s, const Int8LinearArgs& a);
+void int8_row_part(const Int8RowScratch& s, const Int8LinearArgs& a, int64_t begin, int64_t end);
+// Outputs a thread claims at a time, as linear_int8 hands them out at one row.
+int64_t int8_row_grain(const Int8LinearArgs& a, int threads);
+
 // y (n, hidden) = dequant(table)[ids]; table is (vocab, hidden).
 void embedding_int8(ThreadPool& pool, float* y, const int32_t* ids, int64_t n, const QuantWeights& table);
 

@@ -173,7 +173,7 @@ export interface Backend {
   /**
    * Single-row ops prepared once and run as one unit: a decode step's ops, attention included, with
    * the same arithmetic as the ops one by one. Undefined where the backend cannot chain them (a
-   * matrix it streams from disk or computes in int8); then the caller runs the ops. The buffers must
+   * matrix it streams from disk); then the caller runs the ops. The buffers must
    * stay allocated while the chain is used. A chain with attention ops takes the step's batch (one
    * sequence decoding one token).
    */

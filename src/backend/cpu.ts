@@ -362,7 +362,12 @@ export class CpuBackend implements Backend {
         descriptors.push([2, f32(op.y), f32(op.x), cache.k, cache.v, DTypeCode[kvStorage[cache.dtype]], shape.numHeads, shape.headDim, shape.blockSize, f32(op.slopes)]);
         continue;
       }
-      if (op.weight.dtype === "int8") return undefined;
+      if (op.weight.dtype === "int8") {
+        const q = op.weight as CpuQuantizedMatrix;
+        descriptors.push([3, f32(op.y), f32(op.x), q.region, q.byteOffset, q.scalesRegion, q.scalesOffset, q.outFeatures, q.inFeatures, q.groupSize,
+          ActivationMode[q.activationMode], q.threshold, op.bias ? f32(op.bias) : null, op.gelu ? Epilogue.gelu : Epilogue.none, op.residual ? f32(op.residual) : null]);
+        continue;
+      }
       const w = op.weight as CpuMatrix;
       if (w.streamChunkBytes !== undefined) return undefined;
       descriptors.push([1, f32(op.y), f32(op.x), w.region, w.byteOffset, DTypeCode[w.dtype], w.outFeatures, w.inFeatures, w.panelK ?? 0,

@@ -50,7 +50,9 @@ export interface NativeAddon {
    * Single-row ops to run as one thread-pool job (native/src/matmul.cc run_chain).
    * An op: [0, y, x, cols, gamma, beta, eps], [1, y, x, wRegion, wOffset, wDtype, out, in, panelK, bias, epilogue, residual]
    * or [2, out, qkv, kCache, vCache, kvDtype, numHeads, headDim, blockSize, slopes] (attention of one
-   * token: runChain then takes the step's seqs and blockTable, one sequence decoding one token).
+   * token: runChain then takes the step's seqs and blockTable, one sequence decoding one token), or
+   * [3, y, x, qRegion, qOffset, sRegion, sOffset, out, in, groupSize, activationMode, threshold, bias,
+   * epilogue, residual] (linearInt8 of one row).
    */
   createChain(ops: unknown[][]): NativeChain;
   runChain(chain: NativeChain, seqs?: Int32Array, blockTable?: Int32Array): boolean;

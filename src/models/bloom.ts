@@ -217,7 +217,7 @@ export class BloomModel {
    * Decoding at batch 1 is bound by reading the weights; as a chain a thread goes from its share of
    * one matrix to its share of the next without returning to JavaScript between them (see
    * native/src/matmul.cc, run_chain). Undefined where it does not apply (tensor parallelism, weights
-   * loaded per layer, int8).
+   * loaded per layer).
    */
   private chainedDecode(step: ForwardStep, kvCache: KVCacheLayers): Float32Array | undefined {
     const { backend: ops, weights, config } = this;
