@@ -532,6 +532,33 @@ Napi::Value CreateChain(const Napi::CallbackInfo& info) {
     chain->arrays.push_back(ChainArray{Napi::Persistent(v), data, bytes});
   };
   auto keep = [&](Napi::Value v, const View<float>& view, int64_t floats) { keep_bytes(v, view.data, static_cast<size_t>(floats) * sizeof(float)); };
+  // d[j] a region and d[j + 1] an offset into it where rows * cols elements of `size` bytes must fit
+  // (compared by division: the product may overflow); the chain keeps the region alive.
+  auto region_part = [&](const Napi::Array& d, uint32_t j, const std::string& at, const char* what, int64_t rows, int64_t cols, uint64_t size) {
+    Napi::Value rv = d.Get(j);
+    if (!is_region(rv)) type_error(env, at + " " + what + ": expected a native region");
+    Tracked* t = rv.As<Napi::External<Tracked>>().Data();
+    if (t->released) range_error(env, at + " " + what + ": region was released");
+    const int64_t off = integer_value(env, d.Get(j + 1), at + " " + what + " offset");
+    const uint64_t room = static_cast<uint64_t>(off) <= t->region.size ? (t->region.size - static_cast<uint64_t>(off)) / size : 0;
+    if (static_cast<uint64_t>(off) > t->region.size || static_cast<uint64_t>(rows) > room / static_cast<uint64_t>(cols)) range_error(env, at + ": the " + what + " is outside its region");
+    t->refs++;
+    chain->regions.push_back(t);
+    return static_cast<const uint8_t*>(t->region.data) + off;
+  };
+  // A linear op's d[b] bias, d[b + 1] epilogue and d[b + 2] residual, and its x and y, checked for out outputs of in inputs.
+  auto linear_tail = [&](const Napi::Array& d, uint32_t b, const std::string& at, ChainOp& op, const View<float>& x, const View<float>& y, int64_t out, int64_t in) {
+    auto bias = f32_value(env, d.Get(b), at + " bias", true);
+    auto res = f32_value(env, d.Get(b + 2), at + " residual", true);
+    keep(d.Get(1u), y, out), keep(d.Get(2u), x, in), keep(d.Get(b), bias, out), keep(d.Get(b + 2), res, out);
+    op.bias = bias.data, op.residual = res.data;
+    op.epilogue = static_cast<int>(integer_value(env, d.Get(b + 1), at + " epilogue"));
+    need(env, op.epilogue == kNone || op.epilogue == kGelu, at + ": unknown epilogue");
+    need(env, x.length >= static_cast<size_t>(in) && y.length >= static_cast<size_t>(out), at + ": x or y is too short");
+    need(env, (!bias.data || bias.length >= static_cast<size_t>(out)) && (!res.data || res.length >= static_cast<size_t>(out)), at + ": bias or residual is too short");
+    need(env, !overlaps(op.y, static_cast<size_t>(out), op.x, static_cast<size_t>(in)) && !overlaps(op.y, static_cast<size_t>(out), op.residual, res.data ? static_cast<size_t>(out) : 0),
+         at + ": y overlaps x or residual");
+  };
   for (uint32_t i = 0; i < list.Length(); ++i) {
     const std::string at = "createChain: op " + std::to_string(i);
     if (!list.Get(i).IsArray()) type_error(env, at + ": expected an array");
@@ -553,69 +580,28 @@ Napi::Value CreateChain(const Napi::CallbackInfo& info) {
            at + ": an array is shorter than cols");
     } else if (kind == 1) {
       op.kind = ChainOp::kLinear;
-      Napi::Value rv = d.Get(3u);
-      if (!is_region(rv)) type_error(env, at + " weight: expected a native region");
-      Tracked* t = rv.As<Napi::External<Tracked>>().Data();
-      if (t->released) range_error(env, at + " weight: region was released");
-      const int64_t off = integer_value(env, d.Get(4u), at + " weight offset");
       const int64_t dt = integer_value(env, d.Get(5u), at + " weight dtype");
       need(env, dt <= 2, at + ": int8 weights go in an op of kind 3");
       const int64_t out = integer_value(env, d.Get(6u), at + " outFeatures", 1), in = integer_value(env, d.Get(7u), at + " inFeatures", 1);
       const int64_t panel_k = integer_value(env, d.Get(8u), at + " panelK");
       const DType dtype = static_cast<DType>(dt);
-      // (out * in * size may overflow: compared by division.)
-      const uint64_t room = static_cast<uint64_t>(off) <= t->region.size ? (t->region.size - static_cast<uint64_t>(off)) / dtype_size(dtype) : 0;
-      if (static_cast<uint64_t>(off) > t->region.size || static_cast<uint64_t>(out) > room / static_cast<uint64_t>(in)) range_error(env, at + ": the weight is outside its region");
-      op.w = WeightMatrix{static_cast<const uint8_t*>(t->region.data) + off, dtype, out, in, panel_k};
-      auto bias = f32_value(env, d.Get(9u), at + " bias", true);
-      auto res = f32_value(env, d.Get(11u), at + " residual", true);
-      keep(d.Get(1u), y, out), keep(d.Get(2u), x, in), keep(d.Get(9u), bias, out), keep(d.Get(11u), res, out);
-      op.bias = bias.data, op.residual = res.data;
-      op.epilogue = static_cast<int>(integer_value(env, d.Get(10u), at + " epilogue"));
-      need(env, op.epilogue == kNone || op.epilogue == kGelu, at + ": unknown epilogue");
-      need(env, x.length >= static_cast<size_t>(in) && y.length >= static_cast<size_t>(out), at + ": x or y is too short");
-      need(env, (!bias.data || bias.length >= static_cast<size_t>(out)) && (!res.data || res.length >= static_cast<size_t>(out)), at + ": bias or residual is too short");
-      need(env, !overlaps(op.y, static_cast<size_t>(out), op.x, static_cast<size_t>(in)) && !overlaps(op.y, static_cast<size_t>(out), op.residual, res.data ? static_cast<size_t>(out) : 0),
-           at + ": y overlaps x or residual");
-      t->refs++;
-      chain->regions.push_back(t);
+      op.w = WeightMatrix{region_part(d, 3u, at, "weight", out, in, dtype_size(dtype)), dtype, out, in, panel_k};
+      linear_tail(d, 9u, at, op, x, y, out, in);
     } else if (kind == 3) {
       op.kind = ChainOp::kLinearInt8;
-      // A region and the bytes [off, off + count * size) of it, checked (count * size may overflow: compared by division).
-      auto region_part = [&](uint32_t j, const char* what, int64_t count, uint64_t size) -> const uint8_t* {
-        Napi::Value rv = d.Get(j);
-        if (!is_region(rv)) type_error(env, at + " " + what + ": expected a native region");
-        Tracked* t = rv.As<Napi::External<Tracked>>().Data();
-        if (t->released) range_error(env, at + " " + what + ": region was released");
-        const int64_t off = integer_value(env, d.Get(j + 1), at + " " + what + " offset");
-        const uint64_t room = static_cast<uint64_t>(off) <= t->region.size ? (t->region.size - static_cast<uint64_t>(off)) / size : 0;
-        if (static_cast<uint64_t>(off) > t->region.size || static_cast<uint64_t>(count) > room) range_error(env, at + ": the " + what + " is outside its region");
-        t->refs++;
-        chain->regions.push_back(t);
-        return static_cast<const uint8_t*>(t->region.data) + off;
-      };
       const int64_t out = integer_value(env, d.Get(7u), at + " outFeatures", 1), in = integer_value(env, d.Get(8u), at + " inFeatures", 1);
       const int64_t group = integer_value(env, d.Get(9u), at + " groupSize", 1);
       const int64_t groups = (in + group - 1) / group;
       need(env, out <= (int64_t{1} << 40) / in && out <= (int64_t{1} << 40) / groups, at + ": the weight is too large");
-      op.q = reinterpret_cast<const int8_t*>(region_part(3u, "weight", out * in, 1));
+      op.q = reinterpret_cast<const int8_t*>(region_part(d, 3u, at, "weight", out, in, 1));
       need(env, integer_value(env, d.Get(6u), at + " scales offset") % 2 == 0, at + ": scales must start at an even byte offset");
-      op.q_scales = reinterpret_cast<const uint16_t*>(region_part(5u, "scales", out * groups, 2));
+      op.q_scales = reinterpret_cast<const uint16_t*>(region_part(d, 5u, at, "scales", out, groups, 2));
       op.q_out = out, op.q_in = in, op.q_group = group;
       op.q_mode = static_cast<int>(integer_value(env, d.Get(10u), at + " activationMode"));
       need(env, op.q_mode <= 2, at + ": activationMode must be 0 (exact), 1 (grouped) or 2 (mixed)");
       if (!d.Get(11u).IsNumber()) type_error(env, at + " threshold: expected a number");
       op.q_threshold = d.Get(11u).As<Napi::Number>().FloatValue();
-      auto bias = f32_value(env, d.Get(12u), at + " bias", true);
-      auto res = f32_value(env, d.Get(14u), at + " residual", true);
-      keep(d.Get(1u), y, out), keep(d.Get(2u), x, in), keep(d.Get(12u), bias, out), keep(d.Get(14u), res, out);
-      op.bias = bias.data, op.residual = res.data;
-      op.epilogue = static_cast<int>(integer_value(env, d.Get(13u), at + " epilogue"));
-      need(env, op.epilogue == kNone || op.epilogue == kGelu, at + ": unknown epilogue");
-      need(env, x.length >= static_cast<size_t>(in) && y.length >= static_cast<size_t>(out), at + ": x or y is too short");
-      need(env, (!bias.data || bias.length >= static_cast<size_t>(out)) && (!res.data || res.length >= static_cast<size_t>(out)), at + ": bias or residual is too short");
-      need(env, !overlaps(op.y, static_cast<size_t>(out), op.x, static_cast<size_t>(in)) && !overlaps(op.y, static_cast<size_t>(out), op.residual, res.data ? static_cast<size_t>(out) : 0),
-           at + ": y overlaps x or residual");
+      linear_tail(d, 12u, at, op, x, y, out, in);
     } else if (kind == 2) {
       op.kind = ChainOp::kAttention;
       chain->attention = true;
